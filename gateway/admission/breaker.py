@@ -1,0 +1,47 @@
+"""A circuit breaker for store calls: after repeated failures, stop paying the timeout.
+
+Closed: every call goes to the store. After `threshold` consecutive failures it opens for
+`cooldown` seconds, during which callers skip the store (the `on_error` mode decides).
+Then one probe call is let through (half-open): success closes it, failure reopens it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class CircuitBreaker:
+    def __init__(self, threshold: int = 3, cooldown: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self._threshold
+
+    def allow(self) -> bool:
+        """May this call go to the store?"""
+        if self._failures < self._threshold:
+            return True
+        if self._probing or self._clock() < self._open_until:
+            return False
+        self._probing = True  # exactly one probe while half-open
+        return True
+
+    def seconds_until_probe(self) -> float:
+        return max(0.0, self._open_until - self._clock())
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._probing = False
+        if self._failures >= self._threshold:
+            self._open_until = self._clock() + self._cooldown

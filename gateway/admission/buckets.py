@@ -1,0 +1,107 @@
+"""Which buckets one request must fit in, and what they are called in the store.
+
+For a (key, route) pair this resolves the plan's limits named by the route (plus a job's
+slot limit), applies the key's overrides and scopes, and names each bucket's store key.
+The result is computed once per pair and cached by the caller: nothing here runs per request.
+
+Store key names (RELIABILITY.md §3.3): every key of one admission shares one hash tag, the
+workspace's when the key has one, else the key's own, so the single admission script runs
+unchanged on Redis Cluster. Ids are hashed (a `{` in an id cannot move the slot, and names
+stay short); names carry the limit name, never N or the window, so a reload that changes
+numbers keeps the counters.
+
+    {prefix}:{k:<h(key id)>}:r:<limit>                  key scope, key without workspace
+    {prefix}:{w:<h(workspace)>}:k:<h(key id)>:r:<limit>  key scope, key in a workspace
+    {prefix}:{w:<h(workspace)>}:w:r:<limit>             workspace scope
+    ...:c:<limit> for concurrency slots; ...:p:<h(route)> appended for `per_route` buckets
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from gateway.config.model import ConcurrencyLimit, Config, Key, Limit, RateLimit, Route
+from gateway.store.base import RateBucket, SlotBucket
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketInfo:
+    """What headers and messages say about one bucket."""
+
+    policy: str  # the IETF policy item name
+    limit: int
+    window: float  # seconds; 0 for concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionPlan:
+    plan: str
+    rates: tuple[RateBucket, ...]
+    rate_info: tuple[BucketInfo, ...]
+    slots: tuple[SlotBucket, ...]
+    slot_info: tuple[BucketInfo, ...]
+    wait: float  # longest `wait` among the slot limits (0: refuse at once)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rates and not self.slots
+
+
+def hash_tag(prefix: str, key: Key) -> str:
+    tag = f"w:{short_hash(key.workspace)}" if key.workspace else f"k:{short_hash(key.id)}"
+    return f"{prefix}:{{{tag}}}"
+
+
+def route_suffix(route: Route) -> str:
+    methods = ",".join(sorted(route.methods)) if route.methods else "*"
+    return f":p:{short_hash(methods + ' ' + route.path)}"
+
+
+def route_limit_names(route: Route) -> tuple[str, ...]:
+    names = list(route.limits)
+    if route.job is not None and route.job.limit not in names:
+        names.append(route.job.limit)
+    return tuple(names)
+
+
+def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
+    plan = config.plans[key.plan]
+    tag = hash_tag(config.store.prefix, key)
+    own = f"{tag}:k:{short_hash(key.id)}" if key.workspace else tag
+    rates: list[RateBucket] = []
+    rate_info: list[BucketInfo] = []
+    slots: list[SlotBucket] = []
+    slot_info: list[BucketInfo] = []
+    wait = 0.0
+
+    for name in route_limit_names(route):
+        limit: Limit | None = plan.limits.get(name)
+        if limit is None:
+            continue  # names a plan does not define are skipped for that plan (SPEC §3)
+        suffix = route_suffix(route) if name in route.per_route else ""
+        kind = "r" if isinstance(limit, RateLimit) else "c"
+        override = key.overrides.get(name)
+        # (store key, number, policy name) for each bucket this limit puts the request in
+        targets: list[tuple[str, int, str]] = []
+        if limit.scope == "workspace" and key.workspace:
+            targets.append((f"{tag}:w:{kind}:{name}{suffix}", limit.limit, name))
+            if override is not None:  # the key's own cap inside the shared budget
+                targets.append((f"{own}:{kind}:{name}{suffix}", override, f"{name}.key"))
+        else:
+            targets.append((f"{own}:{kind}:{name}{suffix}", override or limit.limit, name))
+
+        for store_key, number, policy in targets:
+            if isinstance(limit, RateLimit):
+                rates.append(RateBucket(store_key, number, round(limit.window * 1000)))
+                rate_info.append(BucketInfo(policy, number, limit.window))
+            elif isinstance(limit, ConcurrencyLimit):
+                slots.append(SlotBucket(store_key, number))
+                slot_info.append(BucketInfo(policy, number, 0.0))
+                wait = max(wait, limit.wait)
+
+    return AdmissionPlan(plan.name, tuple(rates), tuple(rate_info), tuple(slots), tuple(slot_info), wait)

@@ -1,0 +1,277 @@
+"""Load the YAML configuration (SPEC §3) into the frozen model, or explain every problem.
+
+Pipeline: read the file → compose YAML nodes with PyYAML's safe loader (nothing is ever
+constructed from tags, so `!!python/...` cannot run code; marks are kept for line numbers) →
+apply command-line overrides → walk the nodes against the schema, interpolating variables in
+scalar values as they are read, rejecting unknown keys and duplicate keys, parsing units →
+cross-checks (plan and limit references, duplicate keys and secrets, unreachable routes) →
+frozen `Config`. Every problem is collected, not just the first, and reported sorted by line
+as `FILE:LINE: dotted.path: problem` (lists as `routes[2].methods`); an override that is wrong
+is reported as `FILE:override: path: problem`.
+
+Interpolation: a value may contain `${VAR}` (an error naming VAR when it is unset) or
+`${VAR:-default}` (the default, which cannot contain `}`, when VAR is unset or empty, as in the
+shell). `$${` is a literal
+`${`; a `$` anywhere else is just a `$`. It applies to values, not to mapping keys, after YAML
+parsing: an environment value can never add YAML structure. An unquoted value is read as if the
+result had been written there, so `admin_token: ${ADMIN_TOKEN:-}` with nothing set is empty.
+Inside a flow collection (`{...}` or `[...]`) YAML reads `{` and `}` as structure, so quote the
+value there: `{concurrency: '${SLOTS}'}`.
+
+YAML merge keys (`<<: *defaults`) are honoured; keys written next to them win.
+
+Empty values: `admin_token` empty means no token; `identity.api_key_query` empty disables the
+query parameter; an `upstream.set_headers` entry whose value is empty is not sent at all (so
+`X-Upstream-Token: ${UPSTREAM_TOKEN:-}` adds the header only when the variable is set).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import yaml
+
+from gateway.config.keys import read_keys
+from gateway.config.model import Config, Upstream
+from gateway.config.nodes import (
+    MAP,
+    NULL,
+    NULL_TEXT,
+    OVERRIDE_SOURCE,
+    STR,
+    Entries,
+    Node,
+    NodeReader,
+    describe,
+    field,
+    get,
+)
+from gateway.config.plans import PlanIndex, read_plans
+from gateway.config.routes import read_routes
+from gateway.config.settings import read_bans, read_headers, read_identity, read_store, read_upstream
+from gateway.config.units import UnitError, parse_host_port, parse_size, quote
+
+__all__ = ["ConfigError", "load_config", "load_config_text"]
+
+_TOP_KEYS = (
+    "listen",
+    "admin_listen",
+    "admin_token",
+    "shutdown_grace",
+    "upstream",
+    "store",
+    "identity",
+    "keys",
+    "plans",
+    "routes",
+    "max_request_body",
+    "bans",
+    "headers",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one line per problem, sorted by line."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: list[str] = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, validate and freeze the config at `path`; raise ConfigError listing every problem.
+
+    `overrides` maps dotted paths (`listen`, `store.url`) to values as if written in the file
+    (applied before validation); `env` defaults to `os.environ`.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"{source}:{line}: the file is not UTF-8 text"]) from None
+    return load_config_text(text, source, overrides=overrides, env=env)
+
+
+def load_config_text(
+    text: str,
+    source: str = "<memory>",
+    overrides: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """As `load_config`, from text; `source` names it in messages."""
+    root = _compose(text, source)
+    if root is None:
+        raise ConfigError([f"{source}:1: the file is empty; expected a mapping of settings"])
+    if overrides:
+        _apply_overrides(root, overrides)
+    reader = NodeReader(source, os.environ if env is None else env)
+    config = _config(reader, root)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config
+
+
+def _compose(text: str, source: str) -> Node | None:
+    try:
+        node: Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+        return node
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        what = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            what = f"{exc.context} at line {exc.context_mark.line + 1}, {exc.problem}"
+        raise ConfigError([f"{source}:{line}: invalid YAML: {what}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(
+            [f"{source}:{line}: invalid YAML: {exc.reason} (character #x{exc.character:04x})"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}:1: invalid YAML: nested too deeply"]) from None
+
+
+def _apply_overrides(root: Node, overrides: Mapping[str, str]) -> None:
+    """Set each dotted path to its value, creating mappings on the way, before validation."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    mark = yaml.Mark(OVERRIDE_SOURCE, 0, -1, 0, None, 0)
+    for dotted, value in overrides.items():
+        node: yaml.MappingNode = root
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            index = next(
+                (
+                    i
+                    for i, (k, _) in enumerate(node.value)
+                    if isinstance(k, yaml.ScalarNode) and k.value == part
+                ),
+                None,
+            )
+            current = node.value[index][1] if index is not None else None
+            new: Node
+            if last:
+                tag = NULL if NULL_TEXT.fullmatch(value) else STR
+                new = yaml.ScalarNode(tag, value, mark, mark)
+            elif isinstance(current, yaml.MappingNode):
+                node = current
+                continue
+            else:
+                new = yaml.MappingNode(MAP, [], mark, mark)
+            pair = (yaml.ScalarNode(STR, part, mark, mark), new)
+            if index is None:
+                node.value.append(pair)
+            else:
+                node.value[index] = pair
+            if isinstance(new, yaml.MappingNode):
+                node = new
+
+
+# -- the document --------------------------------------------------------------------------------
+
+
+def _config(r: NodeReader, root: Node) -> Config:
+    if not isinstance(root, yaml.MappingNode):
+        r.problem(root, "", f"the top level must be a mapping of settings, got {describe(root)}")
+        raise ConfigError(r.problems)
+    top = r.mapping(root, "", _TOP_KEYS, required=("upstream", "keys", "plans", "routes"))
+    defaults = Config(upstream=Upstream(url="http://localhost"), keys=(), plans={}, routes=())
+
+    plans_node = get(top, "plans")
+    index = read_plans(r, plans_node) if plans_node is not None else PlanIndex(readable=False)
+    keys_node = get(top, "keys")
+    keys = read_keys(r, keys_node, index) if keys_node is not None else ()
+    routes_node = get(top, "routes")
+    routes = read_routes(r, routes_node, index) if routes_node is not None else ()
+    upstream_node = get(top, "upstream")
+    upstream = (read_upstream(r, upstream_node) if upstream_node is not None else None) or defaults.upstream
+
+    before = r.problem_count
+    listen = field(top, "listen", lambda n: _listen(r, n, "listen"), defaults.listen)
+    admin_listen = field(top, "admin_listen", lambda n: _listen(r, n, "admin_listen"), defaults.admin_listen)
+    if r.problem_count == before:  # both valid (or defaults): compare them
+        _check_listen_apart(r, root, top, listen, admin_listen)
+
+    return Config(
+        upstream=upstream,
+        keys=keys,
+        plans=index.plans,
+        routes=routes,
+        listen=listen,
+        admin_listen=admin_listen,
+        admin_token=_admin_token(r, get(top, "admin_token")),
+        shutdown_grace=field(
+            top,
+            "shutdown_grace",
+            lambda n: r.duration(n, "shutdown_grace", allow_zero=True),
+            defaults.shutdown_grace,
+        ),
+        store=field(top, "store", lambda n: read_store(r, n), defaults.store),
+        identity=field(top, "identity", lambda n: read_identity(r, n), defaults.identity),
+        max_request_body=field(
+            top,
+            "max_request_body",
+            lambda n: r.unit(n, "max_request_body", parse_size),
+            defaults.max_request_body,
+        ),
+        bans=field(top, "bans", lambda n: read_bans(r, n), None),
+        headers=field(top, "headers", lambda n: read_headers(r, n), defaults.headers),
+        source=r.source,
+    )
+
+
+def _listen(r: NodeReader, node: Node, path: str) -> str | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    try:
+        parse_host_port(text)
+    except UnitError as exc:
+        r.problem(node, path, str(exc))
+        return None
+    return text.strip()
+
+
+def _check_listen_apart(
+    r: NodeReader, root: Node, top: Entries | None, listen: str, admin_listen: str
+) -> None:
+    public_host, public_port = parse_host_port(listen)
+    admin_host, admin_port = parse_host_port(admin_listen)
+    wildcard = {"0.0.0.0", "::", "*"}
+    same_host = public_host == admin_host or public_host in wildcard or admin_host in wildcard
+    if public_port == admin_port and public_port != 0 and same_host:
+        node = get(top, "admin_listen") or get(top, "listen") or root
+        r.problem(
+            node,
+            "admin_listen",
+            f"{quote(admin_listen)} clashes with listen {quote(listen)}; they must differ",
+        )
+
+
+def _admin_token(r: NodeReader, node: Node | None) -> str | None:
+    if node is None or r.is_null(node, "admin_token"):
+        return None
+    token = r.scalar(node, "admin_token")
+    if token is None or token.text == "":
+        return None
+    if not re.fullmatch(r"[\x21-\x7e]+", token.text):
+        r.problem(node, "admin_token", "must be printable ASCII without spaces")
+    return token.text

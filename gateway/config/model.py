@@ -1,0 +1,133 @@
+"""The validated configuration: frozen values built once by the loader, never mutated.
+
+Durations are float seconds; sizes are bytes. Everything the hot path needs per request is
+derived from these once (see `gateway.admission`), never re-parsed per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Scope = Literal["key", "workspace"]
+OnError = Literal["local", "allow", "deny"]
+HEADER_FAMILIES = ("concurrency", "x-concurrent", "x-ratelimit", "ietf")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `limit` admitted requests in any sliding `window` seconds."""
+
+    name: str
+    limit: int
+    window: float
+    scope: Scope = "key"
+    exact: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    """At most `limit` requests (or async jobs) in progress at one moment."""
+
+    name: str
+    limit: int
+    scope: Scope = "key"
+    wait: float = 0.0  # seconds a request may wait for a free slot before its 429
+
+
+Limit = RateLimit | ConcurrencyLimit
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    limits: Mapping[str, Limit]
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    id: str  # public id: logs, admin API, upstream header; never the secret
+    sha256: str  # lowercase hex digest of the secret key
+    plan: str
+    workspace: str | None = None
+    overrides: Mapping[str, int] = field(default_factory=dict)  # limit name -> number
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    limit: str  # the concurrency limit the job holds
+    id_path: str  # dotted path to the job id in the upstream's 2xx JSON answer
+    status_path: str  # e.g. /v1/crawl/{id}
+    status_field: str
+    done: tuple[str, ...]
+    max_duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str  # exact, with {name} for one segment, or ending in /** for any suffix
+    methods: frozenset[str] | None  # upper-case; None = any method
+    limits: tuple[str, ...]
+    per_route: frozenset[str] = frozenset()
+    job: Job | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str  # scheme://host:port[/base-path], no trailing slash, no query
+    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    connect_timeout: float = 5.0
+    timeout: float = 300.0
+    max_connections: int = 512
+    set_headers: tuple[tuple[str, str], ...] = ()
+    key_id_header: str = "X-Gateway-Key-Id"
+    plan_header: str = "X-Gateway-Plan"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    url: str = "memory://"
+    prefix: str = "gw"
+    timeout: float = 0.1
+    on_error: OnError = "local"
+    lease: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    api_key_headers: tuple[str, ...] = ("X-API-Key", "Authorization")
+    api_key_query: str | None = "apikey"
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Bans:
+    strikes: int = 20
+    within: float = 60.0
+    duration: float = 300.0
+    factor: float = 2.0
+    max_duration: float = 86400.0
+    remember: float = 86400.0
+    allow: tuple[Network, ...] = ()
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstream: Upstream
+    keys: tuple[Key, ...]
+    plans: Mapping[str, Plan]
+    routes: tuple[Route, ...]
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "127.0.0.1:9464"
+    admin_token: str | None = None
+    shutdown_grace: float = 20.0
+    store: Store = field(default_factory=Store)
+    identity: Identity = field(default_factory=Identity)
+    max_request_body: int = 10 * 1024 * 1024
+    bans: Bans | None = None
+    headers: frozenset[str] = frozenset(HEADER_FAMILIES)
+    source: str = "<memory>"  # the file it was loaded from, for messages

@@ -1,0 +1,245 @@
+"""The `routes:` section: path patterns, methods, the limits each route applies, async jobs.
+
+Patterns are exact (`/v1/read`), take `{name}` for one segment (`/v1/crawl/{id}`), or end in
+`/**` for any suffix, none included (`/v1/**` matches `/v1` and `/v1/a/b`). The first match
+wins, so a route that an earlier one already matches entirely is reported as unreachable.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from gateway.config.model import ConcurrencyLimit, Job, Route
+from gateway.config.nodes import Node, NodeReader, did_you_mean, field
+from gateway.config.plans import PlanIndex
+from gateway.config.units import quote
+
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_BAD_SEGMENT = re.compile(r"[{}*?#\s\x00-\x1f\x7f]")
+DEFAULT_DONE = ("completed", "failed", "cancelled")
+DEFAULT_JOB_MAX_DURATION = 7200.0
+
+
+def read_routes(r: NodeReader, node: Node, index: PlanIndex) -> tuple[Route, ...]:
+    items = r.sequence(node, "routes")
+    if items is None:
+        return ()
+    if not items:
+        r.problem(node, "routes", "must list at least one route")
+    routes: list[tuple[int, Route]] = []
+    for position, item in enumerate(items):
+        path = f"routes[{position}]"
+        route = _route(r, item, path, index)
+        if route is None:
+            continue
+        for earlier_position, earlier in routes:
+            if shadows(earlier, route):
+                first = f"routes[{earlier_position}] ({_describe(earlier)})"
+                r.problem(item, path, f"unreachable: {first} matches every request it would")
+                break
+        routes.append((position, route))
+    return tuple(route for _, route in routes)
+
+
+def _route(r: NodeReader, node: Node, path: str, index: PlanIndex) -> Route | None:
+    m = r.mapping(node, path, ("path", "methods", "limits", "per_route", "job"), required=("path",))
+    if m is None:
+        return None
+    pattern = field(m, "path", lambda n: _pattern(r, n, f"{path}.path"), None)
+    methods = field(m, "methods", lambda n: _methods(r, n, f"{path}.methods"), None)
+    limits: list[str] = field(m, "limits", lambda n: _limit_names(r, n, f"{path}.limits", index), [])
+    job = field(m, "job", lambda n: _job(r, n, f"{path}.job", index, limits), None)
+    held = set(limits) | ({job.limit} if job is not None else set())
+    per_route: frozenset[str] = field(
+        m, "per_route", lambda n: _per_route(r, n, f"{path}.per_route", held), frozenset()
+    )
+    if pattern is None:
+        return None
+    return Route(path=pattern, methods=methods, limits=tuple(limits), per_route=per_route, job=job)
+
+
+def _pattern(r: NodeReader, node: Node, path: str) -> str | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    reason = pattern_problem(text)
+    if reason is not None:
+        r.problem(node, path, f"{quote(text)} is not a route pattern: {reason}")
+        return None
+    return text
+
+
+def pattern_problem(text: str) -> str | None:
+    """Why `text` is not a route pattern, or None when it is one."""
+    if not text.startswith("/"):
+        return "it must start with /"
+    segments = text[1:].split("/")
+    names: set[str] = set()
+    for position, segment in enumerate(segments):
+        last = position == len(segments) - 1
+        if segment == "**":
+            if not last:
+                return "** may only be the last segment, as in /v1/**"
+        elif segment == "":
+            if not last:
+                return "it has an empty segment (//)"
+        elif _PARAM.fullmatch(segment):
+            if segment in names:
+                return f"{segment} appears twice"
+            names.add(segment)
+        elif _BAD_SEGMENT.search(segment) or not segment.isascii():
+            return (
+                f"bad segment {quote(segment)} (use /literal, /{{name}} for one segment, "
+                "or a final /** for any suffix)"
+            )
+    return None
+
+
+def _methods(r: NodeReader, node: Node, path: str) -> frozenset[str] | None:
+    methods = r.list_of(node, path, lambda item, item_path: r.token(item, item_path, "an HTTP method"))
+    if methods is None:
+        return None
+    if isinstance(node, yaml.SequenceNode) and not node.value:
+        r.problem(node, path, "must not be empty (leave it out to allow every method)")
+        return None
+    return frozenset(method.upper() for method in methods)
+
+
+def _limit_names(r: NodeReader, node: Node, path: str, index: PlanIndex) -> list[str] | None:
+    items = r.sequence(node, path)
+    if items is None:
+        return None
+    names: list[str] = []
+    for position, item in enumerate(items):
+        item_path = f"{path}[{position}]"
+        name = r.string(item, item_path)
+        if name is None:
+            continue
+        if not index.defines_limit(name):
+            r.problem(
+                item, item_path, f"no plan defines a limit {quote(name)}{did_you_mean(name, index.kinds)}"
+            )
+        elif name in names:
+            r.problem(item, item_path, f"{quote(name)} is listed twice")
+        else:
+            names.append(name)
+    return names
+
+
+def _per_route(r: NodeReader, node: Node, path: str, held: set[str]) -> frozenset[str] | None:
+    items = r.sequence(node, path)
+    if items is None:
+        return None
+    names: set[str] = set()
+    for position, item in enumerate(items):
+        item_path = f"{path}[{position}]"
+        name = r.string(item, item_path)
+        if name is not None and name not in held:
+            r.problem(
+                item, item_path, f"{quote(name)} is not one of this route's limits (or its job's limit)"
+            )
+        elif name is not None:
+            names.add(name)
+    return frozenset(names)
+
+
+def _job(r: NodeReader, node: Node, path: str, index: PlanIndex, route_limits: list[str]) -> Job | None:
+    allowed = ("limit", "id", "status_path", "status_field", "done", "max_duration")
+    m = r.mapping(node, path, allowed, required=("limit", "id", "status_path"))
+    if m is None:
+        return None
+    limit = field(m, "limit", lambda n: _job_limit(r, n, f"{path}.limit", index, route_limits), None)
+    id_path = field(m, "id", lambda n: _dotted(r, n, f"{path}.id"), None)
+    status_path = field(m, "status_path", lambda n: _status_path(r, n, f"{path}.status_path"), None)
+    status_field = field(m, "status_field", lambda n: _dotted(r, n, f"{path}.status_field"), "status")
+    done: tuple[str, ...] = field(m, "done", lambda n: _done(r, n, f"{path}.done"), DEFAULT_DONE)
+    max_duration = field(
+        m, "max_duration", lambda n: r.duration(n, f"{path}.max_duration"), DEFAULT_JOB_MAX_DURATION
+    )
+    if limit is None or id_path is None or status_path is None:
+        return None
+    return Job(
+        limit=limit,
+        id_path=id_path,
+        status_path=status_path,
+        status_field=status_field,
+        done=done,
+        max_duration=max_duration,
+    )
+
+
+def _job_limit(r: NodeReader, node: Node, path: str, index: PlanIndex, route_limits: list[str]) -> str | None:
+    name = r.string(node, path)
+    if name is None:
+        return None
+    if not index.defines_limit(name):
+        r.problem(node, path, f"no plan defines a limit {quote(name)}{did_you_mean(name, index.kinds)}")
+        return None
+    kind = index.kinds.get(name)
+    if kind is not None and kind is not ConcurrencyLimit:
+        r.problem(node, path, f"{quote(name)} is a rate limit; a job holds a concurrency limit")
+        return None
+    if name in route_limits:
+        r.problem(node, path, f"{quote(name)} is also in the route's limits; the job already takes its slot")
+        return None
+    return name
+
+
+def _done(r: NodeReader, node: Node, path: str) -> tuple[str, ...] | None:
+    values = r.list_of(node, path, r.string)
+    if values is None:
+        return None
+    if not values and isinstance(node, yaml.SequenceNode) and not node.value:
+        r.problem(node, path, "must list at least one status")
+        return None
+    return tuple(values)
+
+
+def _dotted(r: NodeReader, node: Node, path: str) -> str | None:
+    text = r.string(node, path)
+    if text is not None and any(part.strip() == "" for part in text.split(".")):
+        r.problem(node, path, f"{quote(text)} is not a dotted path (e.g. data.id)")
+        return None
+    return text
+
+
+def _status_path(r: NodeReader, node: Node, path: str) -> str | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    if not text.startswith("/") or "{id}" not in text:
+        r.problem(node, path, f"{quote(text)} must start with / and contain {{id}}, e.g. /v1/crawl/{{id}}")
+        return None
+    if re.search(r"[?#\s\x00-\x1f\x7f]", text):
+        r.problem(node, path, f"{quote(text)} must not contain spaces, '?' or '#'")
+        return None
+    return text
+
+
+def _describe(route: Route) -> str:
+    if route.methods is None:
+        return f"{route.path}, any method"
+    return f"{','.join(sorted(route.methods))} {route.path}"
+
+
+def shadows(earlier: Route, later: Route) -> bool:
+    """True when every request `later` matches is matched by `earlier` first (first match wins)."""
+    if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
+        return False
+    return _covers(earlier.path[1:].split("/"), later.path[1:].split("/"))
+
+
+def _covers(outer: list[str], inner: list[str]) -> bool:
+    """True when every path the `inner` segments match, the `outer` ones match too."""
+    for position, segment in enumerate(outer):
+        if segment == "**":
+            return True
+        if position >= len(inner) or inner[position] == "**":
+            return False
+        if _PARAM.fullmatch(segment) and inner[position] != "":
+            continue
+        if inner[position] != segment:
+            return False
+    return len(outer) == len(inner)

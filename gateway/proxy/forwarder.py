@@ -1,0 +1,294 @@
+"""Stream one exchange between the ASGI client and the upstream, however it ends.
+
+How the exchange is stopped: each phase (waiting for the response headers, then streaming the
+response) runs inside its own `asyncio.timeout`. Stopping the exchange, for a client disconnect or
+a request body over the cap, reschedules the current phase's deadline to "now": asyncio then
+cancels the forwarding task and turns the cancellation back into a `TimeoutError` at the phase's
+end, with the same bookkeeping it uses for real deadlines (a cancellation of the caller itself
+still propagates). The client library sees a plain cancellation and closes the upstream
+connection, so the upstream sees the close at once and no pooled connection is left half-read.
+
+Request body: the first `http.request` message is read before the upstream is contacted. When it
+holds the whole body (every body-less request, and most small ones) the body goes upstream as
+bytes with its length; otherwise it streams from `receive()` as it arrives, counted against the
+cap. Once the body is complete, one watcher task waits on `receive()` for `http.disconnect`
+(uvicorn's `send()` silently does nothing after a disconnect, so only `receive()` can tell).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal, NoReturn
+
+from gateway.asgi import Receive, Scope, Send
+from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
+from gateway.proxy.upstream import (
+    Headers,
+    UpstreamBodyError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gateway.responses import send_error
+
+Reason = Literal["disconnected", "body_too_large"]
+Outcome = int | Literal["timeout", "error", "disconnected", "body_too_large", "aborted"]
+
+
+class ClientAborted(Exception):
+    """The response had started and cannot be completed: the server must drop the connection.
+
+    Raised (never returned) so that uvicorn closes the connection instead of ending the body
+    cleanly, which would make a truncated body look complete. For metrics the outcome is
+    "aborted"; `status` is the upstream status that had been forwarded.
+    """
+
+    outcome: Literal["aborted"] = "aborted"
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"upstream response {status} broke off mid-body: {detail}")
+        self.status = status
+
+
+class ClientAbortedLogFilter(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" record for a `ClientAborted`.
+
+    Install on the `uvicorn.error` logger: the abort is an expected upstream failure, already
+    counted, not a crash.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ClientAborted))
+
+
+class _Exchange:
+    """What the forwarding task, the body iterator and the watcher share for one request."""
+
+    __slots__ = ("task", "receive", "phase", "reason", "finished", "watcher")
+
+    def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
+        self.task = task
+        self.receive = receive
+        self.phase: asyncio.Timeout | None = None
+        self.reason: Reason | None = None
+        self.finished = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def stop(self, reason: Reason) -> bool:
+        """Record why the exchange must end and cancel the running phase, if any."""
+        if self.reason is not None or self.finished:
+            return False
+        self.reason = reason
+        phase = self.phase
+        if phase is None or phase.expired():
+            return False
+        phase.reschedule(0.0)  # in the past: asyncio cancels the task on the next loop turn
+        return True
+
+    def watch(self) -> None:
+        self.watcher = self.task.get_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.stop("disconnected")
+                return
+
+    def finish(self) -> None:
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+class _BodyAborted(Exception):
+    """The body iterator could not cancel a phase: end the upload with an error instead."""
+
+
+async def _stop_body(state: _Exchange, reason: Reason) -> NoReturn:
+    if state.stop(reason):
+        # The cancellation is on its way to the forwarding task (which may be this very task, for
+        # httpx): send nothing more, the client library closes the connection mid-body.
+        await asyncio.get_running_loop().create_future()
+    raise _BodyAborted(reason)
+
+
+async def _stream_body(first: bytes, state: _Exchange, max_body: int) -> AsyncIterator[bytes]:
+    receive = state.receive
+    received = len(first)
+    if first:
+        yield first
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            await _stop_body(state, "disconnected")
+        chunk: bytes = message.get("body", b"")
+        received += len(chunk)
+        if received > max_body:
+            # Never send the chunk that crosses the cap, nor the end of the body.
+            await _stop_body(state, "body_too_large")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            break
+    state.watch()
+
+
+def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _too_large(send: Send, max_body: int, extra: Headers) -> Literal["body_too_large"]:
+    await send_error(
+        send, 413, "body_too_large", f"The request body exceeds {max_body} bytes.", extra_headers=extra
+    )
+    return "body_too_large"
+
+
+async def forward(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    client: UpstreamClient,
+    url: str,
+    headers: Headers,
+    extra_response_headers: Headers,
+    max_body: int,
+    timeout: float,
+) -> Outcome:
+    """Forward one admitted request and stream the answer back.
+
+    Returns the upstream status, or "timeout" (504 sent), "error" (502 sent), "disconnected"
+    (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned).
+    Raises `ClientAborted` when the response broke off after it had started.
+    """
+    extra = extra_response_headers
+    declared = _declared_length(scope["headers"])
+    if declared is not None and declared > max_body:
+        return await _too_large(send, max_body, extra)
+
+    message = await receive()
+    if message["type"] != "http.request":
+        return "disconnected"
+    first: bytes = message.get("body", b"")
+    if len(first) > max_body:
+        return await _too_large(send, max_body, extra)
+
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("forward() must run inside an asyncio task")
+    state = _Exchange(task, receive)
+    body: bytes | AsyncIterator[bytes] | None
+    if message.get("more_body", False):
+        body = _stream_body(first, state, max_body)
+        length = declared
+    else:
+        body = first or None
+        length = declared if declared is not None else (len(first) if first else None)
+        state.watch()
+    try:
+        return await _exchange(
+            state, send, client, scope["method"], url, headers, body, length, extra, timeout, max_body
+        )
+    finally:
+        state.finish()
+
+
+async def _exchange(
+    state: _Exchange,
+    send: Send,
+    client: UpstreamClient,
+    method: str,
+    url: str,
+    headers: Headers,
+    body: bytes | AsyncIterator[bytes] | None,
+    length: int | None,
+    extra: Headers,
+    timeout: float,
+    max_body: int,
+) -> Outcome:
+    response: UpstreamResponse | None = None
+    try:
+        async with asyncio.timeout(timeout) as phase:
+            state.phase = phase
+            response = await client.send(method, url, headers, body, length)
+    except TimeoutError:
+        if state.reason is None:
+            await send_error(
+                send, 504, "upstream_timeout", "The upstream did not answer in time.", extra_headers=extra
+            )
+            return "timeout"
+    except UpstreamError as exc:
+        if state.reason is None:
+            if isinstance(exc, UpstreamTimeout):
+                await send_error(
+                    send, 504, "upstream_timeout", "The upstream did not answer in time.", extra_headers=extra
+                )
+                return "timeout"
+            return await _unavailable(send, extra)
+    except _BodyAborted:
+        if state.reason is None:
+            raise
+    finally:
+        state.phase = None
+
+    if state.reason is not None or response is None:
+        if response is not None:
+            await response.aclose()
+        if state.reason == "body_too_large":
+            return await _too_large(send, max_body, extra)
+        return "disconnected"
+    return await _relay(state, send, response, extra)
+
+
+async def _unavailable(send: Send, extra: Headers) -> Literal["error"]:
+    await send_error(send, 502, "upstream_unavailable", "The upstream is unavailable.", extra_headers=extra)
+    return "error"
+
+
+async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra: Headers) -> Outcome:
+    status = response.status
+    try:
+        try:
+            out = client_response_headers(response.headers)
+        except InvalidUpstreamHeaders:
+            return await _unavailable(send, extra)
+        if extra:
+            out.extend(extra)
+        async with asyncio.timeout(None) as phase:
+            state.phase = phase
+            await send({"type": "http.response.start", "status": status, "headers": out})
+            async for chunk in response.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if state.reason is None:
+                state.finished = True  # the end of the response wakes the watcher: not a disconnect
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except TimeoutError:
+        if state.reason is None:
+            raise
+        if state.reason == "disconnected":
+            return "disconnected"
+        raise ClientAborted(status, "the request body went over the cap") from None
+    except UpstreamBodyError as exc:
+        if state.reason == "disconnected":
+            return "disconnected"
+        raise ClientAborted(status, str(exc)) from exc
+    finally:
+        state.phase = None
+        await response.aclose()
+    # A stop that landed after the last chunk, too late to cancel anything.
+    if state.reason == "disconnected":
+        return "disconnected"
+    if state.reason == "body_too_large":
+        raise ClientAborted(status, "the request body went over the cap")
+    return status

@@ -1,0 +1,49 @@
+"""The one place that turns a refusal or failure into the SPEC §4 JSON answer.
+
+Every response the gateway makes itself has `Content-Type: application/json` and the body
+`{"success": false, "error": ..., "message": ..., "retryAfterSeconds": N}`, where
+`retryAfterSeconds` appears exactly when the `Retry-After` header does, with the same value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from gateway.asgi import Send
+
+Headers = list[tuple[bytes, bytes]]
+
+_JSON = (b"content-type", b"application/json")
+
+
+def error_body(error: str, message: str, retry_after: int | None = None) -> bytes:
+    body: dict[str, object] = {"success": False, "error": error, "message": message}
+    if retry_after is not None:
+        body["retryAfterSeconds"] = retry_after
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def error_headers(body: bytes, retry_after: int | None, extra: Sequence[tuple[bytes, bytes]] = ()) -> Headers:
+    headers: Headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    headers.extend(extra)
+    return headers
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    error: str,
+    message: str,
+    *,
+    retry_after: int | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Send a complete JSON error response (the response must not have started)."""
+    body = error_body(error, message, retry_after)
+    await send(
+        {"type": "http.response.start", "status": status, "headers": error_headers(body, retry_after, extra_headers)}
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

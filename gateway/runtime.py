@@ -1,0 +1,64 @@
+"""Everything derived from one config that requests read: built once, swapped whole on reload.
+
+A request takes one reference to the current `Routing` at its start and uses it to the end,
+so a reload never mixes two configs inside one request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.admission.buckets import AdmissionPlan, build_plan
+from gateway.admission.headers import policy_header
+from gateway.admission.identity import KeyExtractor, KeyTable
+from gateway.admission.routes import RouteTable
+from gateway.config.model import Config, Key, Route
+from gateway.proxy.headers import HeaderPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPlan:
+    plan: AdmissionPlan
+    policy: bytes | None  # RateLimit-Policy value, fixed per (plan, route)
+    route_label: str
+
+
+@dataclass(slots=True)
+class Routing:
+    config: Config
+    keys: KeyTable
+    extractor: KeyExtractor
+    routes: RouteTable
+    header_policy: HeaderPolicy
+    families: frozenset[str]
+    missing_key_message: str
+    _plans: dict[tuple[str, int], CompiledPlan] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: Config) -> Routing:
+        return cls(
+            config=config,
+            keys=KeyTable(config.keys),
+            extractor=KeyExtractor(config.identity),
+            routes=RouteTable(config.routes),
+            header_policy=HeaderPolicy.from_config(config.upstream, config.identity),
+            families=config.headers,
+            missing_key_message=_missing_key_message(config),
+        )
+
+    def plan_for(self, key: Key, route_index: int, route: Route) -> CompiledPlan:
+        """The compiled admission plan of (key, route), built on first use and kept."""
+        cache_key = (key.id, route_index)
+        compiled = self._plans.get(cache_key)
+        if compiled is None:
+            plan = build_plan(self.config, key, route)
+            compiled = CompiledPlan(plan, policy_header(plan), route.path)
+            self._plans[cache_key] = compiled
+        return compiled
+
+
+def _missing_key_message(config: Config) -> str:
+    ways = [f"the {name} header" for name in config.identity.api_key_headers]
+    if config.identity.api_key_query:
+        ways.append(f"the {config.identity.api_key_query} query parameter")
+    return "No API key: send it in " + " or ".join(ways) + "."

@@ -1,0 +1,224 @@
+"""Running the gateway: sockets, workers, signals, drain.
+
+One worker process runs two uvicorn servers on one event loop: the public proxy and the
+admin port, over sockets bound by the parent (so `--workers N` processes share them). The
+worker owns its resources (`GatewayState`) outside uvicorn's lifespan and owns the signals:
+
+- SIGTERM / SIGINT: drain. `/readyz` turns 503 and new requests get 503 at once; in-flight
+  requests get `shutdown_grace` to finish; then the servers stop and the stragglers are
+  cancelled (their slots are released in their `finally`); the store flushes pending
+  releases last. Exit code 0.
+- SIGHUP: reload the config file (see `reload`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import uvicorn
+
+from gateway.admin import create_admin_app
+from gateway.app import GatewayApp
+from gateway.config.loader import ConfigError, load_config
+from gateway.config.model import Config
+from gateway.logs import configure_logging
+from gateway.runtime import Routing
+from gateway.state import GatewayState
+
+log = logging.getLogger("gateway")
+
+
+class ServeError(Exception):
+    """The gateway cannot start; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: str
+    overrides: Mapping[str, str]
+    workers: int = 1
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def bind(address: str) -> socket.socket:
+    host, port = split_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {address}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling: the worker handles signals itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, config: Config, *, public: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        lifespan="off",
+        loop="uvloop",
+        http="httptools",
+        proxy_headers=False,  # client IPs come from identity.trusted_proxies only
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=1,  # the drain already waited shutdown_grace; this cuts stragglers
+        timeout_keep_alive=5,
+    )
+
+
+class Worker:
+    def __init__(self, config: Config, options: ServeOptions) -> None:
+        self.options = options
+        self.state = GatewayState.create(config)
+        self.public = _Server(_uvicorn_config(GatewayApp(self.state), config, public=True))
+        self.admin = _Server(_uvicorn_config(create_admin_app(self.state), config, public=False))
+        self._stopping = False
+        self._public_task: asyncio.Future[None] | None = None
+
+    async def run(self, public_sock: socket.socket, admin_sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.state.open()
+        try:
+            self._public_task = asyncio.ensure_future(self.public.serve([public_sock]))
+            await asyncio.gather(self._public_task, self.admin.serve([admin_sock]))
+        finally:
+            await self.state.aclose()
+
+    def stop(self) -> None:
+        if not self._stopping:  # repeated signals (Ctrl+C reaches every worker too) change nothing
+            self._stopping = True
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        self.state.draining = True
+        grace = self.state.routing.config.shutdown_grace
+        log.info("draining: %d request(s) in flight, grace %.1fs", self.state.active_requests, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.state.active_requests and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.public.should_exit = True
+        # the admin port keeps answering (/readyz 503) until the public side has stopped
+        if self._public_task is not None:
+            await asyncio.wait([self._public_task])
+        self.admin.should_exit = True
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.options.config_path, self.options.overrides)
+        except ConfigError as exc:
+            self.state.metrics.config_reloads.labels("error").inc()
+            for problem in exc.problems:
+                log.error("reload refused, keeping the running config: %s", problem)
+            return
+        self.state.routing = Routing.build(config)
+        self.state.metrics.config_reloads.labels("success").inc()
+        log.info("config reloaded from %s", self.options.config_path)
+
+
+def _run_worker(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> None:
+    configure_logging()
+    config = load_config(options.config_path, options.overrides)
+    worker = Worker(config, options)
+    import uvloop
+
+    uvloop.run(worker.run(public_sock, admin_sock))
+
+
+def serve(options: ServeOptions) -> int:
+    """Run until stopped; returns the exit code. Raises ConfigError / ServeError before starting."""
+    config = load_config(options.config_path, options.overrides)
+    if options.workers < 1:
+        raise ServeError("--workers must be at least 1")
+    if options.workers > 1 and config.store.url.startswith("memory://"):
+        raise ServeError(
+            f"--workers {options.workers} with store.url memory:// would give every worker its own limits; "
+            "use a Redis store.url to share limits between workers, or --workers 1"
+        )
+    public_sock = bind(config.listen)
+    admin_sock = bind(config.admin_listen)
+    if options.workers == 1:
+        _run_worker(options, public_sock, admin_sock)
+        return 0
+    return _supervise(options, public_sock, admin_sock)
+
+
+def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> int:
+    """N worker processes on the shared sockets; signals are passed on; a crashed worker is
+    replaced. Metrics aggregate through a fresh multiprocess directory."""
+    configure_logging()
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_run_worker, args=(options, public_sock, admin_sock), daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(options.workers)]
+    stopping = False
+
+    def forward_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward_signal)
+    while True:
+        for i, process in enumerate(workers):
+            process.join(timeout=0.2)
+            if process.exitcode is not None and not stopping:
+                log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                workers[i] = start()
+        if stopping and all(p.exitcode is not None for p in workers):
+            break
+    codes = [p.exitcode for p in workers]
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def main_serve(options: ServeOptions) -> int:
+    try:
+        return serve(options)
+    except ConfigError as exc:
+        print(f"gateway: invalid config: {exc.problems[0]}" + (
+            f" (and {len(exc.problems) - 1} more problem(s); run gateway check-config)" if len(exc.problems) > 1 else ""
+        ), file=sys.stderr)
+        return 1
+    except ServeError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,117 @@
+"""The store seam: what admission needs from shared state, whatever holds it.
+
+Two implementations keep the same semantics: `MemoryStore` (one process, `memory://`) and
+`RedisStore` (any number of replicas, one atomic Lua script per decision).
+
+Semantics every store keeps (the contract suite in tests/store checks them on each):
+
+- `admit` checks every bucket and either admits into all of them or into none. A refused
+  request writes nothing: no rate budget, no slot.
+- A rate bucket admits when fewer than `limit` admissions lie in the window ending now,
+  i.e. with times in (now - window, now].
+- A slot bucket admits when fewer than `limit` unexpired leases are held. A lease expires
+  `lease` seconds after it was taken or last renewed; expired leases are purged (and
+  counted as reclaimed) by the next call that touches the bucket.
+- `release` frees a lease; it is idempotent, never raises, and may be batched off the
+  critical path (the caller does not wait for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class RateBucket:
+    """One sliding window to check: `key` names its state in the store."""
+
+    key: str
+    limit: int
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotBucket:
+    """One set of concurrency slots to check."""
+
+    key: str
+    limit: int
+
+
+@dataclass(slots=True)
+class AdmitResult:
+    """What one admission decision saw, enough to build every limit header.
+
+    Lists are parallel to the `rates` / `slots` arguments of `admit`.
+    """
+
+    admitted: bool
+    # "rate" when any rate bucket refused (it can say when to retry), else "concurrency".
+    reason: str | None
+    # Milliseconds until the request would be admitted by every refusing rate bucket
+    # (0 when admitted or refused only for concurrency).
+    retry_after_ms: int
+    # Admissions in each rate window before this request (after purging expired ones).
+    rate_counts: list[int]
+    # Per rate bucket: ms until its oldest admission leaves the window, counting this
+    # request if admitted (the window length when the bucket is empty).
+    rate_reset_ms: list[int]
+    # Unexpired leases held in each slot bucket before this request.
+    slot_counts: list[int]
+    # Expired leases purged by this call.
+    reclaimed: int = 0
+
+
+class StoreError(Exception):
+    """The store could not answer (unreachable, timed out, refused the command)."""
+
+
+class AdmissionStore(Protocol):
+    async def start(self) -> None:
+        """Connect, load scripts, start background loops (heartbeat, release flusher)."""
+
+    async def aclose(self) -> None:
+        """Flush pending releases, stop background loops, close connections."""
+
+    async def admit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+    ) -> AdmitResult:
+        """Decide atomically; when admitted, `lease_id` holds a slot in every slot bucket
+        (renewed by the store's heartbeat until released) and one entry in every rate window.
+        Raises StoreError when the store cannot decide."""
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+        """Free `lease_id` in `slots`. Synchronous and idempotent: safe in any `finally`,
+        even while the caller is being cancelled."""
+
+    async def check_ready(self) -> None:
+        """Run the real admission path against a probe bucket; raise StoreError if it fails."""
+
+
+class StoreObserver(Protocol):
+    """What a store reports for metrics; every method is cheap and synchronous."""
+
+    def slots_reclaimed(self, count: int) -> None:
+        """Expired leases (dead holders) were purged."""
+
+    def leases_lost(self, count: int) -> None:
+        """A heartbeat found leases this process still holds already gone (expired and reclaimed)."""
+
+    def store_error(self, operation: str) -> None:
+        """A store call failed; `operation` is one of admit, release, renew, ready."""
+
+
+class NullObserver:
+    def slots_reclaimed(self, count: int) -> None:
+        pass
+
+    def leases_lost(self, count: int) -> None:
+        pass
+
+    def store_error(self, operation: str) -> None:
+        pass

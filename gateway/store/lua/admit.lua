@@ -1,0 +1,119 @@
+--[[
+admit.lua: one admission decision over every bucket of one request, atomically.
+
+Either the request is admitted into every bucket or into none: a refused request writes
+nothing (expired entries are still purged, which changes no decision).
+
+Units: times and durations are milliseconds. Scores are floats (now has sub-ms precision);
+returned numbers are integers because Redis truncates Lua numbers in replies, so every
+duration is rounded up here (a Retry-After must never be early).
+
+KEYS: the rate bucket keys (ARGV[4] of them), then the slot bucket keys.
+      Every key of one call shares one {hash tag}, so the script runs on Redis Cluster.
+ARGV[1]  lease id: the member written into every bucket when admitted, echoed back
+ARGV[2]  lease_ms: a slot lease expires this long after it is taken (unless renewed)
+ARGV[3]  now_ms override; "" means the server clock (TIME). Tests drive time with it.
+ARGV[4]  n_rate: how many of KEYS are rate buckets
+ARGV[5..4+2*n_rate]  per rate bucket: limit, window_ms
+ARGV[5+2*n_rate..]   per slot bucket: limit
+
+Rate bucket: a sorted set of admitted lease ids scored by admission time. An admission
+counts while its time lies in (now - window, now].
+Slot bucket: a sorted set of lease ids scored by lease expiry. A lease with expiry <= now
+is dead: it is purged and counted as reclaimed.
+Every key written gets a TTL: a rate key lives one window past its newest entry; a slot
+key lives one lease past its longest-lived member (so a dead lease is still there to be
+counted when the next request comes).
+
+Returns {lease_id, status, retry_after_ms, reclaimed,
+         rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot]}
+  status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only
+  retry_after_ms: ms until every refusing rate bucket would admit (0 unless status 1)
+  rate_count / slot_count: entries in the bucket before this request (after purging)
+  rate_reset_ms: ms until the bucket's oldest admission leaves the window, counting this
+                 request if admitted (the window when the bucket is empty)
+]]
+
+local lease_id = ARGV[1]
+local lease_ms = tonumber(ARGV[2])
+local now
+if ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local n_rate = tonumber(ARGV[4])
+local n_slot = #KEYS - n_rate
+
+local status = 0
+local retry_after = 0
+local reclaimed = 0
+local rate_counts, rate_resets, slot_counts = {}, {}, {}
+
+local function score_at(key, index)
+  return tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
+end
+
+for i = 1, n_rate do
+  local key = KEYS[i]
+  local limit = tonumber(ARGV[3 + 2 * i])
+  local window = tonumber(ARGV[4 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local count = redis.call('ZCARD', key)
+  rate_counts[i] = count
+  local oldest = nil
+  if count > 0 then
+    oldest = score_at(key, 0)
+    rate_resets[i] = math.ceil(oldest + window - now)
+  else
+    rate_resets[i] = math.ceil(window)
+  end
+  if count >= limit then
+    status = 1
+    -- Admission needs count - limit + 1 entries gone: wait for the one at index count - limit.
+    local wait = window
+    if limit > 0 then
+      local at = oldest
+      if count > limit then
+        at = score_at(key, count - limit)
+      end
+      wait = at + window - now
+    end
+    retry_after = math.max(retry_after, math.ceil(wait))
+  end
+end
+
+for j = 1, n_slot do
+  local key = KEYS[n_rate + j]
+  local limit = tonumber(ARGV[4 + 2 * n_rate + j])
+  reclaimed = reclaimed + redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local count = redis.call('ZCARD', key)
+  slot_counts[j] = count
+  if count >= limit and status == 0 then
+    status = 2
+  end
+end
+
+if status == 0 then
+  for i = 1, n_rate do
+    local window = tonumber(ARGV[4 + 2 * i])
+    redis.call('ZADD', KEYS[i], now, lease_id)
+    -- The newest entry leaves the window `window` ms from now: the key is useless after that.
+    redis.call('PEXPIRE', KEYS[i], math.ceil(window))
+  end
+  for j = 1, n_slot do
+    local key = KEYS[n_rate + j]
+    redis.call('ZADD', key, now + lease_ms, lease_id)
+    -- Cover the longest-lived member (a job slot may outlive a lease by far), plus one
+    -- lease so a dead holder's lease is still there to be purged and counted as reclaimed.
+    local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+    redis.call('PEXPIRE', key, math.ceil(last - now + lease_ms))
+  end
+end
+
+local reply = {lease_id, status, retry_after, reclaimed}
+for i = 1, n_rate do reply[#reply + 1] = rate_counts[i] end
+for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
+for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
+return reply

@@ -1,0 +1,232 @@
+"""In-process admission store (`memory://`): the Redis store's semantics for one process.
+
+Everything runs on one event loop and `admit` never awaits between reading and writing, so
+no lock is needed. Times are float milliseconds from the injected clock, like the scores
+of the Lua scripts, so both stores take the same decisions at the same instants.
+
+Per call the cost is O(buckets) plus the entries that expired: a rate bucket is a deque of
+admission times (oldest first); a slot bucket is an insertion-ordered dict lease id ->
+expiry, kept in expiry order because every expiry is `now + lease` on a monotonic clock
+and a renewal moves the lease to the end. Held leases are renewed by a heartbeat every
+lease/3, exactly as the Redis store does, so a loop stalled longer than `lease` loses its
+leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded by what
+is live: empty buckets are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+
+from gateway.store.base import (
+    AdmitResult,
+    NullObserver,
+    RateBucket,
+    SlotBucket,
+    StoreObserver,
+)
+
+
+class _Window:
+    __slots__ = ("window_ms", "times")
+
+    def __init__(self, window_ms: float) -> None:
+        self.window_ms = window_ms
+        self.times: deque[float] = deque()
+
+    def purge(self, now: float) -> None:
+        # An admission counts while its time lies in (now - window, now].
+        horizon = now - self.window_ms
+        times = self.times
+        while times and times[0] <= horizon:
+            times.popleft()
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        lease: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        observer: StoreObserver | None = None,
+    ) -> None:
+        if lease <= 0:
+            raise ValueError("lease must be positive")
+        self._lease = lease
+        self._lease_ms = lease * 1000.0
+        self._clock = clock
+        self._observer: StoreObserver = observer or NullObserver()
+        self._windows: dict[str, _Window] = {}
+        self._slots: dict[str, OrderedDict[str, float]] = {}
+        self._held: set[tuple[str, str]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def _now(self) -> float:
+        return round(self._clock() * 1000.0, 3)
+
+    async def start(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="memory-store-heartbeat")
+
+    async def aclose(self) -> None:
+        task, self._heartbeat = self._heartbeat, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def admit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+    ) -> AdmitResult:
+        now = self._now()
+        status = 0
+        retry_after = 0
+        reclaimed = 0
+        rate_counts: list[int] = []
+        rate_resets: list[int] = []
+        slot_counts: list[int] = []
+
+        for rate in rates:
+            window = self._windows.get(rate.key)
+            if window is not None:
+                window.window_ms = rate.window_ms
+                window.purge(now)
+                times = window.times
+            else:
+                times = deque()
+            count = len(times)
+            rate_counts.append(count)
+            rate_resets.append(math.ceil(times[0] + rate.window_ms - now) if count else rate.window_ms)
+            if count >= rate.limit:
+                status = 1
+                wait: float = rate.window_ms
+                if rate.limit > 0:
+                    # Admission needs count - limit + 1 entries gone.
+                    wait = times[count - rate.limit] + rate.window_ms - now
+                retry_after = max(retry_after, math.ceil(wait))
+
+        for slot in slots:
+            leases = self._slots.get(slot.key)
+            if leases is not None:
+                reclaimed += _purge_expired(leases, now)
+            count = len(leases) if leases else 0
+            slot_counts.append(count)
+            if count >= slot.limit and status == 0:
+                status = 2
+
+        if status == 0:
+            for rate in rates:
+                window = self._windows.get(rate.key)
+                if window is None:
+                    window = self._windows[rate.key] = _Window(rate.window_ms)
+                window.times.append(now)
+            expiry = now + self._lease_ms
+            for slot in slots:
+                leases = self._slots.get(slot.key)
+                if leases is None:
+                    leases = self._slots[slot.key] = OrderedDict()
+                leases[lease_id] = expiry
+                leases.move_to_end(lease_id)
+                self._held.add((slot.key, lease_id))
+        else:
+            self._drop_empty(rates, slots)
+
+        if reclaimed:
+            self._observer.slots_reclaimed(reclaimed)
+        return AdmitResult(
+            admitted=status == 0,
+            reason=None if status == 0 else ("rate" if status == 1 else "concurrency"),
+            retry_after_ms=retry_after,
+            rate_counts=rate_counts,
+            rate_reset_ms=rate_resets,
+            slot_counts=slot_counts,
+            reclaimed=reclaimed,
+        )
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+        for slot in slots:
+            self._held.discard((slot.key, lease_id))
+            leases = self._slots.get(slot.key)
+            if leases is not None and leases.pop(lease_id, None) is not None and not leases:
+                del self._slots[slot.key]
+
+    async def flush(self) -> None:
+        """Releases apply at once here; kept for parity with the Redis store."""
+
+    async def renew(self) -> int:
+        """One heartbeat: extend every held lease still alive; return (and report) how many
+        were found lost (already expired, or purged by an admission)."""
+        now = self._now()
+        expiry = now + self._lease_ms
+        lost = 0
+        for pair in list(self._held):
+            key, lease_id = pair
+            leases = self._slots.get(key)
+            current = leases.get(lease_id) if leases is not None else None
+            if leases is None or current is None or current <= now:
+                self._held.discard(pair)
+                lost += 1
+                continue
+            leases[lease_id] = expiry
+            leases.move_to_end(lease_id)
+        if lost:
+            self._observer.leases_lost(lost)
+        return lost
+
+    async def check_ready(self) -> None:
+        probe = SlotBucket("memory:{ready}:probe", 1 << 30)
+        lease_id = f"ready:{uuid.uuid4().hex}"
+        await self.admit((), (probe,), lease_id)
+        self.release((probe,), lease_id)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            await self.renew()
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Purge idle buckets nobody touches any more, so memory follows live state."""
+        now = self._now()
+        for key in list(self._windows):
+            window = self._windows[key]
+            window.purge(now)
+            if not window.times:
+                del self._windows[key]
+        reclaimed = 0
+        for key in list(self._slots):
+            leases = self._slots[key]
+            reclaimed += _purge_expired(leases, now)
+            if not leases:
+                del self._slots[key]
+        if reclaimed:
+            self._observer.slots_reclaimed(reclaimed)
+
+    def _drop_empty(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> None:
+        for rate in rates:
+            window = self._windows.get(rate.key)
+            if window is not None and not window.times:
+                del self._windows[rate.key]
+        for slot in slots:
+            if self._slots.get(slot.key) == {}:
+                del self._slots[slot.key]
+
+
+def _purge_expired(leases: OrderedDict[str, float], now: float) -> int:
+    """Drop leases whose expiry is <= now (they sit first: expiry order); count them."""
+    purged = 0
+    while leases:
+        lease_id, expiry = next(iter(leases.items()))
+        if expiry > now:
+            break
+        del leases[lease_id]
+        purged += 1
+    return purged

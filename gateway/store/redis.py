@@ -1,0 +1,467 @@
+"""Redis admission store: any number of replicas share one exact view through Redis.
+
+Critical path: exactly one round trip per admission. Every `admit` issued in one event-loop
+tick joins a batch; the batch goes out as one non-transactional pipeline of EVALSHA calls
+(admit.lua decides each request atomically) and every caller gets its own answer or its
+own StoreError. Scripts are loaded at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH,
+restart, failover) reloads them and resends just those calls, inside the same budget.
+
+Off the critical path:
+- `release` only enqueues; one flusher task sends everything pending as one pipeline of
+  ZREMs per tick. Failures are counted, not retried: the lease heals what is lost.
+- One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
+  batched per hash tag, pipelined); leases found gone are counted as lost.
+
+Every call is bounded by `timeout` (socket, connect and pool waits come from it, and
+asyncio.timeout backs it up); every redis/OS/timeout failure becomes StoreError and is
+reported to the observer (per failed admission, per failed release flush, per failed
+heartbeat round). Nothing needs a restart after Redis comes back: connections are
+replaced as they fail and scripts reload on NOSCRIPT.
+
+When an admission's outcome is unknown (timeout, lost reply, caller cancelled) the store
+releases its slots itself: ZREM of a lease that was never added is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from gateway.store import scripts
+from gateway.store.base import (
+    AdmitResult,
+    NullObserver,
+    RateBucket,
+    SlotBucket,
+    StoreError,
+    StoreObserver,
+)
+from gateway.store.redis_client import AnyRedis, RedisConnection, connect
+
+log = logging.getLogger(__name__)
+
+# Everything a store call can fail with, short of a bug (StoreError: a reply that makes
+# no sense, such as one meant for another call).
+FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+    StoreError,
+)
+
+# renew.lua calls are chunked so no single script keeps Redis busy for long; admission
+# batches are capped so a burst becomes several pipelines in parallel, not one huge one.
+RENEW_CHUNK = 256
+ADMIT_BATCH = 256
+
+Call = tuple[list[str], list[str | int]]
+
+
+@dataclass(slots=True)
+class _PendingAdmit:
+    keys: list[str]
+    args: list[str | int]
+    lease_id: str
+    slot_keys: list[str]
+    n_rate: int
+    operation: str
+    future: asyncio.Future[AdmitResult]
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        timeout: float,
+        lease: float,
+        clock: Callable[[], float] | None = None,
+        observer: StoreObserver | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        connection = connect(url, timeout=timeout, max_connections=max_connections + 2)
+        self._setup(connection, prefix, timeout, lease, clock, observer, max_connections)
+
+    @classmethod
+    def from_client(
+        cls,
+        client: AnyRedis,
+        *,
+        prefix: str,
+        timeout: float,
+        lease: float,
+        clock: Callable[[], float] | None = None,
+        observer: StoreObserver | None = None,
+        max_connections: int = 64,
+        is_cluster: bool = False,
+    ) -> RedisStore:
+        """A store over a client built elsewhere (tests: fakeredis). The store closes it."""
+        store = cls.__new__(cls)
+        store._setup(
+            RedisConnection(client, is_cluster=is_cluster),
+            prefix,
+            timeout,
+            lease,
+            clock,
+            observer,
+            max_connections,
+        )
+        return store
+
+    def _setup(
+        self,
+        connection: RedisConnection,
+        prefix: str,
+        timeout: float,
+        lease: float,
+        clock: Callable[[], float] | None,
+        observer: StoreObserver | None,
+        max_connections: int,
+    ) -> None:
+        if timeout <= 0 or lease <= 0:
+            raise ValueError("timeout and lease must be positive")
+        self._connection = connection
+        self._client = connection.client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._lease = lease
+        self._lease_ms = scripts.ms_arg(lease)
+        self._clock = clock
+        self._observer: StoreObserver = observer or NullObserver()
+        self._admit_script = scripts.load("admit")
+        self._renew_script = scripts.load("renew")
+        # At most this many pipelines in flight: the pool never has to refuse a connection.
+        self._in_flight = asyncio.Semaphore(max_connections)
+        self._admits: list[_PendingAdmit] = []
+        self._admit_batch_open = False
+        self._releases: dict[tuple[str, str], None] = {}
+        self._release_task: asyncio.Task[None] | None = None
+        self._held: dict[tuple[str, str], None] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._connection_closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the heartbeat, load the scripts and warm the pool. Raises StoreError
+        within a bounded time when Redis is unreachable; the store stays usable and
+        recovers by itself once Redis answers."""
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="redis-store-heartbeat")
+        try:
+            async with asyncio.timeout(max(1.0, 5 * self._timeout)):
+                await self._load_scripts()
+                if not self._connection.is_cluster:
+                    await asyncio.gather(*(self._client.ping() for _ in range(2)))
+        except FAILURES as exc:
+            self._observer.store_error("ready")
+            raise StoreError(f"store not ready at start: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat, flush pending releases, close connections. Leases still
+        held are left to expire (a live request should have released them first)."""
+        if self._closed:
+            return
+        self._closed = True
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        # Admission batches in flight end within their budget (and may enqueue releases).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2 * self._timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        with contextlib.suppress(*FAILURES):
+            async with asyncio.timeout(4 * self._timeout):
+                await self.flush()
+        if self._release_task is not None and not self._release_task.done():
+            self._release_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._release_task
+        self._held.clear()
+        self._releases.clear()
+        self._connection_closed = True
+        with contextlib.suppress(*FAILURES):
+            await self._connection.aclose()
+
+    # -- admission ---------------------------------------------------------------------
+
+    async def admit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+    ) -> AdmitResult:
+        if not rates and not slots:
+            return AdmitResult(True, None, 0, [], [], [])
+        return await self._submit(rates, slots, lease_id, "admit")
+
+    async def check_ready(self) -> None:
+        """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
+        then remove the probe lease (both keys carry a TTL whatever happens)."""
+        tag = f"{self._prefix}:{{ready}}"
+        rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1)
+        slot = SlotBucket(f"{tag}:probe:s", 1 << 30)
+        lease_id = f"ready:{uuid.uuid4().hex}"
+        await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._in_flight:
+                    await self._client.zrem(slot.key, lease_id)
+        except FAILURES as exc:
+            self._observer.store_error("ready")
+            raise StoreError(f"readiness probe release failed: {exc!r}") from exc
+
+    async def _submit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+        operation: str,
+        *,
+        hold: bool = True,
+    ) -> AdmitResult:
+        if self._closed:
+            raise StoreError("store is closed")
+        tags = {scripts.hash_tag(bucket.key) for bucket in rates}
+        tags.update(scripts.hash_tag(bucket.key) for bucket in slots)
+        if len(tags) > 1:
+            # One script call touches one hash slot (Redis Cluster); a bug in key naming
+            # must not reach Redis, where it would fail the whole pipelined batch.
+            raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now())
+        future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
+        slot_keys = [slot.key for slot in slots]
+        self._admits.append(_PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future))
+        if not self._admit_batch_open:
+            # The batch task first runs on the next loop iteration: every admit issued
+            # during this one has joined the batch by then.
+            self._admit_batch_open = True
+            self._spawn(self._send_admits())
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            # Cancelled after the answer arrived but before this task resumed: the caller
+            # will never see its admission, so give the slots back now.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if future.result().admitted:
+                    self._enqueue_releases(slot_keys, lease_id)
+            raise
+        if result.admitted and hold:
+            # Registered only once the caller has its answer: a lease nobody knows about
+            # must not be renewed forever.
+            for key in slot_keys:
+                self._held[(key, lease_id)] = None
+        return result
+
+    async def _send_admits(self) -> None:
+        batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
+        if self._admits:
+            self._spawn(self._send_admits())  # the rest goes out in parallel
+        else:
+            self._admit_batch_open = False
+        calls = [(pending.keys, pending.args) for pending in batch]
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._eval(self._admit_script, calls)
+        except FAILURES as exc:
+            for pending in batch:
+                self._fail(pending, exc)
+            return
+        except BaseException as exc:
+            for pending in batch:
+                self._fail(pending, exc)
+            raise
+        for pending, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self._fail(pending, reply)
+                continue
+            try:
+                result = scripts.decode_admit(
+                    reply, pending.lease_id, pending.n_rate, len(pending.keys) - pending.n_rate
+                )
+            except StoreError as exc:
+                self._fail(pending, exc)
+                continue
+            self._deliver(pending, result)
+
+    def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
+        if result.reclaimed:
+            self._observer.slots_reclaimed(result.reclaimed)
+        if pending.future.done():
+            # The caller gave up (cancelled): nobody will release what was taken.
+            if result.admitted:
+                self._enqueue_releases(pending.slot_keys, pending.lease_id)
+            return
+        pending.future.set_result(result)
+
+    def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
+        # The script may have run (reply lost, timeout after sending): undo any slot.
+        self._enqueue_releases(pending.slot_keys, pending.lease_id)
+        if pending.future.done():
+            return
+        self._observer.store_error(pending.operation)
+        # One exception instance per caller: several tasks must not share a traceback.
+        error = StoreError(
+            str(exc) if isinstance(exc, StoreError) else f"{pending.operation} failed: {exc!r}"
+        )
+        error.__cause__ = exc
+        pending.future.set_exception(error)
+
+    # -- release -------------------------------------------------------------------------
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+        for slot in slots:
+            self._held.pop((slot.key, lease_id), None)
+        self._enqueue_releases([slot.key for slot in slots], lease_id)
+
+    def _enqueue_releases(self, keys: Sequence[str], lease_id: str) -> None:
+        if not keys or self._connection_closed:
+            return
+        for key in keys:
+            self._releases[(key, lease_id)] = None
+        if self._release_task is None or self._release_task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop any more: the leases expire on their own
+            self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
+
+    async def flush(self) -> None:
+        """Wait until every release enqueued so far has been sent (or has failed)."""
+        while self._release_task is not None and not self._release_task.done():
+            await asyncio.shield(self._release_task)
+
+    async def _flush_releases(self) -> None:
+        while self._releases:
+            batch, self._releases = self._releases, {}
+            members: dict[str, list[str]] = {}
+            for key, lease_id in batch:
+                members.setdefault(key, []).append(lease_id)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async with self._in_flight:
+                        pipe = self._client.pipeline(transaction=False)
+                        for key, lease_ids in members.items():
+                            pipe.zrem(key, *lease_ids)
+                        replies = await pipe.execute(raise_on_error=False)
+            except FAILURES as exc:
+                self._observer.store_error("release")
+                log.warning("store release of %d leases failed: %r", len(batch), exc)
+                continue
+            if any(isinstance(reply, BaseException) for reply in replies):
+                self._observer.store_error("release")
+                log.warning(
+                    "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
+                )
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    async def renew(self) -> int:
+        """One heartbeat round: extend every lease this process holds; return (and report)
+        how many were found lost. Raises StoreError when the round failed."""
+        pairs = list(self._held)
+        if not pairs:
+            return 0
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for pair in pairs:
+            groups.setdefault(scripts.hash_tag(pair[0]), []).append(pair)
+        chunks = [
+            group[start : start + RENEW_CHUNK]
+            for group in groups.values()
+            for start in range(0, len(group), RENEW_CHUNK)
+        ]
+        now = self._now()
+        calls = [scripts.renew_call(chunk, self._lease_ms, now) for chunk in chunks]
+        try:
+            async with asyncio.timeout(max(self._timeout, self._lease / 6)):
+                replies = await self._eval(self._renew_script, calls)
+        except FAILURES as exc:
+            self._observer.store_error("renew")
+            raise StoreError(f"renew failed: {exc!r}") from exc
+        lost = 0
+        failed: BaseException | None = None
+        for chunk, reply in zip(chunks, replies, strict=True):
+            try:
+                if isinstance(reply, BaseException):
+                    raise reply
+                positions = scripts.decode_renew(reply, len(chunk))
+            except FAILURES as exc:
+                failed = exc
+                continue
+            for position in positions:
+                pair = chunk[position]
+                if pair in self._held:  # else released meanwhile: not lost
+                    del self._held[pair]
+                    lost += 1
+        if lost:
+            self._observer.leases_lost(lost)
+        if failed is not None:
+            self._observer.store_error("renew")
+            raise StoreError(f"renew partly failed: {failed!r}") from failed
+        return lost
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                await self.renew()
+            except StoreError as exc:
+                log.warning("store heartbeat failed: %s", exc)
+            except Exception:  # a bug must not stop the renewals of every lease
+                log.exception("store heartbeat crashed")
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _now(self) -> str:
+        return scripts.now_arg(self._clock() if self._clock is not None else None)
+
+    async def _eval(self, script: scripts.Script, calls: list[Call]) -> list[Any]:
+        """EVALSHA every call in one pipeline; reload and resend those that hit NOSCRIPT."""
+        async with self._in_flight:
+            replies = await self._run_pipeline(script.sha, calls)
+            missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                await self._load_scripts()
+                retried = await self._run_pipeline(script.sha, [calls[index] for index in missing])
+                for index, reply in zip(missing, retried, strict=True):
+                    replies[index] = reply
+        return replies
+
+    async def _run_pipeline(self, sha: str, calls: list[Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+        if len(replies) != len(calls):
+            raise StoreError(f"pipeline answered {len(replies)} replies to {len(calls)} calls")
+        return list(replies)
+
+    async def _load_scripts(self) -> None:
+        # On Cluster, SCRIPT LOAD goes to every primary.
+        for script in (self._admit_script, self._renew_script):
+            sha = await self._client.script_load(script.source)
+            if isinstance(sha, bytes):
+                sha = sha.decode()
+            if sha != script.sha:
+                raise StoreError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

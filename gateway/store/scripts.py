@@ -1,0 +1,123 @@
+"""The Lua scripts of the Redis store: their text, their SHA1, how to call them and how to
+read their replies. Pure: no I/O beyond reading the packaged `.lua` files once."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
+
+_STATUS_REASON = {0: None, 1: "rate", 2: "concurrency"}
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: bytes
+    sha: str
+
+
+@cache
+def load(name: str) -> Script:
+    source = resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_bytes()
+    return Script(name, source, hashlib.sha1(source).hexdigest())
+
+
+def now_arg(clock_seconds: float | None) -> str:
+    """ARGV form of "now": empty lets the script read Redis TIME; a driven clock is sent
+    in ms, rounded to the microsecond so a clock in whole ms stays whole."""
+    if clock_seconds is None:
+        return ""
+    return repr(round(clock_seconds * 1000.0, 3))
+
+
+def ms_arg(seconds: float) -> str:
+    return repr(round(seconds * 1000.0, 3))
+
+
+def admit_call(
+    rates: Sequence[RateBucket],
+    slots: Sequence[SlotBucket],
+    lease_id: str,
+    lease_ms: str,
+    now: str,
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of admit.lua (see its header)."""
+    keys = [bucket.key for bucket in rates]
+    keys.extend(bucket.key for bucket in slots)
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates)]
+    for rate in rates:
+        args.append(rate.limit)
+        args.append(rate.window_ms)
+    args.extend(slot.limit for slot in slots)
+    return keys, args
+
+
+def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int) -> AdmitResult:
+    """Turn admit.lua's reply into an AdmitResult, refusing a reply meant for another call
+    (a connection one reply out of step would otherwise hand out someone else's answer)."""
+    if not isinstance(reply, list) or len(reply) != 4 + 2 * n_rate + n_slot:
+        raise StoreError(f"malformed admit reply: {reply!r:.200}")
+    echoed = reply[0]
+    if isinstance(echoed, bytes):
+        echoed = echoed.decode("utf-8", "replace")
+    if echoed != lease_id:
+        raise StoreError("admit reply belongs to another call (lease id mismatch)")
+    try:
+        status = int(reply[1])
+        numbers = [int(value) for value in reply[2:]]
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
+    if status not in _STATUS_REASON:
+        raise StoreError(f"unknown admit status {status}")
+    retry_after, reclaimed = numbers[0], numbers[1]
+    counts = numbers[2:]
+    return AdmitResult(
+        admitted=status == 0,
+        reason=_STATUS_REASON[status],
+        retry_after_ms=retry_after,
+        rate_counts=counts[:n_rate],
+        rate_reset_ms=counts[n_rate : 2 * n_rate],
+        slot_counts=counts[2 * n_rate :],
+        reclaimed=reclaimed,
+    )
+
+
+def renew_call(
+    pairs: Sequence[tuple[str, str]], lease_ms: str, now: str
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of renew.lua for (key, lease_id) pairs sharing one hash tag."""
+    index: dict[str, int] = {}
+    args: list[str | int] = [lease_ms, now]
+    for key, lease_id in pairs:
+        position = index.setdefault(key, len(index) + 1)
+        args.append(position)
+        args.append(lease_id)
+    return list(index), args
+
+
+def decode_renew(reply: object, n_pairs: int) -> list[int]:
+    """0-based positions of the pairs renew.lua reported lost."""
+    if not isinstance(reply, list):
+        raise StoreError(f"malformed renew reply: {reply!r:.200}")
+    try:
+        lost = [int(value) - 1 for value in reply]
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"malformed renew reply: {reply!r:.200}") from exc
+    if any(not 0 <= position < n_pairs for position in lost):
+        raise StoreError("renew reply out of range")
+    return lost
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes: the first non-empty {...}, else the key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key

@@ -1,0 +1,94 @@
+"""`open_store` picks the store by URL scheme; Redis clients get every timeout from
+`store.timeout` (never redis-py's 5 s defaults and 10 retries). No I/O here."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+
+from gateway.config.model import Store
+from gateway.store import MemoryStore, RedisStore, open_store
+from gateway.store.redis_client import connect, parse_multi_host
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_memory_url_gives_the_memory_store() -> None:
+    store = open_store(Store(url="memory://", lease=5.0))
+    assert isinstance(store, MemoryStore)
+
+
+async def test_redis_url_gives_the_redis_store() -> None:
+    store = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1))
+    assert isinstance(store, RedisStore)
+    await store.aclose()
+
+
+def test_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        open_store(Store(url="memcached://127.0.0.1"))
+
+
+async def test_standalone_client_timeouts_come_from_the_store_timeout() -> None:
+    connection = connect("redis://127.0.0.1:6399/2", timeout=0.1, max_connections=8)
+    try:
+        client = connection.client
+        assert isinstance(client, Redis)
+        pool = client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool)
+        assert pool.max_connections == 8
+        assert pool.timeout is not None and pool.timeout < 0.1
+        kwargs = pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 0.1
+        assert kwargs["socket_connect_timeout"] == 0.1
+        assert kwargs["db"] == 2
+        assert kwargs["retry"].get_retries() == 1
+    finally:
+        await connection.aclose()
+
+
+async def test_cluster_client_timeouts_come_from_the_store_timeout() -> None:
+    connection = connect("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", timeout=0.1, max_connections=8)
+    try:
+        assert connection.is_cluster
+        client = connection.client
+        assert isinstance(client, RedisCluster)
+        startup = client.nodes_manager.startup_nodes.values()
+        assert [(node.host, node.port) for node in startup] == [
+            ("127.0.0.1", 7000),
+            ("127.0.0.1", 7001),
+        ]
+        assert client.connection_kwargs["socket_timeout"] == 0.1
+    finally:
+        await connection.aclose()
+
+
+def test_multi_host_urls_parse() -> None:
+    parsed = parse_multi_host("redis+sentinel://user:p%40ss@h1:26380,[::1]:26381,h3/mymaster/4?x=1", 26379)
+    assert parsed.nodes == [("h1", 26380), ("::1", 26381), ("h3", 26379)]
+    assert (parsed.username, parsed.password) == ("user", "p@ss")
+    assert parsed.path == ["mymaster", "4"]
+    assert parsed.query == {"x": "1"}
+
+
+def test_sentinel_url_needs_a_service_name() -> None:
+    with pytest.raises(ValueError, match="service name"):
+        connect("redis+sentinel://127.0.0.1:26379", timeout=0.1, max_connections=4)
+
+
+async def test_sentinel_service_name_may_come_from_the_query() -> None:
+    connection = connect(
+        "redis+sentinel://127.0.0.1:26379?service_name=gw&db=5", timeout=0.1, max_connections=4
+    )
+    try:
+        client = connection.client
+        assert isinstance(client, Redis)
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        assert pool.service_name == "gw"
+        assert pool.connection_kwargs["db"] == 5
+        assert pool.connection_kwargs["socket_timeout"] == 0.1
+    finally:
+        await connection.aclose()

@@ -1,0 +1,29 @@
+"""Checks of what must always hold, from what the upstream saw and what Redis holds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+
+def max_in_window(arrivals: Sequence[float], window: float) -> int:
+    """The largest number of arrivals inside any half-open interval of `window` seconds."""
+    times = sorted(arrivals)
+    best = 0
+    start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def assert_no_leaks(client: redis.Redis, prefix: str) -> None:
+    """Every slot set under `prefix` is empty and every key has a TTL."""
+    for name in client.scan_iter(match=f"{prefix}:*", count=1000):
+        text = name.decode()
+        ttl = client.pttl(name)
+        assert ttl > 0, f"{text} has no TTL ({ttl})"
+        if ":c:" in text:
+            assert client.zcard(name) == 0, f"slot set {text} still holds {client.zrange(name, 0, -1)}"
