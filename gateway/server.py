@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from gateway.accesslog import AccessLog
 from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
@@ -97,7 +98,7 @@ class Worker:
     def __init__(self, config: Config, options: ServeOptions) -> None:
         self.options = options
         self.state = GatewayState.create(config)
-        self.public = _Server(_uvicorn_config(GatewayApp(self.state), config, public=True))
+        self.public = _Server(_uvicorn_config(GatewayApp(self.state, AccessLog()), config, public=True))
         self.admin = _Server(_uvicorn_config(create_admin_app(self.state), config, public=False))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
