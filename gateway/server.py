@@ -8,7 +8,7 @@ worker owns its resources (`GatewayState`) outside uvicorn's lifespan and owns t
   requests get `shutdown_grace` to finish; then the servers stop and the stragglers are
   cancelled (their slots are released in their `finally`); the store flushes pending
   releases last. Exit code 0.
-- SIGHUP: reload the config file (see `reload`).
+- SIGHUP, or a change of the config file: reload it (see `gateway.reload`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.logs import configure_logging
-from gateway.runtime import Routing
+from gateway.reload import reload_config, watch_file
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
@@ -109,10 +109,12 @@ class Worker:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.state.open()
+        watcher = asyncio.ensure_future(watch_file(self.state, self.options.config_path, self.options.overrides))
         try:
             self._public_task = asyncio.ensure_future(self.public.serve([public_sock]))
             await asyncio.gather(self._public_task, self.admin.serve([admin_sock]))
         finally:
+            watcher.cancel()
             await self.state.aclose()
 
     def stop(self) -> None:
@@ -135,16 +137,7 @@ class Worker:
         self.admin.should_exit = True
 
     def reload(self) -> None:
-        try:
-            config = load_config(self.options.config_path, self.options.overrides)
-        except ConfigError as exc:
-            self.state.metrics.config_reloads.labels("error").inc()
-            for problem in exc.problems:
-                log.error("reload refused, keeping the running config: %s", problem)
-            return
-        self.state.routing = Routing.build(config)
-        self.state.metrics.config_reloads.labels("success").inc()
-        log.info("config reloaded from %s", self.options.config_path)
+        reload_config(self.state, self.options.config_path, self.options.overrides)
 
 
 def _run_worker(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> None:
