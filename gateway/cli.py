@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("hash-key", help="read an API key on stdin, print its keys[].sha256 value")
 
+    commands.add_parser("demo", help="a self-contained demonstration: example upstream, gateway, scripted load")
+
     upstream = commands.add_parser("example-upstream", help="run the small example scraping API")
     upstream.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT (default 127.0.0.1:9000)")
     return parser
@@ -59,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(hash_key(secret))
         return 0
+    if args.command == "demo":
+        from gateway.demo import main as demo_main
+
+        return demo_main()
     if args.command == "example-upstream":
         from gateway.example_upstream import main as upstream_main
 

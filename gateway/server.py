@@ -70,7 +70,7 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """uvicorn's server without its signal handling: the worker handles signals itself."""
 
     @contextlib.contextmanager
@@ -78,7 +78,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: object, config: Config, *, public: bool) -> uvicorn.Config:
+def uvicorn_config(app: object, config: Config, *, public: bool) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         lifespan="off",
@@ -98,8 +98,8 @@ class Worker:
     def __init__(self, config: Config, options: ServeOptions) -> None:
         self.options = options
         self.state = GatewayState.create(config)
-        self.public = _Server(_uvicorn_config(GatewayApp(self.state, AccessLog()), config, public=True))
-        self.admin = _Server(_uvicorn_config(create_admin_app(self.state), config, public=False))
+        self.public = SignalFreeServer(uvicorn_config(GatewayApp(self.state, AccessLog()), config, public=True))
+        self.admin = SignalFreeServer(uvicorn_config(create_admin_app(self.state), config, public=False))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
 
