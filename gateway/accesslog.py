@@ -8,6 +8,7 @@ string are not logged.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -18,7 +19,11 @@ from gateway.asgi import Scope
 
 class AccessLog:
     def __init__(self, stream: IO[str] | None = None) -> None:
-        self._stream = stream or sys.stdout
+        if stream is None:
+            stream = sys.stdout
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=True)  # each line reaches `docker logs` at once
+        self._stream = stream
 
     def write(
         self,

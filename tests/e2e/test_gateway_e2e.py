@@ -18,13 +18,14 @@ import pytest
 
 from gateway.admission.identity import hash_key
 from tests.support.mock_upstream import download_blocks, download_sha256
+from tests.support.secrets import secret
 from tests.support.processes import ROOT, Proc, gateway, mock_upstream, write_config
 from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "e2e-secret-key-123"
-OTHER = "e2e-other-key-456"
+SECRET = secret("e2e")
+OTHER = secret("e2e-other")
 
 
 def base_config(upstream: str, **extra: Any) -> dict[str, Any]:

@@ -18,11 +18,12 @@ import redis
 
 from gateway.admission.identity import hash_key
 from tests.support.invariants import assert_no_leaks
+from tests.support.secrets import secret
 from tests.support.processes import Proc, gateway, mock_upstream, write_config
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "lifecycle-secret"
+SECRET = secret("lifecycle")
 PREFIX = "gwlife"
 
 

@@ -16,11 +16,13 @@ import redis
 
 from gateway.admission.identity import hash_key
 from tests.support.invariants import assert_no_leaks, max_in_window
+from tests.support.secrets import secret
 from tests.support.processes import gateway, mock_upstream, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
 PREFIX = "gwload"
+HOT, COLD = secret("hot"), secret("cold")
 
 
 def _config(upstream: str, redis_url: str, limits: dict[str, Any], route_limits: list[str]) -> dict[str, Any]:
@@ -28,8 +30,8 @@ def _config(upstream: str, redis_url: str, limits: dict[str, Any], route_limits:
         "upstream": {"url": upstream, "timeout": "10s"},
         "store": {"url": redis_url, "prefix": PREFIX, "timeout": "500ms", "lease": "5s", "on_error": "deny"},
         "keys": [
-            {"id": "hot", "sha256": hash_key("hot-secret"), "plan": "p"},
-            {"id": "cold", "sha256": hash_key("cold-secret"), "plan": "p"},
+            {"id": "hot", "sha256": hash_key(HOT), "plan": "p"},
+            {"id": "cold", "sha256": hash_key(COLD), "plan": "p"},
         ],
         "plans": {"p": {"limits": limits}},
         "routes": [{"path": "/**", "limits": route_limits}],
@@ -65,7 +67,7 @@ def test_concurrency_slots_hold_across_two_gateways(tmp_path: Path, redis_url: s
             upstream, redis_url, {"requests": {"concurrency": limit}, "rpm": {"rate": "100000/1m"}}, ["requests", "rpm"]
         ))
         with gateway(config) as a, gateway(config) as b:
-            results = asyncio.run(_hammer([a.url, b.url], "hot-secret", "/hold?ms=150", clients=200, per_client=3))
+            results = asyncio.run(_hammer([a.url, b.url], HOT, "/hold?ms=150", clients=200, per_client=3))
             stats = _stats(upstream)
             metrics = httpx.get(a.admin_url + "/metrics").text + httpx.get(b.admin_url + "/metrics").text
 
@@ -99,7 +101,7 @@ def test_sliding_window_holds_across_two_gateways(tmp_path: Path, redis_url: str
             started = time.monotonic()
             results: list[tuple[int, dict[str, Any], dict[str, str]]] = []
             while time.monotonic() - started < 5.0:  # bursts of 100 concurrent requests for ~5 s
-                results += asyncio.run(_hammer([a.url, b.url], "hot-secret", "/", clients=100, per_client=1))
+                results += asyncio.run(_hammer([a.url, b.url], HOT, "/", clients=100, per_client=1))
             stats = _stats(upstream)
 
     statuses = Counter(status for status, _, _ in results)
@@ -129,15 +131,15 @@ def test_rejections_consume_nothing(tmp_path: Path, redis_url: str, redis_sync: 
             upstream, redis_url, {"burst": {"rate": "3/1s"}, "requests": {"concurrency": 2}}, ["burst", "requests"]
         ))
         with gateway(config) as a:
-            first = asyncio.run(_hammer([a.url], "hot-secret", "/", clients=1, per_client=3))
+            first = asyncio.run(_hammer([a.url], HOT, "/", clients=1, per_client=3))
             assert [s for s, _, _ in first] == [200, 200, 200]
-            refused = asyncio.run(_hammer([a.url], "hot-secret", "/", clients=20, per_client=5))
+            refused = asyncio.run(_hammer([a.url], HOT, "/", clients=20, per_client=5))
             assert {s for s, _, _ in refused} == {429}
             time.sleep(1.05)
-            again = asyncio.run(_hammer([a.url], "hot-secret", "/", clients=1, per_client=3))
+            again = asyncio.run(_hammer([a.url], HOT, "/", clients=1, per_client=3))
             assert [s for s, _, _ in again] == [200, 200, 200]
             # the other key was never affected
-            other = asyncio.run(_hammer([a.url], "cold-secret", "/", clients=1, per_client=3))
+            other = asyncio.run(_hammer([a.url], COLD, "/", clients=1, per_client=3))
             assert [s for s, _, _ in other] == [200, 200, 200]
             stats = _stats(upstream)
     assert stats["hot"]["total"] == 6

@@ -19,6 +19,8 @@ import yaml
 from tests.support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Every gateway log written in this test session, for the final secret-leak sweep.
+GATEWAY_LOGS: list[Path] = []
 
 
 @dataclass
@@ -82,6 +84,7 @@ def gateway(
 ) -> Iterator[Proc]:
     port, admin_port = free_port(), free_port()
     log_path = config_path.with_suffix(f".{port}.log")
+    GATEWAY_LOGS.append(log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "-c", str(config_path),
