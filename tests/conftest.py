@@ -24,13 +24,26 @@ def _require_redis() -> None:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """URL of a real, flushed Redis database (the shared local server, db 15)."""
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a real, flushed Redis database (the shared local server, db 15).
+
+    After the test, whatever it did, every key left must have a TTL and every concurrency
+    slot set (`:c:` in its name) must be empty, unless the test is marked `leaves_slots`
+    (a crashed holder's leases legitimately wait for their expiry)."""
     _require_redis()
     client = redis.Redis.from_url(SHARED_URL)
     client.flushdb()
     try:
         yield SHARED_URL
+        problems = []
+        for name in client.scan_iter(count=1000):
+            ttl = client.pttl(name)
+            if ttl == -1:
+                problems.append(f"{name!r} has no TTL")
+            if b":c:" in name and client.type(name) == b"zset" and client.zcard(name) > 0:
+                if request.node.get_closest_marker("leaves_slots") is None:
+                    problems.append(f"slot set {name!r} still holds {client.zrange(name, 0, -1)!r}")
+        assert not problems, "after the test: " + "; ".join(problems)
     finally:
         client.flushdb()
         client.close()

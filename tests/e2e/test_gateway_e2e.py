@@ -28,9 +28,10 @@ SECRET = secret("e2e")
 OTHER = secret("e2e-other")
 
 
-def base_config(upstream: str, **extra: Any) -> dict[str, Any]:
+def base_config(upstream: str, client: str = "aiohttp", **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "upstream": {"url": upstream, "timeout": "1s", "set_headers": {"X-Upstream-Token": "up-token"}},
+        "upstream": {"url": upstream, "client": client, "timeout": "1s",
+                     "set_headers": {"X-Upstream-Token": "up-token"}},
         "max_request_body": "1MB",
         "keys": [
             {"id": "k1", "sha256": hash_key(SECRET), "plan": "small"},
@@ -55,10 +56,16 @@ def upstream() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Both upstream clients pass the same end-to-end tests."""
+    return str(request.param)
+
+
 @pytest.fixture
-def gw(tmp_path: Path, upstream: str) -> Iterator[Proc]:
+def gw(tmp_path: Path, upstream: str, client: str) -> Iterator[Proc]:
     httpx.post(upstream + "/_reset")
-    with gateway(write_config(tmp_path / "gw.yaml", base_config(upstream))) as proc:
+    with gateway(write_config(tmp_path / "gw.yaml", base_config(upstream, client))) as proc:
         yield proc
 
 
@@ -151,8 +158,8 @@ def test_body_too_large_before_admission(gw: Proc, upstream: str) -> None:
     assert keys.get("k1", {}).get("completed", 0) == 0  # the upstream never completed either
 
 
-def test_upstream_timeout_and_unavailable(tmp_path: Path, upstream: str) -> None:
-    with gateway(write_config(tmp_path / "gw.yaml", base_config(upstream))) as gw:
+def test_upstream_timeout_and_unavailable(tmp_path: Path, upstream: str, client: str) -> None:
+    with gateway(write_config(tmp_path / "gw.yaml", base_config(upstream, client))) as gw:
         slow = httpx.get(gw.url + "/delay_headers?ms=3000", headers={"X-API-Key": OTHER}, timeout=10)
         assert_error(slow, 504, "upstream_timeout", retry_after=False)
         assert slow.headers["concurrency-limit"] == "2"  # limit headers on the gateway's own errors too
@@ -161,7 +168,7 @@ def test_upstream_timeout_and_unavailable(tmp_path: Path, upstream: str) -> None
         # slots were freed: both slots are usable again at once
         assert httpx.get(gw.url + "/", headers={"X-API-Key": OTHER}).headers["concurrency-remaining"] == "1"
     dead = f"http://127.0.0.1:{free_port()}"
-    with gateway(write_config(tmp_path / "dead.yaml", base_config(dead))) as gw:
+    with gateway(write_config(tmp_path / "dead.yaml", base_config(dead, client))) as gw:
         assert_error(httpx.get(gw.url + "/", headers={"X-API-Key": OTHER}), 502, "upstream_unavailable", False)
 
 
@@ -206,9 +213,9 @@ def test_streaming_both_ways_with_bounded_memory(gw: Proc) -> None:
     assert peak < 120, f"gateway peak RSS {peak:.0f} MB while streaming {size >> 20} MB"
 
 
-def test_large_upload_streams(tmp_path: Path, upstream: str) -> None:
+def test_large_upload_streams(tmp_path: Path, upstream: str, client: str) -> None:
     size = 64 * 1024 * 1024
-    config = base_config(upstream, max_request_body="1GB")
+    config = base_config(upstream, client, max_request_body="1GB")
     with gateway(write_config(tmp_path / "gw.yaml", config)) as gw:
         response = httpx.post(gw.url + "/upload", headers={"X-API-Key": OTHER},
                               content=download_blocks(size), timeout=60)

@@ -60,7 +60,7 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 20) -> None:
+def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -82,16 +82,23 @@ def gateway(
     env: Mapping[str, str] | None = None,
     ready_path: str = "/healthz",
 ) -> Iterator[Proc]:
-    port, admin_port = free_port(), free_port()
-    log_path = config_path.with_suffix(f".{port}.log")
-    GATEWAY_LOGS.append(log_path)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-c", str(config_path),
-             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-             "--workers", str(workers)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
-        )
+    for attempt in range(3):  # a free port can be taken by someone else before we bind it
+        port, admin_port = free_port(), free_port()
+        log_path = config_path.with_suffix(f".{port}.log")
+        GATEWAY_LOGS.append(log_path)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "-c", str(config_path),
+                 "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+                 "--workers", str(workers)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            )
+        try:
+            process.wait(0.3)
+        except subprocess.TimeoutExpired:
+            break  # still running: it bound its ports
+        if "cannot listen" not in log_path.read_text() or attempt == 2:
+            break
     proc = Proc(process, port, admin_port, log_path)
     try:
         _wait_http(proc.admin_url + ready_path, process, log_path)

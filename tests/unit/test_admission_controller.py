@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from gateway.admission.breaker import CircuitBreaker
+from gateway.admission.buckets import AdmissionPlan, BucketInfo
+from gateway.admission.controller import Admission, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
+from gateway.store.memory import MemoryStore
+
+PLAN = AdmissionPlan(
+    "p",
+    rates=(RateBucket("gw:{k:1}:r:rpm", 2, 60_000),),
+    rate_info=(BucketInfo("rpm", 2, 60.0),),
+    slots=(SlotBucket("gw:{k:1}:c:requests", 1),),
+    slot_info=(BucketInfo("requests", 1, 0.0),),
+    wait=0.0,
+)
+
+
+class BrokenStore:
+    """A store that is down: every call fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.released: list[str] = []
+
+    async def start(self) -> None:
+        raise StoreError("down")
+
+    async def aclose(self) -> None:
+        pass
+
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str) -> AdmitResult:
+        self.calls += 1
+        raise StoreError("down")
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+        self.released.append(lease_id)
+
+    async def check_ready(self) -> None:
+        raise StoreError("down")
+
+
+def fallbacks(metrics: Metrics, mode: str) -> float:
+    return metrics.fallback_decisions.labels(mode)._value.get()
+
+
+def test_deny_refuses_with_retry_after_and_counts() -> None:
+    metrics = Metrics()
+    admission = Admission(BrokenStore(), on_error="deny", metrics=metrics)
+    with pytest.raises(StoreUnavailable) as refused:
+        asyncio.run(admission.admit(PLAN))
+    assert refused.value.retry_after >= 1
+    assert fallbacks(metrics, "deny") == 1
+
+
+def test_allow_admits_blind() -> None:
+    metrics = Metrics()
+    admission = Admission(BrokenStore(), on_error="allow", metrics=metrics)
+    ticket = asyncio.run(admission.admit(PLAN))
+    assert ticket.admitted and ticket.result is None and ticket.store is None
+    assert fallbacks(metrics, "allow") == 1
+
+
+def test_local_enforces_the_same_buckets_in_process() -> None:
+    metrics = Metrics()
+    store = BrokenStore()
+    local = MemoryStore(30.0)
+    admission = Admission(store, on_error="local", metrics=metrics, local=local)
+
+    async def scenario() -> list[bool]:
+        first = await admission.admit(PLAN)
+        second = await admission.admit(PLAN)  # the only slot is held
+        admission.release(PLAN, first)
+        third = await admission.admit(PLAN)
+        fourth = await admission.admit(PLAN)  # rate: 2 per minute already used
+        assert third.store is local and store.released == []  # released where it was taken
+        return [first.admitted, second.admitted, third.admitted, fourth.admitted]
+
+    assert asyncio.run(scenario()) == [True, False, True, False]
+    assert fallbacks(metrics, "local") == 4
+
+
+def test_breaker_stops_calling_a_dead_store() -> None:
+    clock = [0.0]
+    store = BrokenStore()
+    breaker = CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0])
+    admission = Admission(store, on_error="allow", metrics=Metrics(), breaker=breaker)
+
+    async def many(n: int) -> None:
+        for _ in range(n):
+            await admission.admit(PLAN)
+
+    asyncio.run(many(10))
+    assert store.calls == 3  # then the breaker opened: no more timeouts paid
+    clock[0] = 1.5
+    asyncio.run(many(5))
+    assert store.calls == 4  # one probe after the cooldown
+
+
+def test_release_goes_once_to_the_store_that_admitted() -> None:
+    local = MemoryStore(30.0)
+    admission = Admission(local, on_error="deny", metrics=Metrics())
+
+    async def scenario() -> tuple[bool, bool]:
+        ticket = await admission.admit(PLAN)
+        admission.release(PLAN, ticket)
+        admission.release(PLAN, ticket)  # a second release is a no-op
+        again = await admission.admit(PLAN)
+        other = await admission.admit(PLAN)
+        return again.admitted, other.admitted
+
+    assert asyncio.run(scenario()) == (True, False)
