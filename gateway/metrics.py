@@ -67,6 +67,8 @@ class Metrics:
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ["result"], registry=r,
         )
+        for result in ("success", "error"):  # both series exist from the start, so increase() sees the first
+            self.config_reloads.labels(result)
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
