@@ -2,8 +2,9 @@
 
 Fields: time, key (public id), plan, route (the pattern, not the path), method, path (without
 the query string, which may carry the API key), status, outcome, admission and upstream
-milliseconds, client (the socket peer). Never a secret: the key itself, headers and the query
-string are not logged.
+milliseconds, client (the client IP: the socket peer, or the address resolved through
+`identity.trusted_proxies` when the app passes it). Never a secret: the key itself, headers
+and the query string are not logged.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ class AccessLog:
         route: str,
         admission_s: float | None,
         upstream_s: float | None,
+        client: str | None = None,
     ) -> None:
-        client = scope.get("client")
+        if client is None:
+            peer = scope.get("client")
+            client = peer[0] if peer else None
         line = json.dumps(
             {
                 "time": round(time.time(), 3),
@@ -49,7 +53,7 @@ class AccessLog:
                 "outcome": outcome,
                 "admission_ms": None if admission_s is None else round(admission_s * 1000, 3),
                 "upstream_ms": None if upstream_s is None else round(upstream_s * 1000, 3),
-                "client": client[0] if client else None,
+                "client": client,
             },
             separators=(",", ":"),
         )

@@ -1,7 +1,10 @@
 """The public proxy as one plain ASGI callable: the hot path.
 
-Per request, in order: shutdown check → API key (401) → route (404) → body cap by
-Content-Length (413) → one admission call (429 / 503) → stream the exchange → release.
+Per request, in order: shutdown check → IP ban (403, from the local ban cache: no store call)
+→ API key (401) → route (404) → body cap by Content-Length (413) → the body, or its first
+64 KiB, within client_timeout (408 / 413) → one admission call (429 / 503) → stream the
+exchange → release. 401s and 429s count as ban strikes, sent off the critical path
+(gateway/ban_guard.py).
 Everything else (parsing, route compilation, bucket names, header blocks) was done at config
 load. The slot is released exactly once, synchronously, in a `finally`, however the
 exchange ends: completion, client disconnect, upstream failure or cancellation. Whatever
@@ -14,20 +17,24 @@ import time
 from dataclasses import dataclass
 
 from gateway.accesslog import AccessLog
+from gateway.admission import waiting
 from gateway.admission.controller import StoreUnavailable
 from gateway.admission.headers import limit_headers, refusal_message, retry_after_seconds
-from gateway.admission.identity import is_trusted, parse_ip
+from gateway.admission.identity import IPAddress, client_ip, is_trusted, parse_ip
 from gateway.asgi import Receive, Scope, Send
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
+from gateway.proxy.request_body import BodyRefused, receive_body_start
 from gateway.responses import send_error
 from gateway.state import GatewayState
 
 Headers = list[tuple[bytes, bytes]]
 _CLOSE = [(b"connection", b"close")]
 # What a forwarder outcome means as a status (for the access log) and a metric code.
-_OUTCOME_STATUS = {"timeout": 504, "error": 502, "disconnected": 499, "body_too_large": 413}
+_OUTCOME_STATUS = {
+    "timeout": 504, "error": 502, "disconnected": 499, "body_too_large": 413, "client_timeout": 408,
+}
 
 
 @dataclass(slots=True)
@@ -42,6 +49,7 @@ class _Done:
     admission_s: float | None = None
     upstream_s: float | None = None
     upstream: Outcome | None = None
+    client: IPAddress | None = None  # resolved client IP, when bans or trusted_proxies need it
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -88,12 +96,13 @@ class GatewayApp:
         if done.upstream is not None:
             up = done.upstream
             code = f"{up // 100}xx" if isinstance(up, int) else up
-            if code not in ("disconnected", "body_too_large"):
+            if code not in ("disconnected", "body_too_large", "client_timeout"):
                 metrics.upstream_responses.labels(done.route, code).inc()
             metrics.request_duration.labels(done.route).observe(elapsed)
         if self.access_log is not None:
             self.access_log.write(scope, done.status, done.outcome, done.key_id, done.plan, done.route,
-                                  done.admission_s, done.upstream_s)
+                                  done.admission_s, done.upstream_s,
+                                  client=None if done.client is None else str(done.client))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, done: _Done) -> None:
         """Answer one request, recording in `done` how it ended."""
@@ -107,16 +116,33 @@ class GatewayApp:
             return
 
         headers: Headers = scope["headers"]
+        bans = config.bans
+        client = None
+        if bans is not None or config.identity.trusted_proxies:
+            peer_addr = scope.get("client")
+            client = done.client = client_ip(peer_addr[0] if peer_addr else None, headers,
+                                             config.identity.trusted_proxies)
+            banned_for = state.bans.retry_after(client, bans)
+            if banned_for is not None:
+                await send_error(send, 403, "ip_banned", f"This IP address is banned for {banned_for} more "
+                                 "seconds after too many refused requests.", retry_after=banned_for)
+                done.status, done.outcome = 403, "ip_banned"
+                return
+
         secret = routing.extractor.extract(headers, scope["query_string"])
         if secret is None:
+            state.bans.strike(client, bans)
             await send_error(send, 401, "missing_api_key", routing.missing_key_message)
             done.status, done.outcome = 401, "unauthorized"
             return
         key = routing.keys.lookup(secret)
         if key is None:
+            state.bans.strike(client, bans)
             await send_error(send, 401, "invalid_api_key", "The API key is not valid.")
             done.status, done.outcome = 401, "unauthorized"
             return
+        if client is not None:
+            state.recent_clients.note(key.id, client)
 
         method: str = scope["method"]
         match = routing.routes.match(scope["path"], method)
@@ -143,9 +169,17 @@ class GatewayApp:
             done.status, done.outcome = 400, "bad_request"
             return
 
+        # The body (or its first 64 KiB) first: a slow client costs no store call and no slot.
+        body_start = await receive_body_start(headers, receive, send, max_body=config.max_request_body,
+                                              timeout=config.client_timeout)
+        if isinstance(body_start, BodyRefused):
+            done.status, done.outcome = body_start.status, body_start.outcome
+            return
+
         started = time.perf_counter()
         try:
-            ticket = await state.admission.admit(compiled.plan)
+            # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
+            ticket, receive = await waiting.admit(state.admission, compiled.plan, receive)
         except StoreUnavailable as exc:
             await send_error(send, 503, "store_unavailable", "Admission is unavailable right now; retry.",
                              retry_after=exc.retry_after)
@@ -159,6 +193,7 @@ class GatewayApp:
 
         if result is not None and not result.admitted:
             done.status = 429
+            state.bans.strike(client, bans)
             if result.reason == "rate":
                 done.outcome = "rate_limited"
                 await send_error(send, 429, "rate_limited", refusal_message(compiled.plan, result),
@@ -192,6 +227,11 @@ class GatewayApp:
                 extra_response_headers=extra,
                 max_body=config.max_request_body,
                 timeout=config.upstream.timeout,
+                body_start=body_start,
+                client_timeout=config.client_timeout,
+                observer=state.jobs.observer(
+                    routing.jobs, key.id, route, method, scope["path"], compiled.plan, ticket),
+                on_complete=lambda: state.admission.release(compiled.plan, ticket),
             )
         except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
             done.status, done.upstream = exc.status, "aborted"

@@ -117,7 +117,8 @@ class Demo:
             say(f"   #{i} → {status} {error or 'ok':<20} {headers}")
         say("   (the 429s carry no Retry-After: nobody can know when a slot frees)")
 
-        say("\n3. A client hammering with a wrong key: 401s count as strikes; 6 within a minute ban the IP:")
+        say("\n3. A client hammering with a wrong key. Every 401 and 429 is a strike against the client IP")
+        say("   (the four 429s above count too); 6 within a minute ban the IP, whatever key it sends:")
         for i in range(1, 9):
             status, error, headers = await self.get(session, "not-a-key")
             say(f"   #{i} → {status} {error:<20} {headers}")

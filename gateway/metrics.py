@@ -16,7 +16,8 @@ NO_PLAN = "-"
 NO_ROUTE = "-"
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-_ADMISSION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# From a fraction of a millisecond (one store round trip) up to several seconds (a `wait:` for a slot).
+_ADMISSION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 def multiprocess_dir() -> str | None:
@@ -36,11 +37,11 @@ class Metrics:
             ["route", "code"], registry=r,
         )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Whole request time, admission to last byte.",
+            "gateway_request_duration_seconds", "Whole request time, from arrival to the last byte sent, for admitted requests.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.admission_duration = Histogram(
-            "gateway_admission_duration_seconds", "Time spent deciding admission (store call included).",
+            "gateway_admission_duration_seconds", "Time spent deciding admission: the store call, plus any wait for a slot (wait:).",
             buckets=_ADMISSION_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(

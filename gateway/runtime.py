@@ -13,6 +13,7 @@ from gateway.admission.headers import policy_header
 from gateway.admission.identity import KeyExtractor, KeyTable
 from gateway.admission.routes import RouteTable
 from gateway.config.model import Config, Key, Route
+from gateway.jobs.table import JobTable
 from gateway.proxy.headers import HeaderPolicy
 
 
@@ -32,6 +33,7 @@ class Routing:
     header_policy: HeaderPolicy
     families: frozenset[str]
     missing_key_message: str
+    jobs: JobTable  # which requests start or report async jobs
     _plans: dict[tuple[str, int], CompiledPlan] = field(default_factory=dict)
 
     @classmethod
@@ -44,6 +46,7 @@ class Routing:
             header_policy=HeaderPolicy.from_config(config.upstream, config.identity),
             families=config.headers,
             missing_key_message=_missing_key_message(config),
+            jobs=JobTable(config.routes),
         )
 
     def plan_for(self, key: Key, route_index: int, route: Route) -> CompiledPlan:

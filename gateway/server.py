@@ -18,11 +18,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import uvicorn
@@ -32,6 +33,7 @@ from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
+from gateway.header_deadline import header_deadline_protocol
 from gateway.logs import configure_logging
 from gateway.reload import reload_config, watch_file
 from gateway.state import GatewayState
@@ -78,12 +80,18 @@ class SignalFreeServer(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: object, config: Config, *, public: bool) -> uvicorn.Config:
+def uvicorn_config(
+    app: object, config: Config, *, public: bool, client_timeout: Callable[[], float] | None = None
+) -> uvicorn.Config:
+    """`client_timeout` (seconds, read per request head) turns on the header receipt deadline."""
+    http: str | type[asyncio.Protocol] = "httptools"
+    if client_timeout is not None:
+        http = header_deadline_protocol(client_timeout)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         lifespan="off",
         loop="uvloop",
-        http="httptools",
+        http=http,
         proxy_headers=False,  # client IPs come from identity.trusted_proxies only
         server_header=False,
         date_header=False,
@@ -98,8 +106,14 @@ class Worker:
     def __init__(self, config: Config, options: ServeOptions) -> None:
         self.options = options
         self.state = GatewayState.create(config)
-        self.public = SignalFreeServer(uvicorn_config(GatewayApp(self.state, AccessLog()), config, public=True))
-        self.admin = SignalFreeServer(uvicorn_config(create_admin_app(self.state), config, public=False))
+
+        def client_timeout() -> float:
+            return self.state.routing.config.client_timeout
+
+        self.public = SignalFreeServer(uvicorn_config(
+            GatewayApp(self.state, AccessLog()), config, public=True, client_timeout=client_timeout))
+        self.admin = SignalFreeServer(uvicorn_config(
+            create_admin_app(self.state), config, public=False, client_timeout=client_timeout))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
 
@@ -193,16 +207,25 @@ def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: so
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward_signal)
-    while True:
-        for i, process in enumerate(workers):
-            process.join(timeout=0.2)
-            if process.exitcode is not None and not stopping:
-                log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
-                workers[i] = start()
-        if stopping and all(p.exitcode is not None for p in workers):
-            break
-    codes = [p.exitcode for p in workers]
-    return 0 if all(code == 0 for code in codes) else 1
+    from prometheus_client.multiprocess import mark_process_dead
+
+    try:
+        while True:
+            for i, process in enumerate(workers):
+                process.join(timeout=0.2)
+                if process.exitcode is not None and not stopping:
+                    log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                    # its live gauges (in-flight, banned IPs) must not linger in the sum
+                    mark_process_dead(process.pid, metrics_dir)
+                    workers[i] = start()
+            if stopping and all(p.exitcode is not None for p in workers):
+                break
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    # a worker still starting when the stop signal came dies of it before installing its
+    # handlers: that is a clean stop too
+    clean = (0, -signal.SIGTERM, -signal.SIGINT)
+    return 0 if all(p.exitcode in clean for p in workers) else 1
 
 
 def main_serve(options: ServeOptions) -> int:

@@ -40,6 +40,12 @@ class CircuitBreaker:
         self._failures = 0
         self._probing = False
 
+    def abandon(self) -> None:
+        """A call that never finished (its caller was cancelled): it proves nothing either
+        way, but it must give back the probe it may have held, or the breaker would stay
+        half-open with no probe allowed, for ever."""
+        self._probing = False
+
     def failure(self) -> None:
         self._failures += 1
         self._probing = False

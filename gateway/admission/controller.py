@@ -6,25 +6,41 @@ answer (error, timeout, or the breaker is open after repeated failures), `store.
 decides, and every such decision is counted:
 
 - `local`: this replica enforces the same buckets in-process until the store answers again
-  (limits become per replica; slots taken locally are released locally);
+  (limits become per replica, each divided by `store.local_divisor`; slots taken locally are
+  released locally);
 - `allow`: admit without limits (no limit headers: nothing is known);
 - `deny`: refuse with 503 `store_unavailable`.
 
 The returned `Ticket` remembers which store holds the lease, so the release always goes
 where the slot was taken.
+
+A plan with a `wait` admits through the waiter queues (one store call all the same): refused
+for concurrency alone, the ticket comes back `waiting_in` the store's queues, and
+gateway/admission/waiting.py re-checks it with `recheck` until it is admitted, refused by a
+rate limit, or gives up (`leave_queue`). Releases of such a plan wake the waiters.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar, cast
 
 from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan
 from gateway.config.model import OnError
 from gateway.metrics import Metrics
-from gateway.store.base import AdmissionStore, AdmitResult, StoreError
+from gateway.store.base import (
+    AdmissionStore,
+    AdmitResult,
+    QueueSpot,
+    RateBucket,
+    SlotBucket,
+    StoreError,
+    WaitingStore,
+)
 
 
 class StoreUnavailable(Exception):
@@ -42,6 +58,7 @@ class Ticket:
     lease_id: str
     result: AdmitResult | None  # None when admitted blind (`on_error: allow`)
     store: AdmissionStore | None  # who holds the slots; None when nothing was taken
+    waiting_in: AdmissionStore | None = None  # whose waiter queues hold it (plans with `wait`)
 
     @property
     def admitted(self) -> bool:
@@ -57,6 +74,17 @@ def new_lease_id() -> str:
     return f"{_LEASE_PREFIX}{next(_lease_counter):x}"
 
 
+def recheck_interval(wait: float) -> float:
+    """How often a waiter re-checks without a wake-up (lost message, expired lease)."""
+    return min(0.5, max(0.05, wait / 4))
+
+
+def waiter_ttl_ms(wait: float) -> int:
+    """A waiter's queue entry outlives its last check by this much: a dead replica's waiters
+    stop counting soon, a live one refreshes its entry at every check."""
+    return round(max(1.0, 4 * recheck_interval(wait)) * 1000)
+
+
 class Admission:
     def __init__(
         self,
@@ -66,12 +94,18 @@ class Admission:
         metrics: Metrics,
         local: AdmissionStore | None = None,
         breaker: CircuitBreaker | None = None,
+        local_divisor: int = 1,
     ) -> None:
         self.store = store
         self._on_error = on_error
         self._metrics = metrics
         self._local = local
+        self._local_divisor = max(1, local_divisor)
         self.breaker = breaker or CircuitBreaker()
+
+    @property
+    def on_error(self) -> OnError:
+        return self._on_error
 
     @property
     def degraded(self) -> bool:
@@ -83,20 +117,69 @@ class Admission:
             return Ticket(lease_id, None, None)
         if self.breaker.allow():
             try:
+                if plan.wait:
+                    return await self._admit_waiting(self.store, plan, lease_id)
                 result = await self.store.admit(plan.rates, plan.slots, lease_id)
             except StoreError:
                 self.breaker.failure()
+            except BaseException:  # cancelled (client gone): says nothing about the store
+                self.breaker.abandon()
+                raise
             else:
                 self.breaker.success()
                 return Ticket(lease_id, result, self.store if result.admitted and plan.slots else None)
         return await self._fallback(plan, lease_id)
+
+    async def _admit_waiting(
+        self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, arrival: str = ""
+    ) -> Ticket:
+        rates, slots = self._buckets(store, plan)
+        spot = QueueSpot(lease_id, waiter_ttl_ms(plan.wait), arrival)
+        result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
+        if store is self.store:
+            self.breaker.success()
+        return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
+                      store if result.queued else None)
+
+    def _buckets(
+        self, store: AdmissionStore, plan: AdmissionPlan
+    ) -> tuple[Sequence[RateBucket], Sequence[SlotBucket]]:
+        divisor = self._local_divisor
+        if store is self.store or divisor == 1:
+            return plan.rates, plan.slots
+        return _divided(plan.rates, divisor), _divided(plan.slots, divisor)
+
+    async def recheck(self, plan: AdmissionPlan, ticket: Ticket) -> Ticket:
+        """Try a waiting ticket again, keeping its place; the new ticket may wait on."""
+        store = ticket.waiting_in
+        if store is None or ticket.result is None:
+            return ticket
+        try:
+            return await self._admit_waiting(store, plan, ticket.lease_id, ticket.result.arrival)
+        except StoreError:
+            if store is self.store:
+                self.breaker.failure()
+            self.leave_queue(plan, ticket)
+            return await self._fallback(plan, ticket.lease_id)
+
+    def leave_queue(self, plan: AdmissionPlan, ticket: Ticket) -> None:
+        """Stop waiting (synchronous, idempotent)."""
+        if ticket.waiting_in is not None:
+            store, ticket.waiting_in = ticket.waiting_in, None
+            cast(WaitingStore, store).leave_queue(plan.slots, ticket.lease_id)
 
     async def _fallback(self, plan: AdmissionPlan, lease_id: str) -> Ticket:
         self._metrics.fallback_decisions.labels(self._on_error).inc()
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
-            result = await self._local.admit(plan.rates, plan.slots, lease_id)
+            if plan.wait:
+                return await self._admit_waiting(self._local, plan, lease_id)
+            divisor = self._local_divisor
+            rates, slots = (plan.rates, plan.slots) if divisor == 1 else (
+                _divided(plan.rates, divisor), _divided(plan.slots, divisor))
+            result = await self._local.admit(rates, slots, lease_id)
+            # Released under the plan's bucket keys: a divided bucket keeps its key.
             return Ticket(lease_id, result, self._local if result.admitted and plan.slots else None)
         return Ticket(lease_id, None, None)
 
@@ -104,4 +187,15 @@ class Admission:
         """Free the ticket's slots (synchronous, idempotent: safe in any `finally`)."""
         if ticket.store is not None:
             store, ticket.store = ticket.store, None
-            store.release(plan.slots, ticket.lease_id)
+            if plan.wait:  # someone may be waiting for this slot
+                cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
+            else:
+                store.release(plan.slots, ticket.lease_id)
+
+
+_Bucket = TypeVar("_Bucket", RateBucket, SlotBucket)
+
+
+def _divided(buckets: Sequence[_Bucket], divisor: int) -> tuple[_Bucket, ...]:
+    """Each bucket's share of its limit on this replica (never below 1: a key stays usable)."""
+    return tuple(replace(bucket, limit=max(1, bucket.limit // divisor)) for bucket in buckets)

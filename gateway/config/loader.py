@@ -67,6 +67,7 @@ _TOP_KEYS = (
     "plans",
     "routes",
     "max_request_body",
+    "client_timeout",
     "bans",
     "headers",
 )
@@ -231,6 +232,9 @@ def _config(r: NodeReader, root: Node) -> Config:
             "max_request_body",
             lambda n: r.unit(n, "max_request_body", parse_size),
             defaults.max_request_body,
+        ),
+        client_timeout=field(
+            top, "client_timeout", lambda n: r.duration(n, "client_timeout"), defaults.client_timeout
         ),
         bans=field(top, "bans", lambda n: read_bans(r, n), None),
         headers=field(top, "headers", lambda n: read_headers(r, n), defaults.headers),

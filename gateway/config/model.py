@@ -94,6 +94,9 @@ class Store:
     timeout: float = 0.1
     on_error: OnError = "local"
     lease: float = 30.0
+    # `on_error: local` divides every limit by this while the store is down (1: each replica
+    # enforces the full limit, so N replicas admit up to N x the limit; see docs/failure-modes.md).
+    local_divisor: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,9 @@ class Config:
     store: Store = field(default_factory=Store)
     identity: Identity = field(default_factory=Identity)
     max_request_body: int = 10 * 1024 * 1024
+    # Longest a client may take to send its request headers, and its longest silence while
+    # sending the body (slowloris / slow body): past it, 408 and the connection is closed.
+    client_timeout: float = 30.0
     bans: Bans | None = None
     headers: frozenset[str] = frozenset(HEADER_FAMILIES)
     source: str = "<memory>"  # the file it was loaded from, for messages

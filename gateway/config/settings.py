@@ -20,7 +20,9 @@ from gateway.config.units import quote
 Client = Literal["aiohttp", "httpx"]
 CLIENTS: tuple[Client, ...] = ("aiohttp", "httpx")
 ON_ERROR: tuple[OnError, ...] = ("local", "allow", "deny")
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+STORE_SCHEMES = (
+    "memory", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster",
+)
 _CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
@@ -123,7 +125,7 @@ def _set_headers(r: NodeReader, node: Node) -> tuple[tuple[str, str], ...] | Non
 
 
 def read_store(r: NodeReader, node: Node) -> Store | None:
-    m = r.mapping(node, "store", ("url", "prefix", "timeout", "on_error", "lease"))
+    m = r.mapping(node, "store", ("url", "prefix", "timeout", "on_error", "lease", "local_divisor"))
     if m is None:
         return None
     d = Store()
@@ -133,6 +135,9 @@ def read_store(r: NodeReader, node: Node) -> Store | None:
         timeout=field(m, "timeout", lambda n: r.duration(n, "store.timeout"), d.timeout),
         on_error=field(m, "on_error", lambda n: r.choice(n, "store.on_error", ON_ERROR), d.on_error),
         lease=field(m, "lease", lambda n: r.duration(n, "store.lease"), d.lease),
+        local_divisor=field(
+            m, "local_divisor", lambda n: r.integer(n, "store.local_divisor"), d.local_divisor
+        ),
     )
 
 

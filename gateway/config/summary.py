@@ -43,7 +43,7 @@ def _limit(limit: Limit) -> str:
     else:
         text = f"{limit.name} {format_rate(limit.limit, limit.window)}"
         if not limit.exact:
-            text += " (approximate)"
+            text += " (exact: false is not implemented yet: counted exactly)"
     if limit.scope == "workspace":
         text += " per workspace"
     return text

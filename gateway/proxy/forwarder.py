@@ -8,10 +8,12 @@ end, with the same bookkeeping it uses for real deadlines (a cancellation of the
 still propagates). The client library sees a plain cancellation and closes the upstream
 connection, so the upstream sees the close at once and no pooled connection is left half-read.
 
-Request body: the first `http.request` message is read before the upstream is contacted. When it
-holds the whole body (every body-less request, and most small ones) the body goes upstream as
+Request body: what arrived before admission (`body_start`, see gateway/proxy/request_body.py),
+or else the first `http.request` message, is in hand before the upstream is contacted. When it
+is the whole body (every body-less request, and most small ones) the body goes upstream as
 bytes with its length; otherwise it streams from `receive()` as it arrives, counted against the
-cap. Once the body is complete, one watcher task waits on `receive()` for `http.disconnect`
+cap, and a client silent for `client_timeout` is cut (408 if the response has not started).
+Once the body is complete, one watcher task waits on `receive()` for `http.disconnect`
 (uvicorn's `send()` silently does nothing after a disconnect, so only `receive()` can tell).
 """
 
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Literal, NoReturn
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Literal, NoReturn, Protocol
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
+from gateway.proxy.request_body import BodyStart, send_request_timeout
 from gateway.proxy.upstream import (
     Headers,
     UpstreamBodyError,
@@ -34,8 +37,29 @@ from gateway.proxy.upstream import (
 )
 from gateway.responses import send_error
 
-Reason = Literal["disconnected", "body_too_large"]
-Outcome = int | Literal["timeout", "error", "disconnected", "body_too_large", "aborted"]
+Reason = Literal["disconnected", "body_too_large", "client_timeout"]
+Outcome = int | Literal["timeout", "error", "disconnected", "body_too_large", "client_timeout", "aborted"]
+_ABORT_DETAIL = {
+    "body_too_large": "the request body went over the cap",
+    "client_timeout": "the client stopped sending its request body",
+}
+
+
+class ResponseObserver(Protocol):
+    """Sees a response as it is relayed (async jobs read the JSON answer this way). Each call
+    is awaited before the client gets what it is about, so the observer can act first."""
+
+    async def head(self, status: int, headers: Headers) -> bool:
+        """Before the response starts; True to be shown the body."""
+        ...
+
+    async def chunk(self, data: bytes) -> None:
+        """Before this body chunk is sent."""
+        ...
+
+    async def end(self) -> None:
+        """The whole body was relayed; before the response is ended."""
+        ...
 
 
 class ClientAborted(Exception):
@@ -67,7 +91,7 @@ class ClientAbortedLogFilter(logging.Filter):
 class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
-    __slots__ = ("task", "receive", "phase", "reason", "finished", "watcher")
+    __slots__ = ("task", "receive", "phase", "reason", "finished", "watcher", "observer", "on_complete")
 
     def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
         self.task = task
@@ -76,6 +100,8 @@ class _Exchange:
         self.reason: Reason | None = None
         self.finished = False
         self.watcher: asyncio.Task[None] | None = None
+        self.observer: ResponseObserver | None = None
+        self.on_complete: Callable[[], None] | None = None
 
     def stop(self, reason: Reason) -> bool:
         """Record why the exchange must end and cancel the running phase, if any."""
@@ -116,13 +142,19 @@ async def _stop_body(state: _Exchange, reason: Reason) -> NoReturn:
     raise _BodyAborted(reason)
 
 
-async def _stream_body(first: bytes, state: _Exchange, max_body: int) -> AsyncIterator[bytes]:
+async def _stream_body(
+    first: bytes, state: _Exchange, max_body: int, idle: float | None
+) -> AsyncIterator[bytes]:
     receive = state.receive
     received = len(first)
     if first:
         yield first
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(idle):
+                message = await receive()
+        except TimeoutError:
+            await _stop_body(state, "client_timeout")
         if message["type"] != "http.request":
             await _stop_body(state, "disconnected")
         chunk: bytes = message.get("body", b"")
@@ -148,8 +180,10 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
 
 
 async def _too_large(send: Send, max_body: int, extra: Headers) -> Literal["body_too_large"]:
+    # Closing: the rest of an oversized body is not worth reading.
     await send_error(
-        send, 413, "body_too_large", f"The request body exceeds {max_body} bytes.", extra_headers=extra
+        send, 413, "body_too_large", f"The request body exceeds {max_body} bytes.",
+        extra_headers=[*extra, (b"connection", b"close")],
     )
     return "body_too_large"
 
@@ -165,11 +199,23 @@ async def forward(
     extra_response_headers: Headers,
     max_body: int,
     timeout: float,
+    body_start: BodyStart | None = None,
+    client_timeout: float | None = None,
+    observer: ResponseObserver | None = None,
+    on_complete: Callable[[], None] | None = None,
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
+    `on_complete` is called once the upstream's whole answer is in hand, just before the last
+    (empty) body message goes to the client: the caller frees the slot there, so a client that
+    sends its next request the moment this one ends never races its own release.
+
+    `body_start` is what was received before admission, if anything; `client_timeout` bounds
+    each silence of the client while the rest of the body arrives (None: no bound).
+    `observer`, if given, sees the response as it is relayed (see `ResponseObserver`).
     Returns the upstream status, or "timeout" (504 sent), "error" (502 sent), "disconnected"
-    (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned).
+    (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned),
+    "client_timeout" (408 sent, or the upstream request abandoned).
     Raises `ClientAborted` when the response broke off after it had started.
     """
     extra = extra_response_headers
@@ -177,10 +223,18 @@ async def forward(
     if declared is not None and declared > max_body:
         return await _too_large(send, max_body, extra)
 
-    message = await receive()
-    if message["type"] != "http.request":
-        return "disconnected"
-    first: bytes = message.get("body", b"")
+    if body_start is not None:
+        first, more_body = body_start.data, not body_start.complete
+    else:
+        try:
+            async with asyncio.timeout(client_timeout):
+                message = await receive()
+        except TimeoutError:
+            await send_request_timeout(send, extra)
+            return "client_timeout"
+        if message["type"] != "http.request":
+            return "disconnected"
+        first, more_body = message.get("body", b""), message.get("more_body", False)
     if len(first) > max_body:
         return await _too_large(send, max_body, extra)
 
@@ -188,9 +242,11 @@ async def forward(
     if task is None:
         raise RuntimeError("forward() must run inside an asyncio task")
     state = _Exchange(task, receive)
+    state.observer = observer
+    state.on_complete = on_complete
     body: bytes | AsyncIterator[bytes] | None
-    if message.get("more_body", False):
-        body = _stream_body(first, state, max_body)
+    if more_body:
+        body = _stream_body(first, state, max_body, client_timeout)
         length = declared
     else:
         body = first or None
@@ -247,6 +303,9 @@ async def _exchange(
             await response.aclose()
         if state.reason == "body_too_large":
             return await _too_large(send, max_body, extra)
+        if state.reason == "client_timeout":
+            await send_request_timeout(send, extra)
+            return "client_timeout"
         return "disconnected"
     return await _relay(state, send, response, extra)
 
@@ -267,18 +326,27 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             out.extend(extra)
         async with asyncio.timeout(None) as phase:
             state.phase = phase
+            observer = state.observer
+            if observer is not None and not await observer.head(status, response.headers):
+                observer = None
             await send({"type": "http.response.start", "status": status, "headers": out})
             async for chunk in response.chunks():
+                if observer is not None:
+                    await observer.chunk(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if state.reason is None:
+                if observer is not None:
+                    await observer.end()
                 state.finished = True  # the end of the response wakes the watcher: not a disconnect
+                if state.on_complete is not None:
+                    state.on_complete()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
     except TimeoutError:
         if state.reason is None:
             raise
         if state.reason == "disconnected":
             return "disconnected"
-        raise ClientAborted(status, "the request body went over the cap") from None
+        raise ClientAborted(status, _ABORT_DETAIL[state.reason]) from None
     except UpstreamBodyError as exc:
         if state.reason == "disconnected":
             return "disconnected"
@@ -289,6 +357,6 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
     # A stop that landed after the last chunk, too late to cancel anything.
     if state.reason == "disconnected":
         return "disconnected"
-    if state.reason == "body_too_large":
-        raise ClientAborted(status, "the request body went over the cap")
+    if state.reason is not None:
+        raise ClientAborted(status, _ABORT_DETAIL[state.reason])
     return status

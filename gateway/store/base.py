@@ -14,11 +14,21 @@ Semantics every store keeps (the contract suite in tests/store checks them on ea
   counted as reclaimed) by the next call that touches the bucket.
 - `release` frees a lease; it is idempotent, never raises, and may be batched off the
   critical path (the caller does not wait for it).
+- Waiting for a slot (`admit(..., queue=QueueSpot)`): every slot bucket has a queue of
+  waiters in arrival order. A newcomer admits only when `count + waiters < limit` (it never
+  overtakes a waiter); refused for concurrency alone it joins the back of every queue. A
+  waiter admits when `count + waiters ahead of it < limit`, and then leaves the queues; a
+  rate refusal makes it leave too. Each (re)check refreshes the waiter's entry, which
+  vanishes `ttl_ms` after its last refresh (a dead replica's waiters do not block for long).
+  `leave_queue` removes a waiter (idempotent, synchronous like `release`). Releases with
+  `wake=True`, departures from a queue and job ends set the events registered with `watch`
+  for those buckets, on every replica.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +72,20 @@ class AdmitResult:
     slot_counts: list[int]
     # Expired leases purged by this call.
     reclaimed: int = 0
+    # With a QueueSpot: refused for concurrency and now waiting in the buckets' queues.
+    queued: bool = False
+    # The waiter's place in the queues (pass it back in QueueSpot.arrival to keep it).
+    arrival: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpot:
+    """A request that may wait for a slot: `waiter_id` is its lease id. `arrival` is empty
+    for a newcomer (queued at the back when refused) and the place it was given once queued."""
+
+    waiter_id: str
+    ttl_ms: int
+    arrival: str = ""
 
 
 class StoreError(Exception):
@@ -91,6 +115,29 @@ class AdmissionStore(Protocol):
 
     async def check_ready(self) -> None:
         """Run the real admission path against a probe bucket; raise StoreError if it fails."""
+
+
+class WaitingStore(AdmissionStore, Protocol):
+    """What waiting for a slot needs besides admission (both stores implement it)."""
+
+    async def admit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+        queue: QueueSpot | None = None,
+    ) -> AdmitResult:
+        """As AdmissionStore.admit; with `queue`, the waiting rules in this module's docstring."""
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
+        """As AdmissionStore.release; `wake` also tells every replica's waiters of these buckets."""
+
+    def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
+        """Remove a waiter from the buckets' queues and wake the others. Synchronous, idempotent."""
+
+    def watch(self, slots: Sequence[SlotBucket], event: asyncio.Event) -> Callable[[], None]:
+        """Set `event` whenever a slot of these buckets may have freed (on any replica), and
+        once when the watch is in place. Returns the function that ends the watch."""
 
 
 class StoreObserver(Protocol):

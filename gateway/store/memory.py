@@ -11,6 +11,10 @@ and a renewal moves the lease to the end. Held leases are renewed by a heartbeat
 lease/3, exactly as the Redis store does, so a loop stalled longer than `lease` loses its
 leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded by what
 is live: empty buckets are dropped.
+
+Job members (slots held by async jobs, with their own expiry) and waiter queues live beside
+the leases (gateway/store/memory_jobs.py) and count exactly as admit.lua counts them; wake-ups
+are direct (`LocalWakeups`): a release with `wake=True` sets the waiters' events at once.
 """
 
 from __future__ import annotations
@@ -26,10 +30,23 @@ from collections.abc import Callable, Sequence
 from gateway.store.base import (
     AdmitResult,
     NullObserver,
+    QueueSpot,
     RateBucket,
     SlotBucket,
     StoreObserver,
 )
+from gateway.store.jobs import (
+    INDEX_SLACK_SECONDS,
+    TOMBSTONE_SECONDS,
+    ActiveJob,
+    EndedJob,
+    JobClaim,
+    Usage,
+    job_member,
+)
+from gateway.store.memory_jobs import MemoryJobBook, MemoryQueues
+from gateway.store.scripts import hash_tag
+from gateway.store.wakeups import LocalWakeups
 
 
 class _Window:
@@ -65,6 +82,9 @@ class MemoryStore:
         self._slots: dict[str, OrderedDict[str, float]] = {}
         self._held: set[tuple[str, str]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._queues = MemoryQueues()
+        self._jobs = MemoryJobBook()
+        self._wakeups = LocalWakeups()
 
     def _now(self) -> float:
         return round(self._clock() * 1000.0, 3)
@@ -85,6 +105,7 @@ class MemoryStore:
         rates: Sequence[RateBucket],
         slots: Sequence[SlotBucket],
         lease_id: str,
+        queue: QueueSpot | None = None,
     ) -> AdmitResult:
         now = self._now()
         status = 0
@@ -113,11 +134,20 @@ class MemoryStore:
                     wait = times[count - rate.limit] + rate.window_ms - now
                 retry_after = max(retry_after, math.ceil(wait))
 
+        arrival = float(queue.arrival) if queue is not None and queue.arrival else None
         for slot in slots:
             leases = self._slots.get(slot.key)
             if leases is not None:
                 reclaimed += _purge_expired(leases, now)
-            count = len(leases) if leases else 0
+            jobs, expired_jobs = self._jobs.live(slot.key, now)
+            reclaimed += expired_jobs
+            count = (len(leases) if leases else 0) + jobs
+            if queue is not None:  # waiters ahead count as taken slots (admit.lua)
+                if arrival is None:
+                    count += len(self._queues.live(slot.key, now))
+                else:
+                    self._queues.live(slot.key, now)
+                    count += self._queues.place(slot.key, queue.waiter_id, arrival, now)
             slot_counts.append(count)
             if count >= slot.limit and status == 0:
                 status = 2
@@ -139,6 +169,9 @@ class MemoryStore:
         else:
             self._drop_empty(rates, slots)
 
+        queued, place = False, ""
+        if queue is not None:
+            queued, place = self._queue_after(slots, queue, status, now)
         if reclaimed:
             self._observer.slots_reclaimed(reclaimed)
         return AdmitResult(
@@ -149,14 +182,95 @@ class MemoryStore:
             rate_reset_ms=rate_resets,
             slot_counts=slot_counts,
             reclaimed=reclaimed,
+            queued=queued,
+            arrival=place,
         )
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+    def _queue_after(
+        self, slots: Sequence[SlotBucket], queue: QueueSpot, status: int, now: float
+    ) -> tuple[bool, str]:
+        """admit.lua's ending for a request that may wait: queued, or gone from the queues."""
+        if status == 2:
+            place = queue.arrival or f"{now:.3f}"
+            for slot in slots:
+                self._queues.refresh(slot.key, queue.waiter_id, float(place), now + queue.ttl_ms)
+            return True, place
+        if queue.arrival:
+            for slot in slots:
+                self._queues.leave(slot.key, queue.waiter_id)
+        return False, queue.arrival
+
+    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
             if leases is not None and leases.pop(lease_id, None) is not None and not leases:
                 del self._slots[slot.key]
+        if wake:
+            self._wake([slot.key for slot in slots])
+
+    def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
+        for slot in slots:
+            self._queues.leave(slot.key, waiter_id)
+        self._wake([slot.key for slot in slots])
+
+    def watch(self, slots: Sequence[SlotBucket], event: asyncio.Event) -> Callable[[], None]:
+        unwatch = self._wakeups.watch({hash_tag(slot.key) for slot in slots}, event)
+        event.set()  # in place at once; said anyway, as the Redis store does on subscribing
+        return unwatch
+
+    def _wake(self, keys: Sequence[str]) -> None:
+        for tag in {hash_tag(key) for key in keys}:
+            self._wakeups.wake(tag)
+
+    # -- jobs (gateway/store/jobs.py) ------------------------------------------------------
+
+    async def hand_over(self, slots: Sequence[SlotBucket], lease_id: str, claim: JobClaim) -> bool:
+        now = self._now()
+        member = job_member(claim.job_id)
+        moved: list[str] = []
+        for slot in slots:
+            self._held.discard((slot.key, lease_id))
+            leases = self._slots.get(slot.key)
+            if leases is None or lease_id not in leases:
+                continue  # gone: that slot may be someone else's by now
+            del leases[lease_id]
+            if not leases:
+                del self._slots[slot.key]
+            self._jobs.add(slot.key, member, now + claim.max_duration * 1000.0)
+            moved.append(slot.key)
+        if not moved:
+            return False
+        expiry = now + (claim.max_duration + INDEX_SLACK_SECONDS) * 1000.0
+        if self._jobs.index(claim.job_id, claim.owner, member, tuple(moved), expiry, now):
+            return True
+        self._jobs.remove(moved, member)  # an end was reported before the handover landed
+        self._wake(moved)
+        return False
+
+    async def end(self, job_id: str, owner: str | None) -> EndedJob | None:
+        entry = self._jobs.take(job_id, owner, self._now(), TOMBSTONE_SECONDS * 1000.0)
+        if entry is None:
+            return None
+        self._jobs.remove(entry.keys, entry.member)
+        self._wake(entry.keys)
+        return EndedJob(job_id, entry.owner)
+
+    async def usage(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> Usage:
+        now = self._now()
+        rate_counts = []
+        for rate in rates:
+            window = self._windows.get(rate.key)
+            horizon = now - rate.window_ms
+            rate_counts.append(sum(1 for t in window.times if t > horizon) if window else 0)
+        slot_counts, jobs = [], []
+        for slot in slots:
+            leases = self._slots.get(slot.key) or {}
+            members = self._jobs.members.get(slot.key) or {}
+            live = [(m[2:], math.ceil(expiry - now)) for m, expiry in members.items() if expiry > now]
+            slot_counts.append(sum(1 for expiry in leases.values() if expiry > now) + len(live))
+            jobs.append([ActiveJob(job_id, left) for job_id, left in live])
+        return Usage(rate_counts, slot_counts, jobs)
 
     async def flush(self) -> None:
         """Releases apply at once here; kept for parity with the Redis store."""
@@ -207,6 +321,8 @@ class MemoryStore:
             reclaimed += _purge_expired(leases, now)
             if not leases:
                 del self._slots[key]
+        reclaimed += self._jobs.sweep(now)
+        self._queues.sweep(now)
         if reclaimed:
             self._observer.slots_reclaimed(reclaimed)
 

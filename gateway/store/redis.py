@@ -8,7 +8,9 @@ restart, failover) reloads them and resends just those calls, inside the same bu
 
 Off the critical path:
 - `release` only enqueues; one flusher task sends everything pending as one pipeline of
-  ZREMs per tick. Failures are counted, not retried: the lease heals what is lost.
+  ZREMs per tick. Failures are counted, not retried: the lease heals what is lost. A release
+  that may free a slot someone waits for (`wake=True`), and a waiter leaving its queue, also
+  PUBLISH on the bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
   batched per hash tag, pipelined); leases found gone are counted as lost.
 
@@ -38,12 +40,14 @@ from gateway.store import scripts
 from gateway.store.base import (
     AdmitResult,
     NullObserver,
+    QueueSpot,
     RateBucket,
     SlotBucket,
     StoreError,
     StoreObserver,
 )
 from gateway.store.redis_client import AnyRedis, RedisConnection, connect
+from gateway.store.wakeups import RedisWakeups
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,10 @@ FAILURES: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     StoreError,
+    # uvloop raises RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+    # when redis-py writes to a connection Redis has just reset (restart, RST); redis-py drops
+    # that connection, and for the caller it is one more failed call (tests/faults).
+    RuntimeError,
 )
 
 # renew.lua calls are chunked so no single script keeps Redis busy for long; admission
@@ -74,6 +82,7 @@ class _PendingAdmit:
     n_rate: int
     operation: str
     future: asyncio.Future[AdmitResult]
+    queued: bool = False  # the call carried a QueueSpot
 
 
 class RedisStore:
@@ -139,13 +148,18 @@ class RedisStore:
         self._observer: StoreObserver = observer or NullObserver()
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
+        self._extra_scripts: list[scripts.Script] = []  # run through run_script (bans, jobs)
         # At most this many pipelines in flight: the pool never has to refuse a connection.
         self._in_flight = asyncio.Semaphore(max_connections)
         self._admits: list[_PendingAdmit] = []
         self._admit_batch_open = False
         self._releases: dict[tuple[str, str], None] = {}
+        # Release batches on their way to Redis: admissions issued meanwhile wait for them.
+        self._releases_landing: set[asyncio.Future[None]] = set()
         self._release_task: asyncio.Task[None] | None = None
         self._held: dict[tuple[str, str], None] = {}
+        self._wakes: set[str] = set()  # hash tags whose waiters the next flush wakes
+        self._wakeups = RedisWakeups(self._client, f"{prefix}:wake:")
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -159,6 +173,7 @@ class RedisStore:
         recovers by itself once Redis answers."""
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="redis-store-heartbeat")
+            self._connection.start()  # Sentinel: follow the master (redis_client.py)
         try:
             async with asyncio.timeout(max(1.0, 5 * self._timeout)):
                 await self._load_scripts()
@@ -193,6 +208,7 @@ class RedisStore:
             self._release_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._release_task
+        await self._wakeups.aclose()
         self._held.clear()
         self._releases.clear()
         self._connection_closed = True
@@ -206,10 +222,11 @@ class RedisStore:
         rates: Sequence[RateBucket],
         slots: Sequence[SlotBucket],
         lease_id: str,
+        queue: QueueSpot | None = None,
     ) -> AdmitResult:
         if not rates and not slots:
             return AdmitResult(True, None, 0, [], [], [])
-        return await self._submit(rates, slots, lease_id, "admit")
+        return await self._submit(rates, slots, lease_id, "admit", queue=queue)
 
     async def check_ready(self) -> None:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
@@ -235,6 +252,7 @@ class RedisStore:
         operation: str,
         *,
         hold: bool = True,
+        queue: QueueSpot | None = None,
     ) -> AdmitResult:
         if self._closed:
             raise StoreError("store is closed")
@@ -244,10 +262,12 @@ class RedisStore:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
             raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now())
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
-        self._admits.append(_PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future))
+        self._admits.append(
+            _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None)
+        )
         if not self._admit_batch_open:
             # The batch task first runs on the next loop iteration: every admit issued
             # during this one has joined the batch by then.
@@ -276,10 +296,22 @@ class RedisStore:
         else:
             self._admit_batch_open = False
         calls = [(pending.keys, pending.args) for pending in batch]
+        # Releases still waiting to be sent go first in the same pipeline: a slot freed before
+        # this admission was issued is free when Redis decides it (no race with the release
+        # flusher's own pipeline), and it saves that round trip.
+        if self._releases_landing:
+            # Release batches are on their way on other connections: let them land first.
+            await asyncio.wait(list(self._releases_landing), timeout=self._timeout)
+        releases = self._take_releases_for_piggyback()
+        landed: asyncio.Future[None] | None = None
+        if releases:  # later admissions wait for these ZREMs as for the flusher's
+            landed = self._landing()
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await self._eval(self._admit_script, calls)
+                replies = await self._eval(self._admit_script, calls, releases)
         except FAILURES as exc:
+            if releases:
+                self._observer.store_error("release")
             for pending in batch:
                 self._fail(pending, exc)
             return
@@ -287,13 +319,16 @@ class RedisStore:
             for pending in batch:
                 self._fail(pending, exc)
             raise
+        finally:
+            if landed is not None:
+                self._landed(landed)
         for pending, reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):
                 self._fail(pending, reply)
                 continue
             try:
                 result = scripts.decode_admit(
-                    reply, pending.lease_id, pending.n_rate, len(pending.keys) - pending.n_rate
+                    reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued
                 )
             except StoreError as exc:
                 self._fail(pending, exc)
@@ -325,10 +360,29 @@ class RedisStore:
 
     # -- release -------------------------------------------------------------------------
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
+        self.forget_leases(slots, lease_id)
+        if wake and not self._connection_closed:
+            self._wakes.update(scripts.hash_tag(slot.key) for slot in slots)
+        self._enqueue_releases([slot.key for slot in slots], lease_id)
+
+    def forget_leases(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+        """Stop renewing `lease_id` in `slots` (released, or handed over to a job)."""
         for slot in slots:
             self._held.pop((slot.key, lease_id), None)
-        self._enqueue_releases([slot.key for slot in slots], lease_id)
+
+    def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
+        if self._connection_closed:
+            return
+        self._wakes.update(scripts.hash_tag(slot.key) for slot in slots)
+        self._enqueue_releases([key for slot in slots for key in scripts.queue_keys(slot.key)], waiter_id)
+
+    def watch(self, slots: Sequence[SlotBucket], event: asyncio.Event) -> Callable[[], None]:
+        return self._wakeups.watch({scripts.hash_tag(slot.key) for slot in slots}, event)
+
+    @property
+    def lease(self) -> float:
+        return self._lease
 
     def _enqueue_releases(self, keys: Sequence[str], lease_id: str) -> None:
         if not keys or self._connection_closed:
@@ -350,20 +404,35 @@ class RedisStore:
     async def _flush_releases(self) -> None:
         while self._releases:
             batch, self._releases = self._releases, {}
+            wakes, self._wakes = self._wakes, set()
             members: dict[str, list[str]] = {}
             for key, lease_id in batch:
                 members.setdefault(key, []).append(lease_id)
+            # Admissions issued from now on wait for this batch to land (see _send_admits),
+            # including while it waits for a free connection.
+            landed = self._landing()
             try:
                 async with asyncio.timeout(self._timeout):
                     async with self._in_flight:
                         pipe = self._client.pipeline(transaction=False)
                         for key, lease_ids in members.items():
                             pipe.zrem(key, *lease_ids)
+                        if not self._connection.is_cluster:  # one connection: after the ZREMs
+                            for tag in wakes:
+                                pipe.publish(self._wakeups.channel(tag), "1")
                         replies = await pipe.execute(raise_on_error=False)
+                        self._landed(landed)
+                        if wakes and self._connection.is_cluster:  # ZREMs done (any node) first
+                            pipe = self._client.pipeline(transaction=False)
+                            for tag in wakes:
+                                pipe.publish(self._wakeups.channel(tag), "1")
+                            replies += await pipe.execute(raise_on_error=False)
             except FAILURES as exc:
                 self._observer.store_error("release")
                 log.warning("store release of %d leases failed: %r", len(batch), exc)
                 continue
+            finally:
+                self._landed(landed)
             if any(isinstance(reply, BaseException) for reply in replies):
                 self._observer.store_error("release")
                 log.warning(
@@ -426,15 +495,60 @@ class RedisStore:
             except Exception:  # a bug must not stop the renewals of every lease
                 log.exception("store heartbeat crashed")
 
+    # -- other scripts (bans, jobs) ----------------------------------------------------------
+
+    def now_arg(self) -> str:
+        """The "now" ARGV this store sends its scripts (empty: Redis TIME)."""
+        return self._now()
+
+    async def run_script(self, script: scripts.Script, calls: list[Call]) -> list[Any]:
+        """EVALSHA `calls` of another script as one pipeline on this store's connection, within
+        its budget (loaded on first use and on NOSCRIPT). Replies in order; a call answered with
+        an error gets the exception as its reply. Raises StoreError when the pipeline failed as
+        a whole; not reported to the observer: the caller counts it under its own operation."""
+        if self._connection_closed:
+            raise StoreError("store is closed")
+        if script not in self._extra_scripts:
+            self._extra_scripts.append(script)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._eval(script, calls)
+        except FAILURES as exc:
+            raise StoreError(f"{script.name} failed: {exc!r}") from exc
+
     # -- plumbing --------------------------------------------------------------------------
 
     def _now(self) -> str:
         return scripts.now_arg(self._clock() if self._clock is not None else None)
 
-    async def _eval(self, script: scripts.Script, calls: list[Call]) -> list[Any]:
-        """EVALSHA every call in one pipeline; reload and resend those that hit NOSCRIPT."""
+    def _landing(self) -> asyncio.Future[None]:
+        landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releases_landing.add(landed)
+        return landed
+
+    def _landed(self, landed: asyncio.Future[None]) -> None:
+        self._releases_landing.discard(landed)
+        if not landed.done():
+            landed.set_result(None)
+
+    def _take_releases_for_piggyback(self) -> dict[str, list[str]]:
+        """Pending releases, grouped by key, taken over by an admission pipeline. Left to the
+        flusher while wake-ups are pending: those must be published after their ZREMs."""
+        if not self._releases or self._wakes:
+            return {}
+        batch, self._releases = self._releases, {}
+        members: dict[str, list[str]] = {}
+        for key, lease_id in batch:
+            members.setdefault(key, []).append(lease_id)
+        return members
+
+    async def _eval(
+        self, script: scripts.Script, calls: list[Call], releases: dict[str, list[str]] | None = None
+    ) -> list[Any]:
+        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); reload and resend
+        those that hit NOSCRIPT."""
         async with self._in_flight:
-            replies = await self._run_pipeline(script.sha, calls)
+            replies = await self._run_pipeline(script.sha, calls, releases)
             missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
                 await self._load_scripts()
@@ -443,18 +557,25 @@ class RedisStore:
                     replies[index] = reply
         return replies
 
-    async def _run_pipeline(self, sha: str, calls: list[Call]) -> list[Any]:
+    async def _run_pipeline(
+        self, sha: str, calls: list[Call], releases: dict[str, list[str]] | None = None
+    ) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
+        for key, lease_ids in (releases or {}).items():
+            pipe.zrem(key, *lease_ids)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         replies = await pipe.execute(raise_on_error=False)
-        if len(replies) != len(calls):
-            raise StoreError(f"pipeline answered {len(replies)} replies to {len(calls)} calls")
-        return list(replies)
+        released = len(releases or ())
+        if len(replies) != released + len(calls):
+            raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
+        if any(isinstance(reply, BaseException) for reply in replies[:released]):
+            self._observer.store_error("release")
+        return list(replies[released:])
 
     async def _load_scripts(self) -> None:
         # On Cluster, SCRIPT LOAD goes to every primary.
-        for script in (self._admit_script, self._renew_script):
+        for script in (self._admit_script, self._renew_script, *self._extra_scripts):
             sha = await self._client.script_load(script.source)
             if isinstance(sha, bytes):
                 sha = sha.decode()

@@ -17,6 +17,9 @@ URL forms:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,16 +28,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 AnyRedis = Redis | RedisCluster
+log = logging.getLogger(__name__)
 
 STANDALONE_SCHEMES = frozenset({"redis", "rediss", "unix"})
 SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
 CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 SCHEMES = STANDALONE_SCHEMES | SENTINEL_SCHEMES | CLUSTER_SCHEMES
+
+
+# How often a Sentinel-backed connection asks the Sentinels where the master is.
+MASTER_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -44,8 +53,29 @@ class RedisConnection:
     client: AnyRedis
     is_cluster: bool = False
     extra_closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    # Sentinel: one check of where the master is, reconnecting everything when it moved.
+    follow_master: Callable[[], Awaitable[None]] | None = None
+    _watch: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start background work (the Sentinel master watch); needs a running loop."""
+        if self.follow_master is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_master(self.follow_master))
+
+    @staticmethod
+    async def _watch_master(follow_master: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                await follow_master()
+            except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
+                log.debug("Sentinel master check failed: %r", exc)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         try:
             await self.client.aclose()
         finally:
@@ -139,16 +169,53 @@ def _sentinel(url: str, scheme: str, common: dict[str, Any], max_connections: in
         sentinel_kwargs["password"] = parsed.query["sentinel_password"]
         sentinel_kwargs["username"] = parsed.query.get("sentinel_username")
     sentinel = Sentinel(parsed.nodes, sentinel_kwargs=sentinel_kwargs, **common)  # type: ignore[no-untyped-call]
+    tls = scheme.startswith("rediss")
     client = sentinel.master_for(
         service,
         db=db,
         username=parsed.username,
         password=parsed.password,
         max_connections=max_connections,
-        ssl=scheme.startswith("rediss"),
+        ssl=tls,
+        connection_class=_MasterSSLConnection if tls else _MasterConnection,
     )
     closers: list[Callable[[], Awaitable[Any]]] = [node.aclose for node in sentinel.sentinels]
-    return RedisConnection(client, extra_closers=closers)
+    pool = client.connection_pool
+
+    async def follow_master() -> None:
+        # redis-py asks the Sentinels only when it opens a connection, so after a failover that
+        # left the old master alive (SENTINEL FAILOVER) pooled connections would keep writing
+        # to it until Sentinel demotes it, ~10 s later: a split brain. Ask every second instead.
+        known = pool.master_address
+        async with asyncio.timeout(max(1.0, 3 * common["socket_timeout"])):
+            address = await sentinel.discover_master(service)
+        if known is not None and address != known:
+            log.warning("the Redis master of %s moved to %s:%s; reconnecting", service, *address)
+            pool.master_address = address
+            await pool.disconnect(inuse_connections=True)
+
+    return RedisConnection(client, extra_closers=closers, follow_master=follow_master)
+
+
+class _MasterConnection(SentinelManagedConnection):
+    """Reconnects to the current master, whichever way it reconnects.
+
+    redis-py asks the Sentinels for the master in `connect()`, but a connection dropped in the
+    middle of a command is reopened by `send_packed_command` through `connect_check_health`, to
+    the host it had before: after a failover, the old master. Point it at the pool's master first.
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        pool = self.connection_pool
+        if not self.is_connected and pool.is_master and pool.master_address is not None:
+            self.host, self.port = pool.master_address
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _MasterSSLConnection(_MasterConnection, SentinelManagedSSLConnection):
+    pass
 
 
 def _cluster(url: str, scheme: str, common: dict[str, Any], max_connections: int) -> RedisConnection:

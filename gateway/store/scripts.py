@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
+from gateway.store.base import AdmitResult, QueueSpot, RateBucket, SlotBucket, StoreError
 
 _STATUS_REASON = {0: None, 1: "rate", 2: "concurrency"}
 
@@ -45,11 +45,16 @@ def admit_call(
     lease_id: str,
     lease_ms: str,
     now: str,
+    queue: QueueSpot | None = None,
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of admit.lua (see its header)."""
     keys = [bucket.key for bucket in rates]
     keys.extend(bucket.key for bucket in slots)
-    args: list[str | int] = [lease_id, lease_ms, now, len(rates)]
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates), "", ""]
+    if queue is not None:
+        args[4], args[5] = queue.ttl_ms, queue.arrival
+        for bucket in slots:
+            keys.extend(queue_keys(bucket.key))
     for rate in rates:
         args.append(rate.limit)
         args.append(rate.window_ms)
@@ -57,11 +62,24 @@ def admit_call(
     return keys, args
 
 
-def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int) -> AdmitResult:
+def queue_keys(slot_key: str) -> tuple[str, str]:
+    """A slot bucket's waiter queue (by arrival) and its twin (by entry expiry)."""
+    return f"{slot_key}:q", f"{slot_key}:qx"
+
+
+def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int, queued: bool = False) -> AdmitResult:
     """Turn admit.lua's reply into an AdmitResult, refusing a reply meant for another call
-    (a connection one reply out of step would otherwise hand out someone else's answer)."""
-    if not isinstance(reply, list) or len(reply) != 4 + 2 * n_rate + n_slot:
+    (a connection one reply out of step would otherwise hand out someone else's answer).
+    `queued`: the call carried a QueueSpot, so the reply ends with (queued, arrival)."""
+    extra = 2 if queued else 0
+    if not isinstance(reply, list) or len(reply) != 4 + 2 * n_rate + n_slot + extra:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
+    place = ""
+    tail: list[object] = [0, ""]
+    if queued:
+        tail, reply = reply[-2:], reply[:-2]
+        arrival = tail[1]
+        place = arrival.decode() if isinstance(arrival, bytes) else str(arrival)
     echoed = reply[0]
     if isinstance(echoed, bytes):
         echoed = echoed.decode("utf-8", "replace")
@@ -84,6 +102,8 @@ def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int) -> Admi
         rate_reset_ms=counts[n_rate : 2 * n_rate],
         slot_counts=counts[2 * n_rate :],
         reclaimed=reclaimed,
+        queued=queued and str(tail[0]) == "1",
+        arrival=place,
     )
 
 

@@ -57,3 +57,5 @@ def test_demo_runs_and_shows_refusals() -> None:
     assert "429 rate_limited" in out and "Retry-After" in out
     assert "429 concurrency_limited" in out
     assert "401 invalid_api_key" in out
+    assert "403 ip_banned" in out
+    assert "even with a valid key now → 403 ip_banned" in out

@@ -18,9 +18,9 @@ import pytest
 
 from gateway.admission.identity import hash_key
 from tests.support.mock_upstream import download_blocks, download_sha256
-from tests.support.secrets import secret
 from tests.support.processes import ROOT, Proc, gateway, mock_upstream, write_config
 from tests.support.redis_server import free_port
+from tests.support.secrets import secret
 
 pytestmark = pytest.mark.e2e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import random
 import re
 import signal
@@ -18,8 +19,8 @@ import redis
 
 from gateway.admission.identity import hash_key
 from tests.support.invariants import assert_no_leaks
-from tests.support.secrets import secret
 from tests.support.processes import Proc, gateway, mock_upstream, write_config
+from tests.support.secrets import secret
 
 pytestmark = pytest.mark.e2e
 
@@ -120,6 +121,22 @@ def test_reload_on_file_change_keeps_counters(tmp_path: Path) -> None:
             assert "reload refused" in gw.log()
 
 
+def test_reload_keeps_requests_in_flight(tmp_path: Path) -> None:
+    with mock_upstream() as upstream:
+        path = write_config(tmp_path / "gw.yaml", config(upstream, rate="100/1m"))
+        with gateway(path) as gw, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            held = pool.submit(get, gw, "/hold?ms=2000")
+            time.sleep(0.3)
+            write_config(path, config(upstream, rate="50/1m"))
+            gw.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while get(gw).headers["x-ratelimit-limit"] != "50":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            response = held.result()  # started under the old config, finished after the reload
+            assert response.status_code == 200 and response.json() == {"held": True}
+
+
 def test_sighup_reloads(tmp_path: Path) -> None:
     with mock_upstream() as upstream:
         path = write_config(tmp_path / "gw.yaml", config(upstream, rate="1/1m"))
@@ -184,3 +201,40 @@ def test_metric_series_stay_bounded(tmp_path: Path) -> None:
     assert after == before
     assert "random-" not in text and SECRET not in text
     assert not re.search(r"10\.\d+\.\d+\.1", text)
+
+
+def workers_of(proc: Proc) -> list[str]:
+    """Worker pids of a `--workers N` gateway (multiprocessing's resource tracker excluded)."""
+    children = Path(f"/proc/{proc.process.pid}/task/{proc.process.pid}/children").read_text().split()
+    return [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.redis
+@pytest.mark.leaves_slots  # the killed worker's leases expire by themselves (lease 5 s)
+def test_a_crashed_worker_is_replaced_and_its_gauges_vanish(tmp_path: Path, redis_url: str) -> None:
+    with mock_upstream() as upstream:
+        path = write_config(tmp_path / "gw.yaml", config(upstream, redis_url, slots=100))
+        with gateway(path, workers=2) as gw, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            children = workers_of(gw)
+            holds = [pool.submit(get, gw, "/hold?ms=3000") for _ in range(8)]
+            time.sleep(0.8)
+            text = httpx.get(gw.admin_url + "/metrics").text
+            assert metric_value(text, "gateway_in_flight_requests") == 8
+            victim = int(children[0])
+            os.kill(victim, signal.SIGKILL)
+            for hold in holds:
+                try:
+                    hold.result()
+                except httpx.HTTPError:
+                    pass
+            deadline = time.monotonic() + 10
+            while True:  # a new worker replaces it and the dead one's gauge is gone from the sum
+                now_children = workers_of(gw)
+                text = httpx.get(gw.admin_url + "/metrics").text
+                if len(now_children) == 2 and str(victim) not in now_children and \
+                        metric_value(text, "gateway_in_flight_requests") == 0:
+                    break
+                assert time.monotonic() < deadline, (now_children, metric_value(text, "gateway_in_flight_requests"))
+                time.sleep(0.2)
+            assert get(gw).status_code == 200
+            assert gw.stop() == 0

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from gateway.admission.identity import hash_key
-from tests.support.secrets import secret
 from tests.support.processes import gateway, mock_upstream, write_config
 from tests.support.redis_server import free_port
+from tests.support.secrets import secret
 
 pytestmark = pytest.mark.e2e
 

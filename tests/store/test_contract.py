@@ -422,8 +422,8 @@ async def test_reply_for_another_call_is_refused() -> None:
     await store.start()
     run_pipeline = store._run_pipeline
 
-    async def swapped(sha: str, calls: list) -> list:  # type: ignore[type-arg]
-        return list(reversed(await run_pipeline(sha, calls)))
+    async def swapped(sha: str, calls: list, releases: dict | None = None) -> list:  # type: ignore[type-arg]
+        return list(reversed(await run_pipeline(sha, calls, releases)))
 
     store._run_pipeline = swapped  # type: ignore[method-assign]
     window = rate("rpm", 10, 1000)

@@ -21,6 +21,13 @@ Behaviour by path (query parameters in brackets):
 - `/close_immediately`: read the request, close without answering
 - `/early_response` [status=413]: answer before reading the request body, then close
 - `/response_headers`: hop-by-hop headers, a `Connection`-named header, two Set-Cookie lines
+- `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0]: start an
+  async job for the key (after delay_ms, unless the client left) that finishes after ms; answers `{"id": ..., "status": "queued"}` (no id with
+  noid=1; with status >= 300 no job is started). With `webhook`, the job's end is POSTed there
+  (the admin `done` call; `{id}` in it is replaced), before the answer when webhook_first=1.
+- `GET /jobs/{id}`: `{"id", "status": queued|running|completed|cancelled}` (404 if unknown);
+  `DELETE /jobs/{id}`: cancels it. `POST /_jobs/finish` ends every job now.
+  Per key, `/_stats` counts `jobs_created`, `jobs_active` now and `jobs_max_active` ever.
 - anything else: echo `{"method", "path", "query", "headers": [[name, value]...], "body_length",
   "body_sha256", "body"}` (body: the first 64 KiB, latin-1)
 """
@@ -80,6 +87,8 @@ class KeyStats:
     disconnect_times: list[float] = field(default_factory=list)  # time.monotonic()
     incomplete_bodies: int = 0  # request bodies that ended before their declared end
     last: dict[str, Any] | None = None
+    jobs_created: int = 0
+    jobs_max_active: int = 0  # most jobs of this key active at one moment
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,13 +102,40 @@ class KeyStats:
             "disconnect_times": list(self.disconnect_times),
             "incomplete_bodies": self.incomplete_bodies,
             "last": self.last,
+            "jobs_created": self.jobs_created,
+            "jobs_max_active": self.jobs_max_active,
         }
+
+
+@dataclass
+class MockJob:
+    id: str
+    key: str
+    created: float
+    duration: float
+    cancelled: bool = False
+    finished: bool = False  # ended early by /_jobs/finish
+
+    def status(self, now: float) -> str:
+        if self.cancelled:
+            return "cancelled"
+        if self.finished or now - self.created >= self.duration:
+            return "completed"
+        return "queued" if now - self.created < min(0.05, self.duration) else "running"
+
+    def active(self, now: float) -> bool:
+        return self.status(now) in ("queued", "running")
 
 
 @dataclass
 class Stats:
     keys: dict[str, KeyStats] = field(default_factory=dict)
     connections: int = 0  # TCP connections accepted
+    jobs: dict[str, MockJob] = field(default_factory=dict)
+
+    def active_jobs(self, key_id: str) -> int:
+        now = time.monotonic()
+        return sum(1 for job in self.jobs.values() if job.key == key_id and job.active(now))
 
     def key(self, key_id: str) -> KeyStats:
         stats = self.keys.get(key_id)
@@ -108,7 +144,8 @@ class Stats:
         return stats
 
     def to_json(self) -> dict[str, Any]:
-        return {"connections": self.connections, "keys": {k: v.to_json() for k, v in self.keys.items()}}
+        keys = {k: v.to_json() | {"jobs_active": self.active_jobs(k)} for k, v in self.keys.items()}
+        return {"connections": self.connections, "keys": keys}
 
 
 class _ClientGone(Exception):
@@ -395,6 +432,10 @@ class MockUpstream:
         elif path == "/_release":
             self.release()
             await exchange.json({"released": True})
+        elif path == "/_jobs/finish":
+            for job in self.stats.jobs.values():
+                job.finished = True
+            await exchange.json({"finished": len(self.stats.jobs)})
         else:
             await exchange.json({"error": "unknown control path"}, status=404)
         return exchange.reusable
@@ -431,9 +472,75 @@ class MockUpstream:
             return False
         elif path == "/response_headers":
             await exchange.respond(200, b"ok", _HOP_RESPONSE_HEADERS)
+        elif path == "/jobs" or path.startswith("/jobs/"):
+            await self._jobs(exchange)
         else:
             await exchange.json(_echo(exchange))
         return True
+
+
+    async def _jobs(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        key_id = request.header(KEY_HEADER) or "-"
+        now = time.monotonic()
+        jobs = self.stats.jobs
+        if request.path == "/jobs" and request.method == "POST":
+            await exchange.wait(request.int_arg("delay_ms", 0) / 1000)  # raises if the client leaves
+            now = time.monotonic()
+            status = request.int_arg("status", 201)
+            if status >= 300:
+                await exchange.json({"error": "refused"}, status=status)
+                return
+            job = MockJob(f"job-{len(jobs) + 1}-{random.getrandbits(32):08x}", key_id, now,
+                          request.int_arg("ms", 30_000) / 1000)
+            jobs[job.id] = job
+            stats = self.stats.key(key_id)
+            stats.jobs_created += 1
+            stats.jobs_max_active = max(stats.jobs_max_active, self.stats.active_jobs(key_id))
+            webhook = request.arg("webhook", "")
+            if webhook:
+                hook = webhook.replace("{id}", job.id)
+                if request.arg("webhook_first", "0") == "1":
+                    await _post(hook)
+                else:
+                    _spawn(self._tasks, self._call_when_done(job, hook))
+            answer = {"status": job.status(now)} if request.arg("noid", "0") == "1" else {
+                "id": job.id, "status": job.status(now)}
+            await exchange.json(answer, status=status)
+            return
+        job = jobs.get(request.path[len("/jobs/"):])
+        if job is None or request.method not in ("GET", "DELETE"):
+            await exchange.json({"error": "not_found"}, status=404)
+            return
+        if request.method == "DELETE" and job.active(now):
+            job.cancelled = True
+        await exchange.json({"id": job.id, "status": job.status(now)})
+
+    async def _call_when_done(self, job: MockJob, url: str) -> None:
+        while job.active(time.monotonic()):
+            await asyncio.sleep(0.01)
+        if not job.cancelled:
+            await _post(url)
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
+    task = asyncio.ensure_future(coroutine)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _post(url: str) -> None:
+    """POST with an empty body (the upstream's `done` call to the gateway's admin port)."""
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    with contextlib.suppress(OSError):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        await reader.read()
+        writer.close()
 
 
 def _echo(exchange: _Exchange) -> dict[str, Any]:

@@ -116,3 +116,36 @@ def test_release_goes_once_to_the_store_that_admitted() -> None:
         return again.admitted, other.admitted
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+class HangingStore(BrokenStore):
+    """A store whose calls never answer (the caller gets cancelled first)."""
+
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str) -> AdmitResult:
+        self.calls += 1
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+def test_a_cancelled_probe_does_not_wedge_the_breaker() -> None:
+    clock = [0.0]
+    store = HangingStore()
+    breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=lambda: clock[0])
+    breaker.failure()  # open
+    clock[0] = 2.0  # cooldown over: the next call is the probe
+    admission = Admission(store, on_error="allow", metrics=Metrics(), breaker=breaker)
+
+    async def scenario() -> None:
+        probe = asyncio.ensure_future(admission.admit(PLAN))
+        await asyncio.sleep(0.01)
+        probe.cancel()  # the client went away while the probe was in flight
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        second = asyncio.ensure_future(admission.admit(PLAN))
+        await asyncio.sleep(0.01)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+
+    asyncio.run(scenario())
+    assert store.calls == 2  # the second call was let through as a new probe

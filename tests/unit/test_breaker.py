@@ -37,3 +37,13 @@ def test_success_resets_the_count() -> None:
     breaker.success()
     breaker.failure()
     assert breaker.allow()
+
+
+def test_an_abandoned_probe_lets_the_next_one_through() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=clock)
+    breaker.failure()
+    clock.now += 1.01
+    assert breaker.allow()  # the probe; its caller is then cancelled
+    breaker.abandon()
+    assert breaker.allow()  # without abandon() this would be refused for ever

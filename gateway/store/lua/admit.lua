@@ -2,36 +2,48 @@
 admit.lua: one admission decision over every bucket of one request, atomically.
 
 Either the request is admitted into every bucket or into none: a refused request writes
-nothing (expired entries are still purged, which changes no decision).
+nothing (expired entries are still purged, which changes no decision; a request that may
+wait joins the waiter queues, which takes no slot and no rate budget).
 
 Units: times and durations are milliseconds. Scores are floats (now has sub-ms precision);
 returned numbers are integers because Redis truncates Lua numbers in replies, so every
 duration is rounded up here (a Retry-After must never be early).
 
-KEYS: the rate bucket keys (ARGV[4] of them), then the slot bucket keys.
+KEYS: the rate bucket keys (ARGV[4] of them), then the slot bucket keys, then, when the
+      request may wait (ARGV[5] set), each slot bucket's waiter queue and its expiry set.
       Every key of one call shares one {hash tag}, so the script runs on Redis Cluster.
 ARGV[1]  lease id: the member written into every bucket when admitted, echoed back
 ARGV[2]  lease_ms: a slot lease expires this long after it is taken (unless renewed)
 ARGV[3]  now_ms override; "" means the server clock (TIME). Tests drive time with it.
 ARGV[4]  n_rate: how many of KEYS are rate buckets
-ARGV[5..4+2*n_rate]  per rate bucket: limit, window_ms
-ARGV[5+2*n_rate..]   per slot bucket: limit
+ARGV[5]  waiter ttl_ms, or "" when the request does not wait (no queue is read or written)
+ARGV[6]  the waiter's arrival (its place in the queues), or "" for a newcomer
+ARGV[7..6+2*n_rate]  per rate bucket: limit, window_ms
+ARGV[7+2*n_rate..]   per slot bucket: limit
 
 Rate bucket: a sorted set of admitted lease ids scored by admission time. An admission
 counts while its time lies in (now - window, now].
 Slot bucket: a sorted set of lease ids scored by lease expiry. A lease with expiry <= now
-is dead: it is purged and counted as reclaimed.
+is dead: it is purged and counted as reclaimed. Job members (job_handover.lua) live there
+too, with their own expiry.
+Waiter queue: a sorted set of waiting lease ids scored by arrival, and a twin sorted set
+scored by when each waiter's entry expires (it is refreshed by every check of that waiter).
+A newcomer counts every waiter as ahead of it; a waiter counts those before it. A slot
+bucket admits when count + ahead < limit.
 Every key written gets a TTL: a rate key lives one window past its newest entry; a slot
 key lives one lease past its longest-lived member (so a dead lease is still there to be
-counted when the next request comes).
+counted when the next request comes); a queue lives two waiter ttls past its last write.
 
 Returns {lease_id, status, retry_after_ms, reclaimed,
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot]}
+         and, when the request may wait, {queued, arrival} after them
   status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only
   retry_after_ms: ms until every refusing rate bucket would admit (0 unless status 1)
-  rate_count / slot_count: entries in the bucket before this request (after purging)
+  rate_count / slot_count: entries in the bucket before this request (after purging); for
+                 a request that may wait, slot_count includes the waiters ahead of it
   rate_reset_ms: ms until the bucket's oldest admission leaves the window, counting this
                  request if admitted (the window when the bucket is empty)
+  queued: 1 when the request now waits in the queues; arrival: its place there
 ]]
 
 local lease_id = ARGV[1]
@@ -44,7 +56,9 @@ else
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 local n_rate = tonumber(ARGV[4])
-local n_slot = #KEYS - n_rate
+local waiter_ttl = tonumber(ARGV[5])  -- nil: the request does not wait
+local arrival = ARGV[6]
+local n_slot = #ARGV - 6 - 2 * n_rate
 
 local status = 0
 local retry_after = 0
@@ -57,8 +71,8 @@ end
 
 for i = 1, n_rate do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[3 + 2 * i])
-  local window = tonumber(ARGV[4 + 2 * i])
+  local limit = tonumber(ARGV[5 + 2 * i])
+  local window = tonumber(ARGV[6 + 2 * i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
   rate_counts[i] = count
@@ -84,11 +98,28 @@ for i = 1, n_rate do
   end
 end
 
+local function queue_keys(j)
+  return KEYS[n_rate + n_slot + 2 * j - 1], KEYS[n_rate + n_slot + 2 * j]
+end
+
 for j = 1, n_slot do
   local key = KEYS[n_rate + j]
-  local limit = tonumber(ARGV[4 + 2 * n_rate + j])
+  local limit = tonumber(ARGV[6 + 2 * n_rate + j])
   reclaimed = reclaimed + redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local count = redis.call('ZCARD', key)
+  if waiter_ttl then
+    local queue, expiries = queue_keys(j)
+    local dead = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
+    for d = 1, #dead do redis.call('ZREM', queue, dead[d]) end
+    if #dead > 0 then redis.call('ZREMRANGEBYSCORE', expiries, '-inf', now) end
+    if arrival == '' then
+      count = count + redis.call('ZCARD', queue)
+    else
+      -- (Re)placed at its arrival: a waiter purged during a stall keeps its place.
+      redis.call('ZADD', queue, arrival, lease_id)
+      count = count + redis.call('ZRANK', queue, lease_id)
+    end
+  end
   slot_counts[j] = count
   if count >= limit and status == 0 then
     status = 2
@@ -97,7 +128,7 @@ end
 
 if status == 0 then
   for i = 1, n_rate do
-    local window = tonumber(ARGV[4 + 2 * i])
+    local window = tonumber(ARGV[6 + 2 * i])
     redis.call('ZADD', KEYS[i], now, lease_id)
     -- The newest entry leaves the window `window` ms from now: the key is useless after that.
     redis.call('PEXPIRE', KEYS[i], math.ceil(window))
@@ -116,4 +147,31 @@ local reply = {lease_id, status, retry_after, reclaimed}
 for i = 1, n_rate do reply[#reply + 1] = rate_counts[i] end
 for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
 for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
+
+if waiter_ttl then
+  local queued = 0
+  if status == 2 then
+    -- Refused for concurrency alone: wait (a newcomer at the back), entry refreshed.
+    if arrival == '' then arrival = string.format('%.3f', now) end
+    local keep = math.ceil(2 * waiter_ttl)
+    for j = 1, n_slot do
+      local queue, expiries = queue_keys(j)
+      redis.call('ZADD', queue, arrival, lease_id)
+      redis.call('ZADD', expiries, now + waiter_ttl, lease_id)
+      for _, k in ipairs({queue, expiries}) do
+        if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
+      end
+    end
+    queued = 1
+  elseif arrival ~= '' then
+    -- Admitted, or refused by a rate limit: a waiter leaves the queues either way.
+    for j = 1, n_slot do
+      local queue, expiries = queue_keys(j)
+      redis.call('ZREM', queue, lease_id)
+      redis.call('ZREM', expiries, lease_id)
+    end
+  end
+  reply[#reply + 1] = queued
+  reply[#reply + 1] = arrival
+end
 return reply

@@ -7,7 +7,6 @@ path, so Starlette's routing is fine here. When `admin_token` is set, everything
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 from starlette.applications import Starlette
@@ -15,8 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.bans import ban_routes
+from gateway.admin.keys_and_jobs import job_routes
+from gateway.admin.readiness import check_readiness
 from gateway.state import GatewayState
-from gateway.store.base import StoreError
 
 
 def _authorized(request: Request, token: str | None) -> bool:
@@ -47,14 +48,9 @@ def create_admin_app(state: GatewayState) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if state.draining:
-            return JSONResponse({"status": "shutting_down"}, status_code=503)
-        try:
-            async with asyncio.timeout(max(0.5, 2 * state.routing.config.store.timeout)):
-                await state.store.check_ready()
-        except (StoreError, TimeoutError) as exc:
-            return JSONResponse({"status": "store_unavailable", "detail": type(exc).__name__}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        # 200 "degraded" while the store is down under on_error local/allow: see gateway/admin/readiness.py
+        answer = await check_readiness(state, strict="strict" in request.query_params)
+        return JSONResponse(answer.body, status_code=answer.status_code)
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -64,5 +60,7 @@ def create_admin_app(state: GatewayState) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", guarded(readyz)),
             Route("/metrics", guarded(metrics)),
+            *ban_routes(state.bans, guarded),
+            *job_routes(state, guarded),
         ]
     )

@@ -1,0 +1,39 @@
+--[[
+usage.lua: what one key is using right now, for the admin view. Read-only.
+
+KEYS: the rate bucket keys (ARGV[2] of them), then the slot bucket keys; one {hash tag}.
+ARGV[1]  now_ms override; "" means the server clock (TIME)
+ARGV[2]  n_rate
+ARGV[3..2+n_rate]  window_ms per rate bucket
+Returns: {now, rate_count[1..n_rate], then per slot bucket: live members, n_jobs,
+          then n_jobs pairs of (member, ms until it expires)}
+  Live slot members are unexpired leases and job members; job members start with "j:".
+]]
+
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local n_rate = tonumber(ARGV[2])
+local reply = {math.floor(now)}
+for i = 1, n_rate do
+  local window = tonumber(ARGV[2 + i])
+  reply[#reply + 1] = redis.call('ZCOUNT', KEYS[i], '(' .. (now - window), '+inf')
+end
+for j = n_rate + 1, #KEYS do
+  local live = redis.call('ZRANGEBYSCORE', KEYS[j], '(' .. now, '+inf', 'WITHSCORES')
+  local jobs = {}
+  for m = 1, #live, 2 do
+    if string.sub(live[m], 1, 2) == 'j:' then
+      jobs[#jobs + 1] = live[m]
+      jobs[#jobs + 1] = math.ceil(tonumber(live[m + 1]) - now)
+    end
+  end
+  reply[#reply + 1] = #live / 2
+  reply[#reply + 1] = #jobs / 2
+  for _, value in ipairs(jobs) do reply[#reply + 1] = value end
+end
+return reply

@@ -1,0 +1,141 @@
+"""The memory store's waiter queues and job slots: admit.lua's queues and the job scripts'
+state (job_handover.lua, job_index.lua, job_free.lua) for one process.
+
+Times are float milliseconds of the memory store's clock. Queue order is (arrival, waiter id),
+as a Redis sorted set orders equal scores by member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class MemoryQueues:
+    """slot key -> waiter id -> [arrival, entry expiry]."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, dict[str, list[float]]] = {}
+
+    def live(self, key: str, now: float) -> dict[str, list[float]]:
+        """The queue of `key` without its expired entries (an empty dict when none)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return {}
+        for waiter in [w for w, (_, expiry) in queue.items() if expiry <= now]:
+            del queue[waiter]
+        if not queue:
+            del self._queues[key]
+            return {}
+        return queue
+
+    def place(self, key: str, waiter: str, arrival: float, now: float) -> int:
+        """(Re)place a waiter at its arrival; return how many are ahead of it."""
+        queue = self._queues.setdefault(key, {})
+        entry = queue.get(waiter)
+        if entry is None:
+            queue[waiter] = [arrival, now]  # expiry set by `refresh`, or the entry removed
+        else:
+            entry[0] = arrival
+        return sum(1 for other, (at, _) in queue.items() if (at, other) < (arrival, waiter))
+
+    def refresh(self, key: str, waiter: str, arrival: float, expiry: float) -> None:
+        self._queues.setdefault(key, {})[waiter] = [arrival, expiry]
+
+    def leave(self, key: str, waiter: str) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and queue.pop(waiter, None) is not None and not queue:
+            del self._queues[key]
+
+    def sweep(self, now: float) -> None:
+        for key in list(self._queues):
+            self.live(key, now)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+
+@dataclass(slots=True)
+class _Indexed:
+    owner: str
+    member: str
+    keys: tuple[str, ...]
+    expiry: float
+
+
+@dataclass(slots=True)
+class _Tombstone:
+    owners: set[str] = field(default_factory=set)
+    expiry: float = 0.0
+
+
+class MemoryJobBook:
+    """Job members per slot key (counted with the leases), the job index and tombstones."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, dict[str, float]] = {}  # slot key -> member -> expiry
+        self._index: dict[str, _Indexed] = {}
+        self._tombstones: dict[str, _Tombstone] = {}
+
+    def live(self, key: str, now: float) -> tuple[int, int]:
+        """(live job members of `key`, expired ones purged now)."""
+        members = self.members.get(key)
+        if members is None:
+            return 0, 0
+        dead = [member for member, expiry in members.items() if expiry <= now]
+        for member in dead:
+            del members[member]
+        if not members:
+            del self.members[key]
+        return len(members), len(dead)
+
+    def add(self, key: str, member: str, expiry: float) -> None:
+        self.members.setdefault(key, {})[member] = expiry
+
+    def remove(self, keys: tuple[str, ...] | list[str], member: str) -> None:
+        for key in keys:
+            members = self.members.get(key)
+            if members is not None and members.pop(member, None) is not None and not members:
+                del self.members[key]
+
+    def index(
+        self, job_id: str, owner: str, member: str, keys: tuple[str, ...], expiry: float, now: float
+    ) -> bool:
+        """Record the holder; False (nothing recorded) when an end was reported first."""
+        tomb = self._tombstones.get(job_id)
+        if tomb is not None and tomb.expiry > now and ({"*", owner} & tomb.owners):
+            return False
+        self._index[job_id] = _Indexed(owner, member, keys, expiry)
+        return True
+
+    def take(self, job_id: str, owner: str | None, now: float, tombstone_ms: float) -> _Indexed | None:
+        """job_free.lua: the index entry when `owner` (or the admin, None) may end the job."""
+        entry = self._index.get(job_id)
+        if entry is not None and entry.expiry <= now:
+            del self._index[job_id]
+            entry = None
+        if entry is not None:
+            if owner is None or owner == entry.owner:
+                del self._index[job_id]
+                return entry
+            return None
+        tomb = self._tombstones.get(job_id)
+        if tomb is None or tomb.expiry <= now:
+            tomb = self._tombstones[job_id] = _Tombstone()
+        tomb.owners.add(owner or "*")
+        tomb.expiry = now + tombstone_ms
+        return None
+
+    def sweep(self, now: float) -> int:
+        """Drop what expired; returns the job members purged (reclaimed slots)."""
+        reclaimed = 0
+        for key in list(self.members):
+            reclaimed += self.live(key, now)[1]
+        for job_id in [j for j, entry in self._index.items() if entry.expiry <= now]:
+            del self._index[job_id]
+        for job_id in [j for j, tomb in self._tombstones.items() if tomb.expiry <= now]:
+            del self._tombstones[job_id]
+        return reclaimed
+
+    @property
+    def empty(self) -> bool:
+        return not (self.members or self._index or self._tombstones)

@@ -1,0 +1,131 @@
+"""Redis job store: job_handover.lua, job_index.lua, job_free.lua and usage.lua over the
+admission store's connection (`RedisStore.run_script`: same pool, budget, NOSCRIPT reload).
+
+Key names (Redis Cluster: slot buckets keep the key's hash tag; a job's index and tombstone
+have the job's own tag, so they are found from the job id alone; no script mixes the two):
+
+    {prefix}:{j:<h(job id)>}:job    hash job / owner / member / keys (job_index.lua)
+    {prefix}:{j:<h(job id)>}:jend   set of owners whose end found no index yet (job_free.lua)
+
+Order of a handover: the slot first (job_handover.lua, key tag), then the index (job tag).
+An end arriving between the two finds no index and leaves a tombstone, which the index step
+sees: the slot is then freed at once. An end finding the index removes it, then removes the
+member from the buckets (and wakes their waiters) through the release flusher, awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from gateway.admission.buckets import short_hash
+from gateway.store import scripts
+from gateway.store.base import RateBucket, SlotBucket, StoreError, StoreObserver
+from gateway.store.jobs import (
+    INDEX_SLACK_SECONDS,
+    TOMBSTONE_SECONDS,
+    ActiveJob,
+    EndedJob,
+    JobClaim,
+    Usage,
+    job_member,
+)
+from gateway.store.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+OPERATION = "jobs"
+
+
+class RedisJobStore:
+    def __init__(self, store: RedisStore, *, prefix: str, observer: StoreObserver | None = None) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._observer = observer
+        self._handover = scripts.load("job_handover")
+        self._index = scripts.load("job_index")
+        self._free = scripts.load("job_free")
+        self._usage = scripts.load("usage")
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        tag = f"{self._prefix}:{{j:{short_hash(job_id)}}}"
+        return [f"{tag}:job", f"{tag}:jend"]
+
+    async def _run(self, script: scripts.Script, keys: list[str], args: list[str | int]) -> object:
+        try:
+            (reply,) = await self._store.run_script(script, [(keys, args)])
+            if isinstance(reply, BaseException):
+                raise StoreError(f"{script.name} failed: {reply!r}") from reply
+        except StoreError:
+            if self._observer is not None:
+                self._observer.store_error(OPERATION)
+            raise
+        return reply
+
+    async def hand_over(self, slots: Sequence[SlotBucket], lease_id: str, claim: JobClaim) -> bool:
+        if not slots:
+            return False
+        self._store.forget_leases(slots, lease_id)  # the heartbeat must not renew (or miss) it
+        member = job_member(claim.job_id)
+        keys = [slot.key for slot in slots]
+        moved = await self._run(
+            self._handover, keys,
+            [lease_id, member, scripts.ms_arg(claim.max_duration), scripts.ms_arg(self._store.lease),
+             self._store.now_arg()],
+        )  # fmt: skip
+        if not moved:
+            return False
+        ended = await self._run(
+            self._index, self._job_keys(claim.job_id),
+            [claim.job_id, claim.owner, member, "\n".join(keys),
+             scripts.ms_arg(claim.max_duration + INDEX_SLACK_SECONDS)],
+        )  # fmt: skip
+        if ended:
+            self._store.release(slots, member, wake=True)
+            await self._store.flush()
+            return False
+        return True
+
+    async def end(self, job_id: str, owner: str | None) -> EndedJob | None:
+        reply = await self._run(
+            self._free, self._job_keys(job_id), [job_id, owner or "", scripts.ms_arg(TOMBSTONE_SECONDS)]
+        )
+        if not isinstance(reply, list) or not reply or int(reply[0]) != 1 or len(reply) != 4:
+            return None
+        held_by, member, keys = (_text(value) for value in reply[1:])
+        slots = [SlotBucket(key, 0) for key in keys.split("\n") if key]
+        self._store.release(slots, member, wake=True)
+        await self._store.flush()
+        return EndedJob(job_id, held_by)
+
+    async def usage(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> Usage:
+        keys = [rate.key for rate in rates] + [slot.key for slot in slots]
+        if not keys:
+            return Usage([], [], [])
+        args: list[str | int] = [self._store.now_arg(), len(rates), *(rate.window_ms for rate in rates)]
+        reply = await self._run(self._usage, keys, args)
+        return decode_usage(reply, len(rates), len(slots))
+
+
+def decode_usage(reply: object, n_rate: int, n_slot: int) -> Usage:
+    if not isinstance(reply, list) or len(reply) < 1 + n_rate + 2 * n_slot:
+        raise StoreError(f"malformed usage reply: {reply!r:.200}")
+    rate_counts = [int(value) for value in reply[1 : 1 + n_rate]]
+    slot_counts: list[int] = []
+    jobs: list[list[ActiveJob]] = []
+    at = 1 + n_rate
+    for _ in range(n_slot):
+        slot_counts.append(int(reply[at]))
+        n_jobs = int(reply[at + 1])
+        at += 2
+        bucket_jobs = []
+        for _ in range(n_jobs):
+            member, left = _text(reply[at]), int(reply[at + 1])
+            bucket_jobs.append(ActiveJob(member[2:], left))
+            at += 2
+        jobs.append(bucket_jobs)
+    return Usage(rate_counts, slot_counts, jobs)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

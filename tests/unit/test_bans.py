@@ -1,0 +1,163 @@
+"""The pure part of IP bans: grouping (IPv6 prefixes, IPv4-mapped unwrapping), the allowlist,
+escalation arithmetic, Retry-After and the local ban cache."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.admission.bans import BanCache, KnownBan, ban_ms, group_of, is_exempt, parse_group, retry_after
+from gateway.config.model import Bans
+
+ip = ipaddress.ip_address
+net = ipaddress.ip_network
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "group"),
+    [
+        ("203.0.113.7", 64, "203.0.113.7"),
+        ("2001:db8:a::1", 64, "2001:db8:a::/64"),
+        ("2001:db8:a:0:ffff:ffff:ffff:ffff", 64, "2001:db8:a::/64"),
+        ("2001:db8:a:1::1", 64, "2001:db8:a:1::/64"),
+        ("2001:db8:a:1::1", 48, "2001:db8:a::/48"),
+        ("2001:db8::7", 128, "2001:db8::7"),
+        ("::ffff:198.51.100.9", 64, "198.51.100.9"),  # dual-stack socket: still one IPv4 client
+    ],
+)
+def test_group_of(address: str, prefix: int, group: str) -> None:
+    assert group_of(ip(address), prefix) == group
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_one_ipv6_64_is_one_group_and_its_neighbours_are_not(network: int, host_a: int, host_b: int) -> None:
+    a = ipaddress.IPv6Address((network << 64) | host_a)
+    b = ipaddress.IPv6Address((network << 64) | host_b)
+    if a.ipv4_mapped or b.ipv4_mapped:
+        return  # ::ffff:0:0/96 is IPv4 space, grouped per address
+    assert group_of(a, 64) == group_of(b, 64)
+    neighbour = ipaddress.IPv6Address((((network + 1) % 2**64) << 64) | host_a)
+    if not neighbour.ipv4_mapped:
+        assert group_of(neighbour, 64) != group_of(a, 64)
+    assert ip(group_of(a, 64).split("/")[0]) in net(f"{a}/64", strict=False)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 128))
+def test_ipv4_mapped_is_grouped_like_the_ipv4_address(value: int, prefix: int) -> None:
+    v4 = ipaddress.IPv4Address(value)
+    mapped = ipaddress.IPv6Address(f"::ffff:{v4}")
+    assert group_of(mapped, prefix) == group_of(v4, prefix) == str(v4)
+
+
+@pytest.mark.parametrize(
+    ("text", "group"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:a::99", "2001:db8:a::/64"),  # any address inside a banned prefix
+        ("2001:db8:a::/64", "2001:db8:a::/64"),
+        ("2001:db8:a::5/64", "2001:db8:a::/64"),
+        ("[2001:db8:a::1]", "2001:db8:a::/64"),
+        ("::ffff:1.2.3.4", "1.2.3.4"),
+        ("not-an-ip", None),
+        ("1.2.3.4/99", None),
+        ("", None),
+    ],
+)
+def test_parse_group(text: str, group: str | None) -> None:
+    assert parse_group(text, 64) == group
+
+
+def test_allowlist() -> None:
+    allow = (net("10.0.0.0/8"), net("2001:db8:f::/48"))
+    assert is_exempt(ip("10.200.0.1"), allow)
+    assert is_exempt(ip("2001:db8:f:1::1"), allow)
+    assert not is_exempt(ip("11.0.0.1"), allow)
+    assert not is_exempt(ip("2001:db8:e::1"), allow)
+    assert not is_exempt(ip("::ffff:10.0.0.1"), allow)  # callers unwrap first (client_ip does)
+    assert not is_exempt(ip("10.0.0.1"), ())
+
+
+def test_escalation_doubles_then_caps() -> None:
+    policy = Bans(duration=2, factor=2, max_duration=10)
+    assert [ban_ms(policy, n) for n in range(1, 6)] == [2000, 4000, 8000, 10000, 10000]
+
+
+def test_escalation_with_fractional_numbers() -> None:
+    policy = Bans(duration=0.3, factor=1.5, max_duration=1)
+    assert [ban_ms(policy, n) for n in range(1, 5)] == [300, 450, 675, 1000]
+
+
+@given(
+    st.floats(0.001, 1e6),
+    st.floats(1.0, 100.0),
+    st.floats(0.0, 1e6),
+    st.integers(1, 100_000),
+)
+def test_escalation_is_bounded_monotonic_and_never_raises(
+    duration: float, factor: float, extra: float, n: int
+) -> None:
+    policy = Bans(duration=duration, factor=factor, max_duration=duration + extra)
+    length = ban_ms(policy, n)
+    assert math.ceil(round(duration * 1000, 3)) <= length <= math.ceil(round((duration + extra) * 1000, 3))
+    assert ban_ms(policy, n + 1) >= length
+    assert ban_ms(policy, 1) == math.ceil(round(duration * 1000, 3))
+
+
+@pytest.mark.parametrize(("left", "header"), [(0.001, 1), (1.0, 1), (1.01, 2), (7.9, 8), (8.0, 8)])
+def test_retry_after_is_a_ceiling_of_at_least_one(left: float, header: int) -> None:
+    assert retry_after(left) == header
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_learns_and_forgets_at_the_end_of_the_ban() -> None:
+    clock = Clock()
+    cache = BanCache(clock)
+    assert not cache and cache.seconds_left("1.2.3.4") is None
+    cache.learn("1.2.3.4", 2.0, 1)
+    assert len(cache) == 1
+    clock.now += 1.5
+    assert cache.seconds_left("1.2.3.4") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert cache.seconds_left("1.2.3.4") is None
+    assert not cache
+
+
+def test_cache_sync_replaces_but_keeps_news_learned_since_it_began() -> None:
+    clock = Clock()
+    cache = BanCache(clock)
+    cache.learn("old", 10, 1)  # lifted elsewhere: the sync no longer lists it
+    clock.now += 0.5
+    started = clock.now
+    clock.now += 0.01
+    cache.learn("fresh", 5, 1)  # imposed here while the sync was in flight
+    cache.replace([KnownBan("remote", 3, 2)], started)
+    assert cache.seconds_left("old") is None
+    assert cache.seconds_left("fresh") == pytest.approx(5)
+    assert cache.seconds_left("remote") == pytest.approx(3)
+    assert {ban.group: ban.bans for ban in cache.snapshot()} == {"fresh": 1, "remote": 2}
+
+
+def test_cache_sync_does_not_bring_back_a_ban_lifted_while_it_ran() -> None:
+    clock = Clock()
+    cache = BanCache(clock)
+    cache.learn("g", 10, 1)
+    started = clock.now
+    clock.now += 0.01
+    cache.lift("g")  # the sync read the store before the lift
+    cache.replace([KnownBan("g", 9.99, 1)], started)
+    assert cache.seconds_left("g") is None
+    # a later sync that still lists it (imposed again) is believed
+    clock.now += 1
+    cache.replace([KnownBan("g", 4, 2)], clock.now)
+    assert cache.seconds_left("g") == pytest.approx(4)
