@@ -27,3 +27,19 @@ def assert_no_leaks(client: redis.Redis, prefix: str) -> None:
         assert ttl > 0, f"{text} has no TTL ({ttl})"
         if ":c:" in text:
             assert client.zcard(name) == 0, f"slot set {text} still holds {client.zrange(name, 0, -1)}"
+
+
+def keys_per_primary(primaries: Sequence[redis.Redis], prefix: str) -> list[list[str]]:
+    """The store keys under `prefix` that each primary of a cluster holds (SCAN on each node:
+    a cluster node only ever lists the keys of its own slots)."""
+    return [
+        sorted(name.decode() for name in primary.scan_iter(match=f"{prefix}:*", count=1000))
+        for primary in primaries
+    ]
+
+
+def assert_no_leaks_on_cluster(primaries: Sequence[redis.Redis], prefix: str) -> list[list[str]]:
+    """`assert_no_leaks` on every primary of a cluster; returns the keys each one holds."""
+    for primary in primaries:
+        assert_no_leaks(primary, prefix)
+    return keys_per_primary(primaries, prefix)
