@@ -276,3 +276,12 @@ def test_sigterm_exits_zero(tmp_path: Path, upstream: str) -> None:
     with gateway(write_config(tmp_path / "gw.yaml", base_config(upstream))) as gw:
         assert httpx.get(gw.admin_url + "/readyz").status_code == 200
         assert gw.stop() == 0
+
+
+def test_admin_endpoints_are_never_served_on_the_public_port(gw: Proc, upstream: str) -> None:
+    for path in ("/metrics", "/healthz", "/readyz", "/v1/bans", "/v1/keys/k1"):
+        assert httpx.get(gw.url + path).status_code == 401  # the public port wants an API key
+        proxied = httpx.get(gw.url + path, headers={"X-API-Key": SECRET})
+        # with a key it is just a path of the upstream API, proxied like any other
+        assert proxied.status_code in (200, 429) and "gateway_requests_total" not in proxied.text
+    assert "gateway_requests_total" in httpx.get(gw.admin_url + "/metrics").text
