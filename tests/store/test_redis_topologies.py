@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,50 +19,9 @@ import redis
 from gateway.store.redis import RedisStore
 from tests.store.conftest import RecordingObserver, rate, slot
 from tests.support.redis_server import PrivateRedis, free_port, private_redis
+from tests.support.topologies import redis_cluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
-
-
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = random.randint(20000, 50000)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-
-
-@contextlib.contextmanager
-def three_node_cluster() -> Iterator[list[PrivateRedis]]:
-    with contextlib.ExitStack() as stack:
-        nodes = [
-            stack.enter_context(
-                private_redis(
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", "500",
-                    port=cluster_port(),
-                )
-            )
-            for _ in range(3)
-        ]  # fmt: skip
-        for node, (first, last) in zip(nodes, [(0, 5460), (5461, 10922), (10923, 16383)], strict=True):
-            node.client().execute_command("CLUSTER ADDSLOTSRANGE", first, last)
-        for node in nodes[1:]:
-            nodes[0].client().execute_command("CLUSTER MEET", "127.0.0.1", node.port)
-        deadline = time.monotonic() + 15
-        while True:
-            infos = [node.client().execute_command("CLUSTER INFO") for node in nodes]
-            if all(info["cluster_state"] == "ok" and info["cluster_known_nodes"] == "3" for info in infos):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"cluster did not form: {infos}")
-            time.sleep(0.05)
-        yield nodes
 
 
 @contextlib.contextmanager
@@ -100,7 +57,7 @@ def sentinel_for(master: PrivateRedis, service: str) -> Iterator[int]:
 
 
 async def test_cluster_admits_across_slots_and_survives_script_flush() -> None:
-    with three_node_cluster() as nodes:
+    with redis_cluster() as nodes:
         observer = RecordingObserver()
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes[:2])
         store = RedisStore(url, prefix="t", timeout=0.5, lease=10.0, observer=observer)
