@@ -37,7 +37,7 @@ from gateway.store.redis_bans import (
     strike_call,
 )
 from tests.store.conftest import Backend, DrivenClock, RecordingObserver
-from tests.store.test_redis_topologies import three_node_cluster
+from tests.support.topologies import redis_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -256,7 +256,7 @@ async def test_memory_and_lua_agree_on_random_stories(engine: str, request: pyte
 async def test_bans_on_a_redis_cluster() -> None:
     """Strike batches spread over every primary, the index in its own slot, NOSCRIPT after a
     failover-like SCRIPT FLUSH, and a TTL on every key."""
-    with three_node_cluster() as nodes:
+    with redis_cluster() as nodes:
         observer = RecordingObserver()
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes[:2])
         redis_store = RedisStore(url, prefix="t", timeout=0.5, lease=10.0, observer=observer)
