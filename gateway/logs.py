@@ -8,23 +8,15 @@ from __future__ import annotations
 import logging
 import sys
 
-
-class _DropIntentionalAborts(logging.Filter):
-    """uvicorn logs any exception escaping the app as a crash. The forwarder raises one on
-    purpose to abort a client connection when the upstream broke mid-body; that is an
-    expected event (counted in metrics), not a crash."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from gateway.proxy.forwarder import ClientAborted
-
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, ClientAborted)
+from gateway.proxy.forwarder import ClientAbortedLogFilter
 
 
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_DropIntentionalAborts())
+    # uvicorn logs any exception escaping the app as a crash; the forwarder's deliberate abort
+    # of a response whose upstream broke mid-body is an expected, counted event.
+    handler.addFilter(ClientAbortedLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

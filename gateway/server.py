@@ -33,6 +33,7 @@ from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
+from gateway.config.units import parse_host_port
 from gateway.header_deadline import header_deadline_protocol
 from gateway.logs import configure_logging
 from gateway.reload import reload_config, watch_file
@@ -52,13 +53,8 @@ class ServeOptions:
     workers: int = 1
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def bind(address: str) -> socket.socket:
-    host, port = split_host_port(address)
+    host, port = parse_host_port(address)  # validated at config load; brackets removed
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,7 +33,6 @@ class GatewayState:
     draining: bool = False
     recent_clients: RecentClients = field(default_factory=RecentClients)  # for the admin key view
     active_requests: int = 0
-    store_started: bool = False
     bans: BanGuard = field(init=False)  # set by create(): its policy follows config reloads
     jobs: JobTracker = field(init=False)  # set by create(): slots held by async jobs
 
@@ -72,7 +71,6 @@ class GatewayState:
             await self.local_store.start()
         try:
             await self.store.start()
-            self.store_started = True
         except StoreError:
             # Serve anyway: on_error decides until the store answers (it reconnects by itself).
             self.admission.breaker.failure()
