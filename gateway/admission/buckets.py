@@ -14,6 +14,8 @@ numbers keeps the counters.
     {prefix}:{w:<h(workspace)>}:k:<h(key id)>:r:<limit>  key scope, key in a workspace
     {prefix}:{w:<h(workspace)>}:w:r:<limit>             workspace scope
     ...:c:<limit> for concurrency slots; ...:p:<h(route)> appended for `per_route` buckets
+    ...:a:<limit> instead of :r: for an `exact: false` rate limit (a counter, a Redis hash where
+    the log is a sorted set: toggling `exact` in a reload names a new bucket, never WRONGTYPE)
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
         if limit is None:
             continue  # names a plan does not define are skipped for that plan (SPEC §3)
         suffix = route_suffix(route) if name in route.per_route else ""
-        kind = "r" if isinstance(limit, RateLimit) else "c"
+        kind = "c" if not isinstance(limit, RateLimit) else ("r" if limit.exact else "a")
         override = key.overrides.get(name)
         # (store key, number, policy name) for each bucket this limit puts the request in
         targets: list[tuple[str, int, str]] = []
@@ -97,7 +99,7 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
 
         for store_key, number, policy in targets:
             if isinstance(limit, RateLimit):
-                rates.append(RateBucket(store_key, number, round(limit.window * 1000)))
+                rates.append(RateBucket(store_key, number, round(limit.window * 1000), limit.exact))
                 rate_info.append(BucketInfo(policy, number, limit.window))
             elif isinstance(limit, ConcurrencyLimit):
                 slots.append(SlotBucket(store_key, number))

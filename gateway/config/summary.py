@@ -43,7 +43,7 @@ def _limit(limit: Limit) -> str:
     else:
         text = f"{limit.name} {format_rate(limit.limit, limit.window)}"
         if not limit.exact:
-            text += " (exact: false is not implemented yet: counted exactly)"
+            text += " (approximate: sliding-window counter)"
     if limit.scope == "workspace":
         text += " per workspace"
     return text

@@ -8,7 +8,8 @@ Semantics every store keeps (the contract suite in tests/store checks them on ea
 - `admit` checks every bucket and either admits into all of them or into none. A refused
   request writes nothing: no rate budget, no slot.
 - A rate bucket admits when fewer than `limit` admissions lie in the window ending now,
-  i.e. with times in (now - window, now].
+  i.e. with times in (now - window, now]. A counter bucket (`exact=False`) admits when its
+  estimate of that number plus one is at most `limit` (gateway/store/window_counter.py).
 - A slot bucket admits when fewer than `limit` unexpired leases are held. A lease expires
   `lease` seconds after it was taken or last renewed; expired leases are purged (and
   counted as reclaimed) by the next call that touches the bucket.
@@ -35,11 +36,14 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class RateBucket:
-    """One sliding window to check: `key` names its state in the store."""
+    """One sliding window to check: `key` names its state in the store. `exact=False` counts
+    it with a sliding-window counter (O(1) state, approximate) instead of a log of admissions;
+    the two kinds must never share a key (their state has different types)."""
 
     key: str
     limit: int
     window_ms: int
+    exact: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +67,12 @@ class AdmitResult:
     # Milliseconds until the request would be admitted by every refusing rate bucket
     # (0 when admitted or refused only for concurrency).
     retry_after_ms: int
-    # Admissions in each rate window before this request (after purging expired ones).
+    # Admissions in each rate window before this request (after purging expired ones); for a
+    # counter bucket its estimate, rounded up.
     rate_counts: list[int]
     # Per rate bucket: ms until its oldest admission leaves the window, counting this
-    # request if admitted (the window length when the bucket is empty).
+    # request if admitted (the window length when the bucket is empty); for a counter bucket,
+    # ms until its rounded-up estimate (counting this request if admitted) drops by one.
     rate_reset_ms: list[int]
     # Unexpired leases held in each slot bucket before this request.
     slot_counts: list[int]

@@ -5,9 +5,10 @@ no lock is needed. Times are float milliseconds from the injected clock, like th
 of the Lua scripts, so both stores take the same decisions at the same instants.
 
 Per call the cost is O(buckets) plus the entries that expired: a rate bucket is a deque of
-admission times (oldest first); a slot bucket is an insertion-ordered dict lease id ->
-expiry, kept in expiry order because every expiry is `now + lease` on a monotonic clock
-and a renewal moves the lease to the end. Held leases are renewed by a heartbeat every
+admission times (oldest first), or for `exact: false` a `CounterState` of a few numbers
+whatever the limit (gateway/store/window_counter.py); a slot bucket is an insertion-ordered
+dict lease id -> expiry, kept in expiry order because every expiry is `now + lease` on a
+monotonic clock and a renewal moves the lease to the end. Held leases are renewed by a heartbeat every
 lease/3, exactly as the Redis store does, so a loop stalled longer than `lease` loses its
 leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded by what
 is live: empty buckets are dropped.
@@ -27,6 +28,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
+from gateway.store import window_counter
 from gateway.store.base import (
     AdmitResult,
     NullObserver,
@@ -47,6 +49,7 @@ from gateway.store.jobs import (
 from gateway.store.memory_jobs import MemoryJobBook, MemoryQueues
 from gateway.store.scripts import hash_tag
 from gateway.store.wakeups import LocalWakeups
+from gateway.store.window_counter import CounterState
 
 
 class _Window:
@@ -79,6 +82,7 @@ class MemoryStore:
         self._clock = clock
         self._observer: StoreObserver = observer or NullObserver()
         self._windows: dict[str, _Window] = {}
+        self._counters: dict[str, CounterState] = {}  # `exact: false` buckets
         self._slots: dict[str, OrderedDict[str, float]] = {}
         self._held: set[tuple[str, str]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -115,7 +119,17 @@ class MemoryStore:
         rate_resets: list[int] = []
         slot_counts: list[int] = []
 
-        for rate in rates:
+        counter_views: dict[int, CounterState] = {}
+        for position, rate in enumerate(rates):
+            if not rate.exact:
+                view = window_counter.seen_at(self._counters.get(rate.key), now, rate.window_ms)
+                counter_views[position] = view
+                rate_counts.append(window_counter.whole_count(view, now))
+                rate_resets.append(0)  # known once the decision is (below)
+                if not window_counter.admits(view, now, rate.limit):
+                    status = 1
+                    retry_after = max(retry_after, window_counter.retry_after_ms(view, now, rate.limit))
+                continue
             window = self._windows.get(rate.key)
             if window is not None:
                 window.window_ms = rate.window_ms
@@ -152,8 +166,15 @@ class MemoryStore:
             if count >= slot.limit and status == 0:
                 status = 2
 
+        for position, view in counter_views.items():
+            if status == 0:
+                view = self._counters[rates[position].key] = window_counter.after_admission(view)
+            rate_resets[position] = window_counter.reset_ms(view, now)
+
         if status == 0:
             for rate in rates:
+                if not rate.exact:
+                    continue
                 window = self._windows.get(rate.key)
                 if window is None:
                     window = self._windows[rate.key] = _Window(rate.window_ms)
@@ -260,6 +281,10 @@ class MemoryStore:
         now = self._now()
         rate_counts = []
         for rate in rates:
+            if not rate.exact:
+                view = window_counter.seen_at(self._counters.get(rate.key), now, rate.window_ms)
+                rate_counts.append(window_counter.whole_count(view, now))
+                continue
             window = self._windows.get(rate.key)
             horizon = now - rate.window_ms
             rate_counts.append(sum(1 for t in window.times if t > horizon) if window else 0)
@@ -315,6 +340,11 @@ class MemoryStore:
             window.purge(now)
             if not window.times:
                 del self._windows[key]
+        for key in list(self._counters):
+            state = self._counters[key]
+            view = window_counter.seen_at(state, now, state.window_ms)
+            if view.count == 0 and view.previous == 0:
+                del self._counters[key]  # nothing counted in this fixed window or the one before
         reclaimed = 0
         for key in list(self._slots):
             leases = self._slots[key]
@@ -329,7 +359,7 @@ class MemoryStore:
     def _drop_empty(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> None:
         for rate in rates:
             window = self._windows.get(rate.key)
-            if window is not None and not window.times:
+            if rate.exact and window is not None and not window.times:
                 del self._windows[rate.key]
         for slot in slots:
             if self._slots.get(slot.key) == {}:

@@ -1,16 +1,24 @@
 """Redis admission store: any number of replicas share one exact view through Redis.
 
 Critical path: exactly one round trip per admission. Every `admit` issued in one event-loop
-tick joins a batch; the batch goes out as one non-transactional pipeline of EVALSHA calls
-(admit.lua decides each request atomically) and every caller gets its own answer or its
-own StoreError. Scripts are loaded at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH,
-restart, failover) reloads them and resends just those calls, inside the same budget.
+tick joins a batch that goes out as one write of EVALSHA calls (admit.lua decides each request
+atomically), and every caller gets its own answer or its own StoreError. Scripts are loaded
+at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH, restart, failover) reloads them and
+resends just those calls.
+
+Two transports carry admissions and releases. For a plain `redis://` or `unix://` URL, one
+pipelined connection (gateway/store/pipelined.py): commands are written as they come, once
+per loop iteration, replies dispatched in order by callbacks, and since one connection is
+ordered, a release always lands before any admission issued after it. For TLS, Sentinel,
+Cluster, and clients built elsewhere (tests: fakeredis), redis-py pipelines on a pool, with
+the batching and ordering below done by hand.
 
 Off the critical path:
-- `release` only enqueues; one flusher task sends everything pending as one pipeline of
-  ZREMs per tick. Failures are counted, not retried: the lease heals what is lost. A release
-  that may free a slot someone waits for (`wake=True`), and a waiter leaving its queue, also
-  PUBLISH on the bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
+- `release` only enqueues (pipelined: the ZREM is queued on the connection; redis-py: one
+  flusher task sends everything pending as one pipeline of ZREMs per tick). Failures are
+  counted, not retried: the lease heals what is lost. A release that may free a slot
+  someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
+  bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
   batched per hash tag, pipelined); leases found gone are counted as lost.
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -46,6 +55,7 @@ from gateway.store.base import (
     StoreError,
     StoreObserver,
 )
+from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError, pack_command
 from gateway.store.redis_client import AnyRedis, RedisConnection, connect
 from gateway.store.wakeups import RedisWakeups
 
@@ -55,6 +65,7 @@ log = logging.getLogger(__name__)
 # no sense, such as one meant for another call).
 FAILURES: tuple[type[BaseException], ...] = (
     RedisError,
+    ReplyError,  # an error reply on the pipelined connection
     RedisClusterException,
     OSError,
     TimeoutError,
@@ -86,6 +97,8 @@ class _PendingAdmit:
 
 
 class RedisStore:
+    _fast: PipelinedRedis | None  # the pipelined connection, for plain redis:// and unix:// URLs
+
     def __init__(
         self,
         url: str,
@@ -99,6 +112,9 @@ class RedisStore:
     ) -> None:
         connection = connect(url, timeout=timeout, max_connections=max_connections + 2)
         self._setup(connection, prefix, timeout, lease, clock, observer, max_connections)
+        endpoint = Endpoint.from_url(url)
+        if endpoint is not None:
+            self._fast = PipelinedRedis(endpoint, timeout=timeout)
 
     @classmethod
     def from_client(
@@ -140,6 +156,8 @@ class RedisStore:
             raise ValueError("timeout and lease must be positive")
         self._connection = connection
         self._client = connection.client
+        self._fast = None
+        self._release_failures_logged = False
         self._prefix = prefix
         self._timeout = timeout
         self._lease = lease
@@ -179,6 +197,10 @@ class RedisStore:
                 await self._load_scripts()
                 if not self._connection.is_cluster:
                     await asyncio.gather(*(self._client.ping() for _ in range(2)))
+                if self._fast is not None:
+                    reply = await self._fast.call("PING")
+                    if isinstance(reply, BaseException):
+                        raise reply
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"store not ready at start: {exc!r}") from exc
@@ -212,6 +234,8 @@ class RedisStore:
         self._held.clear()
         self._releases.clear()
         self._connection_closed = True
+        if self._fast is not None:
+            await self._fast.aclose()
         with contextlib.suppress(*FAILURES):
             await self._connection.aclose()
 
@@ -237,6 +261,11 @@ class RedisStore:
         lease_id = f"ready:{uuid.uuid4().hex}"
         await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
         try:
+            if self._fast is not None:  # the connection admissions use is the one to probe
+                reply = await self._fast.call("ZREM", slot.key, lease_id)
+                if isinstance(reply, BaseException):
+                    raise reply
+                return
             async with asyncio.timeout(self._timeout):
                 async with self._in_flight:
                     await self._client.zrem(slot.key, lease_id)
@@ -265,10 +294,12 @@ class RedisStore:
         keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
-        self._admits.append(
-            _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None)
-        )
-        if not self._admit_batch_open:
+        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None)
+        if self._fast is not None:
+            self._send_admit(self._fast, pending, reload_on_noscript=True)
+        else:
+            self._admits.append(pending)
+        if self._fast is None and not self._admit_batch_open:
             # The batch task first runs on the next loop iteration: every admit issued
             # during this one has joined the batch by then.
             self._admit_batch_open = True
@@ -323,17 +354,44 @@ class RedisStore:
             if landed is not None:
                 self._landed(landed)
         for pending, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException):
-                self._fail(pending, reply)
-                continue
-            try:
-                result = scripts.decode_admit(
-                    reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued
-                )
-            except StoreError as exc:
-                self._fail(pending, exc)
-                continue
-            self._deliver(pending, result)
+            self._settle(pending, reply)
+
+    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit, *, reload_on_noscript: bool) -> None:
+        command = pack_command(("EVALSHA", self._admit_script.sha, len(pending.keys), *pending.keys, *pending.args))
+        fast.send(command, functools.partial(self._admit_reply, pending, reload_on_noscript))
+
+    def _admit_reply(self, pending: _PendingAdmit, reload_on_noscript: bool, reply: object) -> None:
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and reload_on_noscript:
+            self._spawn(self._reload_and_resend(pending))
+            return
+        self._settle(pending, reply)
+
+    def _settle(self, pending: _PendingAdmit, reply: object) -> None:
+        """Hand one admit.lua reply (or the error in its place) to its caller."""
+        if isinstance(reply, BaseException):
+            self._fail(pending, reply)
+            return
+        try:
+            result = scripts.decode_admit(
+                reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued
+            )
+        except StoreError as exc:
+            self._fail(pending, exc)
+            return
+        self._deliver(pending, result)
+
+    async def _reload_and_resend(self, pending: _PendingAdmit) -> None:
+        """Redis lost the scripts (SCRIPT FLUSH, restart, failover): load them, send again once."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._load_scripts()
+        except FAILURES as exc:
+            self._fail(pending, exc)
+            return
+        if self._fast is None or pending.future.done():
+            self._fail(pending, StoreError("admission abandoned while reloading scripts"))
+            return
+        self._send_admit(self._fast, pending, reload_on_noscript=False)
 
     def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
         if result.reclaimed:
@@ -387,6 +445,9 @@ class RedisStore:
     def _enqueue_releases(self, keys: Sequence[str], lease_id: str) -> None:
         if not keys or self._connection_closed:
             return
+        if self._fast is not None:
+            self._send_releases(self._fast, keys, lease_id)
+            return
         for key in keys:
             self._releases[(key, lease_id)] = None
         if self._release_task is None or self._release_task.done():
@@ -396,8 +457,29 @@ class RedisStore:
                 return  # no loop any more: the leases expire on their own
             self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
 
+    def _send_releases(self, fast: PipelinedRedis, keys: Sequence[str], lease_id: str) -> None:
+        for key in keys:
+            fast.send(pack_command(("ZREM", key, lease_id)), self._release_reply)
+        if self._wakes:  # the same connection: published after the ZREMs have landed
+            wakes, self._wakes = self._wakes, set()
+            for tag in wakes:
+                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")), self._release_reply)
+
+    def _release_reply(self, reply: object) -> None:
+        if not isinstance(reply, BaseException):
+            self._release_failures_logged = False
+            return
+        self._observer.store_error("release")
+        if not self._release_failures_logged:  # once per outage, not once per lease
+            self._release_failures_logged = True
+            log.warning("store releases are failing (the leases will expire): %s", reply)
+
     async def flush(self) -> None:
         """Wait until every release enqueued so far has been sent (or has failed)."""
+        if self._fast is not None:
+            if not self._fast.idle:
+                await self._fast.call("PING")  # one connection, in order: everything before it is done
+            return
         while self._release_task is not None and not self._release_task.done():
             await asyncio.shield(self._release_task)
 

@@ -58,6 +58,7 @@ def admit_call(
     for rate in rates:
         args.append(rate.limit)
         args.append(rate.window_ms)
+        args.append(0 if rate.exact else 1)
     args.extend(slot.limit for slot in slots)
     return keys, args
 

@@ -114,7 +114,7 @@ def test_on_error_mode_while_redis_is_blackholed(
 
         proxy.set_mode("pass")
         recovered = wait_until_store_decides(gw, BIG_KEY, within=COOLDOWN + 2 * STORE_TIMEOUT + 2 * SLACK)
-        assert readyz(gw)[1]["status"] == "ready"
+        assert readyz(gw)[1]["status"] == "ready", readyz(gw)
         # The small key is limited by Redis again, whose window saw 1 request before the outage.
         assert get(gw, SMALL_KEY).status_code == 200
         with faulty_redis.client() as direct:
@@ -181,7 +181,7 @@ def test_redis_fault_under_load(
         admissions = metric(gw.admin_url, "gateway_admission_duration_seconds_count")
         within_250ms = metric(gw.admin_url, "gateway_admission_duration_seconds_bucket", le="0.25")
         within_1s = metric(gw.admin_url, "gateway_admission_duration_seconds_bucket", le="1.0")
-        assert readyz(gw)[1]["status"] == "ready"
+        assert readyz(gw)[1]["status"] == "ready", readyz(gw)
 
     during = load.between(t_fault, t_heal)
     before = load.between(0, t_fault)

@@ -20,7 +20,10 @@ from gateway.store.redis import RedisStore
 BACKENDS = [
     pytest.param("memory", id="memory"),
     pytest.param("fakeredis", id="fakeredis"),
+    # Real Redis through the store's own pipelined connection (what `redis://` URLs use)...
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    # ...and through redis-py pipelines (what TLS, Sentinel and Cluster URLs use).
+    pytest.param("redis-py", id="redis-py", marks=pytest.mark.redis),
 ]
 
 
@@ -63,6 +66,11 @@ def rate(name: str, limit: int, window_ms: int, tag: str = "k1") -> RateBucket:
     return RateBucket(f"t:{{{tag}}}:r:{name}", limit, window_ms)
 
 
+def counter(name: str, limit: int, window_ms: int, tag: str = "k1") -> RateBucket:
+    """An `exact: false` rate bucket (":a:" like the gateway's names, never a log's key)."""
+    return RateBucket(f"t:{{{tag}}}:a:{name}", limit, window_ms, exact=False)
+
+
 def slot(name: str, limit: int, tag: str = "k1") -> SlotBucket:
     return SlotBucket(f"t:{{{tag}}}:s:{name}", limit)
 
@@ -71,6 +79,7 @@ def slot(name: str, limit: int, tag: str = "k1") -> SlotBucket:
 class Backend:
     name: str
     make_client: Callable[[], aredis.Redis] | None  # None: the memory store
+    url: str | None = None  # set: stores are built from the URL (the pipelined connection)
     stores: list[Any] = field(default_factory=list)
 
     @property
@@ -91,6 +100,9 @@ class Backend:
         store: Any
         if self.make_client is None:
             store = MemoryStore(lease, clock=clock or DrivenClock(), observer=observer)
+        elif self.url is not None:
+            store = RedisStore(self.url, prefix="t", timeout=timeout, lease=lease, clock=clock, observer=observer,
+                               max_connections=max_connections)
         else:
             store = RedisStore.from_client(
                 self.make_client(),
@@ -139,7 +151,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         made = Backend("fakeredis", fake_client_factory())
     else:
         url = request.getfixturevalue("redis_url")
-        made = Backend("redis", lambda: aredis.Redis.from_url(url))
+        made = Backend(request.param, lambda: aredis.Redis.from_url(url),
+                       url=url if request.param == "redis" else None)
     yield made
     for store in made.stores:
         await store.aclose()

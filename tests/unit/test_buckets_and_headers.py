@@ -57,6 +57,21 @@ def test_workspace_scope_is_shared_and_override_adds_a_key_cap() -> None:
     assert alice.wait == 2.0
 
 
+def test_an_approximate_rate_limit_gets_a_counter_bucket_under_its_own_name() -> None:
+    """`exact: false` is counted in a Redis hash, the log in a sorted set: toggling it in a
+    reload must name another key (no WRONGTYPE), in the same hash tag."""
+    def bucket(exact: bool) -> tuple[str, bool]:
+        plan = Plan("free", {"rpm": RateLimit("rpm", 10, 60.0, exact=exact)})
+        config = Config(upstream=CONFIG.upstream, keys=(CAROL,), plans={"free": plan}, routes=(ROUTE,))
+        (rate,) = build_plan(config, CAROL, ROUTE).rates
+        return rate.key, rate.exact
+
+    (log_key, log_exact), (counter_key, counter_exact) = bucket(True), bucket(False)
+    assert (log_exact, counter_exact) == (True, False)
+    assert log_key.endswith(":r:rpm") and counter_key.endswith(":a:rpm")
+    assert slot(log_key) == slot(counter_key)
+
+
 def test_every_key_of_one_admission_shares_one_hash_tag() -> None:
     for key in (ALICE, BOB, CAROL):
         for route in (ROUTE, CRAWL):

@@ -598,6 +598,12 @@ def test_summary_of_the_spec_example() -> None:
     assert "acme-live-demo-key" not in summary and config.keys[0].sha256 not in summary
 
 
+def test_summary_says_which_rate_limits_are_approximate() -> None:
+    summary = summarize(load_config(DATA / "valid_full.yaml", env={}))
+    assert "rpm 60/1m (approximate: sliding-window counter) per workspace" in summary
+    assert "  free: rpm 10/1m," in summary  # an exact limit says nothing
+
+
 def test_summary_redacts_user_and_password_forms() -> None:
     config = load_config_text(
         MINIMAL + "store: {url: 'rediss://default:pw@r:6380/0?password=pw2'}\n", "t.yaml"

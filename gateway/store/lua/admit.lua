@@ -18,11 +18,17 @@ ARGV[3]  now_ms override; "" means the server clock (TIME). Tests drive time wit
 ARGV[4]  n_rate: how many of KEYS are rate buckets
 ARGV[5]  waiter ttl_ms, or "" when the request does not wait (no queue is read or written)
 ARGV[6]  the waiter's arrival (its place in the queues), or "" for a newcomer
-ARGV[7..6+2*n_rate]  per rate bucket: limit, window_ms
-ARGV[7+2*n_rate..]   per slot bucket: limit
+ARGV[7..6+3*n_rate]  per rate bucket: limit, window_ms, counter (1: `exact: false`, else 0)
+ARGV[7+3*n_rate..]   per slot bucket: limit
 
 Rate bucket: a sorted set of admitted lease ids scored by admission time. An admission
 counts while its time lies in (now - window, now].
+Counter bucket (`exact: false`; its key differs from any rate bucket's): a hash w, c, p, l:
+the index of the current fixed window (floor(now / l)), the admissions counted in it, those
+of the window before, and the window length l. The estimate at now is p * (1 - f) + c, f the
+fraction of window w elapsed; it admits when estimate + 1 <= limit. The functions below
+mirror gateway/store/window_counter.py operation for operation (same decisions as the memory
+store); read that module for the reasoning and the error bound.
 Slot bucket: a sorted set of lease ids scored by lease expiry. A lease with expiry <= now
 is dead: it is purged and counted as reclaimed. Job members (job_handover.lua) live there
 too, with their own expiry.
@@ -30,9 +36,10 @@ Waiter queue: a sorted set of waiting lease ids scored by arrival, and a twin so
 scored by when each waiter's entry expires (it is refreshed by every check of that waiter).
 A newcomer counts every waiter as ahead of it; a waiter counts those before it. A slot
 bucket admits when count + ahead < limit.
-Every key written gets a TTL: a rate key lives one window past its newest entry; a slot
-key lives one lease past its longest-lived member (so a dead lease is still there to be
-counted when the next request comes); a queue lives two waiter ttls past its last write.
+Every key written gets a TTL: a rate key lives one window past its newest entry; a counter
+key two windows (by then both its counts have aged out); a slot key lives one lease past its
+longest-lived member (so a dead lease is still there to be counted when the next request
+comes); a queue lives two waiter ttls past its last write.
 
 Returns {lease_id, status, retry_after_ms, reclaimed,
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot]}
@@ -40,9 +47,12 @@ Returns {lease_id, status, retry_after_ms, reclaimed,
   status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only
   retry_after_ms: ms until every refusing rate bucket would admit (0 unless status 1)
   rate_count / slot_count: entries in the bucket before this request (after purging); for
-                 a request that may wait, slot_count includes the waiters ahead of it
+                 a request that may wait, slot_count includes the waiters ahead of it; for a
+                 counter bucket, the estimate rounded up
   rate_reset_ms: ms until the bucket's oldest admission leaves the window, counting this
-                 request if admitted (the window when the bucket is empty)
+                 request if admitted (the window when the bucket is empty); for a counter
+                 bucket, until its rounded-up estimate (this request counted) drops by one
+  retry_after_ms for a counter bucket: until estimate + 1 <= limit (window rollover counted)
   queued: 1 when the request now waits in the queues; arrival: its place there
 ]]
 
@@ -58,7 +68,7 @@ end
 local n_rate = tonumber(ARGV[4])
 local waiter_ttl = tonumber(ARGV[5])  -- nil: the request does not wait
 local arrival = ARGV[6]
-local n_slot = #ARGV - 6 - 2 * n_rate
+local n_slot = #ARGV - 6 - 3 * n_rate
 
 local status = 0
 local retry_after = 0
@@ -69,10 +79,74 @@ local function score_at(key, index)
   return tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
 end
 
-for i = 1, n_rate do
-  local key = KEYS[i]
-  local limit = tonumber(ARGV[5 + 2 * i])
-  local window = tonumber(ARGV[6 + 2 * i])
+-- Sliding-window counter (gateway/store/window_counter.py). A state: {w, c, p, l}.
+local seen_at
+
+local function scaled_estimate(view, t)
+  local elapsed = t - view.w * view.l
+  return view.p * (view.l - elapsed) + view.c * view.l
+end
+
+local function whole_count(view, t)
+  local scaled = scaled_estimate(view, t)
+  local k = math.ceil(scaled / view.l)
+  if scaled > k * view.l then
+    k = k + 1
+  elseif k > 0 and scaled <= (k - 1) * view.l then
+    k = k - 1
+  end
+  return math.max(0, k)
+end
+
+seen_at = function(state, t, window)
+  local index = math.floor(t / window)
+  if state == nil then return {w = index, c = 0, p = 0, l = window} end
+  if state.l ~= window or state.w > index then
+    -- Reloaded with another window, or a state from the future: keep what it counts now.
+    local carried
+    if state.w > math.floor(t / state.l) then
+      carried = state.c + state.p
+    else
+      carried = whole_count(seen_at(state, t, state.l), t)
+    end
+    return {w = index, c = carried, p = 0, l = window}
+  end
+  if state.w == index then return state end
+  if state.w == index - 1 then return {w = index, c = 0, p = state.c, l = window} end
+  return {w = index, c = 0, p = 0, l = window}
+end
+
+local function fits(view, t, target)
+  return scaled_estimate(seen_at(view, t, view.l), t) <= target * view.l
+end
+
+local function counter_wait(view, t, target)
+  if fits(view, t, target) then return 0 end
+  local window = view.l
+  local elapsed = t - view.w * window
+  local wait
+  if view.c <= target then
+    wait = (window - (target - view.c) * window / view.p) - elapsed
+  else
+    wait = (window - elapsed) + (window - target * window / view.c)
+  end
+  local ms = math.max(1, math.ceil(wait))
+  while not fits(view, t + ms, target) do ms = ms + 1 end  -- float rounding: never early
+  return ms
+end
+
+local function counter_view(key, window)
+  local f = redis.call('HMGET', key, 'w', 'c', 'p', 'l')
+  local state = nil
+  if f[1] and f[2] and f[3] and f[4] then
+    state = {w = tonumber(f[1]), c = tonumber(f[2]), p = tonumber(f[3]), l = tonumber(f[4])}
+  end
+  return seen_at(state, now, window)
+end
+
+-- Each check fills rate_counts[i] (and rate_resets[i] for a log) and returns nil when the
+-- bucket admits, else the ms until it would.
+local function check_log(i, key, limit, window)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
   rate_counts[i] = count
@@ -83,18 +157,37 @@ for i = 1, n_rate do
   else
     rate_resets[i] = math.ceil(window)
   end
-  if count >= limit then
-    status = 1
-    -- Admission needs count - limit + 1 entries gone: wait for the one at index count - limit.
-    local wait = window
-    if limit > 0 then
-      local at = oldest
-      if count > limit then
-        at = score_at(key, count - limit)
-      end
-      wait = at + window - now
+  if count < limit then return nil end
+  -- Admission needs count - limit + 1 entries gone: wait for the one at index count - limit.
+  local wait = window
+  if limit > 0 then
+    local at = oldest
+    if count > limit then
+      at = score_at(key, count - limit)
     end
-    retry_after = math.max(retry_after, math.ceil(wait))
+    wait = at + window - now
+  end
+  return math.ceil(wait)
+end
+
+local counters = {}  -- rate bucket index -> counter view at now, for counter buckets
+
+local function check_counter(i, key, limit, window)
+  local view = counter_view(key, window)
+  counters[i] = view
+  rate_counts[i] = whole_count(view, now)  -- rate_resets[i] once the decision is known
+  if fits(view, now, limit - 1) then return nil end
+  if limit <= 0 then return window end
+  return counter_wait(view, now, limit - 1)
+end
+
+for i = 1, n_rate do
+  local check = check_log
+  if ARGV[6 + 3 * i] == '1' then check = check_counter end
+  local wait = check(i, KEYS[i], tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]))
+  if wait then
+    status = 1
+    retry_after = math.max(retry_after, wait)
   end
 end
 
@@ -104,7 +197,7 @@ end
 
 for j = 1, n_slot do
   local key = KEYS[n_rate + j]
-  local limit = tonumber(ARGV[6 + 2 * n_rate + j])
+  local limit = tonumber(ARGV[6 + 3 * n_rate + j])
   reclaimed = reclaimed + redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local count = redis.call('ZCARD', key)
   if waiter_ttl then
@@ -128,10 +221,19 @@ end
 
 if status == 0 then
   for i = 1, n_rate do
-    local window = tonumber(ARGV[6 + 2 * i])
-    redis.call('ZADD', KEYS[i], now, lease_id)
-    -- The newest entry leaves the window `window` ms from now: the key is useless after that.
-    redis.call('PEXPIRE', KEYS[i], math.ceil(window))
+    local window = tonumber(ARGV[5 + 3 * i])
+    local view = counters[i]
+    if view then
+      view = {w = view.w, c = view.c + 1, p = view.p, l = view.l}
+      counters[i] = view
+      redis.call('HSET', KEYS[i], 'w', view.w, 'c', view.c, 'p', view.p, 'l', view.l)
+      -- Both counts have aged out two windows from now.
+      redis.call('PEXPIRE', KEYS[i], math.ceil(2 * window))
+    else
+      redis.call('ZADD', KEYS[i], now, lease_id)
+      -- The newest entry leaves the window `window` ms from now: the key is useless after that.
+      redis.call('PEXPIRE', KEYS[i], math.ceil(window))
+    end
   end
   for j = 1, n_slot do
     local key = KEYS[n_rate + j]
@@ -141,6 +243,11 @@ if status == 0 then
     local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
     redis.call('PEXPIRE', key, math.ceil(last - now + lease_ms))
   end
+end
+
+-- A counter's reset counts this request when admitted (its view was updated above).
+for i, view in pairs(counters) do
+  rate_resets[i] = counter_wait(view, now, math.max(0, whole_count(view, now) - 1))
 end
 
 local reply = {lease_id, status, retry_after, reclaimed}

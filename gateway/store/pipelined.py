@@ -1,0 +1,293 @@
+"""One pipelined connection to a standalone Redis: the admission fast path.
+
+Why not redis-py here: its asyncio pipeline costs a task, a pool checkout, a lock and several
+layers of Python per batch. At low load, where every admission is a batch of one, that was
+about 400 CPU-µs per request, more than the whole proxy (docs/benchmarks.md). Here a command
+is packed once (hiredis), every command queued during one loop iteration goes out in one
+write, and replies are parsed by hiredis in `data_received` and handed, in order, to the
+callback each command came with: Redis answers one connection's commands in the order it
+read them. No task, no pool, no lock per call. Ordering is also a guarantee callers use: a
+release queued before an admission is applied by Redis before it.
+
+Failure model. Every command has a deadline, `timeout` after it was queued. When the oldest
+unanswered command is overdue, the connection is declared stalled, every unanswered command
+is answered with a StoreError, and the connection is closed; the next command opens a new
+one. Replies are dispatched from `data_received` itself, and both asyncio's loop and uvloop
+read ready sockets before they run the next due timers, so a reply that arrived in time but
+sat unread while the loop was busy (saturation, a long callback) is delivered, not mistaken
+for a Redis stall (with redis-py, the reply also had to wait for its task to be scheduled,
+and the timeout often won). A lost connection or a failed connect answers the same way. Nothing is retried here: only
+the caller knows whether a retry is safe.
+
+Used for `redis://` and `unix://` store URLs (TLS, Sentinel and Cluster keep redis-py,
+gateway/store/redis_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+from gateway.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+OnReply = Callable[[object], None]
+ReplyError = hiredis.ReplyError
+Arg = str | bytes | int | float
+
+
+def pack_command(args: tuple[Arg, ...]) -> bytes:
+    """One command in RESP, packed by hiredis (C)."""
+    return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub declares a 1-tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a standalone Redis listens and how to log in: parsed from the store URL."""
+
+    host: str | None
+    port: int
+    path: str | None  # a unix socket instead of host:port
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint | None:
+        """The endpoint of a plain `redis://` or `unix://` URL; None for anything else (TLS,
+        Sentinel, Cluster, or options this client does not implement)."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "unix"):
+            return None
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        if set(query) - {"db"}:
+            return None  # e.g. socket options: redis-py honours them, this client would not
+        try:
+            if scheme == "unix":
+                db = int(query.get("db", "0"))
+                return cls(None, 0, unquote(parts.path), db, _user(parts.username), _secret(parts.password))
+            path_db = parts.path.strip("/")
+            db = int(query.get("db") or path_db or "0")
+            return cls(parts.hostname or "localhost", parts.port or 6379, None, db,
+                       _user(parts.username), _secret(parts.password))
+        except ValueError:
+            return None
+
+
+def _user(text: str | None) -> str | None:
+    return unquote(text) if text else None
+
+
+def _secret(text: str | None) -> str | None:
+    return unquote(text) if text else None
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: PipelinedRedis) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        owner = self._owner
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                owner._connection_failed(self, StoreError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            owner._answer(self, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._connection_failed(self, StoreError(f"Redis connection lost: {exc!r}" if exc else
+                                                        "Redis closed the connection"))
+
+
+class PipelinedRedis:
+    """Queue commands with `send`; each callback gets its reply (or a ReplyError /
+    StoreError instance, never raised) exactly once."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
+        self._endpoint = endpoint
+        self._timeout = timeout
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._outgoing: list[bytes] = []
+        # Sent or queued, unanswered: (deadline, callback), oldest first.
+        self._waiting: collections.deque[tuple[float, OnReply]] = collections.deque()
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, command: bytes, on_reply: OnReply) -> None:
+        """Queue one packed command (`pack_command`); it goes out with the rest of this loop
+        iteration's commands."""
+        if self._closed:
+            on_reply(StoreError("store is closed"))
+            return
+        loop = asyncio.get_running_loop()
+        self._outgoing.append(command)
+        self._waiting.append((loop.time() + self._timeout, on_reply))
+        if self._protocol is None:
+            if self._connecting is None:
+                self._connecting = loop.create_task(self._connect(), name="redis-pipelined-connect")
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._arm(loop)
+
+    async def call(self, *args: Arg) -> object:
+        """Send one command and wait for its reply (errors come back as values)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        def answer(reply: object) -> None:
+            if not future.done():
+                future.set_result(reply)
+
+        self.send(pack_command(args), answer)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or not self._outgoing:
+            return
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        protocol.transport.write(data)
+
+    # -- replies -----------------------------------------------------------------------
+
+    def _answer(self, protocol: _Protocol, reply: object) -> None:
+        if protocol is not self._protocol or not self._waiting:
+            return  # a late reply on a connection already given up
+        _, on_reply = self._waiting.popleft()
+        try:
+            on_reply(reply)
+        except Exception:  # a bug in one caller must not desynchronise everyone else's replies
+            log.exception("a Redis reply callback failed")
+
+    def _fail_all(self, error: StoreError) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        self._outgoing.clear()
+        for _, on_reply in waiting:
+            try:
+                on_reply(error)
+            except Exception:
+                log.exception("a Redis reply callback failed")
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        endpoint = self._endpoint
+        try:
+            async with asyncio.timeout(self._timeout):
+                if endpoint.path is not None:
+                    _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), endpoint.path)
+                else:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self), endpoint.host or "localhost", endpoint.port)
+        except (OSError, TimeoutError) as exc:
+            self._connecting = None
+            self._fail_all(StoreError(f"cannot connect to Redis: {exc!r}"))
+            return
+        except BaseException:
+            self._connecting = None
+            self._fail_all(StoreError("Redis connect cancelled"))
+            raise
+        self._connecting = None
+        if self._closed:
+            if protocol.transport is not None:
+                protocol.transport.close()
+            return
+        self._protocol = protocol
+        # Log in first, in the same write as whatever queued while connecting. A refused login
+        # fails the connection: the commands behind it are answered NOAUTH (as errors) anyway.
+        handshake: list[bytes] = []
+        if endpoint.password is not None:
+            handshake.append(pack_command(("AUTH", endpoint.username, endpoint.password) if endpoint.username
+                                          else ("AUTH", endpoint.password)))
+        if endpoint.db:
+            handshake.append(pack_command(("SELECT", endpoint.db)))
+        deadline = loop.time() + self._timeout
+        for command in reversed(handshake):
+            self._outgoing.insert(0, command)
+            self._waiting.appendleft((deadline, self._handshake_reply))
+        self._flush()
+
+    def _handshake_reply(self, reply: object) -> None:
+        if isinstance(reply, (ReplyError, StoreError)):
+            # Never the password: only Redis's own words, which do not repeat it.
+            protocol = self._protocol
+            if protocol is not None:
+                self._connection_failed(protocol, StoreError(f"Redis refused the login or SELECT: {reply}"))
+
+    def _connection_failed(self, protocol: _Protocol, error: StoreError) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        if protocol.transport is not None:
+            protocol.transport.close()
+        self._fail_all(error)
+
+    # -- deadlines ---------------------------------------------------------------------
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._waiting:
+            self._watchdog = loop.call_at(self._waiting[0][0], self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            return
+        if self._waiting[0][0] > loop.time():
+            self._arm(loop)
+            return
+        protocol = self._protocol
+        error = StoreError(f"Redis did not answer within {self._timeout:g}s")
+        if protocol is not None:
+            self._connection_failed(protocol, error)
+        else:
+            self._fail_all(error)  # still connecting: the connect's own timeout ends it too
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing unanswered."""
+        return not self._waiting
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+            try:
+                await self._connecting
+            except (asyncio.CancelledError, Exception):
+                pass
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+        self._fail_all(StoreError("store is closed"))
