@@ -14,14 +14,17 @@ the path, `_finish` counts the request and writes its one access-log line.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from gateway.accesslog import AccessLog
 from gateway.admission import waiting
 from gateway.admission.controller import StoreUnavailable
-from gateway.admission.headers import limit_headers, refusal_message, retry_after_seconds
+from gateway.admission.headers import refusal_message, retry_after_seconds
 from gateway.admission.identity import IPAddress, client_ip, is_trusted, parse_ip
 from gateway.asgi import Receive, Scope, Send
+from gateway.config.model import Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
@@ -35,6 +38,8 @@ _CLOSE = [(b"connection", b"close")]
 _OUTCOME_STATUS = {
     "timeout": 504, "error": 502, "disconnected": 499, "body_too_large": 413, "client_timeout": 408,
 }
+# Forwarder outcomes that say nothing about the upstream: not counted in upstream_responses.
+_NOT_UPSTREAM = frozenset({"disconnected", "body_too_large", "client_timeout"})
 
 
 @dataclass(slots=True)
@@ -60,6 +65,24 @@ def _content_length(headers: Headers) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def _upstream_code(outcome: Outcome) -> str:
+    """The `code` label: the status class, or the failure word."""
+    return f"{outcome // 100}xx" if isinstance(outcome, int) else outcome
+
+
+def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
+    if not trusted or not peer:
+        return False
+    peer_ip = parse_ip(peer)
+    return peer_ip is not None and is_trusted(peer_ip, trusted)
+
+
+def _peer(scope: Scope) -> str | None:
+    """The socket peer's address, as uvicorn gives it."""
+    client = scope.get("client")
+    return client[0] if client else None
 
 
 def _forwarded_for(peer: str | None, headers: Headers, from_proxy: bool) -> str:
@@ -92,13 +115,12 @@ class GatewayApp:
 
     def _finish(self, scope: Scope, done: _Done, elapsed: float) -> None:
         metrics = self.state.metrics
-        metrics.requests.labels(done.plan, done.route, done.outcome).inc()
+        metrics.requests_for(done.plan, done.route, done.outcome).inc()
         if done.upstream is not None:
-            up = done.upstream
-            code = f"{up // 100}xx" if isinstance(up, int) else up
-            if code not in ("disconnected", "body_too_large", "client_timeout"):
-                metrics.upstream_responses.labels(done.route, code).inc()
-            metrics.request_duration.labels(done.route).observe(elapsed)
+            code = _upstream_code(done.upstream)
+            if code not in _NOT_UPSTREAM:
+                metrics.upstream_responses_for(done.route, code).inc()
+            metrics.request_duration_for(done.route).observe(elapsed)
         if self.access_log is not None:
             self.access_log.write(scope, done.status, done.outcome, done.key_id, done.plan, done.route,
                                   done.admission_s, done.upstream_s,
@@ -117,11 +139,11 @@ class GatewayApp:
 
         headers: Headers = scope["headers"]
         bans = config.bans
+        trusted = config.identity.trusted_proxies
+        peer = _peer(scope)
         client = None
-        if bans is not None or config.identity.trusted_proxies:
-            peer_addr = scope.get("client")
-            client = done.client = client_ip(peer_addr[0] if peer_addr else None, headers,
-                                             config.identity.trusted_proxies)
+        if bans is not None or trusted:
+            client = done.client = client_ip(peer, headers, trusted)
             banned_for = state.bans.retry_after(client, bans)
             if banned_for is not None:
                 await send_error(send, 403, "ip_banned", f"This IP address is banned for {banned_for} more "
@@ -176,10 +198,13 @@ class GatewayApp:
             done.status, done.outcome = body_start.status, body_start.outcome
             return
 
+        plan = compiled.plan
+        admission = state.admission
         started = time.perf_counter()
         try:
-            # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
-            ticket, receive = await waiting.admit(state.admission, compiled.plan, receive)
+            ticket = await admission.admit(plan)
+            if ticket.waiting_in is not None:  # up to the plan's `wait` for a free slot
+                ticket, receive = await waiting.wait_for_slot(admission, plan, ticket, receive)
         except StoreUnavailable as exc:
             await send_error(send, 503, "store_unavailable", "Admission is unavailable right now; retry.",
                              retry_after=exc.retry_after)
@@ -189,32 +214,27 @@ class GatewayApp:
         done.admission_s = admitted_at - started
         state.metrics.admission_duration.observe(done.admission_s)
         result = ticket.result
-        extra = limit_headers(compiled.plan, result, routing.families, compiled.policy) if result else []
+        extra = compiled.limit_headers(result) if result else []
 
         if result is not None and not result.admitted:
             done.status = 429
             state.bans.strike(client, bans)
             if result.reason == "rate":
                 done.outcome = "rate_limited"
-                await send_error(send, 429, "rate_limited", refusal_message(compiled.plan, result),
+                await send_error(send, 429, "rate_limited", refusal_message(plan, result),
                                  retry_after=retry_after_seconds(result), extra_headers=extra)
             else:
                 done.outcome = "concurrency_limited"
-                await send_error(send, 429, "concurrency_limited", refusal_message(compiled.plan, result),
+                await send_error(send, 429, "concurrency_limited", refusal_message(plan, result),
                                  extra_headers=extra)
             return
 
-        peer_addr = scope.get("client")
-        peer = peer_addr[0] if peer_addr else None
-        trusted = config.identity.trusted_proxies
-        peer_ip = parse_ip(peer) if peer and trusted else None
-        from_proxy = peer_ip is not None and is_trusted(peer_ip, trusted)
         upstream_headers = upstream_request_headers(
             routing.header_policy, headers, key_id=key.id, plan=key.plan,
-            forwarded_for=_forwarded_for(peer, headers, from_proxy),
+            forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
             forwarded_proto=scope.get("scheme", "http"),
         )
-        in_flight = state.metrics.in_flight.labels(key.plan)
+        in_flight = state.metrics.in_flight_for(key.plan)
         in_flight.inc()
         state.active_requests += 1
         done.outcome = "admitted"
@@ -229,16 +249,15 @@ class GatewayApp:
                 timeout=config.upstream.timeout,
                 body_start=body_start,
                 client_timeout=config.client_timeout,
-                observer=state.jobs.observer(
-                    routing.jobs, key.id, route, method, scope["path"], compiled.plan, ticket),
-                on_complete=lambda: state.admission.release(compiled.plan, ticket),
+                observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
+                on_complete=partial(admission.release, plan, ticket),
             )
         except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
             done.status, done.upstream = exc.status, "aborted"
             raise
         finally:
             done.upstream_s = time.perf_counter() - admitted_at
-            state.admission.release(compiled.plan, ticket)
+            admission.release(plan, ticket)
             state.active_requests -= 1
             in_flight.dec()
         done.upstream = outcome

@@ -8,8 +8,10 @@ before any worker imports prometheus_client, and `/metrics` aggregates every wor
 from __future__ import annotations
 
 import os
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 NO_PLAN = "-"
@@ -22,6 +24,32 @@ _ADMISSION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
+
+
+class Children(Generic[_Metric]):
+    """`metric.labels(*values)`, looked up once per distinct label tuple.
+
+    prometheus_client's `labels()` validates and converts the values and takes a lock on every
+    call; the hot path calls this instead: one dict lookup. The registry keeps every child it
+    made for ever, so keeping them here too bounds this dict by the same label values (bounded
+    by configuration); a reload that brings new plans or routes only adds entries, and a child
+    once made stays the right one (labels are never removed).
+    """
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -68,8 +96,17 @@ class Metrics:
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ["result"], registry=r,
         )
+        self.cached_refusals = Counter(
+            "gateway_cached_refusals_total",
+            "Rate refusals answered from this process's refusal cache, without a store call.", registry=r,
+        )
         for result in ("success", "error"):  # both series exist from the start, so increase() sees the first
             self.config_reloads.labels(result)
+        # The labelled children the hot path uses, without a labels() call per request.
+        self.requests_for = Children(self.requests)
+        self.upstream_responses_for = Children(self.upstream_responses)
+        self.request_duration_for = Children(self.request_duration)
+        self.in_flight_for = Children(self.in_flight)
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()

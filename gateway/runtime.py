@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.admission.buckets import AdmissionPlan, build_plan
-from gateway.admission.headers import policy_header
+from gateway.admission.headers import LimitHeaders, policy_header
 from gateway.admission.identity import KeyExtractor, KeyTable
 from gateway.admission.routes import RouteTable
 from gateway.config.model import Config, Key, Route
@@ -22,6 +22,7 @@ class CompiledPlan:
     plan: AdmissionPlan
     policy: bytes | None  # RateLimit-Policy value, fixed per (plan, route)
     route_label: str
+    limit_headers: LimitHeaders  # this plan's limit headers from one admission result
 
 
 @dataclass(slots=True)
@@ -55,7 +56,8 @@ class Routing:
         compiled = self._plans.get(cache_key)
         if compiled is None:
             plan = build_plan(self.config, key, route)
-            compiled = CompiledPlan(plan, policy_header(plan), route.path)
+            policy = policy_header(plan)
+            compiled = CompiledPlan(plan, policy, route.path, LimitHeaders(plan, self.families, policy))
             self._plans[cache_key] = compiled
         return compiled
 

@@ -106,8 +106,9 @@ class Worker:
         def client_timeout() -> float:
             return self.state.routing.config.client_timeout
 
+        self.access_log = AccessLog()
         self.public = SignalFreeServer(uvicorn_config(
-            GatewayApp(self.state, AccessLog()), config, public=True, client_timeout=client_timeout))
+            GatewayApp(self.state, self.access_log), config, public=True, client_timeout=client_timeout))
         self.admin = SignalFreeServer(uvicorn_config(
             create_admin_app(self.state), config, public=False, client_timeout=client_timeout))
         self._stopping = False
@@ -125,6 +126,7 @@ class Worker:
             await asyncio.gather(self._public_task, self.admin.serve([admin_sock]))
         finally:
             watcher.cancel()
+            self.access_log.flush()  # the last requests' lines, before anything else can fail
             await self.state.aclose()
 
     def stop(self) -> None:

@@ -14,6 +14,12 @@ decides, and every such decision is counted:
 The returned `Ticket` remembers which store holds the lease, so the release always goes
 where the slot was taken.
 
+Rate refusals of the shared store are remembered (`RefusalCache`): a refusal by a rate bucket
+with `retry_after_ms = t` stays true until t has passed, on every replica, since admissions only
+leave a window with time. Until then the same plan is refused here with no store call, its
+Retry-After counting down. Concurrency refusals are never cached (a slot can free any moment);
+nor are decisions of the local fallback store or of `on_error: allow`.
+
 A plan with a `wait` admits through the waiter queues (one store call all the same): refused
 for concurrency alone, the ticket comes back `waiting_in` the store's queues, and
 gateway/admission/waiting.py re-checks it with `recheck` until it is admitted, refused by a
@@ -24,7 +30,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
@@ -74,6 +81,71 @@ def new_lease_id() -> str:
     return f"{_LEASE_PREFIX}{next(_lease_counter):x}"
 
 
+@dataclass(slots=True)
+class _Refusal:
+    plan: AdmissionPlan  # held, so that no other plan can get its id while the entry lives
+    asked_at: float  # the clock just before the store call that refused
+    deadline: float  # asked_at + retry_after: the refusal is exact at least until then
+    result: AdmitResult
+
+    def at(self, now: float) -> AdmitResult:
+        """The refusal as it stands at `now`: Retry-After and the rate resets count down."""
+        elapsed_ms = int((now - self.asked_at) * 1000)  # rounded down: never earlier than the store's numbers
+        result = self.result
+        return AdmitResult(
+            False, "rate", max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
+            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], result.slot_counts,
+        )
+
+
+class RefusalCache:
+    """Rate refusals of the shared store, per plan, until the moment they could end.
+
+    Keyed by the plan object: plans are immutable and rebuilt on a config reload, so a reload
+    (which may raise a limit) starts afresh. The deadline is counted from the clock read before
+    the store call, so it is never later than the store's own. At most `max_entries` entries
+    (keys x routes over their limits): past that, expired ones go first, then the oldest.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 4096) -> None:
+        self.clock = clock
+        self._max_entries = max_entries
+        self._entries: dict[int, _Refusal] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, plan: AdmissionPlan) -> AdmitResult | None:
+        """The cached refusal of `plan`, counted down to now, or None."""
+        entry = self._entries.get(id(plan))
+        if entry is None:
+            return None
+        now = self.clock()
+        if now >= entry.deadline:
+            del self._entries[id(plan)]
+            return None
+        return entry.at(now)
+
+    def remember(self, plan: AdmissionPlan, asked_at: float, result: AdmitResult) -> None:
+        """Keep `result` if it is a rate refusal (the store was asked at `asked_at`)."""
+        if result.admitted or result.reason != "rate" or result.retry_after_ms <= 0:
+            return
+        entries = self._entries
+        entries.pop(id(plan), None)  # re-inserted last: the oldest entries are the first to go
+        if len(entries) >= self._max_entries:
+            self._make_room()
+        entries[id(plan)] = _Refusal(plan, asked_at, asked_at + result.retry_after_ms / 1000, result)
+
+    def _make_room(self) -> None:
+        """Drop expired entries; if too many are still live, the oldest quarter (so this full
+        scan runs at most once per `max_entries / 4` new entries)."""
+        now = self.clock()
+        live = {plan_id: entry for plan_id, entry in self._entries.items() if entry.deadline > now}
+        if len(live) >= self._max_entries:
+            live = dict(list(live.items())[len(live) // 4:])
+        self._entries = live
+
+
 def recheck_interval(wait: float) -> float:
     """How often a waiter re-checks without a wake-up (lost message, expired lease)."""
     return min(0.5, max(0.05, wait / 4))
@@ -95,6 +167,7 @@ class Admission:
         local: AdmissionStore | None = None,
         breaker: CircuitBreaker | None = None,
         local_divisor: int = 1,
+        refusals: RefusalCache | None = None,
     ) -> None:
         self.store = store
         self._on_error = on_error
@@ -102,6 +175,7 @@ class Admission:
         self._local = local
         self._local_divisor = max(1, local_divisor)
         self.breaker = breaker or CircuitBreaker()
+        self.refusals = refusals if refusals is not None else RefusalCache()
 
     @property
     def on_error(self) -> OnError:
@@ -115,7 +189,12 @@ class Admission:
         lease_id = new_lease_id()
         if plan.empty:
             return Ticket(lease_id, None, None)
+        cached = self.refusals.get(plan)
+        if cached is not None:
+            self._metrics.cached_refusals.inc()
+            return Ticket(lease_id, cached, None)
         if self.breaker.allow():
+            asked_at = self.refusals.clock()
             try:
                 if plan.wait:
                     return await self._admit_waiting(self.store, plan, lease_id)
@@ -127,6 +206,8 @@ class Admission:
                 raise
             else:
                 self.breaker.success()
+                if not result.admitted:
+                    self.refusals.remember(plan, asked_at, result)
                 return Ticket(lease_id, result, self.store if result.admitted and plan.slots else None)
         return await self._fallback(plan, lease_id)
 
@@ -135,9 +216,11 @@ class Admission:
     ) -> Ticket:
         rates, slots = self._buckets(store, plan)
         spot = QueueSpot(lease_id, waiter_ttl_ms(plan.wait), arrival)
+        asked_at = self.refusals.clock()
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
-        if store is self.store:
+        if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
+            self.refusals.remember(plan, asked_at, result)
         return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
                       store if result.queued else None)
 
