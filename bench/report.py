@@ -160,7 +160,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     for sid in ("refuse-key-redis-w1", "refuse-key-redis-w2"):
         if sid in c:
             add(f"store round trips (EVALSHA) per refused request, key over its limit, {sid} [PERFORMANCE.md: cached rejection]",
-                c[sid]["evalsha_per_counted"], 0.01, "{:.3f}", False, "no local over-limit cache: every refusal asks Redis")
+                c[sid]["evalsha_per_counted"], 0.01, "{:.3f}", False,
+                "answered from the refusal cache until Retry-After; the first refusal asks Redis")
     for sid, ref in (("refuse-key-memory-w1", "bare-aiohttp-w1"), ("refuse-key-redis-w1", "bare-aiohttp-w1"),
                      ("refuse-ban-redis-w1", "bare-aiohttp-w1")):
         if sid in results.get("scenarios", {}):
@@ -282,6 +283,17 @@ def render(results: dict[str, Any]) -> str:
               f"{row['client_us_per_call_p50']:.0f} / {row['client_us_per_call_p90']:.0f} |")
         if slot is not None:
             w(f"\nA concurrency bucket holding one lease: {slot} bytes.\n")
+        counters = sc.get("counter_limits") or []
+        if counters:
+            w("#### Scaling: limit size, `exact: false` (sliding-window counter, one small hash per bucket)\n")
+            w("| limit (per window) | buckets | admitted per bucket | Redis bytes per bucket | "
+              "Redis µs/EVALSHA admitting near full | Redis µs/EVALSHA refusing (full) |")
+            w("|---:|---:|---:|---:|---:|---:|")
+            for row in counters:
+                w(f"| {row['limit']:,} | {row['buckets']} | {row['admitted_per_bucket']:,} | "
+                  f"{row['bytes_per_bucket']:,.0f} | {row['redis_us_per_admit_near_full']:.1f} | "
+                  f"{row['redis_us_per_refusal_full']:.1f} |")
+            w("")
         keys = sc["keys"]
         w(f"#### Scaling: active keys (gateway, Redis store, aiohttp, 1 worker; config of {keys[0]['config_keys']:,} keys, "
           f"which took {keys[0]['gateway_start_s']:.1f} s to load before the gateway answered)\n")

@@ -6,6 +6,8 @@ number of active keys.
    N entries, Redis-side µs per EVALSHA when admitting into a bucket of ~N entries and when
    refusing from a full one (`INFO commandstats`), and the client's wall time per sequential
    admission call.
+   The same for `exact: false` rate buckets (a sliding-window counter: one small hash whatever
+   N), under "counter_limits".
 2. Active keys (1 → 100,000), through a real gateway (Redis store, aiohttp, 1 worker) whose
    config holds that many keys (generated): every key's buckets are created first (one
    admission each, through the store with the gateway's own bucket names), then wrk rotates
@@ -105,6 +107,45 @@ async def _limit_sweep(redis_url: str, client: redis.Redis, limits: tuple[int, .
         await store.admit((), (SlotBucket(slot_key, 10),), new_lease_id())
         slot_bytes = int(client.memory_usage(slot_key, samples=0) or 0)
         rows.append({"slot_bucket_one_lease_bytes": slot_bytes})
+        client.flushdb()
+    finally:
+        await store.aclose()
+    return rows
+
+
+async def _counter_sweep(redis_url: str, client: redis.Redis, limits: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Limit size for `exact: false` buckets: memory per bucket stays flat (O(1)), whatever N."""
+    store = RedisStore(redis_url, prefix="scale", timeout=5.0, lease=30.0)
+    await store.start()
+    rows = []
+    try:
+        for limit in limits:
+            client.flushdb()
+            buckets = max(1, 4000 // limit)
+            window_ms = 3_600_000
+            all_rates = [
+                (RateBucket(f"scale:{{n{limit}b{b}}}:a:rate", limit, window_ms, exact=False),) for b in range(buckets)
+            ]
+            fill_to = limit - max(1, limit // 10)
+            for rates in all_rates:
+                await _admit_many(store, rates, fill_to)
+            calls0, usec0 = _evalsha(client)
+            for rates in all_rates:
+                await _admit_many(store, rates, limit - fill_to)
+            calls1, usec1 = _evalsha(client)
+            sizes = [int(client.memory_usage(r[0].key, samples=0) or 0) for r in all_rates]
+            refusals = 2000
+            await asyncio.gather(*(store.admit(all_rates[i % buckets], (), new_lease_id()) for i in range(refusals)))
+            calls2, usec2 = _evalsha(client)
+            rows.append({
+                "limit": limit,
+                "buckets": buckets,
+                "admitted_per_bucket": int(client.hget(all_rates[0][0].key, "c") or 0),
+                "bytes_per_bucket": statistics.median(sizes),
+                "redis_us_per_admit_near_full": (usec1 - usec0) / max(1, calls1 - calls0),
+                "redis_us_per_refusal_full": (usec2 - usec1) / max(1, calls2 - calls1),
+            })
+            print(f"  limit {limit} (exact: false): {rows[-1]['bytes_per_bucket']:.0f} B/bucket", file=sys.stderr)
         client.flushdb()
     finally:
         await store.aclose()
@@ -214,10 +255,11 @@ def run_all(*, run_dir: str, redis_port: int, upstream_port: int, quick: bool, s
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     print("[scaling] limit size", file=sys.stderr)
     limits = asyncio.run(_limit_sweep(redis_url, client, (10, 1000) if quick else LIMITS))
+    counter_limits = asyncio.run(_counter_sweep(redis_url, client, (10, 1000) if quick else LIMITS))
     print("[scaling] active keys", file=sys.stderr)
     keys = _keys_sweep(run_dir, redis_port, upstream_port, client, QUICK_ACTIVE_KEYS if quick else ACTIVE_KEYS,
                        seconds, connections)
-    return {"limits": limits, "keys": keys}
+    return {"limits": limits, "counter_limits": counter_limits, "keys": keys}
 
 
 def main() -> int:
