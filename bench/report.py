@@ -356,6 +356,7 @@ def chart_data(results: dict[str, Any]) -> dict[str, Any]:
     scaling = results.get("scaling", {})
     return {"throughput": throughput, "latency": latency, "labels": labels,
             "limits": [r for r in scaling.get("limits", []) if "limit" in r],
+            "counter_limits": scaling.get("counter_limits", []),
             "keys": scaling.get("keys", [])[1:]}
 
 
