@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -214,6 +216,10 @@ class PipelinedRedis:
             self._fail_all(StoreError("Redis connect cancelled"))
             raise
         self._connecting = None
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport is not None else None
+        if sock is not None and endpoint.path is None:
+            with contextlib.suppress(OSError):  # as redis-py does: the kernel notices a dead peer when idle
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self._closed:
             if protocol.transport is not None:
                 protocol.transport.close()

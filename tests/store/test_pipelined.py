@@ -227,3 +227,21 @@ def test_login_failure_messages_carry_no_password() -> None:
 )
 def test_which_urls_the_pipelined_connection_takes(url: str, expected: Endpoint | None) -> None:
     assert Endpoint.from_url(url) == expected
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_the_tcp_connection_asks_the_kernel_to_probe_an_idle_peer(loop_name: str) -> None:
+    import socket
+
+    with private_redis() as server:
+        async def scenario() -> None:
+            client = PipelinedRedis(endpoint(server.port), timeout=1.0)
+            assert await client.call("PING") == b"PONG"
+            protocol = client._protocol
+            assert protocol is not None and protocol.transport is not None
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            await client.aclose()
+
+        run(loop_name, scenario())
