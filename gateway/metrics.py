@@ -65,11 +65,13 @@ class Metrics:
             ["route", "code"], registry=r,
         )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Whole request time, from arrival to the last byte sent, for admitted requests.",
+            "gateway_request_duration_seconds",
+            "Whole request time, from arrival to the last byte sent, for admitted requests.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.admission_duration = Histogram(
-            "gateway_admission_duration_seconds", "Time spent deciding admission: the store call, plus any wait for a slot (wait:).",
+            "gateway_admission_duration_seconds",
+            "Time spent deciding admission: the store call, plus any wait for a slot (wait:).",
             buckets=_ADMISSION_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(

@@ -23,11 +23,10 @@ from typing import Any, cast
 
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.controller import Admission, Ticket, recheck_interval
-from gateway.asgi import Receive
+from gateway.asgi import Message, Receive
 from gateway.store.base import WaitingStore
 
 BODY_LIMIT = 1 << 20
-Message = dict[str, Any]
 
 
 class WatchedReceive:

@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from gateway.store import window_counter
 from gateway.store.base import (
@@ -290,7 +290,7 @@ class MemoryStore:
             rate_counts.append(sum(1 for t in window.times if t > horizon) if window else 0)
         slot_counts, jobs = [], []
         for slot in slots:
-            leases = self._slots.get(slot.key) or {}
+            leases: Mapping[str, float] = self._slots.get(slot.key) or {}
             members = self._jobs.members.get(slot.key) or {}
             live = [(m[2:], math.ceil(expiry - now)) for m, expiry in members.items() if expiry > now]
             slot_counts.append(sum(1 for expiry in leases.values() if expiry > now) + len(live))
