@@ -187,7 +187,7 @@ def test_zenrows_headers_count_the_slots_in_flight(
     held: list[Future[httpx.Response]] = []
     for count in (1, 2, 3):  # one at a time, so each one's arrival order is known
         held.append(pool.submit(call, client, gw, "GET", "/hold", ZENROWS_DEVELOPER, params={"ms": 20_000}))
-        wait_until(lambda: mock_in_flight(upstream, "developer-user") == count)
+        wait_until(lambda count=count: mock_in_flight(upstream, "developer-user") == count)
     fourth = call(client, gw, "GET", "/anything", ZENROWS_DEVELOPER)
     assert fourth.status_code == 200
     assert (fourth.headers["concurrency-limit"], fourth.headers["concurrency-remaining"]) == ("10", "6")
@@ -299,7 +299,7 @@ def test_cloro_concurrency_only_on_monitor_endpoints(
     held = []
     for count in (1, 2, 3):
         held.append(pool.submit(call, client, gw, "GET", "/v1/monitor/chatgpt", CLORO_PRO, params=HOLD))
-        wait_until(lambda: upstream.stats()["in_flight"] == count)
+        wait_until(lambda count=count: upstream.stats()["in_flight"] == count)
     release_holds(upstream.url)
     third = held[2].result(10)
     assert third.status_code == 200

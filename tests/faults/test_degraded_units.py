@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from gateway.admin.readiness import decide
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission
 from gateway.metrics import Metrics
 from gateway.proxy.request_body import BodyRefused, BodyStart, receive_body_start
-from gateway.admin.readiness import decide
 from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
 from gateway.store.memory import MemoryStore
 

@@ -98,10 +98,10 @@ def test_unknown_limit_names_are_skipped_and_job_limit_added() -> None:
 def test_per_route_buckets_get_their_own_key() -> None:
     general = build_plan(CONFIG, CAROL.__class__("dave", "e" * 64, "pro"), ROUTE)
     crawl = build_plan(CONFIG, CAROL.__class__("dave", "e" * 64, "pro"), CRAWL)
-    burst_general = [b.key for b, i in zip(general.rates, general.rate_info) if i.policy == "burst"][0]
-    burst_crawl = [b.key for b, i in zip(crawl.rates, crawl.rate_info) if i.policy == "burst"][0]
-    rpm_general = [b.key for b, i in zip(general.rates, general.rate_info) if i.policy == "rpm"][0]
-    rpm_crawl = [b.key for b, i in zip(crawl.rates, crawl.rate_info) if i.policy == "rpm"][0]
+    burst_general = [b.key for b, i in zip(general.rates, general.rate_info, strict=True) if i.policy == "burst"][0]
+    burst_crawl = [b.key for b, i in zip(crawl.rates, crawl.rate_info, strict=True) if i.policy == "burst"][0]
+    rpm_general = [b.key for b, i in zip(general.rates, general.rate_info, strict=True) if i.policy == "rpm"][0]
+    rpm_crawl = [b.key for b, i in zip(crawl.rates, crawl.rate_info, strict=True) if i.policy == "rpm"][0]
     assert burst_general != burst_crawl  # per_route
     assert rpm_general == rpm_crawl  # shared by limit name
 
