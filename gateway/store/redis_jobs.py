@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 
 from gateway.admission.buckets import short_hash
-from gateway.store import scripts
+from gateway.store import scripts, window_counter
 from gateway.store.base import RateBucket, SlotBucket, StoreError, StoreObserver
 from gateway.store.jobs import (
     INDEX_SLACK_SECONDS,
@@ -104,16 +104,21 @@ class RedisJobStore:
             return Usage([], [], [])
         args: list[str | int] = [self._store.now_arg(), len(rates), *(rate.window_ms for rate in rates)]
         reply = await self._run(self._usage, keys, args)
-        return decode_usage(reply, len(rates), len(slots))
+        return decode_usage(reply, rates, len(slots))
 
 
-def decode_usage(reply: object, n_rate: int, n_slot: int) -> Usage:
-    if not isinstance(reply, list) or len(reply) < 1 + n_rate + 2 * n_slot:
+def decode_usage(reply: object, rates: Sequence[RateBucket], n_slot: int) -> Usage:
+    n_rate = len(rates)
+    if not isinstance(reply, list) or len(reply) < 1 + 5 * n_rate + 2 * n_slot:
         raise StoreError(f"malformed usage reply: {reply!r:.200}")
-    rate_counts = [int(value) for value in reply[1 : 1 + n_rate]]
+    try:
+        now = float(_text(reply[0]))
+        rate_counts = [_rate_count(rate, reply[1 + 5 * i : 6 + 5 * i], now) for i, rate in enumerate(rates)]
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"malformed usage reply: {reply!r:.200}") from exc
     slot_counts: list[int] = []
     jobs: list[list[ActiveJob]] = []
-    at = 1 + n_rate
+    at = 1 + 5 * n_rate
     for _ in range(n_slot):
         slot_counts.append(int(reply[at]))
         n_jobs = int(reply[at + 1])
@@ -125,6 +130,17 @@ def decode_usage(reply: object, n_rate: int, n_slot: int) -> Usage:
             at += 2
         jobs.append(bucket_jobs)
     return Usage(rate_counts, slot_counts, jobs)
+
+
+def _rate_count(rate: RateBucket, values: list[object], now: float) -> int:
+    """A log's count as usage.lua counted it, or a counter's estimate rounded up (as admit.lua
+    reports it) from its stored state."""
+    kind, *numbers = (int(float(_text(value))) for value in values)
+    if kind == 0:
+        return numbers[0]
+    window, count, previous, window_ms = numbers
+    state = window_counter.CounterState(window, count, previous, window_ms)
+    return window_counter.whole_count(window_counter.seen_at(state, now, rate.window_ms), now)
 
 
 def _text(value: object) -> str:
