@@ -60,17 +60,23 @@ async def _admit_many(store: RedisStore, rates: tuple[RateBucket, ...], count: i
     return admitted
 
 
-async def _limit_sweep(redis_url: str, client: redis.Redis, limits: tuple[int, ...]) -> list[dict[str, Any]]:
+async def _limit_sweep(
+    redis_url: str, client: redis.Redis, limits: tuple[int, ...], *, exact: bool = True
+) -> list[dict[str, Any]]:
+    """Memory and Redis cost per call as the limit grows: the exact log (`exact: true`, one entry
+    per admission), or the sliding-window counter (`exact: false`, one small hash whatever N)."""
     store = RedisStore(redis_url, prefix="scale", timeout=5.0, lease=30.0)
     await store.start()
     rows = []
+    kind = "r" if exact else "a"
     try:
         for limit in limits:
             client.flushdb()
             # Enough buckets that each figure averages over thousands of calls.
             buckets = max(1, 4000 // limit)
             window_ms = 3_600_000
-            all_rates = [(RateBucket(f"scale:{{n{limit}b{b}}}:r:rate", limit, window_ms),) for b in range(buckets)]
+            all_rates = [(RateBucket(f"scale:{{n{limit}b{b}}}:{kind}:rate", limit, window_ms, exact),)
+                         for b in range(buckets)]
             fill_to = limit - max(1, limit // 10)
             for rates in all_rates:
                 await _admit_many(store, rates, fill_to)
@@ -83,70 +89,39 @@ async def _limit_sweep(redis_url: str, client: redis.Redis, limits: tuple[int, .
             refusals = 2000
             await asyncio.gather(*(store.admit(all_rates[i % buckets], (), new_lease_id()) for i in range(refusals)))
             calls2, usec2 = _evalsha(client)
-            # ... and the wall time of one call at a time, as one request sees it.
-            walls = []
-            for i in range(300):
-                t0 = time.perf_counter()
-                await store.admit(all_rates[i % buckets], (), new_lease_id())
-                walls.append((time.perf_counter() - t0) * 1e6)
-            card = int(client.zcard(all_rates[0][0].key))
-            rows.append({
+            row: dict[str, Any] = {
                 "limit": limit,
                 "buckets": buckets,
-                "entries_per_bucket": card,
                 "bytes_per_bucket": statistics.median(sizes),
-                "bytes_per_entry": statistics.median(sizes) / max(1, card),
                 "redis_us_per_admit_near_full": (usec1 - usec0) / max(1, calls1 - calls0),
                 "redis_us_per_refusal_full": (usec2 - usec1) / max(1, calls2 - calls1),
-                "client_us_per_call_p50": statistics.median(walls),
-                "client_us_per_call_p90": sorted(walls)[int(len(walls) * 0.9)],
-            })
-            print(f"  limit {limit}: {rows[-1]['bytes_per_bucket']:.0f} B/bucket", file=sys.stderr)
+            }
+            if exact:
+                # ... and the wall time of one call at a time, as one request sees it.
+                walls = []
+                for i in range(300):
+                    t0 = time.perf_counter()
+                    await store.admit(all_rates[i % buckets], (), new_lease_id())
+                    walls.append((time.perf_counter() - t0) * 1e6)
+                card = int(client.zcard(all_rates[0][0].key))
+                row.update({
+                    "entries_per_bucket": card,
+                    "bytes_per_entry": statistics.median(sizes) / max(1, card),
+                    "client_us_per_call_p50": statistics.median(walls),
+                    "client_us_per_call_p90": sorted(walls)[int(len(walls) * 0.9)],
+                })
+            else:
+                row["admitted_per_bucket"] = int(client.hget(all_rates[0][0].key, "c") or 0)
+            rows.append(row)
+            mode = "" if exact else " (exact: false)"
+            print(f"  limit {limit}{mode}: {row['bytes_per_bucket']:.0f} B/bucket", file=sys.stderr)
         client.flushdb()
-        slot_key = "scale:{slot}:c:inflight"
-        await store.admit((), (SlotBucket(slot_key, 10),), new_lease_id())
-        slot_bytes = int(client.memory_usage(slot_key, samples=0) or 0)
-        rows.append({"slot_bucket_one_lease_bytes": slot_bytes})
-        client.flushdb()
-    finally:
-        await store.aclose()
-    return rows
-
-
-async def _counter_sweep(redis_url: str, client: redis.Redis, limits: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Limit size for `exact: false` buckets: memory per bucket stays flat (O(1)), whatever N."""
-    store = RedisStore(redis_url, prefix="scale", timeout=5.0, lease=30.0)
-    await store.start()
-    rows = []
-    try:
-        for limit in limits:
+        if exact:
+            slot_key = "scale:{slot}:c:inflight"
+            await store.admit((), (SlotBucket(slot_key, 10),), new_lease_id())
+            slot_bytes = int(client.memory_usage(slot_key, samples=0) or 0)
+            rows.append({"slot_bucket_one_lease_bytes": slot_bytes})
             client.flushdb()
-            buckets = max(1, 4000 // limit)
-            window_ms = 3_600_000
-            all_rates = [
-                (RateBucket(f"scale:{{n{limit}b{b}}}:a:rate", limit, window_ms, exact=False),) for b in range(buckets)
-            ]
-            fill_to = limit - max(1, limit // 10)
-            for rates in all_rates:
-                await _admit_many(store, rates, fill_to)
-            calls0, usec0 = _evalsha(client)
-            for rates in all_rates:
-                await _admit_many(store, rates, limit - fill_to)
-            calls1, usec1 = _evalsha(client)
-            sizes = [int(client.memory_usage(r[0].key, samples=0) or 0) for r in all_rates]
-            refusals = 2000
-            await asyncio.gather(*(store.admit(all_rates[i % buckets], (), new_lease_id()) for i in range(refusals)))
-            calls2, usec2 = _evalsha(client)
-            rows.append({
-                "limit": limit,
-                "buckets": buckets,
-                "admitted_per_bucket": int(client.hget(all_rates[0][0].key, "c") or 0),
-                "bytes_per_bucket": statistics.median(sizes),
-                "redis_us_per_admit_near_full": (usec1 - usec0) / max(1, calls1 - calls0),
-                "redis_us_per_refusal_full": (usec2 - usec1) / max(1, calls2 - calls1),
-            })
-            print(f"  limit {limit} (exact: false): {rows[-1]['bytes_per_bucket']:.0f} B/bucket", file=sys.stderr)
-        client.flushdb()
     finally:
         await store.aclose()
     return rows
@@ -255,7 +230,7 @@ def run_all(*, run_dir: str, redis_port: int, upstream_port: int, quick: bool, s
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     print("[scaling] limit size", file=sys.stderr)
     limits = asyncio.run(_limit_sweep(redis_url, client, (10, 1000) if quick else LIMITS))
-    counter_limits = asyncio.run(_counter_sweep(redis_url, client, (10, 1000) if quick else LIMITS))
+    counter_limits = asyncio.run(_limit_sweep(redis_url, client, (10, 1000) if quick else LIMITS, exact=False))
     print("[scaling] active keys", file=sys.stderr)
     keys = _keys_sweep(run_dir, redis_port, upstream_port, client, QUICK_ACTIVE_KEYS if quick else ACTIVE_KEYS,
                        seconds, connections)
