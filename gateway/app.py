@@ -202,9 +202,8 @@ class GatewayApp:
         admission = state.admission
         started = time.perf_counter()
         try:
-            ticket = await admission.admit(plan)
-            if ticket.waiting_in is not None:  # up to the plan's `wait` for a free slot
-                ticket, receive = await waiting.wait_for_slot(admission, plan, ticket, receive)
+            # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
+            ticket, receive = await waiting.admit(admission, plan, receive)
         except StoreUnavailable as exc:
             await send_error(send, 503, "store_unavailable", "Admission is unavailable right now; retry.",
                              retry_after=exc.retry_after)

@@ -85,14 +85,6 @@ async def admit(admission: Admission, plan: AdmissionPlan, receive: Receive) -> 
     ticket = await admission.admit(plan)
     if ticket.waiting_in is None:
         return ticket, receive
-    return await wait_for_slot(admission, plan, ticket, receive)
-
-
-async def wait_for_slot(
-    admission: Admission, plan: AdmissionPlan, ticket: Ticket, receive: Receive
-) -> tuple[Ticket, Receive]:
-    """The rest of `admit` for a ticket that came back queued (`waiting_in` set): the hot path
-    calls `Admission.admit` itself and only comes here when it must wait."""
     watched = WatchedReceive(receive)
     return await _wait(admission, plan, ticket, watched), watched
 

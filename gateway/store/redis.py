@@ -299,11 +299,11 @@ class RedisStore:
             self._send_admit(self._fast, pending, reload_on_noscript=True)
         else:
             self._admits.append(pending)
-        if self._fast is None and not self._admit_batch_open:
-            # The batch task first runs on the next loop iteration: every admit issued
-            # during this one has joined the batch by then.
-            self._admit_batch_open = True
-            self._spawn(self._send_admits())
+            if not self._admit_batch_open:
+                # The batch task first runs on the next loop iteration: every admit issued
+                # during this one has joined the batch by then.
+                self._admit_batch_open = True
+                self._spawn(self._send_admits())
         try:
             result = await future
         except asyncio.CancelledError:
