@@ -20,9 +20,8 @@ from gateway.proxy.headers import HeaderPolicy
 @dataclass(frozen=True, slots=True)
 class CompiledPlan:
     plan: AdmissionPlan
-    policy: bytes | None  # RateLimit-Policy value, fixed per (plan, route)
     route_label: str
-    limit_headers: LimitHeaders  # this plan's limit headers from one admission result
+    limit_headers: LimitHeaders  # this plan's limit headers (RateLimit-Policy fixed) from one admission result
 
 
 @dataclass(slots=True)
@@ -56,8 +55,7 @@ class Routing:
         compiled = self._plans.get(cache_key)
         if compiled is None:
             plan = build_plan(self.config, key, route)
-            policy = policy_header(plan)
-            compiled = CompiledPlan(plan, policy, route.path, LimitHeaders(plan, self.families, policy))
+            compiled = CompiledPlan(plan, route.path, LimitHeaders(plan, self.families, policy_header(plan)))
             self._plans[cache_key] = compiled
         return compiled
 
