@@ -1,8 +1,9 @@
 """The bare Python proxy: the gateway's stack without admission, the floor for every ratio.
 
-Raw ASGI on uvicorn + uvloop + httptools (the same uvicorn settings as `gateway serve`), the
-same upstream client seam (`create_upstream_client`) and the same streaming forwarder
-(`forward`), and the same request-header hygiene (`upstream_request_headers`, `upstream_url`).
+Raw ASGI on uvicorn + uvloop + httptools (the same uvicorn settings and server protocol as
+`gateway serve`: its request-head deadline and disconnect notice), the same upstream client
+seam (`create_upstream_client`) and the same streaming forwarder (`forward`), and the same
+request-header hygiene (`upstream_request_headers`, `upstream_url`).
 What it leaves out is exactly what the gateway adds: API-key lookup, routing, the admission
 call, limit headers, metrics and the access log.
 
@@ -25,6 +26,7 @@ import uvicorn
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.model import Identity, Upstream
+from gateway.header_deadline import header_deadline_protocol
 from gateway.proxy.forwarder import forward
 from gateway.proxy.headers import HeaderPolicy, upstream_request_headers, upstream_url
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client
@@ -63,7 +65,7 @@ def _server(app: BareProxy) -> uvicorn.Server:
         app,  # type: ignore[arg-type]
         lifespan="off",
         loop="uvloop",
-        http="httptools",
+        http=header_deadline_protocol(lambda: 30.0),
         proxy_headers=False,
         server_header=False,
         date_header=False,

@@ -26,6 +26,7 @@ from gateway.accesslog import AccessLog  # noqa: E402
 from gateway.app import GatewayApp  # noqa: E402
 from gateway.asgi import Message, Receive, Scope, Send  # noqa: E402
 from gateway.config.loader import load_config_text  # noqa: E402
+from gateway.disconnects import EXTENSION, DisconnectWatch  # noqa: E402
 from gateway.proxy.upstream import Body, Headers  # noqa: E402
 from gateway.state import GatewayState  # noqa: E402
 
@@ -75,6 +76,7 @@ def scope_for(key: bytes) -> Scope:
         "scheme": "http", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 18080),
         "headers": [(b"host", b"127.0.0.1:18080"), (b"user-agent", b"wrk"), (b"accept", b"*/*"),
                     (b"x-api-key", key)],
+        "extensions": {EXTENSION: DisconnectWatch()},  # as the gateway's server protocol offers it
     }
 
 

@@ -17,8 +17,7 @@ import logging
 from asyncio import TimerHandle, Transport
 from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
+from gateway.disconnects import DisconnectNotifyingProtocol
 from gateway.responses import error_body
 
 log = logging.getLogger("gateway.client")
@@ -30,7 +29,7 @@ REQUEST_TIMEOUT_RESPONSE = (
 )
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
+class HeaderDeadlineProtocol(DisconnectNotifyingProtocol):
     """Set `client_timeout` on a subclass (see `header_deadline_protocol`)."""
 
     # Read at every arming, so a config reload applies to the next request head.

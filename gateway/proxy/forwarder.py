@@ -13,20 +13,23 @@ or else the first `http.request` message, is in hand before the upstream is cont
 is the whole body (every body-less request, and most small ones) the body goes upstream as
 bytes with its length; otherwise it streams from `receive()` as it arrives, counted against the
 cap, and a client silent for `client_timeout` is cut (408 if the response has not started).
-Once the body is complete, one watcher task waits on `receive()` for `http.disconnect`
-(uvicorn's `send()` silently does nothing after a disconnect, so only `receive()` can tell).
+Once the body is complete, a disconnect must still stop the exchange (uvicorn's `send()` silently
+does nothing after one): the gateway's server protocol reports it through the scope
+(gateway/disconnects.py); under any other server one watcher task waits on `receive()` for
+`http.disconnect`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Literal, NoReturn, Protocol
 
 from gateway.asgi import Receive, Scope, Send
+from gateway.disconnects import DisconnectWatch, disconnect_watch
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
-from gateway.proxy.request_body import BodyStart, send_request_timeout
+from gateway.proxy.request_body import BodyStart, declared_length, send_request_timeout
 from gateway.proxy.upstream import (
     Headers,
     UpstreamBodyError,
@@ -91,14 +94,16 @@ class ClientAbortedLogFilter(logging.Filter):
 class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
-    __slots__ = ("task", "receive", "phase", "reason", "finished", "watcher", "observer", "on_complete")
+    __slots__ = ("task", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
+                 "on_complete")
 
-    def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
+    def __init__(self, task: asyncio.Task[object], receive: Receive, disconnects: DisconnectWatch | None) -> None:
         self.task = task
         self.receive = receive
         self.phase: asyncio.Timeout | None = None
         self.reason: Reason | None = None
         self.finished = False
+        self.disconnects = disconnects  # the server's own notice of a disconnect, when it offers one
         self.watcher: asyncio.Task[None] | None = None
         self.observer: ResponseObserver | None = None
         self.on_complete: Callable[[], None] | None = None
@@ -115,7 +120,14 @@ class _Exchange:
         return True
 
     def watch(self) -> None:
-        self.watcher = self.task.get_loop().create_task(self._watch())
+        """Stop the exchange if the client disconnects from now on (the body has been read)."""
+        if self.disconnects is not None:
+            self.disconnects.add(self._disconnected)  # no task: gateway/disconnects.py
+        else:
+            self.watcher = self.task.get_loop().create_task(self._watch())
+
+    def _disconnected(self) -> None:
+        self.stop("disconnected")
 
     async def _watch(self) -> None:
         while True:
@@ -128,6 +140,8 @@ class _Exchange:
         self.finished = True
         if self.watcher is not None:
             self.watcher.cancel()
+        elif self.disconnects is not None:
+            self.disconnects.discard(self._disconnected)
 
 
 class _BodyAborted(Exception):
@@ -167,16 +181,6 @@ async def _stream_body(
         if not message.get("more_body", False):
             break
     state.watch()
-
-
-def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def _too_large(send: Send, max_body: int, extra: Headers) -> Literal["body_too_large"]:
@@ -219,7 +223,7 @@ async def forward(
     Raises `ClientAborted` when the response broke off after it had started.
     """
     extra = extra_response_headers
-    declared = _declared_length(scope["headers"])
+    declared = declared_length(scope["headers"])
     if declared is not None and declared > max_body:
         return await _too_large(send, max_body, extra)
 
@@ -241,7 +245,7 @@ async def forward(
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError("forward() must run inside an asyncio task")
-    state = _Exchange(task, receive)
+    state = _Exchange(task, receive, disconnect_watch(scope))
     state.observer = observer
     state.on_complete = on_complete
     body: bytes | AsyncIterator[bytes] | None
@@ -253,6 +257,8 @@ async def forward(
         length = declared if declared is not None else (len(first) if first else None)
         state.watch()
     try:
+        if state.reason is not None:  # gone already (a server's watch tells at once): nothing goes upstream
+            return "disconnected"
         return await _exchange(
             state, send, client, scope["method"], url, headers, body, length, extra, timeout, max_body
         )

@@ -7,6 +7,7 @@ upstream sees its connection closed), and `ClientAbortedLogFilter` silences the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -20,6 +21,7 @@ import uvicorn
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.model import Upstream
+from gateway.disconnects import DisconnectNotifyingProtocol
 from gateway.proxy.forwarder import ClientAborted, ClientAbortedLogFilter, Outcome, forward
 from gateway.proxy.headers import upstream_url
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client
@@ -71,14 +73,14 @@ class ProxyApp:
 
 
 class Gateway:
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: ProxyApp, protocol: str | type[asyncio.Protocol] = "httptools") -> None:
         self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app,
                 host="127.0.0.1",
                 port=0,
-                http="httptools",
+                http=protocol,
                 loop="asyncio",
                 lifespan="on",
                 log_config=None,  # uvicorn.error propagates to the root logger (and caplog)
@@ -115,10 +117,17 @@ def mock() -> Iterator[ThreadedMockUpstream]:
         yield upstream
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+# uvicorn's own protocol (the forwarder watches receive() with a task) and the gateway's, which
+# tells the forwarder of a disconnect itself (gateway/disconnects.py).
+PROTOCOLS = {"uvicorn": "httptools", "gateway": DisconnectNotifyingProtocol}
+
+
+@pytest.fixture(params=[(client, protocol) for client in ("aiohttp", "httpx") for protocol in PROTOCOLS],
+                ids=lambda param: "-".join(param))
 def gateway(request: pytest.FixtureRequest, mock: ThreadedMockUpstream) -> Iterator[Gateway]:
     mock.reset()
-    with Gateway(ProxyApp(mock.url, str(request.param))) as server:
+    client, protocol = request.param
+    with Gateway(ProxyApp(mock.url, client), PROTOCOLS[protocol]) as server:
         yield server
 
 

@@ -1,0 +1,81 @@
+"""Client disconnects told to the forwarder by the server protocol, without a task per request.
+
+ASGI reports a disconnect only through `receive()`, so a proxy that must notice a client leaving
+mid-response needs something awaiting `receive()` all along: a watcher task per request, which
+costs as much CPU as several of the gateway's own steps together (creating, scheduling and
+cancelling an asyncio task). The gateway's own server protocol knows of the disconnect first
+(`connection_lost`), so it offers a `DisconnectWatch` in each request's scope
+(`scope["extensions"]["gateway.disconnect"]`): the forwarder registers a callback there instead
+of starting a task. Under any other server (tests driving the app directly, other ASGI servers)
+the extension is absent and the forwarder falls back to its watcher task.
+"""
+
+from __future__ import annotations
+
+from asyncio import Transport
+from collections.abc import Callable
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.asgi import Scope
+
+EXTENSION = "gateway.disconnect"
+
+
+class DisconnectWatch:
+    """The callbacks to run when one connection is lost (one per request in progress on it)."""
+
+    __slots__ = ("_callbacks", "lost")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self.lost = False
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the connection is lost (at once if it already is)."""
+        if self.lost:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def discard(self, callback: Callable[[], None]) -> None:
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            pass
+
+    def connection_lost(self) -> None:
+        self.lost = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+def disconnect_watch(scope: Scope) -> DisconnectWatch | None:
+    """The connection's watch, when the server offers one."""
+    extensions = scope.get("extensions")
+    return extensions.get(EXTENSION) if extensions else None
+
+
+class DisconnectNotifyingProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, offering each request a `DisconnectWatch` of its connection."""
+
+    _disconnects: DisconnectWatch
+
+    def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
+        self._disconnects = DisconnectWatch()
+        super().connection_made(transport)
+
+    def on_headers_complete(self) -> None:
+        # The request's task is created in here but runs later, so the scope is complete in time.
+        scope = self.scope
+        extensions = scope.get("extensions")
+        if extensions is None:
+            scope["extensions"] = {EXTENSION: self._disconnects}
+        else:
+            extensions[EXTENSION] = self._disconnects
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # uvicorn marks the cycle disconnected first, as receive() would
+        self._disconnects.connection_lost()
