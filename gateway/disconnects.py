@@ -68,7 +68,7 @@ class DisconnectNotifyingProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         # The request's task is created in here but runs later, so the scope is complete in time.
-        scope = self.scope
+        scope: Scope = self.scope  # type: ignore[assignment]  # (uvicorn types extension values as dicts)
         extensions = scope.get("extensions")
         if extensions is None:
             scope["extensions"] = {EXTENSION: self._disconnects}
