@@ -6,7 +6,10 @@ stub upstream client that answers at once, then prints CPU µs per request of ea
 difference: what admission, limit headers, metrics and the access log add. Quick to run
 (a few seconds), so it suits iterating on the hot path; `bench/run` is the real measurement.
 
-    .venv/bin/python bench/micro_app.py [--requests N] [--rounds R]
+    .venv/bin/python bench/micro_app.py [--requests N] [--rounds R] [--store redis://127.0.0.1:6379/15]
+
+With `--store` the gateway decides on that store instead (requests one at a time: each waits
+for its own round trip, so this is the CPU of an unbatched admission and release).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ CONFIG = """
 listen: 127.0.0.1:18080
 admin_listen: 127.0.0.1:18081
 upstream: {url: "http://127.0.0.1:9", client: aiohttp}
-store: {url: "memory://"}
+store: {url: "STORE_URL"}
 keys:
   - {id: bench, key: bench-key-000000, plan: bench}
   - {id: over, key: over-limit-key, plan: tiny}
@@ -100,8 +103,8 @@ async def run(app: Any, scope: Scope, count: int) -> float:
     return (time.process_time() - started) / count * 1e6
 
 
-async def main(count: int, rounds: int) -> None:
-    config = load_config_text(CONFIG)
+async def main(count: int, rounds: int, store: str) -> None:
+    config = load_config_text(CONFIG.replace("STORE_URL", store))
     state = GatewayState.create(config, upstream=StubUpstream())
     await state.open()
     log = AccessLog(open(os.devnull, "w"))  # noqa: SIM115 (kept for the whole run)
@@ -128,7 +131,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--store", default="memory://", help="the gateway's store URL (default memory://)")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(main(args.requests, args.rounds))
+    uvloop.run(main(args.requests, args.rounds, args.store))
