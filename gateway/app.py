@@ -28,7 +28,7 @@ from gateway.config.model import Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
-from gateway.proxy.request_body import BodyRefused, receive_body_start
+from gateway.proxy.request_body import BodyRefused, declared_length, receive_body_start
 from gateway.responses import send_error
 from gateway.state import GatewayState
 
@@ -55,16 +55,6 @@ class _Done:
     upstream_s: float | None = None
     upstream: Outcome | None = None
     client: IPAddress | None = None  # resolved client IP, when bans or trusted_proxies need it
-
-
-def _content_length(headers: Headers) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 def _upstream_code(outcome: Outcome) -> str:
@@ -176,7 +166,7 @@ class GatewayApp:
         compiled = routing.plan_for(key, index, route)
         done.key_id, done.plan, done.route = key.id, key.plan, compiled.route_label
 
-        length = _content_length(headers)
+        length = declared_length(headers)
         if length is not None and length > config.max_request_body:
             await send_error(send, 413, "body_too_large",
                              f"The request body is larger than {config.max_request_body} bytes.", extra_headers=_CLOSE)

@@ -41,14 +41,28 @@ class BodyRefused:
     outcome: str  # the `outcome` metric label
 
 
-def expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in headers)
+def declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The request's Content-Length, or None when it has none (or one that is not a number)."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
-def _framed(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether the request declares a body; without Content-Length or Transfer-Encoding the
-    parser has already ended the message, so the first `receive()` cannot wait."""
-    return any(name == b"content-length" or name == b"transfer-encoding" for name, _ in headers)
+def _body_framing(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bool, bool]:
+    """(expects 100-continue, declares a body), in one pass over the headers. Without
+    Content-Length or Transfer-Encoding the parser has already ended the message, so the
+    first `receive()` cannot wait."""
+    expects_continue = framed = False
+    for name, value in headers:
+        if name == b"content-length" or name == b"transfer-encoding":
+            framed = True
+        elif name == b"expect" and value.strip().lower() == b"100-continue":
+            expects_continue = True
+    return expects_continue, framed
 
 
 async def receive_body_start(
@@ -65,9 +79,10 @@ async def receive_body_start(
     None: nothing was read (`Expect: 100-continue`); the forwarder reads the body.
     `BodyRefused`: 408 `request_timeout` or 413 `body_too_large` was sent, or the client left.
     """
-    if expects_continue(headers):
+    expects_continue, framed = _body_framing(headers)
+    if expects_continue:
         return None
-    if not _framed(headers):
+    if not framed:
         message = await receive()
         if message["type"] != "http.request":
             return BodyRefused(499, "disconnected")
