@@ -1,11 +1,11 @@
 """Stream one exchange between the ASGI client and the upstream, however it ends.
 
 How the exchange is stopped: each phase (waiting for the response headers, then streaming the
-response) runs inside its own `asyncio.timeout`. Stopping the exchange, for a client disconnect or
-a request body over the cap, reschedules the current phase's deadline to "now": asyncio then
-cancels the forwarding task and turns the cancellation back into a `TimeoutError` at the phase's
-end, with the same bookkeeping it uses for real deadlines (a cancellation of the caller itself
-still propagates). The client library sees a plain cancellation and closes the upstream
+response) runs inside its own `Phase` (gateway/proxy/phase.py: `asyncio.timeout`'s cancel scope,
+cut down). Stopping the exchange, for a client disconnect or a request body over the cap, ends
+the current phase now: the forwarding task is cancelled and the cancellation turns back into a
+`TimeoutError` at the phase's end, with the same bookkeeping as a real deadline (a cancellation
+of the caller itself still propagates). The client library sees a plain cancellation and closes the upstream
 connection, so the upstream sees the close at once and no pooled connection is left half-read.
 
 Request body: what arrived before admission (`body_start`, see gateway/proxy/request_body.py),
@@ -29,6 +29,7 @@ from typing import Literal, NoReturn, Protocol
 from gateway.asgi import Receive, Scope, Send
 from gateway.disconnects import DisconnectWatch, disconnect_watch
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
+from gateway.proxy.phase import Phase
 from gateway.proxy.request_body import BodyStart, declared_length, send_request_timeout
 from gateway.proxy.upstream import (
     Headers,
@@ -100,7 +101,7 @@ class _Exchange:
     def __init__(self, task: asyncio.Task[object], receive: Receive, disconnects: DisconnectWatch | None) -> None:
         self.task = task
         self.receive = receive
-        self.phase: asyncio.Timeout | None = None
+        self.phase: Phase | None = None
         self.reason: Reason | None = None
         self.finished = False
         self.disconnects = disconnects  # the server's own notice of a disconnect, when it offers one
@@ -114,10 +115,7 @@ class _Exchange:
             return False
         self.reason = reason
         phase = self.phase
-        if phase is None or phase.expired():
-            return False
-        phase.reschedule(0.0)  # in the past: asyncio cancels the task on the next loop turn
-        return True
+        return phase is not None and phase.stop_now()
 
     def watch(self) -> None:
         """Stop the exchange if the client disconnects from now on (the body has been read)."""
@@ -223,6 +221,9 @@ async def forward(
     Raises `ClientAborted` when the response broke off after it had started.
     """
     extra = extra_response_headers
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("forward() must run inside an asyncio task")
     declared = declared_length(scope["headers"])
     if declared is not None and declared > max_body:
         return await _too_large(send, max_body, extra)
@@ -231,7 +232,7 @@ async def forward(
         first, more_body = body_start.data, not body_start.complete
     else:
         try:
-            async with asyncio.timeout(client_timeout):
+            with Phase(task, client_timeout):
                 message = await receive()
         except TimeoutError:
             await send_request_timeout(send, extra)
@@ -242,9 +243,6 @@ async def forward(
     if len(first) > max_body:
         return await _too_large(send, max_body, extra)
 
-    task = asyncio.current_task()
-    if task is None:
-        raise RuntimeError("forward() must run inside an asyncio task")
     state = _Exchange(task, receive, disconnect_watch(scope))
     state.observer = observer
     state.on_complete = on_complete
@@ -281,7 +279,7 @@ async def _exchange(
 ) -> Outcome:
     response: UpstreamResponse | None = None
     try:
-        async with asyncio.timeout(timeout) as phase:
+        with Phase(state.task, timeout) as phase:
             state.phase = phase
             response = await client.send(method, url, headers, body, length)
     except TimeoutError:
@@ -330,7 +328,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             return await _unavailable(send, extra)
         if extra:
             out.extend(extra)
-        async with asyncio.timeout(None) as phase:
+        with Phase(state.task, None) as phase:
             state.phase = phase
             observer = state.observer
             if observer is not None and not await observer.head(status, response.headers):
