@@ -4,14 +4,16 @@ Everything runs on one event loop and `admit` never awaits between reading and w
 no lock is needed. Times are float milliseconds from the injected clock, like the scores
 of the Lua scripts, so both stores take the same decisions at the same instants.
 
-Per call the cost is O(buckets) plus the entries that expired: a rate bucket is a deque of
-admission times (oldest first), or for `exact: false` a `CounterState` of a few numbers
-whatever the limit (gateway/store/window_counter.py); a slot bucket is an insertion-ordered
-dict lease id -> expiry, kept in expiry order because every expiry is `now + lease` on a
+Per call the cost is O(buckets) plus the entries that expired (none are looked for before the
+earliest expiry held: a bound that every write lowers and the sweep recomputes). A rate bucket
+is a deque of admission times (oldest first), or for `exact: false` a `CounterState` of a few
+numbers whatever the limit (gateway/store/window_counter.py); a slot bucket is an
+insertion-ordered dict lease id -> expiry, kept in expiry order because every expiry is `now + lease` on a
 monotonic clock and a renewal moves the lease to the end. Held leases are renewed by a heartbeat every
 lease/3, exactly as the Redis store does, so a loop stalled longer than `lease` loses its
 leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded by what
-is live: empty buckets are dropped.
+is live: empty buckets are dropped (a slot bucket emptied by a release waits for the sweep,
+so the next admission can reuse it).
 
 Job members (slots held by async jobs, with their own expiry) and waiter queues live beside
 the leases (gateway/store/memory_jobs.py) and count exactly as admit.lua counts them; wake-ups
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 import uuid
@@ -85,13 +88,15 @@ class MemoryStore:
         self._counters: dict[str, CounterState] = {}  # `exact: false` buckets
         self._slots: dict[str, OrderedDict[str, float]] = {}
         self._held: set[tuple[str, str]] = set()
+        # At most the earliest expiry of any lease or job member (math.inf: none held).
+        self._earliest_expiry = math.inf
         self._heartbeat: asyncio.Task[None] | None = None
         self._queues = MemoryQueues()
         self._jobs = MemoryJobBook()
         self._wakeups = LocalWakeups()
 
     def _now(self) -> float:
-        return round(self._clock() * 1000.0, 3)
+        return _round_to_us(self._clock() * 1000.0)
 
     async def start(self) -> None:
         if self._heartbeat is None:
@@ -114,16 +119,15 @@ class MemoryStore:
         now = self._now()
         status = 0
         retry_after = 0
-        reclaimed = 0
         rate_counts: list[int] = []
         rate_resets: list[int] = []
-        slot_counts: list[int] = []
 
-        counter_views: dict[int, CounterState] = {}
-        for position, rate in enumerate(rates):
+        counter_views: dict[int, CounterState] = {}  # position in `rates` -> view
+        for rate in rates:
+            window_ms = rate.window_ms
             if not rate.exact:
-                view = window_counter.seen_at(self._counters.get(rate.key), now, rate.window_ms)
-                counter_views[position] = view
+                view = window_counter.seen_at(self._counters.get(rate.key), now, window_ms)
+                counter_views[len(rate_counts)] = view
                 rate_counts.append(window_counter.whole_count(view, now))
                 rate_resets.append(0)  # known once the decision is (below)
                 if not window_counter.admits(view, now, rate.limit):
@@ -131,31 +135,32 @@ class MemoryStore:
                     retry_after = max(retry_after, window_counter.retry_after_ms(view, now, rate.limit))
                 continue
             window = self._windows.get(rate.key)
-            if window is not None:
-                window.window_ms = rate.window_ms
+            if window is None:
+                count = 0
+            else:
+                window.window_ms = window_ms
                 window.purge(now)
                 times = window.times
-            else:
-                times = deque()
-            count = len(times)
+                count = len(times)
             rate_counts.append(count)
-            rate_resets.append(math.ceil(times[0] + rate.window_ms - now) if count else rate.window_ms)
+            rate_resets.append(math.ceil(times[0] + window_ms - now) if count else window_ms)
             if count >= rate.limit:
                 status = 1
-                wait: float = rate.window_ms
+                wait: float = window_ms
                 if rate.limit > 0:
                     # Admission needs count - limit + 1 entries gone.
-                    wait = times[count - rate.limit] + rate.window_ms - now
+                    wait = times[count - rate.limit] + window_ms - now
                 retry_after = max(retry_after, math.ceil(wait))
 
+        # Nothing can have expired before the earliest expiry: skip the purge scans until then.
+        reclaimed = self._reclaim(slots, now) if now >= self._earliest_expiry else 0
+        slot_counts: list[int] = []
+        job_members = self._jobs.members
         arrival = float(queue.arrival) if queue is not None and queue.arrival else None
         for slot in slots:
             leases = self._slots.get(slot.key)
-            if leases is not None:
-                reclaimed += _purge_expired(leases, now)
-            jobs, expired_jobs = self._jobs.live(slot.key, now)
-            reclaimed += expired_jobs
-            count = (len(leases) if leases else 0) + jobs
+            jobs = job_members.get(slot.key)
+            count = (len(leases) if leases else 0) + (len(jobs) if jobs else 0)
             if queue is not None:  # waiters ahead count as taken slots (admit.lua)
                 if arrival is None:
                     count += len(self._queues.live(slot.key, now))
@@ -187,6 +192,8 @@ class MemoryStore:
                 leases[lease_id] = expiry
                 leases.move_to_end(lease_id)
                 self._held.add((slot.key, lease_id))
+            if slots and expiry < self._earliest_expiry:
+                self._earliest_expiry = expiry
         else:
             self._drop_empty(rates, slots)
 
@@ -195,17 +202,28 @@ class MemoryStore:
             queued, place = self._queue_after(slots, queue, status, now)
         if reclaimed:
             self._observer.slots_reclaimed(reclaimed)
+        # Positional: noticeably cheaper than keywords on this path (fields in AdmitResult's order).
         return AdmitResult(
-            admitted=status == 0,
-            reason=None if status == 0 else ("rate" if status == 1 else "concurrency"),
-            retry_after_ms=retry_after,
-            rate_counts=rate_counts,
-            rate_reset_ms=rate_resets,
-            slot_counts=slot_counts,
-            reclaimed=reclaimed,
-            queued=queued,
-            arrival=place,
+            status == 0,
+            None if status == 0 else ("rate" if status == 1 else "concurrency"),
+            retry_after,
+            rate_counts,
+            rate_resets,
+            slot_counts,
+            reclaimed,
+            queued,
+            place,
         )
+
+    def _reclaim(self, slots: Sequence[SlotBucket], now: float) -> int:
+        """Purge the expired leases and job members of `slots`; return how many."""
+        reclaimed = 0
+        for slot in slots:
+            leases = self._slots.get(slot.key)
+            if leases is not None:
+                reclaimed += _purge_expired(leases, now)
+            reclaimed += self._jobs.live(slot.key, now)[1]
+        return reclaimed
 
     def _queue_after(
         self, slots: Sequence[SlotBucket], queue: QueueSpot, status: int, now: float
@@ -225,8 +243,9 @@ class MemoryStore:
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
-            if leases is not None and leases.pop(lease_id, None) is not None and not leases:
-                del self._slots[slot.key]
+            if leases is not None:
+                # An emptied bucket stays for the next admission; the heartbeat's sweep drops it.
+                leases.pop(lease_id, None)
         if wake:
             self._wake([slot.key for slot in slots])
 
@@ -250,6 +269,7 @@ class MemoryStore:
         now = self._now()
         member = job_member(claim.job_id)
         moved: list[str] = []
+        job_expiry = now + claim.max_duration * 1000.0
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
@@ -258,10 +278,11 @@ class MemoryStore:
             del leases[lease_id]
             if not leases:
                 del self._slots[slot.key]
-            self._jobs.add(slot.key, member, now + claim.max_duration * 1000.0)
+            self._jobs.add(slot.key, member, job_expiry)
             moved.append(slot.key)
         if not moved:
             return False
+        self._earliest_expiry = min(self._earliest_expiry, job_expiry)
         expiry = now + (claim.max_duration + INDEX_SLACK_SECONDS) * 1000.0
         if self._jobs.index(claim.job_id, claim.owner, member, tuple(moved), expiry, now):
             return True
@@ -306,6 +327,7 @@ class MemoryStore:
         now = self._now()
         expiry = now + self._lease_ms
         lost = 0
+        renewed = False
         for pair in list(self._held):
             key, lease_id = pair
             leases = self._slots.get(key)
@@ -316,6 +338,9 @@ class MemoryStore:
                 continue
             leases[lease_id] = expiry
             leases.move_to_end(lease_id)
+            renewed = True
+        if renewed:  # later than before, unless an injected clock stepped back
+            self._earliest_expiry = min(self._earliest_expiry, expiry)
         if lost:
             self._observer.leases_lost(lost)
         return lost
@@ -352,9 +377,16 @@ class MemoryStore:
             if not leases:
                 del self._slots[key]
         reclaimed += self._jobs.sweep(now)
+        self._earliest_expiry = self._earliest_live_expiry()
         self._queues.sweep(now)
         if reclaimed:
             self._observer.slots_reclaimed(reclaimed)
+
+    def _earliest_live_expiry(self) -> float:
+        """The earliest expiry held now (the first lease of each bucket: they are in expiry order)."""
+        first_leases = (next(iter(leases.values())) for leases in self._slots.values() if leases)
+        jobs = (expiry for members in self._jobs.members.values() for expiry in members.values())
+        return min(itertools.chain(first_leases, jobs), default=math.inf)
 
     def _drop_empty(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> None:
         for rate in rates:
@@ -376,3 +408,22 @@ def _purge_expired(leases: OrderedDict[str, float], now: float) -> int:
         del leases[lease_id]
         purged += 1
     return purged
+
+
+def _round_to_us(ms: float) -> float:
+    """`round(ms, 3)` without its slow decimal conversion whenever that gives the same float.
+
+    Half-integers are floats below 2**52 and float rounding is monotonic, so unless `us` lands
+    exactly on one (maybe a tie, left to round()), it lies between the same two half-integers
+    as the exact `ms * 1000`: both round to the same whole µs, and `whole / 1000.0` is the float
+    nearest that decimal, which is what round() returns.
+    """
+    us = ms * 1000.0
+    if 1.0 <= us < _HALF_INTEGERS_EXACT_BELOW:
+        whole = round(us)
+        if abs(us - whole) != 0.5:
+            return whole / 1000.0
+    return round(ms, 3)
+
+
+_HALF_INTEGERS_EXACT_BELOW = 2.0**52
