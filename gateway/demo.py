@@ -86,6 +86,7 @@ class Demo:
             async with aiohttp.ClientSession() as session:
                 await self.script(session)
             self.say("\nrequests by outcome (gateway_requests_total):")
+            state.metrics.flush()  # the last requests' updates wait for the end of a loop iteration
             for metric in state.metrics.requests.collect():
                 for sample in metric.samples:
                     if sample.name.endswith("_total"):

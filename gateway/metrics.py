@@ -3,12 +3,21 @@
 Labels are bounded by configuration: plan names, route patterns, fixed outcome words. Never
 a key, a secret or an IP. With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR
 before any worker imports prometheus_client, and `/metrics` aggregates every worker's files.
+
+The per-request updates (`requests_for`, `upstream_responses_for`, `request_duration_for`,
+`in_flight_for`, `admission_duration`, `cached_refusals`) add to plain numbers and are folded
+into prometheus_client once per event-loop iteration (`Batch`); every other metric is updated
+directly. `Metrics.flush()` folds what is pending now (`exposition()` calls it; so should a
+worker's shutdown).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Generic, TypeVar
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
@@ -26,35 +35,174 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _Pending(Protocol):
+    def fold(self) -> None: ...
+
+
+class Batch:
+    """The hot-path updates of one event-loop iteration, folded into prometheus_client together.
+
+    prometheus_client takes a lock on every `inc` (two per `observe`, plus a validation and a
+    bucket scan); the hot path adds to plain numbers in the batched metrics below instead. The
+    first one changed in an iteration schedules `flush` with `loop.call_soon` (as the access log
+    does), which folds every batched metric changed since. All of them live on the one event-loop
+    thread, so none needs a lock. With no running loop (synchronous code) a change folds at once.
+    """
+
+    __slots__ = ("_changed",)
+
+    def __init__(self) -> None:
+        self._changed: list[_Pending] = []
+
+    def changed(self, pending: _Pending) -> None:
+        """`pending` has updates to fold; called once per batched metric between two folds."""
+        changed = self._changed
+        changed.append(pending)
+        if len(changed) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (a synchronous caller): fold at once
+                self.flush()
+
+    def flush(self) -> None:
+        """Fold every pending update; safe to call at any time, also when none is."""
+        changed, self._changed = self._changed, []
+        for pending in changed:
+            pending.fold()
+
+
+class BatchedCounter:
+    """A counter's (or labelled child's) `inc()`, counted here and folded by the batch."""
+
+    __slots__ = ("metric", "_batch", "_count")
+
+    def __init__(self, metric: Counter, batch: Batch) -> None:
+        self.metric = metric  # the prometheus_client counter the counts fold into
+        self._batch = batch
+        self._count = 0
+
+    def inc(self) -> None:
+        self._count += 1
+        if self._count == 1:
+            self._batch.changed(self)
+
+    def fold(self) -> None:
+        count, self._count = self._count, 0
+        self.metric.inc(count)
+
+
+class BatchedGauge:
+    """A gauge's `inc()`/`dec()`, netted here; the fold applies the net change (often 0)."""
+
+    __slots__ = ("metric", "_batch", "_delta", "_in_batch")
+
+    def __init__(self, metric: Gauge, batch: Batch) -> None:
+        self.metric = metric
+        self._batch = batch
+        self._delta = 0
+        self._in_batch = False  # a net change of 0 can still be waiting for its fold
+
+    def inc(self) -> None:
+        self._delta += 1
+        if not self._in_batch:
+            self._in_batch = True
+            self._batch.changed(self)
+
+    def dec(self) -> None:
+        self._delta -= 1
+        if not self._in_batch:
+            self._in_batch = True
+            self._batch.changed(self)
+
+    def fold(self) -> None:
+        delta, self._delta, self._in_batch = self._delta, 0, False
+        if delta:
+            self.metric.inc(delta)
+
+
+class BatchedHistogram:
+    """A histogram's `observe()`, the amounts kept in order here and folded by the batch."""
+
+    __slots__ = ("metric", "_batch", "_amounts")
+
+    def __init__(self, metric: Histogram, batch: Batch) -> None:
+        self.metric = metric
+        self._batch = batch
+        self._amounts: list[float] = []
+
+    def observe(self, amount: float) -> None:
+        amounts = self._amounts
+        amounts.append(amount)
+        if len(amounts) == 1:
+            self._batch.changed(self)
+
+    def fold(self) -> None:
+        amounts, self._amounts = self._amounts, []
+        observe_all(self.metric, amounts)
+
+
+def observe_all(histogram: Histogram, amounts: list[float]) -> None:
+    """Leave `histogram` as `observe(amount)` for each amount in turn would, with fewer locks.
+
+    Uses prometheus_client internals (as of 0.26; tests/unit/test_metrics_batching.py compares
+    the result with real `observe()` calls and fails if they change): `_upper_bounds`, the
+    sorted bucket bounds ending in +Inf; `_buckets`, one value per bound counting the amounts
+    that fall in it (not cumulative); `_sum`; each value with `get`, `set` and `inc`.
+    """
+    sum_value, bounds, buckets = histogram._sum, histogram._upper_bounds, histogram._buckets
+    if len(amounts) == 1:  # common at low load: one lock, where get() and set() take two
+        sum_value.inc(amounts[0])
+    else:
+        total = sum_value.get()
+        for amount in amounts:  # one at a time, as observe() adds them (sum() compensates from 3.12)
+            total += amount
+        sum_value.set(total)
+    counts: dict[int, int] = {}  # bucket index -> amounts in it
+    for amount in amounts:
+        index = bisect_left(bounds, amount)  # the first bound >= amount; +Inf is last, so one exists
+        if amount <= bounds[index]:  # false only for NaN, which observe() counts in no bucket
+            counts[index] = counts.get(index, 0) + 1
+    for index, count in counts.items():
+        buckets[index].inc(count)
+
+
+_Batched = TypeVar("_Batched", BatchedCounter, BatchedGauge, BatchedHistogram)
 _Metric = TypeVar("_Metric", bound=MetricWrapperBase)
 
 
-class Children(Generic[_Metric]):
-    """`metric.labels(*values)`, looked up once per distinct label tuple.
+class Children(Generic[_Metric, _Batched]):
+    """`metric.labels(*values)`, looked up once per distinct label tuple, batched.
 
     prometheus_client's `labels()` validates and converts the values and takes a lock on every
-    call; the hot path calls this instead: one dict lookup. The registry keeps every child it
-    made for ever, so keeping them here too bounds this dict by the same label values (bounded
-    by configuration); a reload that brings new plans or routes only adds entries, and a child
-    once made stays the right one (labels are never removed).
+    call; the hot path calls this instead: one dict lookup, giving the child's batched metric.
+    The registry keeps every child it made for ever, so keeping them here too bounds this dict
+    by the same label values (bounded by configuration); a reload that brings new plans or
+    routes only adds entries, and a child once made stays the right one (labels are never
+    removed).
     """
 
-    __slots__ = ("_metric", "_children")
+    __slots__ = ("_metric", "_batched", "_batch", "_children")
 
-    def __init__(self, metric: _Metric) -> None:
+    def __init__(self, metric: _Metric, batched: Callable[[_Metric, Batch], _Batched], batch: Batch) -> None:
         self._metric = metric
-        self._children: dict[tuple[str, ...], _Metric] = {}
+        self._batched: Callable[[_Metric, Batch], _Batched] = batched
+        self._batch = batch
+        self._children: dict[tuple[str, ...], _Batched] = {}
 
-    def __call__(self, *values: str) -> _Metric:
+    def __call__(self, *values: str) -> _Batched:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self._metric.labels(*values)
+            child = self._children[values] = self._batched(self._metric.labels(*values), self._batch)
         return child
 
 
 class Metrics:
+    """The metrics. The hot path's are batched (`Batch`): the `*_for` children,
+    `admission_duration` and `cached_refusals`, whose `.metric` is the prometheus_client one."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.batch = Batch()
         r = self.registry
         self.requests = Counter(
             "gateway_requests_total", "Requests by plan, route and admission outcome.",
@@ -69,11 +217,11 @@ class Metrics:
             "Whole request time, from arrival to the last byte sent, for admitted requests.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.admission_duration = Histogram(
+        self.admission_duration = BatchedHistogram(Histogram(
             "gateway_admission_duration_seconds",
             "Time spent deciding admission: the store call, plus any wait for a slot (wait:).",
             buckets=_ADMISSION_BUCKETS, registry=r,
-        )
+        ), self.batch)
         self.in_flight = Gauge(
             "gateway_in_flight_requests", "Admitted requests in progress in this gateway.",
             ["plan"], registry=r, multiprocess_mode="livesum",
@@ -98,19 +246,24 @@ class Metrics:
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ["result"], registry=r,
         )
-        self.cached_refusals = Counter(
+        self.cached_refusals = BatchedCounter(Counter(
             "gateway_cached_refusals_total",
             "Rate refusals answered from this process's refusal cache, without a store call.", registry=r,
-        )
+        ), self.batch)
         for result in ("success", "error"):  # both series exist from the start, so increase() sees the first
             self.config_reloads.labels(result)
         # The labelled children the hot path uses, without a labels() call per request.
-        self.requests_for = Children(self.requests)
-        self.upstream_responses_for = Children(self.upstream_responses)
-        self.request_duration_for = Children(self.request_duration)
-        self.in_flight_for = Children(self.in_flight)
+        self.requests_for = Children(self.requests, BatchedCounter, self.batch)
+        self.upstream_responses_for = Children(self.upstream_responses, BatchedCounter, self.batch)
+        self.request_duration_for = Children(self.request_duration, BatchedHistogram, self.batch)
+        self.in_flight_for = Children(self.in_flight, BatchedGauge, self.batch)
+
+    def flush(self) -> None:
+        """Fold the hot path's pending updates into prometheus_client now."""
+        self.batch.flush()
 
     def exposition(self) -> bytes:
+        self.flush()  # this process's updates of the current iteration too
         directory = multiprocess_dir()
         if directory is None:
             return generate_latest(self.registry)

@@ -127,6 +127,7 @@ class Worker:
         finally:
             watcher.cancel()
             self.access_log.flush()  # the last requests' lines, before anything else can fail
+            self.state.metrics.flush()  # and their metric updates (multiprocess files outlive the worker)
             await self.state.aclose()
 
     def stop(self) -> None:

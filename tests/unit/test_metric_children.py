@@ -23,7 +23,8 @@ def test_cached_children_count_into_the_labelled_series() -> None:
     metrics.requests_for("free", "/v1/**", "rate_limited").inc()  # a new tuple later on
     assert sample(metrics, 'gateway_requests_total{outcome="admitted",plan="pro",route="/v1/**"}') == 4
     assert sample(metrics, 'gateway_requests_total{outcome="rate_limited",plan="free",route="/v1/**"}') == 1
-    assert metrics.requests_for("pro", "/v1/**", "admitted") is metrics.requests.labels("pro", "/v1/**", "admitted")
+    batched = metrics.requests_for("pro", "/v1/**", "admitted")
+    assert batched.metric is metrics.requests.labels("pro", "/v1/**", "admitted")
 
 
 def test_every_cached_family_reaches_its_metric() -> None:

@@ -82,7 +82,8 @@ def test_a_cached_refusal_makes_no_store_call() -> None:
     assert [r.admitted for r in results] == [True, True] + [False] * 8
     assert all(r.reason == "rate" for r in results[2:])
     assert store.admits == 3  # two admissions and the first refusal; the other 7 came from the cache
-    assert metrics.cached_refusals._value.get() == 7
+    metrics.flush()
+    assert metrics.registry.get_sample_value("gateway_cached_refusals_total") == 7
 
 
 def test_retry_after_and_the_reset_count_down_from_the_cached_deadline() -> None:
