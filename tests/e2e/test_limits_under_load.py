@@ -38,7 +38,9 @@ def _config(upstream: str, redis_url: str, limits: dict[str, Any], route_limits:
     }
 
 
-async def _hammer(urls: list[str], secret: str, path: str, clients: int, per_client: int) -> list[tuple[int, dict[str, Any], dict[str, str]]]:
+async def _hammer(
+    urls: list[str], secret: str, path: str, clients: int, per_client: int
+) -> list[tuple[int, dict[str, Any], dict[str, str]]]:
     """`clients` concurrent connections, each sending `per_client` requests, round-robin over
     the gateways; returns (status, body, headers) of every answer."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)

@@ -56,6 +56,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         def config(cap: str) -> dict[str, Any]:
             made: dict[str, Any] = fault_config(upstream, redis_server.url, on_error="deny")
             made.update(client_timeout=f"{int(CLIENT_TIMEOUT * 1000)}ms", max_request_body=cap)
+            # No lease renewal (also an EVALSHA) may land while a test counts admissions.
+            made["store"]["lease"] = "600s"
             made["keys"] = [{"id": "hostile", "sha256": hash_key(KEY), "plan": "p"},
                             {"id": "roomy", "sha256": hash_key(ROOMY), "plan": "roomy"}]
             made["plans"] = {"p": {"limits": {"requests": {"concurrency": 1}}},

@@ -22,9 +22,10 @@ Behaviour by path (query parameters in brackets):
 - `/early_response` [status=413]: answer before reading the request body, then close
 - `/response_headers`: hop-by-hop headers, a `Connection`-named header, two Set-Cookie lines
 - `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0]: start an
-  async job for the key (after delay_ms, unless the client left) that finishes after ms; answers `{"id": ..., "status": "queued"}` (no id with
-  noid=1; with status >= 300 no job is started). With `webhook`, the job's end is POSTed there
-  (the admin `done` call; `{id}` in it is replaced), before the answer when webhook_first=1.
+  async job for the key (after delay_ms, unless the client left) that finishes after ms; answers
+  `{"id": ..., "status": "queued"}` (no id with noid=1; with status >= 300 no job is started).
+  With `webhook`, the job's end is POSTed there (the admin `done` call; `{id}` in it is
+  replaced), before the answer when webhook_first=1.
 - `GET /jobs/{id}`: `{"id", "status": queued|running|completed|cancelled}` (404 if unknown);
   `DELETE /jobs/{id}`: cancels it. `POST /_jobs/finish` ends every job now.
   Per key, `/_stats` counts `jobs_created`, `jobs_active` now and `jobs_max_active` ever.
