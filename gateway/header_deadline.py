@@ -8,7 +8,9 @@ the first byte of the request (keep-alive reuse), to arrive complete. Past it th
 closed, with a 408 when part of a request had arrived. The ASGI app only runs once the head is
 complete, so a slow client never reaches admission: no store call, no slot.
 
-The body has its own deadline in the app (gateway/proxy/request_body.py).
+The body has its own deadline in the app (gateway/proxy/request_body.py). The class builds on
+`DisconnectNotifyingProtocol` (gateway/disconnects.py), which tells the forwarder of a
+disconnect without a task per request; `gateway serve` and the bare benchmark proxy use both.
 """
 
 from __future__ import annotations

@@ -122,20 +122,21 @@ def test_rate_limited_answer(gw: Proc, upstream: str) -> None:
     assert httpx.get(upstream + "/_stats").json()["keys"]["k1"]["total"] == 3
 
 
-def test_concurrency_limited_answer_and_slot_freed(gw: Proc) -> None:
+def test_concurrency_limited_answer_and_slot_freed(gw: Proc, upstream: str) -> None:
     with httpx.Client(timeout=10) as client:
         holders = [  # other clients holding both slots of k2 for a while
-            subprocess.Popen([sys.executable, "-c", f"import httpx; httpx.get('{gw.url}/hold?ms=1500', "
+            subprocess.Popen([sys.executable, "-c", f"import httpx; httpx.get('{gw.url}/hold?ms=3000', "
                               f"headers={{'X-API-Key': '{OTHER}'}}, timeout=10)"])
             for _ in range(2)
         ]
         try:
+            # Ask only once both hold their slot: a request of ours in flight meanwhile would
+            # take a slot itself and turn a holder away.
             deadline = time.monotonic() + 5
-            while True:
-                refused = client.get(gw.url + "/", headers={"X-API-Key": OTHER})
-                if refused.status_code == 429 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            while upstream_in_flight(upstream, "k2") < 2:
+                assert time.monotonic() < deadline, "the two holders never held both slots"
+                time.sleep(0.02)
+            refused = client.get(gw.url + "/", headers={"X-API-Key": OTHER})
             body = assert_error(refused, 429, "concurrency_limited", retry_after=False)
             assert body["message"] == "All 2 concurrent request slots of the big plan are in use."
             assert refused.headers["concurrency-limit"] == "2"
@@ -145,6 +146,11 @@ def test_concurrency_limited_answer_and_slot_freed(gw: Proc) -> None:
             for holder in holders:
                 holder.wait(10)
         assert client.get(gw.url + "/", headers={"X-API-Key": OTHER}).status_code == 200
+
+
+def upstream_in_flight(upstream: str, key_id: str) -> int:
+    stats: dict[str, Any] = httpx.get(upstream + "/_stats").json()["keys"].get(key_id, {})
+    return int(stats.get("in_flight", 0))
 
 
 def test_body_too_large_before_admission(gw: Proc, upstream: str) -> None:
