@@ -67,7 +67,7 @@ class DisconnectNotifyingProtocol(HttpToolsProtocol):
         super().connection_made(transport)
 
     def on_headers_complete(self) -> None:
-        # The request's task is created in here but runs later, so the scope is complete in time.
+        # Before uvicorn creates the request's task, which gets this very scope.
         scope: Scope = self.scope  # type: ignore[assignment]  # (uvicorn types extension values as dicts)
         extensions = scope.get("extensions")
         if extensions is None:

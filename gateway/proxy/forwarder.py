@@ -5,8 +5,9 @@ response) runs inside its own `Phase` (gateway/proxy/phase.py: `asyncio.timeout`
 cut down). Stopping the exchange, for a client disconnect or a request body over the cap, ends
 the current phase now: the forwarding task is cancelled and the cancellation turns back into a
 `TimeoutError` at the phase's end, with the same bookkeeping as a real deadline (a cancellation
-of the caller itself still propagates). The client library sees a plain cancellation and closes the upstream
-connection, so the upstream sees the close at once and no pooled connection is left half-read.
+of the caller itself still propagates). The client library sees a plain cancellation and closes
+the upstream connection, so the upstream sees the close at once and no pooled connection is
+left half-read.
 
 Request body: what arrived before admission (`body_start`, see gateway/proxy/request_body.py),
 or else the first `http.request` message, is in hand before the upstream is contacted. When it
