@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import subprocess
 import sys
 import threading
@@ -272,6 +273,7 @@ def test_cloro_rate_buckets_are_per_endpoint(
     cloro: tuple[Proc, ProfileUpstream], client: httpx.Client
 ) -> None:
     gw, _ = cloro
+    started = time.monotonic()
     first = call(client, gw, "GET", "/v1/search", CLORO_PRO)
     assert first.status_code == 200
     assert (first.headers["x-ratelimit-limit"], first.headers["x-ratelimit-remaining"]) == ("1000", "999")
@@ -279,7 +281,11 @@ def test_cloro_rate_buckets_are_per_endpoint(
     assert not any(name.startswith(("concurrency-", "ratelimit")) for name in first.headers)
     burst = [call(client, gw, "GET", "/v1/search", CLORO_PRO) for _ in range(49)]
     assert all(r.status_code == 200 for r in burst)
-    assert int(burst[-1].headers["x-ratelimit-remaining"]) <= 950
+    # `exact: false` over a 1 s window: if the burst crossed a window edge, the sliding counter
+    # weighs the previous window's part by the share of it still inside the sliding window, so
+    # up to 50 × (time the burst took) of the 50 no longer count (configuration.md).
+    took = time.monotonic() - started
+    assert int(burst[-1].headers["x-ratelimit-remaining"]) <= 950 + math.ceil(50 * took)
     # The burst on /v1/search spent nothing of /v1/scrape's bucket, nor of the catch-all's.
     scrape = call(client, gw, "GET", "/v1/scrape", CLORO_PRO)
     assert (scrape.status_code, scrape.headers["x-ratelimit-remaining"]) == (200, "999")

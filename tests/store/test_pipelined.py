@@ -113,7 +113,7 @@ def test_a_silent_server_fails_every_waiting_command_after_the_timeout(loop_name
             elapsed = time.monotonic() - started
             assert all(isinstance(reply, StoreError) for reply in replies)
             assert "did not answer within 0.2s" in str(replies[0])
-            assert 0.2 <= elapsed < 0.6
+            assert 0.2 - 0.002 <= elapsed < 0.6  # uvloop's clock is libuv's, cached per iteration in ms
             assert silent.received.count(b"PING") == 2
             # The stalled connection was closed; the next command opens a new one.
             assert isinstance(await client.call("PING"), StoreError)
