@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config.loader import ConfigError, load_config, load_config_text
 from gateway.config.model import Config
 from gateway.config.units import parse_host_port
-from tests.support.processes import Proc, gateway, mock_upstream, write_config
+from tests.support.processes import Proc, gateway, mock_upstream, wait_until_in_flight, write_config
 from tests.support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -581,13 +581,9 @@ def make_every_outcome(proc: Proc, upstream: str, config_path: Path) -> None:
         )
         holder.start()
         try:
-            deadline = time.monotonic() + 5
-            while True:  # the holder has the only slot once a request gets concurrency_limited
-                response = client.get(proc.url + "/", headers=busy)
-                if response.status_code == 429 and response.json()["error"] == "concurrency_limited":
-                    break
-                assert time.monotonic() < deadline, "never got concurrency_limited"
-                time.sleep(0.02)
+            wait_until_in_flight(upstream, "busy", 1)  # the holder has the only slot
+            response = client.get(proc.url + "/", headers=busy)
+            assert response.status_code == 429 and response.json()["error"] == "concurrency_limited"
         finally:
             httpx.post(upstream + "/_release")
             holder.join(10)

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.admission.identity import hash_key
 from tests.support.mock_upstream import download_blocks, download_sha256
-from tests.support.processes import ROOT, Proc, gateway, mock_upstream, write_config
+from tests.support.processes import ROOT, Proc, gateway, mock_upstream, wait_until_in_flight, write_config
 from tests.support.redis_server import free_port
 from tests.support.secrets import secret
 
@@ -130,12 +130,7 @@ def test_concurrency_limited_answer_and_slot_freed(gw: Proc, upstream: str) -> N
             for _ in range(2)
         ]
         try:
-            # Ask only once both hold their slot: a request of ours in flight meanwhile would
-            # take a slot itself and turn a holder away.
-            deadline = time.monotonic() + 5
-            while upstream_in_flight(upstream, "k2") < 2:
-                assert time.monotonic() < deadline, "the two holders never held both slots"
-                time.sleep(0.02)
+            wait_until_in_flight(upstream, "k2", 2)
             refused = client.get(gw.url + "/", headers={"X-API-Key": OTHER})
             body = assert_error(refused, 429, "concurrency_limited", retry_after=False)
             assert body["message"] == "All 2 concurrent request slots of the big plan are in use."
@@ -146,11 +141,6 @@ def test_concurrency_limited_answer_and_slot_freed(gw: Proc, upstream: str) -> N
             for holder in holders:
                 holder.wait(10)
         assert client.get(gw.url + "/", headers={"X-API-Key": OTHER}).status_code == 200
-
-
-def upstream_in_flight(upstream: str, key_id: str) -> int:
-    stats: dict[str, Any] = httpx.get(upstream + "/_stats").json()["keys"].get(key_id, {})
-    return int(stats.get("in_flight", 0))
 
 
 def test_body_too_large_before_admission(gw: Proc, upstream: str) -> None:

@@ -127,3 +127,12 @@ def mock_upstream() -> Iterator[str]:
             process.wait(5)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_until_in_flight(upstream: str, key_id: str, count: int, within: float = 5.0) -> None:
+    """Until the mock upstream has `count` requests of `key_id` in progress: a test that wants a
+    refusal asks only then, since its own request, sent earlier, would take a slot itself."""
+    deadline = time.monotonic() + within
+    while httpx.get(upstream + "/_stats").json()["keys"].get(key_id, {}).get("in_flight", 0) < count:
+        assert time.monotonic() < deadline, f"{count} requests of {key_id} never held their slots at once"
+        time.sleep(0.02)
