@@ -1,9 +1,9 @@
 """The bare Python proxy: the gateway's stack without admission, the floor for every ratio.
 
-Raw ASGI on uvicorn + uvloop + httptools (the same uvicorn settings and server protocol as
-`gateway serve`: its request-head deadline and disconnect notice), the same upstream client
-seam (`create_upstream_client`) and the same streaming forwarder (`forward`), and the same
-request-header hygiene (`upstream_request_headers`, `upstream_url`).
+Raw ASGI on uvicorn + uvloop + httptools (the same uvicorn settings, server protocol and GC
+settings as `gateway serve`: its request-head deadline and disconnect notice, `settle_heap`),
+the same upstream client seam (`create_upstream_client`) and the same streaming forwarder
+(`forward`), and the same request-header hygiene (`upstream_request_headers`, `upstream_url`).
 What it leaves out is exactly what the gateway adds: API-key lookup, routing, the admission
 call, limit headers, metrics and the access log.
 
@@ -26,6 +26,7 @@ import uvicorn
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.model import Identity, Upstream
+from gateway.gc_tuning import settle_heap
 from gateway.header_deadline import header_deadline_protocol
 from gateway.proxy.forwarder import forward
 from gateway.proxy.headers import HeaderPolicy, upstream_request_headers, upstream_url
@@ -82,6 +83,7 @@ def _run_worker(sock: socket.socket, upstream: Upstream) -> None:
     app = BareProxy(upstream)
 
     async def main() -> None:
+        settle_heap()  # the gateway worker's GC settings (gateway/gc_tuning.py)
         try:
             await _server(app).serve([sock])
         finally:

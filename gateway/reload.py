@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
+from gateway.gc_tuning import refreeze
 from gateway.runtime import Routing
 from gateway.state import GatewayState
 
@@ -54,6 +55,7 @@ def reload_config(state: GatewayState, path: str, overrides: Mapping[str, str]) 
     for name in kept:
         log.warning("reload: %s changed but needs a restart; keeping the running value", name)
     state.routing = Routing.build(config)
+    refreeze()  # the old config's objects are no longer long-lived
     state.metrics.config_reloads.labels("success").inc()
     log.info("config reloaded from %s", path)
     return True

@@ -34,6 +34,7 @@ from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.config.units import parse_host_port
+from gateway.gc_tuning import settle_heap
 from gateway.header_deadline import header_deadline_protocol
 from gateway.logs import configure_logging
 from gateway.reload import reload_config, watch_file
@@ -120,6 +121,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.state.open()
+        settle_heap()  # what startup built lives as long as the worker: out of the collector's way
         watcher = asyncio.ensure_future(watch_file(self.state, self.options.config_path, self.options.overrides))
         try:
             self._public_task = asyncio.ensure_future(self.public.serve([public_sock]))
