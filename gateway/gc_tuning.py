@@ -12,7 +12,10 @@ So a worker, once started:
   collections stop walking it; refcounting still frees any of it that is dropped;
 - collects the youngest generation only after YOUNG_THRESHOLD net allocations. Steady
   request traffic allocates and frees about evenly, so collections become rare; cyclic
-  garbage still gets collected, only in larger batches (a few MB at most).
+  garbage still gets collected, only in larger batches. The worst case measured: a failing
+  upstream (every `except ... as exc: raise ... from exc` in aiohttp leaves a reference cycle
+  holding the request) under 60 KB uploads at saturation peaked at 105 MB RSS, against 87 MB
+  with CPython's default threshold.
 
 A config reload builds new long-lived objects and drops old ones: `refreeze` thaws, collects
 (old objects caught in reference cycles) and freezes again.
