@@ -82,11 +82,19 @@ def test_a_worker_settles_its_heap_after_startup(tmp_path: Path, monkeypatch: py
     path = write_minimal_config(tmp_path)
     worker = Worker(load_config(str(path), {}), ServeOptions(str(path), {}))
     settled: list[bool] = []
+    opened: list[bool] = []
+    open_state = GatewayState.open
+
+    async def record_open(state: GatewayState) -> None:
+        await open_state(state)
+        opened.append(True)
 
     def record_settle() -> None:
-        settled.append(worker.state.store is not None and not worker.public.started)
+        # after the store (startup's last step) opened, before either server serves
+        settled.append(opened == [True] and not worker.public.started)
         worker.stop()  # serve nothing: startup is what is under test
 
+    monkeypatch.setattr(GatewayState, "open", record_open)
     monkeypatch.setattr("gateway.server.settle_heap", record_settle)
     public, admin = bind("127.0.0.1:0"), bind("127.0.0.1:0")
     try:
