@@ -20,6 +20,10 @@ value there: `{concurrency: '${SLOTS}'}`.
 
 YAML merge keys (`<<: *defaults`) are honoured; keys written next to them win.
 
+Limits, so that no file can stall or crash the loader: a regular file (not a FIFO or device)
+of at most `MAX_CONFIG_BYTES`; aliases and merge keys bounded (`gateway.config.expansion`);
+every integer bounded by what its field can mean, read without converting thousands of digits.
+
 Empty values: `admin_token` empty means no token; `identity.api_key_query` empty disables the
 query parameter; an `upstream.set_headers` entry whose value is empty is not sent at all (so
 `X-Upstream-Token: ${UPSTREAM_TOKEN:-}` adds the header only when the variable is set).
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 
 import yaml
 
+from gateway.config.expansion import ExpansionError, check_expansion
 from gateway.config.keys import read_keys
 from gateway.config.model import Config, Upstream
 from gateway.config.nodes import (
@@ -95,17 +101,60 @@ def load_config(
     (applied before validation); `env` defaults to `os.environ`.
     """
     source = os.fspath(path)
-    try:
-        with open(source, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read the file: {exc.strerror or exc}"]) from None
+    data = _read_file(source)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError([f"{source}:{line}: the file is not UTF-8 text"]) from None
     return load_config_text(text, source, overrides=overrides, env=env)
+
+
+# A config with 20,000 keys is about 2.5 MB; a file far past that is a mistake or an attack,
+# and reading it whole would hold the memory and the parse time it asks for.
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+
+
+def _read_file(source: str) -> bytes:
+    """The file's bytes: a regular file of at most MAX_CONFIG_BYTES, or a one-line ConfigError.
+
+    Opened non-blocking, so a FIFO with no writer is refused instead of waiting for one;
+    `/dev/zero` and other devices are refused before a byte is read.
+    """
+    too_big = f"{source}: the file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB, the most a config may be"
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([f"{source}: not a regular file ({_file_kind(info.st_mode)}); give the path of a YAML file"])
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([too_big])
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since fstat
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the file: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([too_big])
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def load_config_text(
@@ -133,6 +182,16 @@ _FAST_LOADER = getattr(yaml, "CSafeLoader", None)
 
 
 def _compose(text: str, source: str) -> Node | None:
+    root = _compose_nodes(text, source)
+    if root is not None:
+        try:
+            check_expansion(root)
+        except ExpansionError as exc:
+            raise ConfigError([f"{source}:{exc.line}: {exc}"]) from None
+    return root
+
+
+def _compose_nodes(text: str, source: str) -> Node | None:
     if _FAST_LOADER is not None:
         try:
             fast: Node | None = yaml.compose(text, Loader=_FAST_LOADER)

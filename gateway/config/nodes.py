@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import yaml
 
-from gateway.config.units import UnitError, parse_duration, quote
+from gateway.config.units import UnitError, parse_duration, parse_int, quote
 
 T = TypeVar("T")
 Choice = TypeVar("Choice", bound=str)
@@ -287,7 +287,10 @@ class NodeReader:
         if value.null or not _INTEGER.fullmatch(text):
             self.problem(node, path, f"must be an integer, got {self._shown(value)}")
             return None
-        number = int(text)
+        number = parse_int(text)
+        if number is None:
+            self.problem(node, path, f"{_number_shown(text)} is too large")
+            return None
         if number < minimum or number > maximum:
             if number > _MAX_INT:
                 self.problem(node, path, f"{number} is too large")
@@ -310,10 +313,10 @@ class NodeReader:
             return None
         number = float(text)
         if number < minimum:
-            self.problem(node, path, f"{text} must be at least {minimum:g}")
+            self.problem(node, path, f"{_number_shown(text)} must be at least {minimum:g}")
             return None
         if number > _MAX_INT:
-            self.problem(node, path, f"{text} is too large")
+            self.problem(node, path, f"{_number_shown(text)} is too large")
             return None
         return number
 
@@ -341,6 +344,11 @@ class NodeReader:
     @staticmethod
     def _shown(value: Scalar) -> str:
         return "nothing" if value.null and value.text in ("", "~") else quote(value.text)
+
+
+def _number_shown(text: str) -> str:
+    """A number as written, unless it is too long to show whole (then quoted and cut)."""
+    return text if len(text) <= 20 else quote(text)
 
 
 def get(entries: Entries | None, name: str) -> Node | None:

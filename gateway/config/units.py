@@ -57,11 +57,31 @@ class UnitError(ValueError):
     """A value that does not parse as the unit it should be written in."""
 
 
+_QUOTE_LIMIT = 80  # characters of a value shown in a message: a problem stays one readable line
+
+
 def quote(value: object) -> str:
-    """The value as it appears in messages: strings in double quotes, escapes visible."""
+    """The value as it appears in messages: strings in double quotes, escapes visible, and a
+    long value cut to its start (`"1111…" (5000 characters)`)."""
     if isinstance(value, str):
+        if len(value) > _QUOTE_LIMIT:
+            return json.dumps(value[:_QUOTE_LIMIT] + "…", ensure_ascii=False) + f" ({len(value)} characters)"
         return json.dumps(value, ensure_ascii=False)
     return str(value)
+
+
+# Python refuses to convert more than 4,300 digits (a ValueError, not our message) and the
+# conversion costs quadratic time below that: count the digits first.
+MAX_INT_DIGITS = 16  # 2**53 has 16 digits; no setting means more
+
+
+def parse_int(text: str) -> int | None:
+    """`[-+]digits` as an int, or None when it has more than MAX_INT_DIGITS significant digits
+    (too large for any setting). The caller has checked the text is an integer."""
+    digits = text.lstrip("+-").lstrip("0")  # leading zeros count toward Python's limit too
+    if len(digits) > MAX_INT_DIGITS:
+        return None
+    return -int(digits or "0") if text.startswith("-") else int(digits or "0")
 
 
 def parse_duration(value: str | int | float, *, allow_zero: bool = False) -> float:
@@ -102,7 +122,9 @@ def parse_rate(value: str) -> tuple[int, float]:
     match = _RATE.fullmatch(text.replace(" ", ""))
     if match is None:
         raise UnitError(f"{quote(value)} is not a rate ({RATE_HINT})")
-    count = int(match["count"])
+    count = parse_int(match["count"])
+    if count is None or count > 2**53:
+        raise UnitError(f"{quote(value)}: the number of requests is too large")
     window_text = match["window"]
     if window_text in _DURATION_UNITS:
         window_text = "1" + window_text
@@ -162,9 +184,10 @@ def parse_host_port(value: str) -> tuple[str, int]:
         raise UnitError(f"{quote(value)}: an IPv6 address needs brackets, e.g. [::1]:8080")
     elif not _is_host(host):
         raise UnitError(f"{quote(value)}: {quote(host)} is not a host name or IPv4 address")
-    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+    port = parse_int(port_text) if port_text.isascii() and port_text.isdigit() else None
+    if port is None or port > 65535:
         raise UnitError(f"{quote(value)}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
+    return host, port
 
 
 def _is_host(host: str) -> bool:

@@ -59,7 +59,7 @@ def test_durations(text: str | int | float, seconds: float) -> None:
         ("0", '"0" must be greater than 0'),
         ("0ms", '"0ms" must be greater than 0'),
         ("366d", '"366d" is too long (at most 365d)'),
-        ("9" * 400, f'"{"9" * 400}" is too long (at most 365d)'),
+        ("9" * 400, f'"{"9" * 80}…" (400 characters) is too long (at most 365d)'),  # cut to one short line
         (float("inf"), "inf is too long (at most 365d)"),
         (True, "True is not a duration (e.g. 250ms, 30s, 5m, 1h, 1d, or a number of seconds)"),
     ],
