@@ -2,10 +2,14 @@
 and upstream URL/headers to new requests, without resetting counters (store key names carry
 no numbers) and without touching requests in flight (each keeps the `Routing` it started with).
 
-A file that fails validation changes nothing: the running config stays, the problems are
-logged, and `gateway_config_reloads_total{result="error"}` counts it. Settings bound to
-resources opened at start (listen addresses, the store, the upstream connection pool) need a
-restart: a reload keeps their running values and says so in the log.
+The file is parsed in a child process within `RELOAD_BUDGET` (`gateway.config.isolated`), so a
+large, slow or hostile file never holds the event loop. A reload that fails for any reason (an
+invalid file, the budget, a crash of the loader) changes nothing: the running config stays,
+the problems are logged, and `gateway_config_reloads_total{result="error"}` counts it; the file
+watcher and SIGHUP keep working. Reloads run one at a time; a trigger that arrives during one
+runs once more after it, so the last edit always wins. Settings bound to resources opened at
+start (listen addresses, the store, the upstream connection pool) need a restart: a reload keeps
+their running values and says so in the log.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import logging
 import os
 from collections.abc import Mapping
 
+from gateway.config.admin_access import admin_exposure_problem
+from gateway.config.isolated import RELOAD_BUDGET, load_config_isolated
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
+from gateway.config.units import parse_host_port
 from gateway.gc_tuning import refreeze
 from gateway.runtime import Routing
 from gateway.state import GatewayState
@@ -42,16 +49,16 @@ def keep_restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
     return merged, kept
 
 
-def reload_config(state: GatewayState, path: str, overrides: Mapping[str, str]) -> bool:
-    """Validate the file and swap it in; False (and the old config kept) when it is invalid."""
-    try:
-        config = load_config(path, overrides)
-    except ConfigError as exc:
-        state.metrics.config_reloads.labels("error").inc()
-        for problem in exc.problems:
-            log.error("reload refused, keeping the running config: %s", problem)
-        return False
+def apply_config(state: GatewayState, config: Config, path: str) -> bool:
+    """Swap a loaded config in (restart-only settings kept); False when it cannot be applied."""
     config, kept = keep_restart_only(state.routing.config, config)
+    # admin_listen keeps its running value, so the file's admin_token / admin_open are checked
+    # against the address the admin port really listens on
+    refusal = admin_exposure_problem(
+        config.admin_listen, parse_host_port(config.admin_listen)[0], config.admin_token, config.admin_open
+    )
+    if refusal is not None:
+        return _refused(state, [f"{path}: admin_listen: {refusal}"])
     for name in kept:
         log.warning("reload: %s changed but needs a restart; keeping the running value", name)
     state.routing = Routing.build(config)
@@ -59,6 +66,73 @@ def reload_config(state: GatewayState, path: str, overrides: Mapping[str, str]) 
     state.metrics.config_reloads.labels("success").inc()
     log.info("config reloaded from %s", path)
     return True
+
+
+def _refused(state: GatewayState, problems: list[str]) -> bool:
+    state.metrics.config_reloads.labels("error").inc()
+    for problem in problems:
+        log.error("reload refused, keeping the running config: %s", problem)
+    return False
+
+
+def reload_config(state: GatewayState, path: str, overrides: Mapping[str, str]) -> bool:
+    """Load the file in this process and swap it in (for tests and tools; the server uses `Reloader`)."""
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as exc:
+        return _refused(state, exc.problems)
+    return apply_config(state, config, path)
+
+
+class Reloader:
+    """The server's one door to reloading: SIGHUP and the file watcher both come through here."""
+
+    def __init__(
+        self, state: GatewayState, path: str, overrides: Mapping[str, str], budget: float = RELOAD_BUDGET
+    ) -> None:
+        self.state = state
+        self.path = path
+        self.overrides = overrides
+        self.budget = budget
+        self._lock = asyncio.Lock()
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self) -> None:
+        """Reload soon (from a signal handler): never blocks, never raises."""
+        task = asyncio.get_running_loop().create_task(self._requested())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _requested(self) -> None:
+        await self.reload()
+
+    async def reload(self) -> bool:
+        """Load off the loop and apply; coalesces with a reload already running."""
+        if self._lock.locked():
+            self._again = True  # the running one re-reads the file when it finishes
+            return False
+        async with self._lock:
+            applied = await self._reload_once()
+            while self._again:
+                self._again = False
+                applied = await self._reload_once()
+            return applied
+
+    async def _reload_once(self) -> bool:
+        try:
+            config = await load_config_isolated(self.path, self.overrides, self.budget)
+            return apply_config(self.state, config, self.path)
+        except ConfigError as exc:
+            return _refused(self.state, exc.problems)
+        except Exception as exc:  # the running config must survive whatever the reload meets
+            log.exception("reload failed, keeping the running config")
+            return _refused(self.state, [f"{self.path}: {type(exc).__name__}: {exc}"[:300]])
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _signature(path: str) -> tuple[int, int, int] | None:
@@ -69,13 +143,13 @@ def _signature(path: str) -> tuple[int, int, int] | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-async def watch_file(state: GatewayState, path: str, overrides: Mapping[str, str], interval: float = 1.0) -> None:
+async def watch_file(reloader: Reloader, interval: float = 1.0) -> None:
     """Reload whenever the file's mtime, size or inode changes (editors and ConfigMap updates
-    replace files by rename, so the inode counts too)."""
-    seen = _signature(path)
+    replace files by rename, so the inode counts too). Never ends on a failed reload."""
+    seen = _signature(reloader.path)
     while True:
         await asyncio.sleep(interval)
-        current = _signature(path)
+        current = _signature(reloader.path)
         if current is not None and current != seen:
             seen = current
-            reload_config(state, path, overrides)
+            await reloader.reload()

@@ -37,7 +37,7 @@ from gateway.config.units import parse_host_port
 from gateway.gc_tuning import settle_heap
 from gateway.header_deadline import header_deadline_protocol
 from gateway.logs import configure_logging
-from gateway.reload import reload_config, watch_file
+from gateway.reload import Reloader, watch_file
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
@@ -114,6 +114,7 @@ class Worker:
             create_admin_app(self.state), config, public=False, client_timeout=client_timeout))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
+        self.reloader = Reloader(self.state, options.config_path, options.overrides)
 
     async def run(self, public_sock: socket.socket, admin_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -122,12 +123,13 @@ class Worker:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.state.open()
         settle_heap()  # what startup built lives as long as the worker: out of the collector's way
-        watcher = asyncio.ensure_future(watch_file(self.state, self.options.config_path, self.options.overrides))
+        watcher = asyncio.ensure_future(watch_file(self.reloader))
         try:
             self._public_task = asyncio.ensure_future(self.public.serve([public_sock]))
             await asyncio.gather(self._public_task, self.admin.serve([admin_sock]))
         finally:
             watcher.cancel()
+            await self.reloader.aclose()
             self.access_log.flush()  # the last requests' lines, before anything else can fail
             self.state.metrics.flush()  # and their metric updates (multiprocess files outlive the worker)
             await self.state.aclose()
@@ -152,7 +154,7 @@ class Worker:
         self.admin.should_exit = True
 
     def reload(self) -> None:
-        reload_config(self.state, self.options.config_path, self.options.overrides)
+        self.reloader.request()  # parsed off the event loop (gateway.reload)
 
 
 def _run_worker(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> None:
