@@ -7,7 +7,9 @@
 #     -v "$PWD/deploy/compose/gateway.yaml:/etc/gateway/gateway.yaml:ro" admission-gateway:local
 #
 # The mounted config must set `admin_listen: 0.0.0.0:9464` for the admin port to be reachable
-# from outside the container (the HEALTHCHECK below runs inside it, on 127.0.0.1:9464).
+# from outside the container (the HEALTHCHECK below runs inside it, on 127.0.0.1:9464), and with
+# it `admin_token` (or `admin_open: true` where a firewall guards the port): the gateway refuses
+# a non-loopback admin port without either.
 # docs/deploy.md has the details.
 
 ARG PYTHON_IMAGE=python:3.11-slim

@@ -2,7 +2,9 @@
 
 Served only on `admin_listen`, by its own server, never through the public port. Off the hot
 path, so Starlette's routing is fine here. When `admin_token` is set, everything but
-`/healthz` wants `Authorization: Bearer <token>`.
+`/healthz` wants `Authorization: Bearer <token>` (compared in constant time). Everything but
+the probes (`/healthz`, `/readyz`) also wants a `Host` that names this port, so a web page
+cannot reach it by DNS rebinding (`gateway.admin.exposure`): another Host gets 421.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin.bans import ban_routes
+from gateway.admin.exposure import host_allowed, listen_host
 from gateway.admin.keys_and_jobs import job_routes
 from gateway.admin.readiness import check_readiness
 from gateway.state import GatewayState
+
+PROBES = frozenset({"/healthz", "/readyz"})  # kubelet and load balancers: any Host
 
 
 def _authorized(request: Request, token: str | None) -> bool:
@@ -35,7 +41,38 @@ def _unauthorized() -> JSONResponse:
     )
 
 
-def create_admin_app(state: GatewayState) -> Starlette:
+def _misdirected() -> JSONResponse:
+    return JSONResponse(
+        {
+            "success": False,
+            "error": "misdirected_request",
+            "message": "The admin port answers only a Host that names it (an IP address, localhost,"
+            " or an admin_hosts entry).",
+        },
+        status_code=421,
+    )
+
+
+class HostGuard:
+    """ASGI wrapper: refuse (421) a request whose Host does not name the admin port."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PROBES:
+            config = self.state.routing.config
+            host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
+            server = scope.get("server")
+            port = server[1] if server else None
+            if not host_allowed(host, port, listen_host(config.admin_listen), config.admin_hosts):
+                await _misdirected()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_admin_app(state: GatewayState) -> ASGIApp:
     def guarded(handler):  # type: ignore[no-untyped-def]
         async def endpoint(request: Request) -> Response:
             if not _authorized(request, state.routing.config.admin_token):
@@ -55,7 +92,7 @@ def create_admin_app(state: GatewayState) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", guarded(readyz)),
@@ -64,3 +101,4 @@ def create_admin_app(state: GatewayState) -> Starlette:
             *job_routes(state, guarded),
         ]
     )
+    return HostGuard(app, state)

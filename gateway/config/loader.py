@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 
 import yaml
 
+from gateway.config.admin_access import admin_exposure_problem
 from gateway.config.expansion import ExpansionError, check_expansion
 from gateway.config.keys import read_keys
 from gateway.config.model import Config, Upstream
@@ -57,7 +58,7 @@ from gateway.config.nodes import (
 from gateway.config.plans import PlanIndex, read_plans
 from gateway.config.routes import read_routes
 from gateway.config.settings import read_bans, read_headers, read_identity, read_store, read_upstream
-from gateway.config.units import UnitError, parse_host_port, parse_size, quote
+from gateway.config.units import UnitError, parse_host_port, parse_size, quote, split_host
 
 __all__ = ["ConfigError", "load_config", "load_config_text"]
 
@@ -65,6 +66,8 @@ _TOP_KEYS = (
     "listen",
     "admin_listen",
     "admin_token",
+    "admin_open",
+    "admin_hosts",
     "shutdown_grace",
     "upstream",
     "store",
@@ -110,7 +113,7 @@ def load_config(
     return load_config_text(text, source, overrides=overrides, env=env)
 
 
-# A config with 20,000 keys is about 2.5 MB; a file far past that is a mistake or an attack,
+# A config with 20,000 keys is about 2 MiB; a file far past that is a mistake or an attack,
 # and reading it whole would hold the memory and the parse time it asks for.
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 
@@ -280,6 +283,12 @@ def _config(r: NodeReader, root: Node) -> Config:
     admin_listen = field(top, "admin_listen", lambda n: _listen(r, n, "admin_listen"), defaults.admin_listen)
     if r.problem_count == before:  # both valid (or defaults): compare them
         _check_listen_apart(r, root, top, listen, admin_listen)
+    admin_token = _admin_token(r, get(top, "admin_token"))
+    admin_open = field(top, "admin_open", lambda n: r.boolean(n, "admin_open"), defaults.admin_open)
+    if r.problem_count == before:
+        exposed = admin_exposure_problem(admin_listen, parse_host_port(admin_listen)[0], admin_token, admin_open)
+        if exposed is not None:
+            r.problem(get(top, "admin_listen") or root, "admin_listen", exposed)
 
     return Config(
         upstream=upstream,
@@ -288,7 +297,9 @@ def _config(r: NodeReader, root: Node) -> Config:
         routes=routes,
         listen=listen,
         admin_listen=admin_listen,
-        admin_token=_admin_token(r, get(top, "admin_token")),
+        admin_token=admin_token,
+        admin_open=admin_open,
+        admin_hosts=field(top, "admin_hosts", lambda n: _admin_hosts(r, n), defaults.admin_hosts),
         shutdown_grace=field(
             top,
             "shutdown_grace",
@@ -338,6 +349,18 @@ def _check_listen_apart(
             "admin_listen",
             f"{quote(admin_listen)} clashes with listen {quote(listen)}; they must differ",
         )
+
+
+def _admin_hosts(r: NodeReader, node: Node) -> tuple[str, ...] | None:
+    def host(item: Node, path: str) -> str | None:
+        text = r.string(item, path)
+        if text is not None and split_host(text) is None:
+            r.problem(item, path, f"{quote(text)} is not a host name, HOST:PORT or [IPv6]:PORT")
+            return None
+        return text.strip().lower() if text is not None else None
+
+    hosts = r.list_of(node, "admin_hosts", host)
+    return tuple(hosts) if hosts is not None else None
 
 
 def _admin_token(r: NodeReader, node: Node | None) -> str | None:

@@ -127,6 +127,12 @@ class Config:
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9464"
     admin_token: str | None = None
+    # The admin port may listen beyond loopback without admin_token only when this says a
+    # firewall guards it (gateway.admin.exposure).
+    admin_open: bool = False
+    # Extra Host names (or name:port) the admin API answers, besides loopback, IP addresses and
+    # admin_listen's host: DNS rebinding protection (gateway.admin.exposure).
+    admin_hosts: tuple[str, ...] = ()
     shutdown_grace: float = 20.0
     store: Store = field(default_factory=Store)
     identity: Identity = field(default_factory=Identity)

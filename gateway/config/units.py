@@ -190,6 +190,42 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header (or an `admin_hosts` entry) → (lower-case name without brackets, port or None);
+    None when it is not `name`, `name:port`, `[v6]` or `[v6]:port`."""
+    text = value.strip().lower()
+    port_text: str | None
+    if not text:
+        return None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        name, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        if not rest:
+            return name, None
+        if not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        name, port_text = text.split(":")
+    elif ":" in text:
+        return None  # an IPv6 address without brackets is not a Host
+    else:
+        name, port_text = text, None
+    if not text.startswith("[") and not _is_host(name):
+        return None
+    if port_text is None:
+        return name.rstrip("."), None
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and int(port_text) <= 65535):
+        return None
+    return name.rstrip("."), int(port_text)
+
+
 def _is_host(host: str) -> bool:
     if re.fullmatch(r"[0-9.]+", host):
         try:

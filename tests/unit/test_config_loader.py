@@ -346,7 +346,9 @@ def test_wildcard_host_clashes_with_any_host_on_the_same_port() -> None:
     assert problems_of(MINIMAL + "listen: '[::]:9000'\nadmin_listen: 10.1.2.3:9000\n") == [
         't.yaml:16: admin_listen: "10.1.2.3:9000" clashes with listen "[::]:9000"; they must differ'
     ]
-    config = load_config_text(MINIMAL + "listen: 10.0.0.1:9000\nadmin_listen: 10.0.0.2:9000\n", "t.yaml")
+    config = load_config_text(  # (admin_open: a non-loopback admin port needs a token or the opt-out)
+        MINIMAL + "listen: 10.0.0.1:9000\nadmin_listen: 10.0.0.2:9000\nadmin_open: true\n", "t.yaml"
+    )
     assert config.admin_listen == "10.0.0.2:9000"
 
 
