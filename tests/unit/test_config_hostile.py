@@ -259,3 +259,15 @@ def test_fuzz_the_loader_gives_only_located_config_errors(text: str) -> None:
 def test_leading_zeros_do_not_count_toward_the_size_of_an_integer() -> None:
     config = load_config_text(BASE.format(**{**SANE, "concurrency": "0" * 5000 + "3"}), "t.yaml")
     assert config.plans["free"].limits["requests"].limit == 3
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--admin-listen"])
+def test_serve_answers_a_huge_port_on_the_command_line_in_one_line(tmp_path: Path, flag: str) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(BASE.format(**SANE))
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "-c", str(config), flag, f"127.0.0.1:{HUGE}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=20)
+    assert result.returncode == 1
+    name = flag.removeprefix("--").replace("-", "_")
+    assert result.stderr.startswith(f"gateway: invalid config: {config}:override: {name}: ") and \
+        result.stderr.count("\n") == 1, result.stderr
