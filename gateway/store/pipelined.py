@@ -45,6 +45,12 @@ ReplyError = hiredis.ReplyError
 Arg = str | bytes | int | float
 
 
+class ConnectionLost(StoreError):
+    """The connection failed before this command's reply came (or could not be opened): the
+    command may or may not have run. Only a caller whose command is safe to run twice may
+    send it again (admit.lua is, by its lease id); nothing here re-sends anything."""
+
+
 def pack_command(args: tuple[Arg, ...]) -> bytes:
     """One command in RESP, packed by hiredis (C)."""
     return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub declares a 1-tuple
@@ -108,15 +114,15 @@ class _Protocol(asyncio.Protocol):
             try:
                 reply = self._reader.gets()
             except hiredis.ProtocolError as exc:
-                owner._connection_failed(self, StoreError(f"Redis protocol error: {exc}"))
+                owner._connection_failed(self, ConnectionLost(f"Redis protocol error: {exc}"))
                 return
             if reply is False:
                 return
             owner._answer(self, reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._connection_failed(self, StoreError(f"Redis connection lost: {exc!r}" if exc else
-                                                        "Redis closed the connection"))
+        self._owner._connection_failed(self, ConnectionLost(f"Redis connection lost: {exc!r}" if exc else
+                                                            "Redis closed the connection"))
 
 
 class PipelinedRedis:
@@ -209,7 +215,7 @@ class PipelinedRedis:
                         lambda: _Protocol(self), endpoint.host or "localhost", endpoint.port)
         except (OSError, TimeoutError) as exc:
             self._connecting = None
-            self._fail_all(StoreError(f"cannot connect to Redis: {exc!r}"))
+            self._fail_all(ConnectionLost(f"cannot connect to Redis: {exc!r}"))
             return
         except BaseException:
             self._connecting = None

@@ -4,7 +4,7 @@ Critical path: exactly one round trip per admission. Every `admit` issued in one
 tick joins a batch that goes out as one write of EVALSHA calls (admit.lua decides each request
 atomically), and every caller gets its own answer or its own StoreError. Scripts are loaded
 at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH, restart, failover) reloads them and
-resends just those calls.
+resends just those calls (see "Replays and undo" below).
 
 Two transports carry admissions and releases. For a plain `redis://` or `unix://` URL, one
 pipelined connection (gateway/store/pipelined.py): commands are written as they come, once
@@ -28,8 +28,22 @@ reported to the observer (per failed admission, per failed release flush, per fa
 heartbeat round). Nothing needs a restart after Redis comes back: connections are
 replaced as they fail and scripts reload on NOSCRIPT.
 
-When an admission's outcome is unknown (timeout, lost reply, caller cancelled) the store
-releases its slots itself: ZREM of a lease that was never added is harmless.
+Replays and undo: what a client is told is what Redis holds, under any single fault.
+- Nothing is re-sent by a retry layer unless it is safe to run twice: redis-py's own retry
+  is off (gateway/store/redis_client.py) and the pipelined connection never re-sends.
+- NOSCRIPT means "not run": the call waits for the one shared reload (single flight, all
+  scripts at once) and goes again once.
+- A connection lost after an admission was sent ("may have run"): the admission is sent once
+  more. admit.lua is idempotent by lease id: a replay finds the lease's own entry and answers
+  "admitted" again, writing nothing. ZREM is idempotent, so releases go again once too.
+  Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.
+- An admission whose caller is told "error" or gives up (timeout, lost reply twice,
+  cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
+  counter increments) and puts the lease id in its hash tag's undone set, which admit.lua
+  checks first, so the EVALSHA that lands after its undo (it sat unread in a stalled Redis)
+  takes nothing. The undo is retried off the caller's path until it lands or a lease has
+  passed (an unrenewed slot has expired by then); the undone record lives two leases.
+tests/faults/test_replays.py shows each case on both transports.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.store import scripts
@@ -55,7 +70,7 @@ from gateway.store.base import (
     StoreError,
     StoreObserver,
 )
-from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError, pack_command
+from gateway.store.pipelined import ConnectionLost, Endpoint, PipelinedRedis, ReplyError, pack_command
 from gateway.store.redis_client import AnyRedis, RedisConnection, connect
 from gateway.store.wakeups import RedisWakeups
 
@@ -84,6 +99,11 @@ ADMIT_BATCH = 256
 Call = tuple[list[str], list[str | int]]
 
 
+# The connection was lost (or never made) before the reply: the command may have run. Only
+# admit.lua (replay-safe by its lease id) and ZREM are sent again, once.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (ConnectionLost, RedisConnectionError)
+
+
 @dataclass(slots=True)
 class _PendingAdmit:
     keys: list[str]
@@ -94,6 +114,10 @@ class _PendingAdmit:
     operation: str
     future: asyncio.Future[AdmitResult]
     queued: bool = False  # the call carried a QueueSpot
+    undo: Call | None = None  # undo.lua's KEYS and ARGV for this lease
+    resent: bool = False  # sent again after its connection was lost
+    generation: int = 0  # the script generation it was (last) sent with
+    undone: bool = False
 
 
 class RedisStore:
@@ -166,6 +190,15 @@ class RedisStore:
         self._observer: StoreObserver = observer or NullObserver()
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
+        self._undo_script = scripts.load("undo")
+        # Bumped by every completed load of the scripts; one reload at a time (_reload_scripts).
+        self._script_generation = 0
+        self._reloading: asyncio.Future[None] | None = None
+        # How long an undone lease id stays in its tag's undone set: an admission can land
+        # late only while its connection's bytes wait unread in Redis (a stall); the undo is
+        # itself retried for up to one lease, and whatever slot a later landing took would
+        # expire within a lease, unrenewed. Two leases plus the retries cover both.
+        self._undone_ttl_ms = scripts.ms_arg(2 * lease + 10 * timeout)
         self._extra_scripts: list[scripts.Script] = []  # run through run_script (bans, jobs)
         # At most this many pipelines in flight: the pool never has to refuse a connection.
         self._in_flight = asyncio.Semaphore(max_connections)
@@ -291,10 +324,14 @@ class RedisStore:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
             raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
+        now = self._now()
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, now, queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
-        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None)
+        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
+                                undo=scripts.undo_call(rates, slots, lease_id, self._lease_ms, now,
+                                                       self._undone_ttl_ms),
+                                generation=self._script_generation)
         if self._fast is not None:
             self._send_admit(self._fast, pending, reload_on_noscript=True)
         else:
@@ -307,11 +344,9 @@ class RedisStore:
         try:
             result = await future
         except asyncio.CancelledError:
-            # Cancelled after the answer arrived but before this task resumed: the caller
-            # will never see its admission, so give the slots back now.
-            if future.done() and not future.cancelled() and future.exception() is None:
-                if future.result().admitted:
-                    self._enqueue_releases(slot_keys, lease_id)
+            # The caller will never see this admission (whether or not it ran, or will run):
+            # take it back by its lease id now (undo.lua, which also stops a late landing).
+            self._undo(pending)
             raise
         if result.admitted and hold:
             # Registered only once the caller has its answer: a lease nobody knows about
@@ -338,8 +373,17 @@ class RedisStore:
         if releases:  # later admissions wait for these ZREMs as for the flusher's
             landed = self._landing()
         try:
-            async with asyncio.timeout(self._timeout):
-                replies = await self._eval(self._admit_script, calls, releases)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    replies = await self._eval(self._admit_script, calls, releases)
+            except CONNECTION_LOST:
+                # The pipeline may have run, in part or whole, before its connection went:
+                # admit.lua answers a replayed lease id with its first decision and ZREM is
+                # idempotent, so this one pipeline (and nothing else) is sent again, once.
+                for pending in batch:
+                    pending.resent = True
+                async with asyncio.timeout(self._timeout):
+                    replies = await self._eval(self._admit_script, calls, releases)
         except FAILURES as exc:
             if releases:
                 self._observer.store_error("release")
@@ -357,12 +401,22 @@ class RedisStore:
             self._settle(pending, reply)
 
     def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit, *, reload_on_noscript: bool) -> None:
+        if pending.undone:
+            return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
+        pending.generation = self._script_generation
         command = pack_command(("EVALSHA", self._admit_script.sha, len(pending.keys), *pending.keys, *pending.args))
         fast.send(command, functools.partial(self._admit_reply, pending, reload_on_noscript))
 
     def _admit_reply(self, pending: _PendingAdmit, reload_on_noscript: bool, reply: object) -> None:
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and reload_on_noscript:
+            # Not run: safe to send again once the scripts are back (one reload for everyone).
             self._spawn(self._reload_and_resend(pending))
+            return
+        if isinstance(reply, ConnectionLost) and not pending.resent and self._fast is not None:
+            # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
+            # decision, so one resend on the next connection is safe.
+            pending.resent = True
+            self._send_admit(self._fast, pending, reload_on_noscript=reload_on_noscript)
             return
         self._settle(pending, reply)
 
@@ -381,10 +435,11 @@ class RedisStore:
         self._deliver(pending, result)
 
     async def _reload_and_resend(self, pending: _PendingAdmit) -> None:
-        """Redis lost the scripts (SCRIPT FLUSH, restart, failover): load them, send again once."""
+        """Redis lost the scripts (SCRIPT FLUSH, restart, failover): wait for the one shared
+        reload, send again once."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._load_scripts()
+                await self._reload_scripts(pending.generation)
         except FAILURES as exc:
             self._fail(pending, exc)
             return
@@ -399,13 +454,14 @@ class RedisStore:
         if pending.future.done():
             # The caller gave up (cancelled): nobody will release what was taken.
             if result.admitted:
-                self._enqueue_releases(pending.slot_keys, pending.lease_id)
+                self._undo(pending)
             return
         pending.future.set_result(result)
 
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
-        # The script may have run (reply lost, timeout after sending): undo any slot.
-        self._enqueue_releases(pending.slot_keys, pending.lease_id)
+        # The script may have run (reply lost, timeout after sending), or may still run (its
+        # bytes wait in a stalled Redis): the caller is told "error", so take it all back.
+        self._undo(pending)
         if pending.future.done():
             return
         self._observer.store_error(pending.operation)
@@ -415,6 +471,53 @@ class RedisStore:
         )
         error.__cause__ = exc
         pending.future.set_exception(error)
+
+    # -- undo ----------------------------------------------------------------------------
+
+    def _undo(self, pending: _PendingAdmit) -> None:
+        """Take back `pending`'s admission by its lease id (undo.lua), once per admission,
+        off the caller's path; retried until it lands or one lease has passed (by then an
+        unrenewed slot has expired anyway)."""
+        if pending.undone or pending.undo is None or self._connection_closed:
+            return
+        pending.undone = True
+        for key in pending.slot_keys:
+            self._held.pop((key, pending.lease_id), None)
+        self._spawn(self._send_undo(pending.undo))
+
+    async def _send_undo(self, call: Call) -> None:
+        keys, args = call
+        args = list(args)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lease
+        pause = self._timeout
+        while True:
+            args[2] = self._now()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    (reply,) = await self._eval(self._undo_script, [(keys, args)])
+                if isinstance(reply, BaseException):
+                    raise reply
+                return
+            except FAILURES as exc:
+                self._observer.store_error("release")
+                if loop.time() + pause > deadline or self._connection_closed:
+                    log.warning("store could not undo an admission (its slot expires with its lease): %r", exc)
+                    return
+            await asyncio.sleep(pause)
+            pause = min(1.0, 2 * pause)
+
+    async def _reload_scripts(self, sent_with: int) -> None:
+        """NOSCRIPT: make the scripts known again, once for every call that met it. A call sent
+        before the last completed reload just goes again; otherwise it joins the reload in
+        flight, or starts the one everyone else joins (1,000 calls meeting NOSCRIPT at once
+        cost one SCRIPT LOAD per script, not 1,000)."""
+        if self._script_generation > sent_with:
+            return
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._load_scripts())
+            self._reloading.add_done_callback(_consume_exception)
+        await asyncio.shield(self._reloading)
 
     # -- release -------------------------------------------------------------------------
 
@@ -459,15 +562,22 @@ class RedisStore:
 
     def _send_releases(self, fast: PipelinedRedis, keys: Sequence[str], lease_id: str) -> None:
         for key in keys:
-            fast.send(pack_command(("ZREM", key, lease_id)), self._release_reply)
+            command = pack_command(("ZREM", key, lease_id))
+            fast.send(command, functools.partial(self._release_reply, command))
         if self._wakes:  # the same connection: published after the ZREMs have landed
             wakes, self._wakes = self._wakes, set()
             for tag in wakes:
-                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")), self._release_reply)
+                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")),
+                          functools.partial(self._release_reply, None))
 
-    def _release_reply(self, reply: object) -> None:
+    def _release_reply(self, resend: bytes | None, reply: object) -> None:
         if not isinstance(reply, BaseException):
             self._release_failures_logged = False
+            return
+        if resend is not None and isinstance(reply, ConnectionLost) and self._fast is not None:
+            # ZREM is idempotent: once more on the next connection, rather than a slot held
+            # until its lease runs out.
+            self._fast.send(resend, functools.partial(self._release_reply, None))
             return
         self._observer.store_error("release")
         if not self._release_failures_logged:  # once per outage, not once per lease
@@ -496,13 +606,10 @@ class RedisStore:
             try:
                 async with asyncio.timeout(self._timeout):
                     async with self._in_flight:
-                        pipe = self._client.pipeline(transaction=False)
-                        for key, lease_ids in members.items():
-                            pipe.zrem(key, *lease_ids)
-                        if not self._connection.is_cluster:  # one connection: after the ZREMs
-                            for tag in wakes:
-                                pipe.publish(self._wakeups.channel(tag), "1")
-                        replies = await pipe.execute(raise_on_error=False)
+                        try:
+                            replies = await self._zrem_pipeline(members, wakes)
+                        except CONNECTION_LOST:  # ZREM and PUBLISH are safe to send again, once
+                            replies = await self._zrem_pipeline(members, wakes)
                         self._landed(landed)
                         if wakes and self._connection.is_cluster:  # ZREMs done (any node) first
                             pipe = self._client.pipeline(transaction=False)
@@ -520,6 +627,15 @@ class RedisStore:
                 log.warning(
                     "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
                 )
+
+    async def _zrem_pipeline(self, members: dict[str, list[str]], wakes: set[str]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for key, lease_ids in members.items():
+            pipe.zrem(key, *lease_ids)
+        if not self._connection.is_cluster:  # one connection: after the ZREMs
+            for tag in wakes:
+                pipe.publish(self._wakeups.channel(tag), "1")
+        return list(await pipe.execute(raise_on_error=False))
 
     # -- heartbeat -----------------------------------------------------------------------
 
@@ -627,13 +743,17 @@ class RedisStore:
     async def _eval(
         self, script: scripts.Script, calls: list[Call], releases: dict[str, list[str]] | None = None
     ) -> list[Any]:
-        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); reload and resend
-        those that hit NOSCRIPT."""
+        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); those that hit
+        NOSCRIPT (not run) wait for the one shared reload and are sent again once. Nothing
+        that may have run is sent again here."""
+        if self._fast is not None and releases is None:
+            return await self._eval_fast(self._fast, script, calls)
         async with self._in_flight:
+            generation = self._script_generation
             replies = await self._run_pipeline(script.sha, calls, releases)
             missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
-                await self._load_scripts()
+                await self._reload_scripts(generation)
                 retried = await self._run_pipeline(script.sha, [calls[index] for index in missing])
                 for index, reply in zip(missing, retried, strict=True):
                     replies[index] = reply
@@ -655,16 +775,46 @@ class RedisStore:
             self._observer.store_error("release")
         return list(replies[released:])
 
+    async def _eval_fast(self, fast: PipelinedRedis, script: scripts.Script, calls: list[Call]) -> list[Any]:
+        """`_eval` on the pipelined connection: every call in the same write."""
+        generation = self._script_generation
+
+        async def one(keys: list[str], args: list[str | int]) -> object:
+            reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                await self._reload_scripts(generation)
+                reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, ConnectionLost):
+                raise reply
+            return reply
+
+        return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
+
     async def _load_scripts(self) -> None:
-        # On Cluster, SCRIPT LOAD goes to every primary.
-        for script in (self._admit_script, self._renew_script, *self._extra_scripts):
-            sha = await self._client.script_load(script.source)
+        """SCRIPT LOAD every script, all at once (pipelined connection: in one write, ahead of
+        whatever is sent after; redis-py: concurrently; on Cluster it goes to every primary)."""
+        all_scripts = (self._admit_script, self._renew_script, self._undo_script, *self._extra_scripts)
+        if self._fast is not None:
+            fast = self._fast
+            shas = await asyncio.gather(*(fast.call("SCRIPT", "LOAD", script.source) for script in all_scripts))
+        else:
+            shas = await asyncio.gather(*(self._client.script_load(script.source) for script in all_scripts))
+        for script, sha in zip(all_scripts, shas, strict=True):
+            if isinstance(sha, BaseException):
+                raise sha
             if isinstance(sha, bytes):
                 sha = sha.decode()
             if sha != script.sha:
                 raise StoreError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
+        self._script_generation += 1
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    """A shared reload's failure is raised to every waiter; none left means nobody retrieves it."""
+    if not future.cancelled():
+        future.exception()

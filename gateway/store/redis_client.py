@@ -2,7 +2,10 @@
 
 redis-py's defaults (5 s socket timeouts, 10 retries with backoff, a pool that raises past
 its size) would let one store call hang for tens of seconds; here every wait derives from
-`store.timeout` and a dead pooled connection is retried once, on a fresh connection.
+`store.timeout`, and redis-py never re-sends a command itself: its retry re-sends a whole
+pipeline after a connection error even when Redis already ran it, which would run a
+state-changing script twice. The store re-sends only what is safe to run twice
+(gateway/store/redis.py); the Sentinels, asked only where the master is, keep one retry.
 
 URL forms:
 - `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), `unix:///path.sock?db=N`
@@ -94,9 +97,9 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisConnectio
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "socket_keepalive": True,
-        # One retry, on connection errors only: a pooled connection found dead after a
-        # Redis restart is replaced at once. A timeout is not retried (the budget is spent).
-        "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        # No retry: a command whose connection broke may have run (see the module docstring).
+        # On Cluster this also stops the whole-pipeline retry; MOVED/ASK (not run) still follow.
+        "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
     if scheme in STANDALONE_SCHEMES:
@@ -162,9 +165,9 @@ def _sentinel(url: str, scheme: str, common: dict[str, Any], max_connections: in
         db = int(db_text)
     except ValueError:
         raise ValueError(f"bad db {db_text!r} in store URL") from None
-    sentinel_kwargs = {
-        key: common[key] for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry")
-    }
+    sentinel_kwargs = {key: common[key] for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive")}
+    # Read-only questions (where is the master?): safe to ask again on a fresh connection.
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 1, (RedisConnectionError,))
     if parsed.query.get("sentinel_password"):
         sentinel_kwargs["password"] = parsed.query["sentinel_password"]
         sentinel_kwargs["username"] = parsed.query.get("sentinel_username")
