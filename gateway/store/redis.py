@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisClusterException, RedisError
 
 from gateway.store import scripts
 from gateway.store.base import (
@@ -102,6 +102,10 @@ Call = tuple[list[str], list[str | int]]
 # The connection was lost (or never made) before the reply: the command may have run. Only
 # admit.lua (replay-safe by its lease id) and ZREM are sent again, once.
 CONNECTION_LOST: tuple[type[BaseException], ...] = (ConnectionLost, RedisConnectionError)
+
+
+# Error replies that say the command did not run: safe to send again once the cause is fixed.
+NOT_RUN: tuple[type[BaseException], ...] = (NoScriptError, ReadOnlyError)
 
 
 @dataclass(slots=True)
@@ -194,6 +198,10 @@ class RedisStore:
         # Bumped by every completed load of the scripts; one reload at a time (_reload_scripts).
         self._script_generation = 0
         self._reloading: asyncio.Future[None] | None = None
+        # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
+        self._undos: dict[str, tuple[Call, float]] = {}
+        self._undo_task: asyncio.Task[None] | None = None
+        self._master_check: asyncio.Future[None] | None = None  # Sentinel: one at a time
         # How long an undone lease id stays in its tag's undone set: an admission can land
         # late only while its connection's bytes wait unread in Redis (a stall); the undo is
         # itself retried for up to one lease, and whatever slot a later landing took would
@@ -374,16 +382,14 @@ class RedisStore:
             landed = self._landing()
         try:
             try:
-                async with asyncio.timeout(self._timeout):
-                    replies = await self._eval(self._admit_script, calls, releases)
+                replies = await self._eval(self._admit_script, calls, releases)
             except CONNECTION_LOST:
                 # The pipeline may have run, in part or whole, before its connection went:
                 # admit.lua answers a replayed lease id with its first decision and ZREM is
                 # idempotent, so this one pipeline (and nothing else) is sent again, once.
                 for pending in batch:
                     pending.resent = True
-                async with asyncio.timeout(self._timeout):
-                    replies = await self._eval(self._admit_script, calls, releases)
+                replies = await self._eval(self._admit_script, calls, releases)
         except FAILURES as exc:
             if releases:
                 self._observer.store_error("release")
@@ -449,6 +455,8 @@ class RedisStore:
         self._send_admit(self._fast, pending, reload_on_noscript=False)
 
     def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
+        if self._undos:  # Redis answers again: what could not be undone before can be now
+            self._flush_undos()
         if result.reclaimed:
             self._observer.slots_reclaimed(result.reclaimed)
         if pending.future.done():
@@ -461,7 +469,7 @@ class RedisStore:
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
         # The script may have run (reply lost, timeout after sending), or may still run (its
         # bytes wait in a stalled Redis): the caller is told "error", so take it all back.
-        self._undo(pending)
+        self._undo(pending, now=isinstance(exc, CONNECTION_LOST))
         if pending.future.done():
             return
         self._observer.store_error(pending.operation)
@@ -474,38 +482,55 @@ class RedisStore:
 
     # -- undo ----------------------------------------------------------------------------
 
-    def _undo(self, pending: _PendingAdmit) -> None:
-        """Take back `pending`'s admission by its lease id (undo.lua), once per admission,
-        off the caller's path; retried until it lands or one lease has passed (by then an
-        unrenewed slot has expired anyway)."""
+    def _undo(self, pending: _PendingAdmit, *, now: bool = True) -> None:
+        """Take back `pending`'s admission by its lease id (undo.lua), once per admission, off
+        the caller's path. Sent at once when Redis is likely answering (a lost connection, a
+        caller gone); after a timeout, only once Redis has answered something again (the next
+        successful admission, or the heartbeat's PING), so an outage is not fed undos that
+        cannot land. Kept until it lands or one lease has passed: by then the slot, never
+        renewed, has expired anyway."""
         if pending.undone or pending.undo is None or self._connection_closed:
             return
         pending.undone = True
         for key in pending.slot_keys:
             self._held.pop((key, pending.lease_id), None)
-        self._spawn(self._send_undo(pending.undo))
+        self._undos[pending.lease_id] = (pending.undo, asyncio.get_running_loop().time() + self._lease)
+        if now:
+            self._flush_undos()
 
-    async def _send_undo(self, call: Call) -> None:
-        keys, args = call
-        args = list(args)
+    def _flush_undos(self) -> None:
+        """Send every pending undo (one at a time: the flush in flight takes the rest along)."""
+        if self._undos and (self._undo_task is None or self._undo_task.done()) and not self._connection_closed:
+            self._undo_task = asyncio.get_running_loop().create_task(self._send_undos(), name="redis-store-undo")
+            self._tasks.add(self._undo_task)
+            self._undo_task.add_done_callback(self._tasks.discard)
+
+    async def _send_undos(self) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._lease
-        pause = self._timeout
-        while True:
-            args[2] = self._now()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    (reply,) = await self._eval(self._undo_script, [(keys, args)])
-                if isinstance(reply, BaseException):
-                    raise reply
-                return
-            except FAILURES as exc:
+        expired = [lease_id for lease_id, (_, deadline) in self._undos.items() if deadline < loop.time()]
+        for lease_id in expired:
+            del self._undos[lease_id]
+        if expired:
+            log.warning("store could not undo %d admissions within a lease (their slots have expired)", len(expired))
+        if not self._undos:
+            return
+        batch = list(self._undos.items())
+        now = self._now()
+        calls: list[Call] = []
+        for _, ((keys, args), _) in batch:
+            args = list(args)
+            args[2] = now
+            calls.append((keys, args))
+        try:
+            replies = await self._eval(self._undo_script, calls)
+        except FAILURES:
+            self._observer.store_error("release")
+            return
+        for (lease_id, _), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
                 self._observer.store_error("release")
-                if loop.time() + pause > deadline or self._connection_closed:
-                    log.warning("store could not undo an admission (its slot expires with its lease): %r", exc)
-                    return
-            await asyncio.sleep(pause)
-            pause = min(1.0, 2 * pause)
+            else:
+                self._undos.pop(lease_id, None)
 
     async def _reload_scripts(self, sent_with: int) -> None:
         """NOSCRIPT: make the scripts known again, once for every call that met it. A call sent
@@ -656,8 +681,7 @@ class RedisStore:
         now = self._now()
         calls = [scripts.renew_call(chunk, self._lease_ms, now) for chunk in chunks]
         try:
-            async with asyncio.timeout(max(self._timeout, self._lease / 6)):
-                replies = await self._eval(self._renew_script, calls)
+            replies = await self._eval(self._renew_script, calls, budget=max(self._timeout, self._lease / 6))
         except FAILURES as exc:
             self._observer.store_error("renew")
             raise StoreError(f"renew failed: {exc!r}") from exc
@@ -688,10 +712,25 @@ class RedisStore:
             await asyncio.sleep(self._lease / 3)
             try:
                 await self.renew()
+                if self._undos and await self._answers():
+                    self._flush_undos()
             except StoreError as exc:
                 log.warning("store heartbeat failed: %s", exc)
             except Exception:  # a bug must not stop the renewals of every lease
                 log.exception("store heartbeat crashed")
+
+    async def _answers(self) -> bool:
+        """Does Redis answer a PING within the budget? (Undos wait for that after a timeout.)"""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._fast is not None:
+                    return not isinstance(await self._fast.call("PING"), BaseException)
+                if self._connection.is_cluster:
+                    return True  # no single node to ask: the undos themselves find out
+                await self._client.ping()
+                return True
+        except FAILURES:
+            return False
 
     # -- other scripts (bans, jobs) ----------------------------------------------------------
 
@@ -709,8 +748,7 @@ class RedisStore:
         if script not in self._extra_scripts:
             self._extra_scripts.append(script)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._eval(script, calls)
+            return await self._eval(script, calls)
         except FAILURES as exc:
             raise StoreError(f"{script.name} failed: {exc!r}") from exc
 
@@ -741,23 +779,53 @@ class RedisStore:
         return members
 
     async def _eval(
-        self, script: scripts.Script, calls: list[Call], releases: dict[str, list[str]] | None = None
+        self,
+        script: scripts.Script,
+        calls: list[Call],
+        releases: dict[str, list[str]] | None = None,
+        *,
+        budget: float | None = None,
     ) -> list[Any]:
-        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); those that hit
-        NOSCRIPT (not run) wait for the one shared reload and are sent again once. Nothing
-        that may have run is sent again here."""
+        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); those refused
+        unrun (NOSCRIPT, READONLY) wait for the one shared fix and are sent again. Nothing
+        that may have run is sent again here. Each round trip gets `budget` (the store
+        timeout): a Redis that answered "not run" is alive, and the resend deserves its own."""
+        budget = budget or self._timeout
         if self._fast is not None and releases is None:
-            return await self._eval_fast(self._fast, script, calls)
-        async with self._in_flight:
+            return await self._eval_fast(self._fast, script, calls, budget)
+        async with asyncio.timeout(budget):
+            await self._in_flight.acquire()
+        try:
             generation = self._script_generation
-            replies = await self._run_pipeline(script.sha, calls, releases)
-            missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:
-                await self._reload_scripts(generation)
-                retried = await self._run_pipeline(script.sha, [calls[index] for index in missing])
-                for index, reply in zip(missing, retried, strict=True):
+            async with asyncio.timeout(budget):
+                replies = await self._run_pipeline(script.sha, calls, releases)
+            # Refused unrun: NOSCRIPT (scripts lost), READONLY (a failover demoted the master
+            # this connection reached). At most two rounds: a new master may lack the scripts.
+            for _ in range(2):
+                unrun = [index for index, reply in enumerate(replies) if isinstance(reply, NOT_RUN)]
+                if not unrun:
+                    break
+                async with asyncio.timeout(budget):
+                    if any(isinstance(replies[index], ReadOnlyError) for index in unrun):
+                        await self._follow_master()
+                    if any(isinstance(replies[index], NoScriptError) for index in unrun):
+                        await self._reload_scripts(generation)
+                generation = self._script_generation
+                async with asyncio.timeout(budget):
+                    retried = await self._run_pipeline(script.sha, [calls[index] for index in unrun])
+                for index, reply in zip(unrun, retried, strict=True):
                     replies[index] = reply
+        finally:
+            self._in_flight.release()
         return replies
+
+    async def _follow_master(self) -> None:
+        """READONLY: ask the Sentinels where the master is now (one question for every call
+        that met it), reconnecting when it moved."""
+        if self._master_check is None or self._master_check.done():
+            self._master_check = asyncio.ensure_future(self._connection.check_master())
+            self._master_check.add_done_callback(_consume_exception)
+        await asyncio.shield(self._master_check)
 
     async def _run_pipeline(
         self, sha: str, calls: list[Call], releases: dict[str, list[str]] | None = None
@@ -775,14 +843,18 @@ class RedisStore:
             self._observer.store_error("release")
         return list(replies[released:])
 
-    async def _eval_fast(self, fast: PipelinedRedis, script: scripts.Script, calls: list[Call]) -> list[Any]:
-        """`_eval` on the pipelined connection: every call in the same write."""
+    async def _eval_fast(
+        self, fast: PipelinedRedis, script: scripts.Script, calls: list[Call], budget: float
+    ) -> list[Any]:
+        """`_eval` on the pipelined connection: every call in the same write (each command's
+        deadline is the connection's, `store.timeout` after it was queued)."""
         generation = self._script_generation
 
         async def one(keys: list[str], args: list[str | int]) -> object:
             reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                await self._reload_scripts(generation)
+                async with asyncio.timeout(budget):
+                    await self._reload_scripts(generation)
                 reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             if isinstance(reply, ConnectionLost):
                 raise reply

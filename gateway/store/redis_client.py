@@ -60,6 +60,11 @@ class RedisConnection:
     follow_master: Callable[[], Awaitable[None]] | None = None
     _watch: asyncio.Task[None] | None = None
 
+    async def check_master(self) -> None:
+        """Sentinel: ask now where the master is (a command met READONLY); else nothing."""
+        if self.follow_master is not None:
+            await self.follow_master()
+
     def start(self) -> None:
         """Start background work (the Sentinel master watch); needs a running loop."""
         if self.follow_master is not None and self._watch is None:

@@ -261,9 +261,10 @@ async def test_job_free_is_never_sent_twice(server: PrivateRedis, proxy: FaultPr
 async def test_admission_landing_after_its_undo_takes_nothing(
     server: PrivateRedis, proxy: FaultProxy, transport: str
 ) -> None:
-    """The EVALSHAs are held back 0.6 s on their way to Redis (past the 0.2 s timeout); the
-    callers are told "error" and their undos go out at once on a fresh connection that is not
-    held back, so every undo runs first. The admissions then land and must take nothing."""
+    """The EVALSHAs are held back 1.5 s on their way to Redis (past the 0.2 s timeout); the
+    callers are told "error" and their undos go out on a fresh connection that is not held
+    back, once Redis answers the heartbeat's PING (every lease / 3), so every undo runs first.
+    The admissions then land and must take nothing."""
     store = RedisStore(store_url(proxy.port, transport), prefix="t", timeout=TIMEOUT, lease=LEASE)
     await store.start()
     rates, slots = buckets("late")
@@ -271,12 +272,12 @@ async def test_admission_landing_after_its_undo_takes_nothing(
     try:
         await store.check_ready()  # connections open before the delay starts
         before = proxy.delivered[b"EVALSHA"]
-        proxy.set_mode("latency", latency=0.6)
+        proxy.set_mode("latency", latency=1.5)
         attempts = [asyncio.create_task(store.admit(rates, slots, f"late-{n}")) for n in range(SLOTS)]
         await asyncio.sleep(0.05)  # read by the proxy, on their way
         proxy.set_mode("pass")  # what is sent from now on (the undos) is not held back
         outcomes = await asyncio.gather(*attempts, return_exceptions=True)
-        await asyncio.sleep(1.0)  # the held-back admissions land
+        await asyncio.sleep(2.0)  # the undos, then the held-back admissions land
         landed = proxy.delivered[b"EVALSHA"] - before
         entries, live = direct.zcard(rates[0].key), direct.zcard(slots[0].key)
         fresh = await store.admit(rates, slots, "after")
