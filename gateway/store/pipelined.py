@@ -20,7 +20,8 @@ and the timeout often won). A lost connection or a failed connect answers the sa
 the caller knows whether a retry is safe.
 
 Used for `redis://` and `unix://` store URLs (TLS, Sentinel and Cluster keep redis-py,
-gateway/store/redis_client.py).
+gateway/store/redis_client.py). Both implement gateway/store/transport.py; this one also
+offers `send`, the callback form the store's admission hot path uses (no task per call).
 """
 
 from __future__ import annotations
@@ -30,25 +31,21 @@ import collections
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
 from gateway.store.base import StoreError
+from gateway.store.scripts import Script
+from gateway.store.transport import Call, ConnectionLost, ScriptSet, Transport
 
 log = logging.getLogger(__name__)
 
 OnReply = Callable[[object], None]
 ReplyError = hiredis.ReplyError
 Arg = str | bytes | int | float
-
-
-class ConnectionLost(StoreError):
-    """The connection failed before this command's reply came (or could not be opened): the
-    command may or may not have run. Only a caller whose command is safe to run twice may
-    send it again (admit.lua is, by its lease id); nothing here re-sends anything."""
 
 
 def pack_command(args: tuple[Arg, ...]) -> bytes:
@@ -125,11 +122,12 @@ class _Protocol(asyncio.Protocol):
                                                             "Redis closed the connection"))
 
 
-class PipelinedRedis:
+class PipelinedRedis(Transport):
     """Queue commands with `send`; each callback gets its reply (or a ReplyError /
     StoreError instance, never raised) exactly once."""
 
     def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
+        self.scripts = ScriptSet(self._load_all)
         self._endpoint = endpoint
         self._timeout = timeout
         self._protocol: _Protocol | None = None
@@ -171,6 +169,34 @@ class PipelinedRedis:
 
         self.send(pack_command(args), answer)
         return await future
+
+    # -- the Transport interface --------------------------------------------------------
+
+    async def eval_batch(self, script: Script, calls: Sequence[Call], *, budget: float) -> list[object]:
+        """Every call in the same write (each command's deadline is `timeout` after it was
+        queued); NOSCRIPT: the shared reload (within `budget`), then once more."""
+        generation = self.scripts.generation
+
+        async def one(keys: list[str], args: list[str | int]) -> object:
+            reply = await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                async with asyncio.timeout(budget):
+                    await self.scripts.reload(generation)
+                reply = await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, StoreError):  # lost, or past its deadline (one instance per caller)
+                raise type(reply)(*reply.args) from reply
+            return reply
+
+        return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
+
+    async def _load_all(self, scripts: Sequence[Script]) -> Sequence[object]:
+        # In one write, ahead of whatever is queued after it on this (ordered) connection.
+        return await asyncio.gather(*(self.call("SCRIPT", "LOAD", script.source) for script in scripts))
+
+    async def ping(self) -> None:
+        reply = await self.call("PING")
+        if isinstance(reply, BaseException):
+            raise reply
 
     def _flush(self) -> None:
         self._flush_scheduled = False

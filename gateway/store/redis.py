@@ -6,12 +6,15 @@ atomically), and every caller gets its own answer or its own StoreError. Scripts
 at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH, restart, failover) reloads them and
 resends just those calls (see "Replays and undo" below).
 
-Two transports carry admissions and releases. For a plain `redis://` or `unix://` URL, one
-pipelined connection (gateway/store/pipelined.py): commands are written as they come, once
-per loop iteration, replies dispatched in order by callbacks, and since one connection is
-ordered, a release always lands before any admission issued after it. For TLS, Sentinel,
-Cluster, and clients built elsewhere (tests: fakeredis), redis-py pipelines on a pool, with
-the batching and ordering below done by hand.
+This module keeps admission semantics; Redis is reached through one Transport
+(gateway/store/transport.py: scripts one or batched, ping, close; NOSCRIPT and READONLY
+fixed once for everyone; nothing that may have run re-sent). For a plain `redis://` or
+`unix://` URL it is one pipelined connection (gateway/store/pipelined.py): commands are
+written as they come, once per loop iteration, replies dispatched in order by callbacks, and
+since one connection is ordered, a release always lands before any admission issued after
+it. For TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py
+pipelines on a pool (gateway/store/redis_client.py), with the batching and ordering below
+done by hand.
 
 Off the critical path:
 - `release` only enqueues (pipelined: the ZREM is queued on the connection; redis-py: one
@@ -57,8 +60,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.store import scripts
 from gateway.store.base import (
@@ -70,8 +72,9 @@ from gateway.store.base import (
     StoreError,
     StoreObserver,
 )
-from gateway.store.pipelined import ConnectionLost, Endpoint, PipelinedRedis, ReplyError, pack_command
-from gateway.store.redis_client import AnyRedis, RedisConnection, connect
+from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError, pack_command
+from gateway.store.redis_client import AnyRedis, RedisConnection, RedisPyTransport, connect
+from gateway.store.transport import Call, ConnectionLost, Transport
 from gateway.store.wakeups import RedisWakeups
 
 log = logging.getLogger(__name__)
@@ -96,16 +99,7 @@ FAILURES: tuple[type[BaseException], ...] = (
 RENEW_CHUNK = 256
 ADMIT_BATCH = 256
 
-Call = tuple[list[str], list[str | int]]
-
-
-# The connection was lost (or never made) before the reply: the command may have run. Only
-# admit.lua (replay-safe by its lease id) and ZREM are sent again, once.
-CONNECTION_LOST: tuple[type[BaseException], ...] = (ConnectionLost, RedisConnectionError)
-
-
-# Error replies that say the command did not run: safe to send again once the cause is fixed.
-NOT_RUN: tuple[type[BaseException], ...] = (NoScriptError, ReadOnlyError)
+__all__ = ["Call", "RedisStore"]  # Call: what run_script takes (bans, jobs)
 
 
 @dataclass(slots=True)
@@ -120,12 +114,18 @@ class _PendingAdmit:
     queued: bool = False  # the call carried a QueueSpot
     undo: Call | None = None  # undo.lua's KEYS and ARGV for this lease
     resent: bool = False  # sent again after its connection was lost
+    reloads: int = 0  # sent again after NOSCRIPT
     generation: int = 0  # the script generation it was (last) sent with
     undone: bool = False
 
 
 class RedisStore:
-    _fast: PipelinedRedis | None  # the pipelined connection, for plain redis:// and unix:// URLs
+    # Every script and ping goes through the transport (gateway/store/transport.py): the
+    # pipelined connection for plain redis:// and unix:// URLs (also `_fast`, whose callback
+    # form the admission hot path uses), else redis-py (`_pool`, which also carries the
+    # batched admissions and releases, and the wake-up channel in both cases).
+    _transport: Transport
+    _fast: PipelinedRedis | None
 
     def __init__(
         self,
@@ -143,6 +143,7 @@ class RedisStore:
         endpoint = Endpoint.from_url(url)
         if endpoint is not None:
             self._fast = PipelinedRedis(endpoint, timeout=timeout)
+            self._use(self._fast)
 
     @classmethod
     def from_client(
@@ -184,6 +185,7 @@ class RedisStore:
             raise ValueError("timeout and lease must be positive")
         self._connection = connection
         self._client = connection.client
+        self._pool = RedisPyTransport(connection, max_connections=max_connections)
         self._fast = None
         self._release_failures_logged = False
         self._prefix = prefix
@@ -195,21 +197,15 @@ class RedisStore:
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
         self._undo_script = scripts.load("undo")
-        # Bumped by every completed load of the scripts; one reload at a time (_reload_scripts).
-        self._script_generation = 0
-        self._reloading: asyncio.Future[None] | None = None
+        self._use(self._pool)
         # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
         self._undos: dict[str, tuple[Call, float]] = {}
         self._undo_task: asyncio.Task[None] | None = None
-        self._master_check: asyncio.Future[None] | None = None  # Sentinel: one at a time
         # How long an undone lease id stays in its tag's undone set: an admission can land
         # late only while its connection's bytes wait unread in Redis (a stall); the undo is
         # itself retried for up to one lease, and whatever slot a later landing took would
         # expire within a lease, unrenewed. Two leases plus the retries cover both.
         self._undone_ttl_ms = scripts.ms_arg(2 * lease + 10 * timeout)
-        self._extra_scripts: list[scripts.Script] = []  # run through run_script (bans, jobs)
-        # At most this many pipelines in flight: the pool never has to refuse a connection.
-        self._in_flight = asyncio.Semaphore(max_connections)
         self._admits: list[_PendingAdmit] = []
         self._admit_batch_open = False
         self._releases: dict[tuple[str, str], None] = {}
@@ -224,6 +220,11 @@ class RedisStore:
         self._closed = False
         self._connection_closed = False
 
+    def _use(self, transport: Transport) -> None:
+        self._transport = transport
+        for script in (self._admit_script, self._renew_script, self._undo_script):
+            transport.scripts.add(script)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -235,13 +236,8 @@ class RedisStore:
             self._connection.start()  # Sentinel: follow the master (redis_client.py)
         try:
             async with asyncio.timeout(max(1.0, 5 * self._timeout)):
-                await self._load_scripts()
-                if not self._connection.is_cluster:
-                    await asyncio.gather(*(self._client.ping() for _ in range(2)))
-                if self._fast is not None:
-                    reply = await self._fast.call("PING")
-                    if isinstance(reply, BaseException):
-                        raise reply
+                await self._transport.scripts.load()
+                await asyncio.gather(*(self._transport.ping() for _ in range(2)))  # two warm connections
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"store not ready at start: {exc!r}") from exc
@@ -278,7 +274,7 @@ class RedisStore:
         if self._fast is not None:
             await self._fast.aclose()
         with contextlib.suppress(*FAILURES):
-            await self._connection.aclose()
+            await self._pool.aclose()
 
     # -- admission ---------------------------------------------------------------------
 
@@ -308,8 +304,7 @@ class RedisStore:
                     raise reply
                 return
             async with asyncio.timeout(self._timeout):
-                async with self._in_flight:
-                    await self._client.zrem(slot.key, lease_id)
+                await self._pool.zrem(slot.key, lease_id)
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"readiness probe release failed: {exc!r}") from exc
@@ -339,9 +334,9 @@ class RedisStore:
         pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
                                 undo=scripts.undo_call(rates, slots, lease_id, self._lease_ms, now,
                                                        self._undone_ttl_ms),
-                                generation=self._script_generation)
+                                generation=self._transport.scripts.generation)
         if self._fast is not None:
-            self._send_admit(self._fast, pending, reload_on_noscript=True)
+            self._send_admit(self._fast, pending)
         else:
             self._admits.append(pending)
             if not self._admit_batch_open:
@@ -383,7 +378,7 @@ class RedisStore:
         try:
             try:
                 replies = await self._eval(self._admit_script, calls, releases)
-            except CONNECTION_LOST:
+            except ConnectionLost:
                 # The pipeline may have run, in part or whole, before its connection went:
                 # admit.lua answers a replayed lease id with its first decision and ZREM is
                 # idempotent, so this one pipeline (and nothing else) is sent again, once.
@@ -406,15 +401,17 @@ class RedisStore:
         for pending, reply in zip(batch, replies, strict=True):
             self._settle(pending, reply)
 
-    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit, *, reload_on_noscript: bool) -> None:
+    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit) -> None:
         if pending.undone:
             return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
-        pending.generation = self._script_generation
+        pending.generation = self._transport.scripts.generation
         command = pack_command(("EVALSHA", self._admit_script.sha, len(pending.keys), *pending.keys, *pending.args))
-        fast.send(command, functools.partial(self._admit_reply, pending, reload_on_noscript))
+        fast.send(command, functools.partial(self._admit_reply, pending))
 
-    def _admit_reply(self, pending: _PendingAdmit, reload_on_noscript: bool, reply: object) -> None:
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and reload_on_noscript:
+    def _admit_reply(self, pending: _PendingAdmit, reply: object) -> None:
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and pending.reloads < 2:
+            # (Twice at most, as on redis-py: the scripts may be flushed again meanwhile.)
+            pending.reloads += 1
             # Not run: safe to send again once the scripts are back (one reload for everyone).
             self._spawn(self._reload_and_resend(pending))
             return
@@ -422,7 +419,7 @@ class RedisStore:
             # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
             # decision, so one resend on the next connection is safe.
             pending.resent = True
-            self._send_admit(self._fast, pending, reload_on_noscript=reload_on_noscript)
+            self._send_admit(self._fast, pending)
             return
         self._settle(pending, reply)
 
@@ -445,14 +442,14 @@ class RedisStore:
         reload, send again once."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._reload_scripts(pending.generation)
+                await self._transport.scripts.reload(pending.generation)
         except FAILURES as exc:
             self._fail(pending, exc)
             return
         if self._fast is None or pending.future.done():
             self._fail(pending, StoreError("admission abandoned while reloading scripts"))
             return
-        self._send_admit(self._fast, pending, reload_on_noscript=False)
+        self._send_admit(self._fast, pending)
 
     def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
         if self._undos:  # Redis answers again: what could not be undone before can be now
@@ -469,7 +466,7 @@ class RedisStore:
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
         # The script may have run (reply lost, timeout after sending), or may still run (its
         # bytes wait in a stalled Redis): the caller is told "error", so take it all back.
-        self._undo(pending, now=isinstance(exc, CONNECTION_LOST))
+        self._undo(pending, now=isinstance(exc, ConnectionLost))
         if pending.future.done():
             return
         self._observer.store_error(pending.operation)
@@ -531,18 +528,6 @@ class RedisStore:
                 self._observer.store_error("release")
             else:
                 self._undos.pop(lease_id, None)
-
-    async def _reload_scripts(self, sent_with: int) -> None:
-        """NOSCRIPT: make the scripts known again, once for every call that met it. A call sent
-        before the last completed reload just goes again; otherwise it joins the reload in
-        flight, or starts the one everyone else joins (1,000 calls meeting NOSCRIPT at once
-        cost one SCRIPT LOAD per script, not 1,000)."""
-        if self._script_generation > sent_with:
-            return
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.ensure_future(self._load_scripts())
-            self._reloading.add_done_callback(_consume_exception)
-        await asyncio.shield(self._reloading)
 
     # -- release -------------------------------------------------------------------------
 
@@ -629,18 +614,12 @@ class RedisStore:
             # including while it waits for a free connection.
             landed = self._landing()
             try:
+                channels = [self._wakeups.channel(tag) for tag in wakes]
                 async with asyncio.timeout(self._timeout):
-                    async with self._in_flight:
-                        try:
-                            replies = await self._zrem_pipeline(members, wakes)
-                        except CONNECTION_LOST:  # ZREM and PUBLISH are safe to send again, once
-                            replies = await self._zrem_pipeline(members, wakes)
-                        self._landed(landed)
-                        if wakes and self._connection.is_cluster:  # ZREMs done (any node) first
-                            pipe = self._client.pipeline(transaction=False)
-                            for tag in wakes:
-                                pipe.publish(self._wakeups.channel(tag), "1")
-                            replies += await pipe.execute(raise_on_error=False)
+                    try:
+                        replies = await self._pool.release(members, channels)
+                    except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
+                        replies = await self._pool.release(members, channels)
             except FAILURES as exc:
                 self._observer.store_error("release")
                 log.warning("store release of %d leases failed: %r", len(batch), exc)
@@ -652,15 +631,6 @@ class RedisStore:
                 log.warning(
                     "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
                 )
-
-    async def _zrem_pipeline(self, members: dict[str, list[str]], wakes: set[str]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for key, lease_ids in members.items():
-            pipe.zrem(key, *lease_ids)
-        if not self._connection.is_cluster:  # one connection: after the ZREMs
-            for tag in wakes:
-                pipe.publish(self._wakeups.channel(tag), "1")
-        return list(await pipe.execute(raise_on_error=False))
 
     # -- heartbeat -----------------------------------------------------------------------
 
@@ -723,11 +693,7 @@ class RedisStore:
         """Does Redis answer a PING within the budget? (Undos wait for that after a timeout.)"""
         try:
             async with asyncio.timeout(self._timeout):
-                if self._fast is not None:
-                    return not isinstance(await self._fast.call("PING"), BaseException)
-                if self._connection.is_cluster:
-                    return True  # no single node to ask: the undos themselves find out
-                await self._client.ping()
+                await self._transport.ping()
                 return True
         except FAILURES:
             return False
@@ -745,8 +711,7 @@ class RedisStore:
         a whole; not reported to the observer: the caller counts it under its own operation."""
         if self._connection_closed:
             raise StoreError("store is closed")
-        if script not in self._extra_scripts:
-            self._extra_scripts.append(script)
+        self._transport.scripts.add(script)
         try:
             return await self._eval(script, calls)
         except FAILURES as exc:
@@ -786,107 +751,17 @@ class RedisStore:
         *,
         budget: float | None = None,
     ) -> list[Any]:
-        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); those refused
-        unrun (NOSCRIPT, READONLY) wait for the one shared fix and are sent again. Nothing
-        that may have run is sent again here. Each round trip gets `budget` (the store
-        timeout): a Redis that answered "not run" is alive, and the resend deserves its own."""
+        """EVALSHA every call through the transport (redis-py admission batches: after
+        `releases`' ZREMs, in the same pipeline). Calls refused unrun go again once there;
+        nothing that may have run is sent again (ConnectionLost is raised)."""
         budget = budget or self._timeout
-        if self._fast is not None and releases is None:
-            return await self._eval_fast(self._fast, script, calls, budget)
-        async with asyncio.timeout(budget):
-            await self._in_flight.acquire()
-        try:
-            generation = self._script_generation
-            async with asyncio.timeout(budget):
-                replies = await self._run_pipeline(script.sha, calls, releases)
-            # Refused unrun: NOSCRIPT (scripts lost), READONLY (a failover demoted the master
-            # this connection reached). At most two rounds: a new master may lack the scripts.
-            for _ in range(2):
-                unrun = [index for index, reply in enumerate(replies) if isinstance(reply, NOT_RUN)]
-                if not unrun:
-                    break
-                async with asyncio.timeout(budget):
-                    if any(isinstance(replies[index], ReadOnlyError) for index in unrun):
-                        await self._follow_master()
-                    if any(isinstance(replies[index], NoScriptError) for index in unrun):
-                        await self._reload_scripts(generation)
-                generation = self._script_generation
-                async with asyncio.timeout(budget):
-                    retried = await self._run_pipeline(script.sha, [calls[index] for index in unrun])
-                for index, reply in zip(unrun, retried, strict=True):
-                    replies[index] = reply
-        finally:
-            self._in_flight.release()
-        return replies
-
-    async def _follow_master(self) -> None:
-        """READONLY: ask the Sentinels where the master is now (one question for every call
-        that met it), reconnecting when it moved."""
-        if self._master_check is None or self._master_check.done():
-            self._master_check = asyncio.ensure_future(self._connection.check_master())
-            self._master_check.add_done_callback(_consume_exception)
-        await asyncio.shield(self._master_check)
-
-    async def _run_pipeline(
-        self, sha: str, calls: list[Call], releases: dict[str, list[str]] | None = None
-    ) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for key, lease_ids in (releases or {}).items():
-            pipe.zrem(key, *lease_ids)
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        replies = await pipe.execute(raise_on_error=False)
-        released = len(releases or ())
-        if len(replies) != released + len(calls):
-            raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
-        if any(isinstance(reply, BaseException) for reply in replies[:released]):
-            self._observer.store_error("release")
-        return list(replies[released:])
-
-    async def _eval_fast(
-        self, fast: PipelinedRedis, script: scripts.Script, calls: list[Call], budget: float
-    ) -> list[Any]:
-        """`_eval` on the pipelined connection: every call in the same write (each command's
-        deadline is the connection's, `store.timeout` after it was queued)."""
-        generation = self._script_generation
-
-        async def one(keys: list[str], args: list[str | int]) -> object:
-            reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
-            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                async with asyncio.timeout(budget):
-                    await self._reload_scripts(generation)
-                reply = await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
-            if isinstance(reply, ConnectionLost):
-                raise reply
-            return reply
-
-        return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
-
-    async def _load_scripts(self) -> None:
-        """SCRIPT LOAD every script, all at once (pipelined connection: in one write, ahead of
-        whatever is sent after; redis-py: concurrently; on Cluster it goes to every primary)."""
-        all_scripts = (self._admit_script, self._renew_script, self._undo_script, *self._extra_scripts)
-        if self._fast is not None:
-            fast = self._fast
-            shas = await asyncio.gather(*(fast.call("SCRIPT", "LOAD", script.source) for script in all_scripts))
-        else:
-            shas = await asyncio.gather(*(self._client.script_load(script.source) for script in all_scripts))
-        for script, sha in zip(all_scripts, shas, strict=True):
-            if isinstance(sha, BaseException):
-                raise sha
-            if isinstance(sha, bytes):
-                sha = sha.decode()
-            if sha != script.sha:
-                raise StoreError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
-        self._script_generation += 1
+        if releases:
+            return await self._pool.eval_batch(script, calls, budget=budget, zrems=releases,
+                                               on_zrem_error=functools.partial(self._observer.store_error, "release"))
+        return await self._transport.eval_batch(script, calls, budget=budget)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    """A shared reload's failure is raised to every waiter; none left means nobody retrieves it."""
-    if not future.cancelled():
-        future.exception()
