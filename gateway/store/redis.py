@@ -44,8 +44,9 @@ Replays and undo: what a client is told is what Redis holds, under any single fa
   cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
   counter increments) and puts the lease id in its hash tag's undone set, which admit.lua
   checks first, so the EVALSHA that lands after its undo (it sat unread in a stalled Redis)
-  takes nothing. The undo is retried off the caller's path until it lands or a lease has
-  passed (an unrenewed slot has expired by then); the undone record lives two leases.
+  takes nothing. The undo goes off the caller's path, at once after a lost connection, else
+  once Redis answers again (no undos fed to an outage), until it lands or a lease has passed
+  (an unrenewed slot has expired by then); the undone record lives two leases.
 tests/faults/test_replays.py shows each case on both transports.
 """
 
@@ -502,13 +503,16 @@ class RedisStore:
             self._tasks.add(self._undo_task)
             self._undo_task.add_done_callback(self._tasks.discard)
 
-    async def _send_undos(self) -> None:
-        loop = asyncio.get_running_loop()
-        expired = [lease_id for lease_id, (_, deadline) in self._undos.items() if deadline < loop.time()]
+    def _prune_undos(self) -> None:
+        now = asyncio.get_running_loop().time()
+        expired = [lease_id for lease_id, (_, deadline) in self._undos.items() if deadline < now]
         for lease_id in expired:
             del self._undos[lease_id]
         if expired:
             log.warning("store could not undo %d admissions within a lease (their slots have expired)", len(expired))
+
+    async def _send_undos(self) -> None:
+        self._prune_undos()
         if not self._undos:
             return
         batch = list(self._undos.items())
@@ -682,6 +686,7 @@ class RedisStore:
             await asyncio.sleep(self._lease / 3)
             try:
                 await self.renew()
+                self._prune_undos()
                 if self._undos and await self._answers():
                     self._flush_undos()
             except StoreError as exc:
