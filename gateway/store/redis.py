@@ -294,7 +294,8 @@ class RedisStore:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
         then remove the probe lease (both keys carry a TTL whatever happens)."""
         tag = f"{self._prefix}:{{ready}}"
-        rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1)
+        # A 1 s window: a 1 ms one left a key whose PTTL could read 0 right after the probe.
+        rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1000)
         slot = SlotBucket(f"{tag}:probe:s", 1 << 30)
         lease_id = f"ready:{uuid.uuid4().hex}"
         await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
