@@ -113,7 +113,8 @@ class _PendingAdmit:
     operation: str
     future: asyncio.Future[AdmitResult]
     queued: bool = False  # the call carried a QueueSpot
-    undo: Call | None = None  # undo.lua's KEYS and ARGV for this lease
+    # The buckets, for undo.lua's call (built only if it is ever needed: off the hot path).
+    buckets: tuple[Sequence[RateBucket], Sequence[SlotBucket]] | None = None
     resent: bool = False  # sent again after its connection was lost
     reloads: int = 0  # sent again after NOSCRIPT
     generation: int = 0  # the script generation it was (last) sent with
@@ -329,14 +330,11 @@ class RedisStore:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
             raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        now = self._now()
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, now, queue)
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
         pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
-                                undo=scripts.undo_call(rates, slots, lease_id, self._lease_ms, now,
-                                                       self._undone_ttl_ms),
-                                generation=self._transport.scripts.generation)
+                                buckets=(rates, slots), generation=self._transport.scripts.generation)
         if self._fast is not None:
             self._send_admit(self._fast, pending)
         else:
@@ -488,12 +486,14 @@ class RedisStore:
         successful admission, or the heartbeat's PING), so an outage is not fed undos that
         cannot land. Kept until it lands or one lease has passed: by then the slot, never
         renewed, has expired anyway."""
-        if pending.undone or pending.undo is None or self._connection_closed:
+        if pending.undone or pending.buckets is None or self._connection_closed:
             return
         pending.undone = True
         for key in pending.slot_keys:
             self._held.pop((key, pending.lease_id), None)
-        self._undos[pending.lease_id] = (pending.undo, asyncio.get_running_loop().time() + self._lease)
+        rates, slots = pending.buckets
+        call = scripts.undo_call(rates, slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms)
+        self._undos[pending.lease_id] = (call, asyncio.get_running_loop().time() + self._lease)
         if now:
             self._flush_undos()
 
