@@ -34,10 +34,8 @@ from gateway.admission.bans import (
 )
 from gateway.config.model import Bans
 from gateway.metrics import Metrics
-from gateway.store.bans import BANNED_NOW, ActiveBan, BanStore, MemoryBanStore
-from gateway.store.base import AdmissionStore, StoreError, StoreObserver
-from gateway.store.redis import RedisStore
-from gateway.store.redis_bans import RedisBanStore
+from gateway.store.bans import BANNED_NOW, ActiveBan, BanStore
+from gateway.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +189,3 @@ class BanGuard:
         self._metrics.banned_ips.set(len(self._cache))
         return lifted or cached
 
-
-def ban_store_for(store: AdmissionStore, prefix: str, observer: StoreObserver) -> BanStore:
-    """Bans live where the admission state lives: Redis shares them between replicas."""
-    if isinstance(store, RedisStore):
-        return RedisBanStore(store, prefix=prefix, observer=observer)
-    return MemoryBanStore()

@@ -10,16 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.admission.controller import Admission
-from gateway.ban_guard import BanGuard, ban_store_for
+from gateway.ban_guard import BanGuard
 from gateway.config.model import Config
 from gateway.jobs.tracker import JobTracker
 from gateway.metrics import Metrics, MetricsObserver
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client
 from gateway.recent_clients import RecentClients
 from gateway.runtime import Routing
-from gateway.store import open_store
+from gateway.store import bundle_for, open_store
 from gateway.store.base import AdmissionStore, StoreError
-from gateway.store.memory import MemoryStore
 
 
 @dataclass(slots=True)
@@ -29,7 +28,7 @@ class GatewayState:
     admission: Admission
     upstream: UpstreamClient
     metrics: Metrics
-    local_store: MemoryStore | None = None
+    local_store: AdmissionStore | None = None
     draining: bool = False
     recent_clients: RecentClients = field(default_factory=RecentClients)  # for the admin key view
     active_requests: int = 0
@@ -47,10 +46,9 @@ class GatewayState:
     ) -> GatewayState:
         metrics = metrics or Metrics()
         observer = MetricsObserver(metrics)
-        store = store or open_store(config.store, observer=observer)
-        local = None
-        if config.store.on_error == "local" and not isinstance(store, MemoryStore):
-            local = MemoryStore(config.store.lease, observer=observer)
+        stores = (bundle_for(store, config.store, observer) if store is not None
+                  else open_store(config.store, observer=observer))
+        store, local = stores.admission, stores.local
         admission = Admission(store, on_error=config.store.on_error, metrics=metrics, local=local,
                               local_divisor=config.store.local_divisor)
         state = cls(
@@ -61,8 +59,7 @@ class GatewayState:
             metrics=metrics,
             local_store=local,
         )
-        ban_store = ban_store_for(store, config.store.prefix, observer)
-        state.bans = BanGuard(ban_store, metrics, policy=lambda: state.routing.config.bans)
+        state.bans = BanGuard(stores.bans, metrics, policy=lambda: state.routing.config.bans)
         state.jobs = JobTracker(store, local, config.store.prefix, observer)
         return state
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from gateway.admission.identity import is_trusted
 from gateway.config.model import Bans, Network
+from gateway.store.ban_lengths import ban_ms as ban_ms  # re-exported: the reference for the scripts
+from gateway.store.ban_lengths import ms as ms
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -56,20 +58,6 @@ def is_exempt(ip: IPAddress, allow: Sequence[Network]) -> bool:
     return is_trusted(ip, allow)
 
 
-def ms(seconds: float) -> float:
-    """A duration as the store scripts get it: milliseconds, to the microsecond."""
-    return round(seconds * 1000.0, 3)
-
-
-def ban_ms(policy: Bans, ban_number: int) -> int:
-    """How long the `ban_number`-th remembered ban lasts (1 for the first), in whole ms
-    (ceiling): min(duration * factor**(n-1), max_duration), computed in ms as the scripts do."""
-    cap = ms(policy.max_duration)
-    try:
-        length = ms(policy.duration) * policy.factor ** max(0, ban_number - 1)
-    except OverflowError:  # far past the cap
-        length = cap
-    return math.ceil(min(length, cap))
 
 
 def retry_after(seconds_left: float) -> int:

@@ -20,15 +20,11 @@ numbers keeps the counters.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from gateway.config.model import ConcurrencyLimit, Config, Key, Limit, RateLimit, Route
 from gateway.store.base import RateBucket, SlotBucket
-
-
-def short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+from gateway.store.names import short_hash as short_hash  # re-exported: bucket names use it
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,25 +28,12 @@ from gateway.config.model import Job, Route
 from gateway.jobs.table import JobTable, StatusRequest, job_slots
 from gateway.jobs.tee import JsonTee, lookup
 from gateway.proxy.upstream import Headers
+from gateway.store import job_store_for
 from gateway.store.base import AdmissionStore, SlotBucket, StoreError, StoreObserver
 from gateway.store.jobs import EndedJob, JobClaim, JobStore, valid_job_id
-from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore
-from gateway.store.redis_jobs import RedisJobStore
 
 log = logging.getLogger("gateway.jobs")
 T = TypeVar("T")
-
-
-def job_store_for(
-    store: AdmissionStore, prefix: str, observer: StoreObserver | None = None
-) -> JobStore | None:
-    """Jobs live where the admission state lives."""
-    if isinstance(store, RedisStore):
-        return RedisJobStore(store, prefix=prefix, observer=observer)
-    if isinstance(store, MemoryStore):
-        return store
-    return None
 
 
 def _encoding(headers: Headers) -> str | None:

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.admission.bans import ban_ms, ms
 from gateway.config.model import Bans
+from gateway.store.ban_lengths import ban_ms, ms
 
 NOT_BANNED, ALREADY_BANNED, BANNED_NOW = 0, 1, 2
 

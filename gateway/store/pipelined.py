@@ -20,7 +20,8 @@ and the timeout often won). A lost connection or a failed connect answers the sa
 the caller knows whether a retry is safe.
 
 Used for `redis://` and `unix://` store URLs (TLS, Sentinel and Cluster keep redis-py,
-gateway/store/redis_client.py).
+gateway/store/redis_client.py). Both implement gateway/store/transport.py; this one also
+offers `send`, the callback form the store's admission hot path uses (no task per call).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import collections
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
 from gateway.store.base import StoreError
+from gateway.store.scripts import Script
+from gateway.store.transport import Call, ConnectionLost, ScriptSet, Transport
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +111,23 @@ class _Protocol(asyncio.Protocol):
             try:
                 reply = self._reader.gets()
             except hiredis.ProtocolError as exc:
-                owner._connection_failed(self, StoreError(f"Redis protocol error: {exc}"))
+                owner._connection_failed(self, ConnectionLost(f"Redis protocol error: {exc}"))
                 return
             if reply is False:
                 return
             owner._answer(self, reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._connection_failed(self, StoreError(f"Redis connection lost: {exc!r}" if exc else
-                                                        "Redis closed the connection"))
+        self._owner._connection_failed(self, ConnectionLost(f"Redis connection lost: {exc!r}" if exc else
+                                                            "Redis closed the connection"))
 
 
-class PipelinedRedis:
+class PipelinedRedis(Transport):
     """Queue commands with `send`; each callback gets its reply (or a ReplyError /
     StoreError instance, never raised) exactly once."""
 
     def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
+        self.scripts = ScriptSet(self._load_all)
         self._endpoint = endpoint
         self._timeout = timeout
         self._protocol: _Protocol | None = None
@@ -165,6 +169,34 @@ class PipelinedRedis:
 
         self.send(pack_command(args), answer)
         return await future
+
+    # -- the Transport interface --------------------------------------------------------
+
+    async def eval_batch(self, script: Script, calls: Sequence[Call], *, budget: float) -> list[object]:
+        """Every call in the same write (each command's deadline is `timeout` after it was
+        queued); NOSCRIPT: the shared reload (within `budget`), then once more."""
+        generation = self.scripts.generation
+
+        async def one(keys: list[str], args: list[str | int]) -> object:
+            reply = await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                async with asyncio.timeout(budget):
+                    await self.scripts.reload(generation)
+                reply = await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, StoreError):  # lost, or past its deadline (one instance per caller)
+                raise type(reply)(*reply.args) from reply
+            return reply
+
+        return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
+
+    async def _load_all(self, scripts: Sequence[Script]) -> Sequence[object]:
+        # In one write, ahead of whatever is queued after it on this (ordered) connection.
+        return await asyncio.gather(*(self.call("SCRIPT", "LOAD", script.source) for script in scripts))
+
+    async def ping(self) -> None:
+        reply = await self.call("PING")
+        if isinstance(reply, BaseException):
+            raise reply
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -209,7 +241,7 @@ class PipelinedRedis:
                         lambda: _Protocol(self), endpoint.host or "localhost", endpoint.port)
         except (OSError, TimeoutError) as exc:
             self._connecting = None
-            self._fail_all(StoreError(f"cannot connect to Redis: {exc!r}"))
+            self._fail_all(ConnectionLost(f"cannot connect to Redis: {exc!r}"))
             return
         except BaseException:
             self._connecting = None

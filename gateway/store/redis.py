@@ -4,14 +4,17 @@ Critical path: exactly one round trip per admission. Every `admit` issued in one
 tick joins a batch that goes out as one write of EVALSHA calls (admit.lua decides each request
 atomically), and every caller gets its own answer or its own StoreError. Scripts are loaded
 at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH, restart, failover) reloads them and
-resends just those calls.
+resends just those calls (see "Replays and undo" below).
 
-Two transports carry admissions and releases. For a plain `redis://` or `unix://` URL, one
-pipelined connection (gateway/store/pipelined.py): commands are written as they come, once
-per loop iteration, replies dispatched in order by callbacks, and since one connection is
-ordered, a release always lands before any admission issued after it. For TLS, Sentinel,
-Cluster, and clients built elsewhere (tests: fakeredis), redis-py pipelines on a pool, with
-the batching and ordering below done by hand.
+This module keeps admission semantics; Redis is reached through one Transport
+(gateway/store/transport.py: scripts one or batched, ping, close; NOSCRIPT and READONLY
+fixed once for everyone; nothing that may have run re-sent). For a plain `redis://` or
+`unix://` URL it is one pipelined connection (gateway/store/pipelined.py): commands are
+written as they come, once per loop iteration, replies dispatched in order by callbacks, and
+since one connection is ordered, a release always lands before any admission issued after
+it. For TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py
+pipelines on a pool (gateway/store/redis_client.py), with the batching and ordering below
+done by hand.
 
 Off the critical path:
 - `release` only enqueues (pipelined: the ZREM is queued on the connection; redis-py: one
@@ -28,8 +31,23 @@ reported to the observer (per failed admission, per failed release flush, per fa
 heartbeat round). Nothing needs a restart after Redis comes back: connections are
 replaced as they fail and scripts reload on NOSCRIPT.
 
-When an admission's outcome is unknown (timeout, lost reply, caller cancelled) the store
-releases its slots itself: ZREM of a lease that was never added is harmless.
+Replays and undo: what a client is told is what Redis holds, under any single fault.
+- Nothing is re-sent by a retry layer unless it is safe to run twice: redis-py's own retry
+  is off (gateway/store/redis_client.py) and the pipelined connection never re-sends.
+- NOSCRIPT means "not run": the call waits for the one shared reload (single flight, all
+  scripts at once) and goes again once.
+- A connection lost after an admission was sent ("may have run"): the admission is sent once
+  more. admit.lua is idempotent by lease id: a replay finds the lease's own entry and answers
+  "admitted" again, writing nothing. ZREM is idempotent, so releases go again once too.
+  Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.
+- An admission whose caller is told "error" or gives up (timeout, lost reply twice,
+  cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
+  counter increments) and puts the lease id in its hash tag's undone set, which admit.lua
+  checks first, so the EVALSHA that lands after its undo (it sat unread in a stalled Redis)
+  takes nothing. The undo goes off the caller's path, at once after a lost connection, else
+  once Redis answers again (no undos fed to an outage), until it lands or a lease has passed
+  (an unrenewed slot has expired by then); the undone record lives two leases.
+tests/faults/test_replays.py shows each case on both transports.
 """
 
 from __future__ import annotations
@@ -43,7 +61,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.store import scripts
 from gateway.store.base import (
@@ -56,7 +74,8 @@ from gateway.store.base import (
     StoreObserver,
 )
 from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError, pack_command
-from gateway.store.redis_client import AnyRedis, RedisConnection, connect
+from gateway.store.redis_client import AnyRedis, RedisConnection, RedisPyTransport, connect
+from gateway.store.transport import Call, ConnectionLost, Transport
 from gateway.store.wakeups import RedisWakeups
 
 log = logging.getLogger(__name__)
@@ -81,7 +100,7 @@ FAILURES: tuple[type[BaseException], ...] = (
 RENEW_CHUNK = 256
 ADMIT_BATCH = 256
 
-Call = tuple[list[str], list[str | int]]
+__all__ = ["Call", "RedisStore"]  # Call: what run_script takes (bans, jobs)
 
 
 @dataclass(slots=True)
@@ -94,10 +113,21 @@ class _PendingAdmit:
     operation: str
     future: asyncio.Future[AdmitResult]
     queued: bool = False  # the call carried a QueueSpot
+    # The buckets, for undo.lua's call (built only if it is ever needed: off the hot path).
+    buckets: tuple[Sequence[RateBucket], Sequence[SlotBucket]] | None = None
+    resent: bool = False  # sent again after its connection was lost
+    reloads: int = 0  # sent again after NOSCRIPT
+    generation: int = 0  # the script generation it was (last) sent with
+    undone: bool = False
 
 
 class RedisStore:
-    _fast: PipelinedRedis | None  # the pipelined connection, for plain redis:// and unix:// URLs
+    # Every script and ping goes through the transport (gateway/store/transport.py): the
+    # pipelined connection for plain redis:// and unix:// URLs (also `_fast`, whose callback
+    # form the admission hot path uses), else redis-py (`_pool`, which also carries the
+    # batched admissions and releases, and the wake-up channel in both cases).
+    _transport: Transport
+    _fast: PipelinedRedis | None
 
     def __init__(
         self,
@@ -115,6 +145,7 @@ class RedisStore:
         endpoint = Endpoint.from_url(url)
         if endpoint is not None:
             self._fast = PipelinedRedis(endpoint, timeout=timeout)
+            self._use(self._fast)
 
     @classmethod
     def from_client(
@@ -156,6 +187,7 @@ class RedisStore:
             raise ValueError("timeout and lease must be positive")
         self._connection = connection
         self._client = connection.client
+        self._pool = RedisPyTransport(connection, max_connections=max_connections)
         self._fast = None
         self._release_failures_logged = False
         self._prefix = prefix
@@ -166,9 +198,16 @@ class RedisStore:
         self._observer: StoreObserver = observer or NullObserver()
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
-        self._extra_scripts: list[scripts.Script] = []  # run through run_script (bans, jobs)
-        # At most this many pipelines in flight: the pool never has to refuse a connection.
-        self._in_flight = asyncio.Semaphore(max_connections)
+        self._undo_script = scripts.load("undo")
+        self._use(self._pool)
+        # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
+        self._undos: dict[str, tuple[Call, float]] = {}
+        self._undo_task: asyncio.Task[None] | None = None
+        # How long an undone lease id stays in its tag's undone set: an admission can land
+        # late only while its connection's bytes wait unread in Redis (a stall); the undo is
+        # itself retried for up to one lease, and whatever slot a later landing took would
+        # expire within a lease, unrenewed. Two leases plus the retries cover both.
+        self._undone_ttl_ms = scripts.ms_arg(2 * lease + 10 * timeout)
         self._admits: list[_PendingAdmit] = []
         self._admit_batch_open = False
         self._releases: dict[tuple[str, str], None] = {}
@@ -183,6 +222,11 @@ class RedisStore:
         self._closed = False
         self._connection_closed = False
 
+    def _use(self, transport: Transport) -> None:
+        self._transport = transport
+        for script in (self._admit_script, self._renew_script, self._undo_script):
+            transport.scripts.add(script)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -194,13 +238,8 @@ class RedisStore:
             self._connection.start()  # Sentinel: follow the master (redis_client.py)
         try:
             async with asyncio.timeout(max(1.0, 5 * self._timeout)):
-                await self._load_scripts()
-                if not self._connection.is_cluster:
-                    await asyncio.gather(*(self._client.ping() for _ in range(2)))
-                if self._fast is not None:
-                    reply = await self._fast.call("PING")
-                    if isinstance(reply, BaseException):
-                        raise reply
+                await self._transport.scripts.load()
+                await asyncio.gather(*(self._transport.ping() for _ in range(2)))  # two warm connections
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"store not ready at start: {exc!r}") from exc
@@ -237,7 +276,7 @@ class RedisStore:
         if self._fast is not None:
             await self._fast.aclose()
         with contextlib.suppress(*FAILURES):
-            await self._connection.aclose()
+            await self._pool.aclose()
 
     # -- admission ---------------------------------------------------------------------
 
@@ -256,7 +295,8 @@ class RedisStore:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
         then remove the probe lease (both keys carry a TTL whatever happens)."""
         tag = f"{self._prefix}:{{ready}}"
-        rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1)
+        # A 1 s window: a 1 ms one left a key whose PTTL could read 0 right after the probe.
+        rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1000)
         slot = SlotBucket(f"{tag}:probe:s", 1 << 30)
         lease_id = f"ready:{uuid.uuid4().hex}"
         await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
@@ -267,8 +307,7 @@ class RedisStore:
                     raise reply
                 return
             async with asyncio.timeout(self._timeout):
-                async with self._in_flight:
-                    await self._client.zrem(slot.key, lease_id)
+                await self._pool.zrem(slot.key, lease_id)
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"readiness probe release failed: {exc!r}") from exc
@@ -294,9 +333,10 @@ class RedisStore:
         keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
-        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None)
+        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
+                                buckets=(rates, slots), generation=self._transport.scripts.generation)
         if self._fast is not None:
-            self._send_admit(self._fast, pending, reload_on_noscript=True)
+            self._send_admit(self._fast, pending)
         else:
             self._admits.append(pending)
             if not self._admit_batch_open:
@@ -307,11 +347,9 @@ class RedisStore:
         try:
             result = await future
         except asyncio.CancelledError:
-            # Cancelled after the answer arrived but before this task resumed: the caller
-            # will never see its admission, so give the slots back now.
-            if future.done() and not future.cancelled() and future.exception() is None:
-                if future.result().admitted:
-                    self._enqueue_releases(slot_keys, lease_id)
+            # The caller will never see this admission (whether or not it ran, or will run):
+            # take it back by its lease id now (undo.lua, which also stops a late landing).
+            self._undo(pending)
             raise
         if result.admitted and hold:
             # Registered only once the caller has its answer: a lease nobody knows about
@@ -338,7 +376,14 @@ class RedisStore:
         if releases:  # later admissions wait for these ZREMs as for the flusher's
             landed = self._landing()
         try:
-            async with asyncio.timeout(self._timeout):
+            try:
+                replies = await self._eval(self._admit_script, calls, releases)
+            except ConnectionLost:
+                # The pipeline may have run, in part or whole, before its connection went:
+                # admit.lua answers a replayed lease id with its first decision and ZREM is
+                # idempotent, so this one pipeline (and nothing else) is sent again, once.
+                for pending in batch:
+                    pending.resent = True
                 replies = await self._eval(self._admit_script, calls, releases)
         except FAILURES as exc:
             if releases:
@@ -356,13 +401,25 @@ class RedisStore:
         for pending, reply in zip(batch, replies, strict=True):
             self._settle(pending, reply)
 
-    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit, *, reload_on_noscript: bool) -> None:
+    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit) -> None:
+        if pending.undone:
+            return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
+        pending.generation = self._transport.scripts.generation
         command = pack_command(("EVALSHA", self._admit_script.sha, len(pending.keys), *pending.keys, *pending.args))
-        fast.send(command, functools.partial(self._admit_reply, pending, reload_on_noscript))
+        fast.send(command, functools.partial(self._admit_reply, pending))
 
-    def _admit_reply(self, pending: _PendingAdmit, reload_on_noscript: bool, reply: object) -> None:
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and reload_on_noscript:
+    def _admit_reply(self, pending: _PendingAdmit, reply: object) -> None:
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and pending.reloads < 2:
+            # (Twice at most, as on redis-py: the scripts may be flushed again meanwhile.)
+            pending.reloads += 1
+            # Not run: safe to send again once the scripts are back (one reload for everyone).
             self._spawn(self._reload_and_resend(pending))
+            return
+        if isinstance(reply, ConnectionLost) and not pending.resent and self._fast is not None:
+            # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
+            # decision, so one resend on the next connection is safe.
+            pending.resent = True
+            self._send_admit(self._fast, pending)
             return
         self._settle(pending, reply)
 
@@ -381,31 +438,35 @@ class RedisStore:
         self._deliver(pending, result)
 
     async def _reload_and_resend(self, pending: _PendingAdmit) -> None:
-        """Redis lost the scripts (SCRIPT FLUSH, restart, failover): load them, send again once."""
+        """Redis lost the scripts (SCRIPT FLUSH, restart, failover): wait for the one shared
+        reload, send again once."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._load_scripts()
+                await self._transport.scripts.reload(pending.generation)
         except FAILURES as exc:
             self._fail(pending, exc)
             return
         if self._fast is None or pending.future.done():
             self._fail(pending, StoreError("admission abandoned while reloading scripts"))
             return
-        self._send_admit(self._fast, pending, reload_on_noscript=False)
+        self._send_admit(self._fast, pending)
 
     def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
+        if self._undos:  # Redis answers again: what could not be undone before can be now
+            self._flush_undos()
         if result.reclaimed:
             self._observer.slots_reclaimed(result.reclaimed)
         if pending.future.done():
             # The caller gave up (cancelled): nobody will release what was taken.
             if result.admitted:
-                self._enqueue_releases(pending.slot_keys, pending.lease_id)
+                self._undo(pending)
             return
         pending.future.set_result(result)
 
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
-        # The script may have run (reply lost, timeout after sending): undo any slot.
-        self._enqueue_releases(pending.slot_keys, pending.lease_id)
+        # The script may have run (reply lost, timeout after sending), or may still run (its
+        # bytes wait in a stalled Redis): the caller is told "error", so take it all back.
+        self._undo(pending, now=isinstance(exc, ConnectionLost))
         if pending.future.done():
             return
         self._observer.store_error(pending.operation)
@@ -415,6 +476,63 @@ class RedisStore:
         )
         error.__cause__ = exc
         pending.future.set_exception(error)
+
+    # -- undo ----------------------------------------------------------------------------
+
+    def _undo(self, pending: _PendingAdmit, *, now: bool = True) -> None:
+        """Take back `pending`'s admission by its lease id (undo.lua), once per admission, off
+        the caller's path. Sent at once when Redis is likely answering (a lost connection, a
+        caller gone); after a timeout, only once Redis has answered something again (the next
+        successful admission, or the heartbeat's PING), so an outage is not fed undos that
+        cannot land. Kept until it lands or one lease has passed: by then the slot, never
+        renewed, has expired anyway."""
+        if pending.undone or pending.buckets is None or self._connection_closed:
+            return
+        pending.undone = True
+        for key in pending.slot_keys:
+            self._held.pop((key, pending.lease_id), None)
+        rates, slots = pending.buckets
+        call = scripts.undo_call(rates, slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms)
+        self._undos[pending.lease_id] = (call, asyncio.get_running_loop().time() + self._lease)
+        if now:
+            self._flush_undos()
+
+    def _flush_undos(self) -> None:
+        """Send every pending undo (one at a time: the flush in flight takes the rest along)."""
+        if self._undos and (self._undo_task is None or self._undo_task.done()) and not self._connection_closed:
+            self._undo_task = asyncio.get_running_loop().create_task(self._send_undos(), name="redis-store-undo")
+            self._tasks.add(self._undo_task)
+            self._undo_task.add_done_callback(self._tasks.discard)
+
+    def _prune_undos(self) -> None:
+        now = asyncio.get_running_loop().time()
+        expired = [lease_id for lease_id, (_, deadline) in self._undos.items() if deadline < now]
+        for lease_id in expired:
+            del self._undos[lease_id]
+        if expired:
+            log.warning("store could not undo %d admissions within a lease (their slots have expired)", len(expired))
+
+    async def _send_undos(self) -> None:
+        self._prune_undos()
+        if not self._undos:
+            return
+        batch = list(self._undos.items())
+        now = self._now()
+        calls: list[Call] = []
+        for _, ((keys, args), _) in batch:
+            args = list(args)
+            args[2] = now
+            calls.append((keys, args))
+        try:
+            replies = await self._eval(self._undo_script, calls)
+        except FAILURES:
+            self._observer.store_error("release")
+            return
+        for (lease_id, _), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self._observer.store_error("release")
+            else:
+                self._undos.pop(lease_id, None)
 
     # -- release -------------------------------------------------------------------------
 
@@ -459,15 +577,22 @@ class RedisStore:
 
     def _send_releases(self, fast: PipelinedRedis, keys: Sequence[str], lease_id: str) -> None:
         for key in keys:
-            fast.send(pack_command(("ZREM", key, lease_id)), self._release_reply)
+            command = pack_command(("ZREM", key, lease_id))
+            fast.send(command, functools.partial(self._release_reply, command))
         if self._wakes:  # the same connection: published after the ZREMs have landed
             wakes, self._wakes = self._wakes, set()
             for tag in wakes:
-                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")), self._release_reply)
+                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")),
+                          functools.partial(self._release_reply, None))
 
-    def _release_reply(self, reply: object) -> None:
+    def _release_reply(self, resend: bytes | None, reply: object) -> None:
         if not isinstance(reply, BaseException):
             self._release_failures_logged = False
+            return
+        if resend is not None and isinstance(reply, ConnectionLost) and self._fast is not None:
+            # ZREM is idempotent: once more on the next connection, rather than a slot held
+            # until its lease runs out.
+            self._fast.send(resend, functools.partial(self._release_reply, None))
             return
         self._observer.store_error("release")
         if not self._release_failures_logged:  # once per outage, not once per lease
@@ -494,21 +619,12 @@ class RedisStore:
             # including while it waits for a free connection.
             landed = self._landing()
             try:
+                channels = [self._wakeups.channel(tag) for tag in wakes]
                 async with asyncio.timeout(self._timeout):
-                    async with self._in_flight:
-                        pipe = self._client.pipeline(transaction=False)
-                        for key, lease_ids in members.items():
-                            pipe.zrem(key, *lease_ids)
-                        if not self._connection.is_cluster:  # one connection: after the ZREMs
-                            for tag in wakes:
-                                pipe.publish(self._wakeups.channel(tag), "1")
-                        replies = await pipe.execute(raise_on_error=False)
-                        self._landed(landed)
-                        if wakes and self._connection.is_cluster:  # ZREMs done (any node) first
-                            pipe = self._client.pipeline(transaction=False)
-                            for tag in wakes:
-                                pipe.publish(self._wakeups.channel(tag), "1")
-                            replies += await pipe.execute(raise_on_error=False)
+                    try:
+                        replies = await self._pool.release(members, channels)
+                    except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
+                        replies = await self._pool.release(members, channels)
             except FAILURES as exc:
                 self._observer.store_error("release")
                 log.warning("store release of %d leases failed: %r", len(batch), exc)
@@ -540,8 +656,7 @@ class RedisStore:
         now = self._now()
         calls = [scripts.renew_call(chunk, self._lease_ms, now) for chunk in chunks]
         try:
-            async with asyncio.timeout(max(self._timeout, self._lease / 6)):
-                replies = await self._eval(self._renew_script, calls)
+            replies = await self._eval(self._renew_script, calls, budget=max(self._timeout, self._lease / 6))
         except FAILURES as exc:
             self._observer.store_error("renew")
             raise StoreError(f"renew failed: {exc!r}") from exc
@@ -572,10 +687,22 @@ class RedisStore:
             await asyncio.sleep(self._lease / 3)
             try:
                 await self.renew()
+                self._prune_undos()
+                if self._undos and await self._answers():
+                    self._flush_undos()
             except StoreError as exc:
                 log.warning("store heartbeat failed: %s", exc)
             except Exception:  # a bug must not stop the renewals of every lease
                 log.exception("store heartbeat crashed")
+
+    async def _answers(self) -> bool:
+        """Does Redis answer a PING within the budget? (Undos wait for that after a timeout.)"""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._transport.ping()
+                return True
+        except FAILURES:
+            return False
 
     # -- other scripts (bans, jobs) ----------------------------------------------------------
 
@@ -590,11 +717,9 @@ class RedisStore:
         a whole; not reported to the observer: the caller counts it under its own operation."""
         if self._connection_closed:
             raise StoreError("store is closed")
-        if script not in self._extra_scripts:
-            self._extra_scripts.append(script)
+        self._transport.scripts.add(script)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._eval(script, calls)
+            return await self._eval(script, calls)
         except FAILURES as exc:
             raise StoreError(f"{script.name} failed: {exc!r}") from exc
 
@@ -625,46 +750,24 @@ class RedisStore:
         return members
 
     async def _eval(
-        self, script: scripts.Script, calls: list[Call], releases: dict[str, list[str]] | None = None
+        self,
+        script: scripts.Script,
+        calls: list[Call],
+        releases: dict[str, list[str]] | None = None,
+        *,
+        budget: float | None = None,
     ) -> list[Any]:
-        """EVALSHA every call in one pipeline (after any `releases`' ZREMs); reload and resend
-        those that hit NOSCRIPT."""
-        async with self._in_flight:
-            replies = await self._run_pipeline(script.sha, calls, releases)
-            missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:
-                await self._load_scripts()
-                retried = await self._run_pipeline(script.sha, [calls[index] for index in missing])
-                for index, reply in zip(missing, retried, strict=True):
-                    replies[index] = reply
-        return replies
-
-    async def _run_pipeline(
-        self, sha: str, calls: list[Call], releases: dict[str, list[str]] | None = None
-    ) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for key, lease_ids in (releases or {}).items():
-            pipe.zrem(key, *lease_ids)
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        replies = await pipe.execute(raise_on_error=False)
-        released = len(releases or ())
-        if len(replies) != released + len(calls):
-            raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
-        if any(isinstance(reply, BaseException) for reply in replies[:released]):
-            self._observer.store_error("release")
-        return list(replies[released:])
-
-    async def _load_scripts(self) -> None:
-        # On Cluster, SCRIPT LOAD goes to every primary.
-        for script in (self._admit_script, self._renew_script, *self._extra_scripts):
-            sha = await self._client.script_load(script.source)
-            if isinstance(sha, bytes):
-                sha = sha.decode()
-            if sha != script.sha:
-                raise StoreError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
+        """EVALSHA every call through the transport (redis-py admission batches: after
+        `releases`' ZREMs, in the same pipeline). Calls refused unrun go again once there;
+        nothing that may have run is sent again (ConnectionLost is raised)."""
+        budget = budget or self._timeout
+        if releases:
+            return await self._pool.eval_batch(script, calls, budget=budget, zrems=releases,
+                                               on_zrem_error=functools.partial(self._observer.store_error, "release"))
+        return await self._transport.eval_batch(script, calls, budget=budget)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+

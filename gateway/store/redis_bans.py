@@ -21,12 +21,12 @@ import os
 from collections.abc import Sequence
 from itertools import count
 
-from gateway.admission.bans import ms
-from gateway.admission.buckets import short_hash
 from gateway.config.model import Bans
 from gateway.store import scripts
+from gateway.store.ban_lengths import ms
 from gateway.store.bans import BANNED_NOW, ActiveBan, StrikeVerdict
 from gateway.store.base import NullObserver, StoreError, StoreObserver
+from gateway.store.names import short_hash
 from gateway.store.redis import Call, RedisStore
 
 log = logging.getLogger(__name__)

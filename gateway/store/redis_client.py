@@ -2,7 +2,10 @@
 
 redis-py's defaults (5 s socket timeouts, 10 retries with backoff, a pool that raises past
 its size) would let one store call hang for tens of seconds; here every wait derives from
-`store.timeout` and a dead pooled connection is retried once, on a fresh connection.
+`store.timeout`, and redis-py never re-sends a command itself: its retry re-sends a whole
+pipeline after a connection error even when Redis already ran it, which would run a
+state-changing script twice. The store re-sends only what is safe to run twice
+(gateway/store/redis.py); the Sentinels, asked only where the master is, keep one retry.
 
 URL forms:
 - `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), `unix:///path.sock?db=N`
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,7 +34,11 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+
+from gateway.store.base import StoreError
+from gateway.store.scripts import Script
+from gateway.store.transport import Call, ConnectionLost, ScriptSet, Transport, shared
 
 AnyRedis = Redis | RedisCluster
 log = logging.getLogger(__name__)
@@ -56,6 +63,11 @@ class RedisConnection:
     # Sentinel: one check of where the master is, reconnecting everything when it moved.
     follow_master: Callable[[], Awaitable[None]] | None = None
     _watch: asyncio.Task[None] | None = None
+
+    async def check_master(self) -> None:
+        """Sentinel: ask now where the master is (a command met READONLY); else nothing."""
+        if self.follow_master is not None:
+            await self.follow_master()
 
     def start(self) -> None:
         """Start background work (the Sentinel master watch); needs a running loop."""
@@ -83,6 +95,125 @@ class RedisConnection:
                 await close()
 
 
+# Error replies that say the command did not run: safe to send again once the cause is fixed.
+NOT_RUN: tuple[type[BaseException], ...] = (NoScriptError, ReadOnlyError)
+
+
+class RedisPyTransport(Transport):
+    """The Transport over redis-py (TLS, Sentinel, Cluster; tests: fakeredis): each batch is
+    one pipeline on a pooled connection, at most `max_connections` at a time, so the pool never
+    has to refuse one."""
+
+    def __init__(self, connection: RedisConnection, *, max_connections: int) -> None:
+        self.connection = connection
+        self.client = connection.client
+        self.is_cluster = connection.is_cluster
+        self.scripts = ScriptSet(self._load_all)
+        self._in_flight = asyncio.Semaphore(max_connections)
+        self._master_check: asyncio.Future[None] | None = None  # Sentinel: one at a time
+
+    async def eval_batch(
+        self,
+        script: Script,
+        calls: Sequence[Call],
+        *,
+        budget: float,
+        zrems: dict[str, list[str]] | None = None,
+        on_zrem_error: Callable[[], None] | None = None,
+    ) -> list[object]:
+        """As Transport.eval_batch, after `zrems` (key -> members) in the same pipeline. Each
+        round trip gets `budget`: a Redis that answered "not run" is alive, and the resend
+        deserves its own."""
+        async with asyncio.timeout(budget):
+            await self._in_flight.acquire()
+        try:
+            generation = self.scripts.generation
+            async with asyncio.timeout(budget):
+                replies = await self._pipeline(script.sha, calls, zrems, on_zrem_error)
+            # At most two rounds of "not run": a new master may lack the scripts as well.
+            for _ in range(2):
+                unrun = [index for index, reply in enumerate(replies) if isinstance(reply, NOT_RUN)]
+                if not unrun:
+                    break
+                async with asyncio.timeout(budget):
+                    if any(isinstance(replies[index], ReadOnlyError) for index in unrun):
+                        await shared(self, "_master_check", self.connection.check_master)
+                    if any(isinstance(replies[index], NoScriptError) for index in unrun):
+                        await self.scripts.reload(generation)
+                generation = self.scripts.generation
+                async with asyncio.timeout(budget):
+                    retried = await self._pipeline(script.sha, [calls[index] for index in unrun])
+                for index, reply in zip(unrun, retried, strict=True):
+                    replies[index] = reply
+        finally:
+            self._in_flight.release()
+        return replies
+
+    async def _pipeline(
+        self,
+        sha: str,
+        calls: Sequence[Call],
+        zrems: dict[str, list[str]] | None = None,
+        on_zrem_error: Callable[[], None] | None = None,
+    ) -> list[object]:
+        pipe = self.client.pipeline(transaction=False)
+        for key, members in (zrems or {}).items():
+            pipe.zrem(key, *members)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except RedisConnectionError as exc:
+            raise ConnectionLost(f"Redis connection lost: {exc!r}") from exc
+        released = len(zrems or ())
+        if len(replies) != released + len(calls):
+            raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
+        if on_zrem_error is not None and any(isinstance(reply, BaseException) for reply in replies[:released]):
+            on_zrem_error()
+        return list(replies[released:])
+
+    async def release(self, zrems: dict[str, list[str]], channels: Sequence[str]) -> list[object]:
+        """ZREM `zrems` (key -> members), then PUBLISH "1" on `channels` once they have landed
+        (on Cluster, after the ZREM pipeline returned: they may be on other nodes)."""
+        async with self._in_flight:
+            pipe = self.client.pipeline(transaction=False)
+            for key, members in zrems.items():
+                pipe.zrem(key, *members)
+            if not self.is_cluster:  # one connection: after the ZREMs
+                for channel in channels:
+                    pipe.publish(channel, "1")
+            try:
+                replies = list(await pipe.execute(raise_on_error=False))
+                if channels and self.is_cluster:
+                    pipe = self.client.pipeline(transaction=False)
+                    for channel in channels:
+                        pipe.publish(channel, "1")
+                    replies += await pipe.execute(raise_on_error=False)
+            except RedisConnectionError as exc:
+                raise ConnectionLost(f"Redis connection lost: {exc!r}") from exc
+            return replies
+
+    async def zrem(self, key: str, member: str) -> None:
+        async with self._in_flight:
+            await self.client.zrem(key, member)
+
+    async def _load_all(self, scripts: Sequence[Script]) -> Sequence[object]:
+        # Concurrently; on Cluster each SCRIPT LOAD goes to every primary.
+        return await asyncio.gather(*(self.client.script_load(script.source) for script in scripts))
+
+    async def ping(self) -> None:
+        if self.is_cluster:
+            await self.client.ping(target_nodes=RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+        else:
+            await self.client.ping()
+
+    def start(self) -> None:
+        self.connection.start()
+
+    async def aclose(self) -> None:
+        await self.connection.aclose()
+
+
 def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
@@ -94,9 +225,9 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisConnectio
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "socket_keepalive": True,
-        # One retry, on connection errors only: a pooled connection found dead after a
-        # Redis restart is replaced at once. A timeout is not retried (the budget is spent).
-        "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        # No retry: a command whose connection broke may have run (see the module docstring).
+        # On Cluster this also stops the whole-pipeline retry; MOVED/ASK (not run) still follow.
+        "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
     if scheme in STANDALONE_SCHEMES:
@@ -162,9 +293,9 @@ def _sentinel(url: str, scheme: str, common: dict[str, Any], max_connections: in
         db = int(db_text)
     except ValueError:
         raise ValueError(f"bad db {db_text!r} in store URL") from None
-    sentinel_kwargs = {
-        key: common[key] for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry")
-    }
+    sentinel_kwargs = {key: common[key] for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive")}
+    # Read-only questions (where is the master?): safe to ask again on a fresh connection.
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 1, (RedisConnectionError,))
     if parsed.query.get("sentinel_password"):
         sentinel_kwargs["password"] = parsed.query["sentinel_password"]
         sentinel_kwargs["username"] = parsed.query.get("sentinel_username")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from gateway.admission.buckets import short_hash
 from gateway.store import scripts, window_counter
 from gateway.store.base import RateBucket, SlotBucket, StoreError, StoreObserver
 from gateway.store.jobs import (
@@ -30,6 +29,7 @@ from gateway.store.jobs import (
     Usage,
     job_member,
 )
+from gateway.store.names import short_hash
 from gateway.store.redis import RedisStore
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ read their replies. Pure: no I/O beyond reading the packaged `.lua` files once."
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -21,9 +22,27 @@ class Script:
     sha: str
 
 
+_NOW_DIRECTIVE = re.compile(rb"^--#now (ARGV\[\d+\])$", re.MULTILINE)
+
+
+def _lua(name: str) -> bytes:
+    return resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_bytes()
+
+
+def assemble(source: bytes) -> bytes:
+    """A script's text as Redis runs it: each `--#now ARGV[n]` line becomes the one "now from
+    ARGV[n], else Redis TIME" preamble (lua/now.lua), so that rule is written once."""
+    preamble = b"\n".join(line for line in _lua("now").splitlines() if not line.startswith(b"--"))
+
+    def expand(match: re.Match[bytes]) -> bytes:
+        return preamble.replace(b"NOW_ARG", match.group(1))
+
+    return _NOW_DIRECTIVE.sub(expand, source)
+
+
 @cache
 def load(name: str) -> Script:
-    source = resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_bytes()
+    source = assemble(_lua(name))
     return Script(name, source, hashlib.sha1(source).hexdigest())
 
 
@@ -55,12 +74,42 @@ def admit_call(
         args[4], args[5] = queue.ttl_ms, queue.arrival
         for bucket in slots:
             keys.extend(queue_keys(bucket.key))
+    keys.append(undone_key(keys[0]))
     for rate in rates:
         args.append(rate.limit)
         args.append(rate.window_ms)
         args.append(0 if rate.exact else 1)
     args.extend(slot.limit for slot in slots)
     return keys, args
+
+
+def undo_call(
+    rates: Sequence[RateBucket],
+    slots: Sequence[SlotBucket],
+    lease_id: str,
+    lease_ms: str,
+    now: str,
+    ttl_ms: str,
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of undo.lua: take back `lease_id`'s admission into these buckets."""
+    keys = [bucket.key for bucket in rates]
+    keys.extend(bucket.key for bucket in slots)
+    keys.append(undone_key(keys[0]))
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates), ttl_ms]
+    for rate in rates:
+        args.append(rate.window_ms)
+        args.append(0 if rate.exact else 1)
+    return keys, args
+
+
+def undone_key(any_key: str) -> str:
+    """The set of undone lease ids for the hash tag of `any_key` (one per tag, in its slot)."""
+    start = any_key.find("{")
+    if start >= 0:
+        end = any_key.find("}", start + 1)
+        if end > start + 1:
+            return f"{any_key[: end + 1]}:undone"
+    return f"{{{any_key}}}:undone"
 
 
 def queue_keys(slot_key: str) -> tuple[str, str]:
@@ -73,6 +122,8 @@ def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int, queued:
     (a connection one reply out of step would otherwise hand out someone else's answer).
     `queued`: the call carried a QueueSpot, so the reply ends with (queued, arrival)."""
     extra = 2 if queued else 0
+    if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
+        raise StoreError("admission arrived after it was undone")
     if not isinstance(reply, list) or len(reply) != 4 + 2 * n_rate + n_slot + extra:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
     place = ""

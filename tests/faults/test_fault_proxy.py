@@ -88,6 +88,18 @@ def test_drop_replies_runs_the_command_but_loses_the_answer(proxy: FaultProxy, s
         assert direct.get("ran") == b"1"
 
 
+def test_cut_replies_runs_the_command_then_resets_the_connection(proxy: FaultProxy, server: PrivateRedis) -> None:
+    via = client(proxy)
+    via.ping()
+    proxy.set_mode("cut_replies", cuts=1)
+    with pytest.raises(redis.ConnectionError):
+        via.incr("ran")
+    with server.client() as direct:
+        assert direct.get("ran") == b"1"  # it ran; only its answer was lost
+    assert via.incr("ran") == 2  # the cut is used up: relayed again
+    assert proxy.cuts_done == 1
+
+
 def test_reset_and_refuse(proxy: FaultProxy) -> None:
     via = client(proxy)
     via.ping()

@@ -3,27 +3,53 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.config.model import Store
-from gateway.store import MemoryStore, RedisStore, open_store
+from gateway.store import MemoryStore, RedisStore, job_store_for, open_store
+from gateway.store.bans import MemoryBanStore
+from gateway.store.redis_bans import RedisBanStore
+from gateway.store.redis_jobs import RedisJobStore
 from gateway.store.redis_client import connect, parse_multi_host
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_memory_url_gives_the_memory_store() -> None:
-    store = open_store(Store(url="memory://", lease=5.0))
-    assert isinstance(store, MemoryStore)
+async def test_memory_url_gives_the_memory_stores() -> None:
+    stores = open_store(Store(url="memory://", lease=5.0, on_error="local"))
+    assert isinstance(stores.admission, MemoryStore)
+    assert isinstance(stores.bans, MemoryBanStore)
+    assert job_store_for(stores.admission, "gw") is stores.admission
+    assert stores.local is None  # the store is local already: nothing to fall back to
 
 
-async def test_redis_url_gives_the_redis_store() -> None:
-    store = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1))
-    assert isinstance(store, RedisStore)
-    await store.aclose()
+async def test_redis_url_gives_the_redis_stores_and_the_local_fallback() -> None:
+    stores = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="local"))
+    assert isinstance(stores.admission, RedisStore)
+    assert isinstance(stores.bans, RedisBanStore)
+    assert isinstance(job_store_for(stores.admission, "gw"), RedisJobStore)
+    assert isinstance(stores.local, MemoryStore)
+    await stores.admission.aclose()
+    assert open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="deny")).local is None
+
+
+def test_nothing_outside_the_store_package_names_a_concrete_store() -> None:
+    """One door into gateway/store/: backends are chosen there, and the store package does not
+    depend on the admission logic built on it."""
+    root = Path(__file__).resolve().parents[2] / "gateway"
+    concrete = re.compile(r"\b(MemoryStore|RedisStore|MemoryBanStore|RedisBanStore|RedisJobStore)\b")
+    outside = [str(path.relative_to(root)) for path in root.rglob("*.py")
+               if "store" not in path.relative_to(root).parts[:1] and concrete.search(path.read_text())]
+    assert outside == []
+    inside = [str(path.relative_to(root)) for path in (root / "store").rglob("*.py")
+              if "gateway.admission" in path.read_text()]
+    assert inside == []
 
 
 def test_unknown_scheme_is_refused() -> None:
@@ -44,7 +70,9 @@ async def test_standalone_client_timeouts_come_from_the_store_timeout() -> None:
         assert kwargs["socket_timeout"] == 0.1
         assert kwargs["socket_connect_timeout"] == 0.1
         assert kwargs["db"] == 2
-        assert kwargs["retry"].get_retries() == 1
+        # redis-py never re-sends by itself (a broken connection may have run the command):
+        # the store re-sends only what is replay-safe (tests/faults/test_replays.py).
+        assert kwargs["retry"].get_retries() == 0
     finally:
         await connection.aclose()
 

@@ -8,6 +8,9 @@ can drive it from sync code or from another loop:
         proxy.set_mode("latency", latency=0.3)   # every chunk, both ways, 300 ms late (in order)
         proxy.set_mode("blackhole")              # accept and read, deliver nothing either way
         proxy.set_mode("drop_replies")           # commands reach the server; replies vanish
+        proxy.set_mode("cut_replies", cuts=5)    # the next 5 times a reply comes back (so the
+                                                 # server ran the command), RST that connection
+                                                 # instead of delivering it; then relay again
         proxy.set_mode("reset")                  # RST every open connection and every new one
         proxy.set_mode("refuse")                 # stop listening: connections are refused
         proxy.set_mode("pass")                   # relay again (listening again after refuse)
@@ -29,8 +32,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Mode = Literal["pass", "latency", "blackhole", "drop_replies", "reset", "refuse"]
-MODES: tuple[Mode, ...] = ("pass", "latency", "blackhole", "drop_replies", "reset", "refuse")
+Mode = Literal["pass", "latency", "blackhole", "drop_replies", "cut_replies", "reset", "refuse"]
+MODES: tuple[Mode, ...] = ("pass", "latency", "blackhole", "drop_replies", "cut_replies", "reset", "refuse")
 _CHUNK = 65536
 
 
@@ -80,6 +83,8 @@ class FaultProxy:
         self.sent: Counter[bytes] = Counter()  # markers the clients sent
         self.delivered: Counter[bytes] = Counter()  # markers that reached the server
         self.connections = 0
+        self.cuts_left = 0  # cut_replies: connections still to cut at their next reply
+        self.cuts_done = 0
         self._links: set[_Link] = set()
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,10 +93,11 @@ class FaultProxy:
 
     # -- control, from any thread -------------------------------------------------------
 
-    def set_mode(self, mode: Mode, *, latency: float = 0.0) -> None:
+    def set_mode(self, mode: Mode, *, latency: float = 0.0, cuts: int = 0) -> None:
         """Switch behaviour; returns once open connections follow the new mode."""
         if mode not in MODES:
             raise ValueError(f"unknown fault proxy mode {mode!r}")
+        self.cuts_left = cuts
         self._call(self._apply(mode, latency))
 
     def count(self, marker: bytes = b"EVALSHA") -> int:
@@ -205,6 +211,13 @@ class FaultProxy:
                 mode = self.mode
                 if mode == "blackhole" or (mode == "drop_replies" and not towards_server):
                     continue
+                if mode == "cut_replies" and not towards_server and self.cuts_left > 0:
+                    # The server answered, so it ran (at least) the first command: the client
+                    # must not learn what it decided.
+                    self.cuts_left -= 1
+                    self.cuts_done += 1
+                    link.abort(reset=True)
+                    break
                 due = time.monotonic() + (self.latency if mode == "latency" else 0.0)
                 queue.put_nowait((due, data))
             queue.put_nowait(None)

@@ -10,7 +10,8 @@ returned numbers are integers because Redis truncates Lua numbers in replies, so
 duration is rounded up here (a Retry-After must never be early).
 
 KEYS: the rate bucket keys (ARGV[4] of them), then the slot bucket keys, then, when the
-      request may wait (ARGV[5] set), each slot bucket's waiter queue and its expiry set.
+      request may wait (ARGV[5] set), each slot bucket's waiter queue and its expiry set,
+      and last the hash tag's set of undone leases (undo.lua).
       Every key of one call shares one {hash tag}, so the script runs on Redis Cluster.
 ARGV[1]  lease id: the member written into every bucket when admitted, echoed back
 ARGV[2]  lease_ms: a slot lease expires this long after it is taken (unless renewed)
@@ -41,10 +42,18 @@ key two windows (by then both its counts have aged out); a slot key lives one le
 longest-lived member (so a dead lease is still there to be counted when the next request
 comes); a queue lives two waiter ttls past its last write.
 
+Safe to run twice for one lease id (a connection lost after the call was sent is re-sent
+once, gateway/store/redis.py): a lease id found admitted (its member in a sliding log or an
+unexpired member in a slot bucket) is a replay, answered "admitted" again with the counts
+seen without it, and nothing is written. A lease id in the undone set (the caller was told
+"error" and undo.lua removed what it held) admits nothing and answers {lease_id, 3}: an
+EVALSHA that reaches Redis after its own undo takes nothing.
+
 Returns {lease_id, status, retry_after_ms, reclaimed,
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot]}
          and, when the request may wait, {queued, arrival} after them
-  status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only
+  status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only (3: undone,
+          the reply is then just {lease_id, 3})
   retry_after_ms: ms until every refusing rate bucket would admit (0 unless status 1)
   rate_count / slot_count: entries in the bucket before this request (after purging); for
                  a request that may wait, slot_count includes the waiters ahead of it; for a
@@ -58,17 +67,23 @@ Returns {lease_id, status, retry_after_ms, reclaimed,
 
 local lease_id = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
-local now
-if ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[3]
 local n_rate = tonumber(ARGV[4])
 local waiter_ttl = tonumber(ARGV[5])  -- nil: the request does not wait
 local arrival = ARGV[6]
 local n_slot = #ARGV - 6 - 3 * n_rate
+
+if redis.call('ZSCORE', KEYS[#KEYS], lease_id) then
+  return {lease_id, 3}
+end
+local replay = false
+for i = 1, n_rate do
+  if ARGV[6 + 3 * i] ~= '1' and redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
+end
+for j = 1, n_slot do
+  local score = redis.call('ZSCORE', KEYS[n_rate + j], lease_id)
+  if score and tonumber(score) > now then replay = true end
+end
 
 local status = 0
 local retry_after = 0
@@ -149,6 +164,7 @@ end
 local function check_log(i, key, limit, window)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
+  if replay and redis.call('ZSCORE', key, lease_id) then count = count - 1 end
   rate_counts[i] = count
   local oldest = nil
   if count > 0 then
@@ -157,7 +173,7 @@ local function check_log(i, key, limit, window)
   else
     rate_resets[i] = math.ceil(window)
   end
-  if count < limit then return nil end
+  if count < limit or replay then return nil end
   -- Admission needs count - limit + 1 entries gone: wait for the one at index count - limit.
   local wait = window
   if limit > 0 then
@@ -176,7 +192,8 @@ local function check_counter(i, key, limit, window)
   local view = counter_view(key, window)
   counters[i] = view
   rate_counts[i] = whole_count(view, now)  -- rate_resets[i] once the decision is known
-  if fits(view, now, limit - 1) then return nil end
+  if replay then rate_counts[i] = math.max(0, rate_counts[i] - 1) end  -- it counted itself
+  if replay or fits(view, now, limit - 1) then return nil end
   if limit <= 0 then return window end
   return counter_wait(view, now, limit - 1)
 end
@@ -200,6 +217,7 @@ for j = 1, n_slot do
   local limit = tonumber(ARGV[6 + 3 * n_rate + j])
   reclaimed = reclaimed + redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local count = redis.call('ZCARD', key)
+  if replay and redis.call('ZSCORE', key, lease_id) then count = count - 1 end
   if waiter_ttl then
     local queue, expiries = queue_keys(j)
     local dead = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
@@ -214,12 +232,12 @@ for j = 1, n_slot do
     end
   end
   slot_counts[j] = count
-  if count >= limit and status == 0 then
+  if count >= limit and status == 0 and not replay then
     status = 2
   end
 end
 
-if status == 0 then
+if status == 0 and not replay then
   for i = 1, n_rate do
     local window = tonumber(ARGV[5 + 3 * i])
     local view = counters[i]

@@ -14,13 +14,7 @@ The key's TTL always covers its longest ban (it only collects garbage).
 ]]
 
 local op = ARGV[1]
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[2]
 
 local function ends(value)
   local space = string.find(value, ' ', 1, true)

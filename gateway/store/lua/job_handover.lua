@@ -19,13 +19,7 @@ Returns: how many buckets now hold the job
 
 local lease_id, member = ARGV[1], ARGV[2]
 local job_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local now
-if ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[5]
 
 local moved = 0
 for i = 1, #KEYS do

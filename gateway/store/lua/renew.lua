@@ -15,13 +15,7 @@ Returns: the 1-based numbers of the pairs whose lease was lost (empty when all w
 ]]
 
 local lease_ms = tonumber(ARGV[1])
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[2]
 local expiry = now + lease_ms
 
 local lost = {}

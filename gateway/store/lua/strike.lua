@@ -32,13 +32,7 @@ Returns {call_id, status, ms_left, bans, strikes}
 
 local call_id = ARGV[1]
 local weight = tonumber(ARGV[2])
-local now
-if ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[3]
 local threshold = tonumber(ARGV[4])
 local within = tonumber(ARGV[5])
 local duration = tonumber(ARGV[6])

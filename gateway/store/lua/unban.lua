@@ -9,13 +9,7 @@ ARGV[1]  now_ms override; "" means the server clock (TIME)
 Returns 1 when the group was banned, else 0.
 ]]
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[1]
 local ban_until = tonumber(redis.call('HGET', KEYS[2], 'until')) or 0
 redis.call('DEL', KEYS[1], KEYS[2])
 if ban_until > now then

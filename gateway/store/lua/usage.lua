@@ -15,13 +15,7 @@ Returns: {now (text, ms), then per rate bucket five values: 0, count, 0, 0, 0 fo
   Live slot members are unexpired leases and job members; job members start with "j:".
 ]]
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[1]
 local n_rate = tonumber(ARGV[2])
 
 -- `now` as text: Redis truncates Lua numbers in replies, the counter estimate wants the fraction.

@@ -1,0 +1,111 @@
+"""The one door from the Redis store to Redis: a `Transport` runs Lua scripts (one, or a batch
+in one round trip), pings, and closes. Two implementations, each in its own module:
+
+- `PipelinedRedis` (gateway/store/pipelined.py): one pipelined hiredis connection, for plain
+  `redis://` and `unix://` URLs (the fast path);
+- `RedisPyTransport` (gateway/store/redis_client.py): redis-py pools, for TLS, Sentinel and
+  Cluster.
+
+What both promise, so that the store above them keeps admission semantics only:
+- Nothing that may have run is ever sent twice. A connection lost before a reply surfaces as
+  `ConnectionLost` (raised by `eval_batch`) and only the caller, who knows whether its script
+  is safe to run twice, may send it again.
+- A call Redis refused without running it (NOSCRIPT: scripts flushed, restarted, failed over;
+  READONLY: a demoted master) waits for one shared fix, whoever met it first starts it and
+  everyone else joins (`ScriptSet.reload`, single flight), then goes again once, with a fresh
+  budget: 1,000 calls meeting NOSCRIPT at once cost one SCRIPT LOAD per script.
+- Every script runs with its source as `scripts.load` assembled it (the "now" preamble).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from gateway.store.base import StoreError
+from gateway.store.scripts import Script
+
+Call = tuple[list[str], list[str | int]]
+
+
+class ConnectionLost(StoreError):
+    """The connection failed before this command's reply came (or could not be opened): the
+    command may or may not have run. Only a caller whose command is safe to run twice may
+    send it again (admit.lua is, by its lease id); no transport re-sends anything."""
+
+
+class ScriptSet:
+    """The scripts a transport keeps loaded, and the one reload everyone waits for."""
+
+    def __init__(self, load_all: Callable[[Sequence[Script]], Awaitable[Sequence[object]]]) -> None:
+        self._load_all = load_all
+        self._scripts: list[Script] = []
+        self.generation = 0  # bumped by every completed load
+        self._reloading: asyncio.Future[None] | None = None
+
+    def add(self, script: Script) -> None:
+        if script not in self._scripts:
+            self._scripts.append(script)
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script (all in one go) and check Redis hashed them as we did."""
+        scripts = list(self._scripts)
+        shas = await self._load_all(scripts)
+        for script, sha in zip(scripts, shas, strict=True):
+            if isinstance(sha, BaseException):
+                raise sha
+            text = sha.decode() if isinstance(sha, bytes) else sha
+            if text != script.sha:
+                raise StoreError(f"Redis hashed {script.name}.lua as {text}, expected {script.sha}")
+        self.generation += 1
+
+    async def reload(self, sent_with: int) -> None:
+        """NOSCRIPT met by a call sent at generation `sent_with`: if a reload completed since,
+        just go again; else join the reload in flight, or start the one others will join."""
+        if self.generation > sent_with:
+            return
+        await shared(self, "_reloading", self.load)
+
+
+async def shared(owner: Any, attribute: str, start: Callable[[], Awaitable[None]]) -> None:
+    """Single flight: await `owner.<attribute>` if it is still running, else start it with
+    `start()`. A waiter's timeout or cancellation never cancels the shared work."""
+    running: asyncio.Future[None] | None = getattr(owner, attribute)
+    if running is None or running.done():
+        running = asyncio.ensure_future(start())
+        running.add_done_callback(_consume_exception)
+        setattr(owner, attribute, running)
+    await asyncio.shield(running)
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    """A shared job's failure is raised to every waiter; with none left nobody retrieves it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Transport:
+    """The interface (see the module docstring); `eval` is `eval_batch` of one."""
+
+    scripts: ScriptSet
+
+    async def eval_batch(self, script: Script, calls: Sequence[Call], *, budget: float) -> list[object]:
+        """EVALSHA every call in one round trip. Replies in order, an error reply as the
+        exception instance in its place. Raises ConnectionLost when the connection was lost
+        (some calls may have run), StoreError or TimeoutError past `budget` per round."""
+        raise NotImplementedError
+
+    async def eval(self, script: Script, keys: list[str], args: list[str | int], *, budget: float) -> object:
+        (reply,) = await self.eval_batch(script, [(keys, args)], budget=budget)
+        return reply
+
+    async def ping(self) -> None:
+        """Raises unless Redis answers."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start background work (needs a running loop)."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
