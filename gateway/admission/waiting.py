@@ -111,6 +111,9 @@ async def _wait(admission: Admission, plan: AdmissionPlan, ticket: Ticket, watch
                 unwatch()
                 store = ticket.waiting_in
                 unwatch = cast(WaitingStore, store).watch(plan.slots, event)
+    except BaseException:
+        admission.release(plan, ticket)  # admitted by a recheck, then failed or cancelled: no leak
+        raise
     finally:
         unwatch()
         admission.leave_queue(plan, ticket)
