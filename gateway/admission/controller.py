@@ -176,6 +176,13 @@ class Admission:
         self._local_divisor = max(1, local_divisor)
         self.breaker = breaker or CircuitBreaker()
         self.refusals = refusals if refusals is not None else RefusalCache()
+        # Shared slots this replica holds (lease id -> plan), kept only under `on_error: local`:
+        # at the switch to local they are seeded into the local store, so local admission counts
+        # the requests still holding shared slots (see _seed_local).
+        self._shared_held: dict[str, AdmissionPlan] | None = (
+            {} if on_error == "local" and local is not None else None)
+        self._seeds: set[str] = set()  # lease ids of _shared_held also held in the local store
+        self._seeded = False  # every lease of _shared_held is seeded (cleared when the store answers)
 
     @property
     def on_error(self) -> OnError:
@@ -206,10 +213,27 @@ class Admission:
                 raise
             else:
                 self.breaker.success()
+                self._seeded = False
                 if not result.admitted:
                     self.refusals.remember(plan, asked_at, result)
-                return Ticket(lease_id, result, self.store if result.admitted and plan.slots else None)
+                    return Ticket(lease_id, result, None)
+                if plan.slots and self._shared_held is not None:
+                    self._shared_held[lease_id] = plan
+                return Ticket(lease_id, result, self.store if plan.slots else None)
         return await self._fallback(plan, lease_id)
+
+    async def _seed_local(self) -> None:
+        """At the switch to local: the local store takes a lease for every shared slot this
+        replica still holds, so its local limit counts those requests (released with them).
+        Over-admission at the switch drops from R x n to at most (R - 1) x n, n = max(1, N // d)
+        for R replicas and local_divisor d (docs/failure-modes.md, "Outage transitions")."""
+        if self._shared_held is None or self._local is None:
+            return
+        self._seeded = True
+        for lease_id, plan in list(self._shared_held.items()):
+            if lease_id not in self._seeds and lease_id in self._shared_held:
+                self._seeds.add(lease_id)
+                await self._local.admit([], _unbounded(plan.slots), lease_id)
 
     async def _admit_waiting(
         self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, arrival: str = ""
@@ -220,7 +244,10 @@ class Admission:
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
         if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
+            self._seeded = False
             self.refusals.remember(plan, asked_at, result)
+            if result.admitted and plan.slots and self._shared_held is not None:
+                self._shared_held[lease_id] = plan
         return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
                       store if result.queued else None)
 
@@ -256,6 +283,8 @@ class Admission:
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
+            if not self._seeded:
+                await self._seed_local()
             if plan.wait:
                 return await self._admit_waiting(self._local, plan, lease_id)
             divisor = self._local_divisor
@@ -270,13 +299,28 @@ class Admission:
         """Free the ticket's slots (synchronous, idempotent: safe in any `finally`)."""
         if ticket.store is not None:
             store, ticket.store = ticket.store, None
+            if store is self.store and self._shared_held is not None:
+                self._release_shared(plan, ticket.lease_id)
             if plan.wait:  # someone may be waiting for this slot
                 cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
             else:
                 store.release(plan.slots, ticket.lease_id)
 
 
+    def _release_shared(self, plan: AdmissionPlan, lease_id: str) -> None:
+        assert self._shared_held is not None
+        self._shared_held.pop(lease_id, None)
+        if lease_id in self._seeds and self._local is not None:
+            self._seeds.discard(lease_id)
+            self._local.release(plan.slots, lease_id)
+
+
 _Bucket = TypeVar("_Bucket", RateBucket, SlotBucket)
+
+
+def _unbounded(slots: Sequence[SlotBucket]) -> tuple[SlotBucket, ...]:
+    """The same buckets with no limit: a seed is always taken."""
+    return tuple(replace(slot, limit=1 << 30) for slot in slots)
 
 
 def _divided(buckets: Sequence[_Bucket], divisor: int) -> tuple[_Bucket, ...]:
