@@ -29,6 +29,7 @@ rate limit, or gives up (`leave_queue`). Releases of such a plan wake the waiter
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,9 @@ from gateway.store.base import (
     StoreError,
     WaitingStore,
 )
+
+
+log = logging.getLogger("gateway.admission")
 
 
 class StoreUnavailable(Exception):
@@ -183,6 +187,7 @@ class Admission:
             {} if on_error == "local" and local is not None else None)
         self._seeds: set[str] = set()  # lease ids of _shared_held also held in the local store
         self._seeded = False  # every lease of _shared_held is seeded (cleared when the store answers)
+        self._failing = False  # the last admission call to the store failed (logged once per streak)
 
     @property
     def on_error(self) -> OnError:
@@ -206,14 +211,17 @@ class Admission:
                 if plan.wait:
                     return await self._admit_waiting(self.store, plan, lease_id)
                 result = await self.store.admit(plan.rates, plan.slots, lease_id)
-            except StoreError:
+            except StoreError as exc:
                 self.breaker.failure()
+                self._store_failed(exc)
             except BaseException:  # cancelled (client gone): says nothing about the store
                 self.breaker.abandon()
                 raise
             else:
                 self.breaker.success()
                 self._seeded = False
+                if self._failing:
+                    self._store_answers()
                 if not result.admitted:
                     self.refusals.remember(plan, asked_at, result)
                     return Ticket(lease_id, result, None)
@@ -245,6 +253,8 @@ class Admission:
         if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
             self._seeded = False
+            if self._failing:
+                self._store_answers()
             self.refusals.remember(plan, asked_at, result)
             if result.admitted and plan.slots and self._shared_held is not None:
                 self._shared_held[lease_id] = plan
@@ -266,9 +276,10 @@ class Admission:
             return ticket
         try:
             return await self._admit_waiting(store, plan, ticket.lease_id, ticket.result.arrival)
-        except StoreError:
+        except StoreError as exc:
             if store is self.store:
                 self.breaker.failure()
+                self._store_failed(exc)
             self.leave_queue(plan, ticket)
             return await self._fallback(plan, ticket.lease_id)
 
@@ -306,6 +317,17 @@ class Admission:
             else:
                 store.release(plan.slots, ticket.lease_id)
 
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """One log line per failing streak (every failure is counted in the metrics)."""
+        if not self._failing:
+            self._failing = True
+            log.warning("store admission failed, deciding by on_error: %s until it answers again: %s",
+                        self._on_error, exc)
+
+    def _store_answers(self) -> None:
+        self._failing = False
+        log.info("store answers admissions again")
 
     def _release_shared(self, plan: AdmissionPlan, lease_id: str) -> None:
         assert self._shared_held is not None

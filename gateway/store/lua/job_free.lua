@@ -24,8 +24,10 @@ if fields[1] == ARGV[1] then
     return {0}
   end
   if not fields[5] then
-    redis.call('HSET', KEYS[1], 'ended', ARGV[4])
+    -- PEXPIRE first: over `maxmemory` (noeviction) Redis refuses only a script's first write
+    -- when it is one that may grow memory, and ending a job must never fail for lack of it.
     redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+    redis.call('HSET', KEYS[1], 'ended', ARGV[4])
     return {1, fields[2], fields[3], fields[4]}
   end
   if fields[5] == ARGV[4] then
