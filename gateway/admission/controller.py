@@ -3,11 +3,12 @@
 Theory of operation: the app resolves key and route to an `AdmissionPlan` (pure, cached),
 then calls `Admission.admit`, which makes exactly one store call. When the store cannot
 answer (error, timeout, or the breaker is open after repeated failures), `store.on_error`
-decides, and every such decision is counted:
+decides, and every such decision is counted (and the first failure of a streak logged):
 
 - `local`: this replica enforces the same buckets in-process until the store answers again
   (limits become per replica, each divided by `store.local_divisor`; slots taken locally are
-  released locally);
+  released locally; the shared slots this replica still holds are seeded into the local store
+  at the switch, so local admission counts them);
 - `allow`: admit without limits (no limit headers: nothing is known);
 - `deny`: refuse with 503 `store_unavailable`.
 
@@ -316,7 +317,6 @@ class Admission:
                 cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
             else:
                 store.release(plan.slots, ticket.lease_id)
-
 
     def _store_failed(self, exc: StoreError) -> None:
         """One log line per failing streak (every failure is counted in the metrics)."""

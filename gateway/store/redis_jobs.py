@@ -112,17 +112,22 @@ class RedisJobStore:
             # It may have run, or may still land: undo it by id, so the slot is freed with
             # the request's lease either way.
             await self._drop(keys, member)
+            await self._retire_index(claim)
             raise
         if moved:
             return True
-        # The lease was gone (a definite answer: no other run can find it again). The index
-        # is marked ended, so a later end of this id reports nothing held.
+        # The lease was gone: a definite answer (no other run of this handover can find it).
+        await self._retire_index(claim)
+        return False
+
+    async def _retire_index(self, claim: JobClaim) -> None:
+        """Mark the index of a job that holds no slot ended, so a later end of its id reports
+        nothing held. Best effort: a stale index names a member no bucket holds."""
         try:
             await self._run(self._free, self._job_keys(claim.job_id),
                             [claim.job_id, claim.owner, scripts.ms_arg(TOMBSTONE_SECONDS), "handover"])
-        except StoreError as exc:  # harmless: the index then names a member no bucket holds
+        except StoreError as exc:
             log.info("job %s: marking its unused index ended failed: %s", claim.job_id, exc)
-        return False
 
     async def end(self, job_id: str, owner: str | None) -> EndedJob | None:
         end_id = os.urandom(8).hex()
