@@ -89,3 +89,47 @@ def test_an_error_between_admission_and_the_exchange_frees_the_slot(monkeypatch:
             await state.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_waiter_admitted_then_failing_in_the_wait_loop_frees_its_slot() -> None:
+    """The wait loop's own cleanup fails right after a recheck admitted the waiter: the slot
+    it was just given is released, not carried off by the exception."""
+    from gateway.admission import waiting
+    from gateway.admission.buckets import AdmissionPlan, BucketInfo
+    from gateway.admission.controller import Admission
+    from gateway.metrics import Metrics
+    from gateway.store.base import SlotBucket
+    from gateway.store.memory import MemoryStore
+
+    bucket = SlotBucket("gw:{k:1}:c:requests", 1)
+    plan = AdmissionPlan("p", (), (), (bucket,), (BucketInfo("requests", 1, 0.0),), 2.0)
+
+    async def receive() -> Message:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def scenario() -> None:
+        store = MemoryStore(30.0)
+        admission = Admission(store, on_error="deny", metrics=Metrics())
+        holder = await admission.admit(plan)
+        assert holder.admitted
+        real_watch = store.watch
+
+        def watch_whose_unwatch_fails(*args: Any) -> Any:
+            unwatch = real_watch(*args)
+
+            def failing() -> None:
+                unwatch()
+                raise RuntimeError("injected: unwatch failed")
+
+            return failing
+
+        store.watch = watch_whose_unwatch_fails  # type: ignore[method-assign]
+        waiter = asyncio.create_task(waiting.admit(admission, plan, receive))
+        await asyncio.sleep(0.05)
+        admission.release(plan, holder)  # wakes the waiter: its recheck admits it
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(waiter, 2)
+        assert (await store.usage([], [bucket])).slot_counts == [0]
+
+    asyncio.run(scenario())
