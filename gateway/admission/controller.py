@@ -7,8 +7,8 @@ decides, and every such decision is counted (and the first failure of a streak l
 
 - `local`: this replica enforces the same buckets in-process until the store answers again
   (limits become per replica, each divided by `store.local_divisor`; slots taken locally are
-  released locally; the shared slots this replica still holds are seeded into the local store
-  at the switch, so local admission counts them);
+  released locally; at each switch, the slots still held in one store are mirrored into the
+  other: gateway/admission/transitions.py);
 - `allow`: admit without limits (no limit headers: nothing is known);
 - `deny`: refuse with 503 `store_unavailable`.
 
@@ -39,6 +39,7 @@ from typing import TypeVar, cast
 
 from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan
+from gateway.admission.transitions import OutageBridge
 from gateway.config.model import OnError
 from gateway.metrics import Metrics
 from gateway.store.base import (
@@ -181,13 +182,9 @@ class Admission:
         self._local_divisor = max(1, local_divisor)
         self.breaker = breaker or CircuitBreaker()
         self.refusals = refusals if refusals is not None else RefusalCache()
-        # Shared slots this replica holds (lease id -> plan), kept only under `on_error: local`:
-        # at the switch to local they are seeded into the local store, so local admission counts
-        # the requests still holding shared slots (see _seed_local).
-        self._shared_held: dict[str, AdmissionPlan] | None = (
-            {} if on_error == "local" and local is not None else None)
-        self._seeds: set[str] = set()  # lease ids of _shared_held also held in the local store
-        self._seeded = False  # every lease of _shared_held is seeded (cleared when the store answers)
+        # Under `on_error: local`, each store learns of the other's slots still in flight at a
+        # switch (gateway/admission/transitions.py).
+        self.bridge = OutageBridge(store, local) if on_error == "local" and local is not None else None
         self._failing = False  # the last admission call to the store failed (logged once per streak)
 
     @property
@@ -220,29 +217,17 @@ class Admission:
                 raise
             else:
                 self.breaker.success()
-                self._seeded = False
                 if self._failing:
                     self._store_answers()
+                if self.bridge is not None:
+                    self.bridge.to_shared()
                 if not result.admitted:
                     self.refusals.remember(plan, asked_at, result)
                     return Ticket(lease_id, result, None)
-                if plan.slots and self._shared_held is not None:
-                    self._shared_held[lease_id] = plan
+                if plan.slots and self.bridge is not None:
+                    self.bridge.admitted(self.store, plan, lease_id)
                 return Ticket(lease_id, result, self.store if plan.slots else None)
         return await self._fallback(plan, lease_id)
-
-    async def _seed_local(self) -> None:
-        """At the switch to local: the local store takes a lease for every shared slot this
-        replica still holds, so its local limit counts those requests (released with them).
-        Over-admission at the switch drops from R x n to at most (R - 1) x n, n = max(1, N // d)
-        for R replicas and local_divisor d (docs/failure-modes.md, "Outage transitions")."""
-        if self._shared_held is None or self._local is None:
-            return
-        self._seeded = True
-        for lease_id, plan in list(self._shared_held.items()):
-            if lease_id not in self._seeds and lease_id in self._shared_held:
-                self._seeds.add(lease_id)
-                await self._local.admit([], _unbounded(plan.slots), lease_id)
 
     async def _admit_waiting(
         self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, arrival: str = ""
@@ -253,12 +238,13 @@ class Admission:
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
         if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
-            self._seeded = False
             if self._failing:
                 self._store_answers()
+            if self.bridge is not None:
+                self.bridge.to_shared()
             self.refusals.remember(plan, asked_at, result)
-            if result.admitted and plan.slots and self._shared_held is not None:
-                self._shared_held[lease_id] = plan
+        if result.admitted and plan.slots and self.bridge is not None:
+            self.bridge.admitted(store, plan, lease_id)
         return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
                       store if result.queued else None)
 
@@ -295,14 +281,16 @@ class Admission:
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
-            if not self._seeded:
-                await self._seed_local()
+            if self.bridge is not None:
+                await self.bridge.to_local()
             if plan.wait:
                 return await self._admit_waiting(self._local, plan, lease_id)
             divisor = self._local_divisor
             rates, slots = (plan.rates, plan.slots) if divisor == 1 else (
                 _divided(plan.rates, divisor), _divided(plan.slots, divisor))
             result = await self._local.admit(rates, slots, lease_id)
+            if result.admitted and plan.slots and self.bridge is not None:
+                self.bridge.admitted(self._local, plan, lease_id)
             # Released under the plan's bucket keys: a divided bucket keeps its key.
             return Ticket(lease_id, result, self._local if result.admitted and plan.slots else None)
         return Ticket(lease_id, None, None)
@@ -311,8 +299,8 @@ class Admission:
         """Free the ticket's slots (synchronous, idempotent: safe in any `finally`)."""
         if ticket.store is not None:
             store, ticket.store = ticket.store, None
-            if store is self.store and self._shared_held is not None:
-                self._release_shared(plan, ticket.lease_id)
+            if self.bridge is not None:
+                self.bridge.released(store, plan, ticket.lease_id)
             if plan.wait:  # someone may be waiting for this slot
                 cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
             else:
@@ -329,20 +317,8 @@ class Admission:
         self._failing = False
         log.info("store answers admissions again")
 
-    def _release_shared(self, plan: AdmissionPlan, lease_id: str) -> None:
-        assert self._shared_held is not None
-        self._shared_held.pop(lease_id, None)
-        if lease_id in self._seeds and self._local is not None:
-            self._seeds.discard(lease_id)
-            self._local.release(plan.slots, lease_id)
-
 
 _Bucket = TypeVar("_Bucket", RateBucket, SlotBucket)
-
-
-def _unbounded(slots: Sequence[SlotBucket]) -> tuple[SlotBucket, ...]:
-    """The same buckets with no limit: a seed is always taken."""
-    return tuple(replace(slot, limit=1 << 30) for slot in slots)
 
 
 def _divided(buckets: Sequence[_Bucket], divisor: int) -> tuple[_Bucket, ...]:

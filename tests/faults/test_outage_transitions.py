@@ -8,7 +8,9 @@ holds when Redis disappears. Bounds on what the upstream sees:
 
 - concurrency, switch to local: sum_i max(c_i, n) <= N + (R - 1) n (this replica's shared
   slots are seeded into its local store); before the seeding it was N + R n;
-- concurrency, switch back: N + sum_i (local slots still held) <= N + R n;
+- concurrency, switch back: the local slots still held are mirrored into Redis when it
+  answers again, so only the store's decisions before the mirrors land come on top: N + (those)
+  (before the mirroring it was N + sum_i (local slots still held) <= N + R n);
 - rate, either switch: L + R l per window, l = max(1, L // d).
 """
 
@@ -128,7 +130,8 @@ async def test_concurrency_at_the_switch_to_local(
 
 
 async def test_concurrency_at_the_switch_back(proxy: FaultProxy, replicas) -> None:  # type: ignore[no-untyped-def]
-    """Not lowered: Redis does not see the local slots still held when it returns."""
+    """The local slots still held are mirrored into Redis once it answers again: only what
+    Redis decided before the mirrors landed (here the breaker's probe) comes on top of them."""
     (replica,) = await replicas(1, 1)
     plan = slot_plan(3)
     await degrade(proxy, [replica], plan)
@@ -136,14 +139,27 @@ async def test_concurrency_at_the_switch_back(proxy: FaultProxy, replicas) -> No
     proxy.set_mode("pass")
     await asyncio.sleep(COOLDOWN + 0.05)
     shared: list[Ticket] = []
-    for _ in range(20):  # the first probe closes the breaker; then Redis decides
-        shared += await admit_all(replica, plan, 1)
-        if len(shared) == 3:
+    for _ in range(20):  # until the breaker's probe is decided by Redis
+        ticket = await replica.admission.admit(plan)
+        if ticket.store is replica.store:
+            shared.append(ticket)
             break
+        replica.admission.release(plan, ticket)
+        await asyncio.sleep(0.05)
+    assert shared, "Redis never decided again"
+    assert replica.admission.bridge is not None
+    await replica.admission.bridge.settled()  # the local slots are mirrored into Redis now
+    shared += await admit_all(replica, plan, 3)
     in_flight = len(local) + len(shared)
-    print(f"\n[switch back] N=3 R=1 d=1: {in_flight} in flight (bound N + R n = 6)")
-    assert in_flight == 6
+    print(f"\n[switch back] N=3 R=1 d=1, 3 local slots held: {in_flight} in flight "
+          f"(N + the store's decisions before the mirrors landed; 6 without mirroring)")
+    assert in_flight == 4
     for ticket in local + shared:
+        replica.admission.release(plan, ticket)
+    await replica.store.flush()
+    again = await admit_all(replica, plan, 4)  # the mirrors left with their requests
+    assert len(again) == 3
+    for ticket in again:
         replica.admission.release(plan, ticket)
 
 
