@@ -105,7 +105,7 @@ def redis_time(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
-async def test_a_clock_that_jumps_forward_and_back(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_a_clock_that_jumps_forward_and_back() -> None:
     with redis_with_movable_clock() as (server, clock):
         client = server.client()
         observer = RecordingObserver()
@@ -146,13 +146,12 @@ async def test_a_clock_that_jumps_forward_and_back(capsys: pytest.CaptureFixture
             members_after_release = client.zcard(SLOTS.key)
         finally:
             await store.aclose()
-    with capsys.disabled():
-        print(f"\n[Redis clock +1 h] rate 5/10s full before: {rate_after} more admitted at once; "
-              f"2 leases held: {lost} counted lost by the heartbeat, {reclaimed} reclaimed "
-              f"(the slot set's key had expired too: {reclaimed == 0}), {admitted_slots} new slots admitted (N=2)")
-        print(f"[Redis clock -1 h] the window refuses: Retry-After {refused.retry_after_ms} ms "
-              f"(J + window = {3600_000 + WINDOW_MS} ms at most); slots admit ({slot_back.admitted}), "
-              f"a release frees at once ({members_after_release} members left)")
+    print(f"\n[Redis clock +1 h] rate 5/10s full before: {rate_after} more admitted at once; "
+          f"2 leases held: {lost} counted lost by the heartbeat, {reclaimed} reclaimed "
+          f"(the slot set's key had expired too: {reclaimed == 0}), {admitted_slots} new slots admitted (N=2)")
+    print(f"[Redis clock -1 h] the window refuses: Retry-After {refused.retry_after_ms} ms "
+          f"(J + window = {3600_000 + WINDOW_MS} ms at most); slots admit ({slot_back.admitted}), "
+          f"a release frees at once ({members_after_release} members left)")
     assert rate_after == 5  # a whole limit again: the window looks empty
     # Both leases look expired: counted lost, and their slots taken again (reclaimed by the next
     # admission, or gone with their key, which Redis expires by the same clock).
