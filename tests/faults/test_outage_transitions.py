@@ -17,9 +17,13 @@ holds when Redis disappears. Bounds on what the upstream sees:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.admission.breaker import CircuitBreaker
@@ -29,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.store.base import RateBucket, SlotBucket
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from tests.faults.conftest import SMALL_KEY, FaultyRedis, fault_config, gateway_for, upstream_stats
 from tests.support.fault_proxy import FaultProxy
 from tests.support.redis_server import PrivateRedis, private_redis
 
@@ -176,3 +181,42 @@ async def test_rate_at_the_switch_to_local(proxy: FaultProxy, replicas, refused_
     print(f"\n[rate, switch to local, {'refused before' if refused_before else 'at its limit'}] L=50/5s R=1 d=1: "
           f"{50 + len(local)} admitted in one window (bound L + R l = 100)")
     assert 50 + len(local) == (50 if refused_before else 100)
+
+
+@pytest.mark.e2e
+def test_a_gateway_at_the_switch_to_local_keeps_a_3_slot_key_at_3_upstream(
+    tmp_path: Path, fresh_upstream: str, faulty_redis: FaultyRedis
+) -> None:
+    """The figure as the upstream sees it, through a real gateway process (`on_error: local`):
+    3 requests hold a 3-slot key's slots through Redis, Redis is blackholed, and 6 more arrive
+    at once. Before the seeding the upstream saw 5-6 in flight; now the local store counts the
+    3 still holding shared slots and refuses all 6."""
+    config = fault_config(fresh_upstream, faulty_redis.url, on_error="local")
+    config["plans"]["small"] = {"limits": {"requests": {"concurrency": 3}}}
+    config["routes"] = [{"path": "/**", "limits": ["requests"]}]
+    with gateway_for(tmp_path, config) as gw:
+        with httpx.Client(timeout=30) as client:
+            with ThreadPoolExecutor(3) as pool:
+                held = [pool.submit(client.get, gw.url + "/hold?ms=20000", headers={"X-API-Key": SMALL_KEY})
+                        for _ in range(3)]
+                deadline = time.monotonic() + 10
+                while upstream_stats(fresh_upstream, "small").get("in_flight", 0) < 3:
+                    assert time.monotonic() < deadline, "the 3 holds never reached the upstream"
+                    time.sleep(0.02)
+                faulty_redis.proxy.set_mode("blackhole")
+
+                async def six_at_once() -> list[int]:
+                    async with httpx.AsyncClient(timeout=10) as burst:
+                        answers = await asyncio.gather(*(
+                            burst.get(gw.url + "/hold?ms=500", headers={"X-API-Key": SMALL_KEY}) for _ in range(6)))
+                    return [answer.status_code for answer in answers]
+
+                statuses = asyncio.run(six_at_once())
+                peak = upstream_stats(fresh_upstream, "small")["max_in_flight"]
+                httpx.post(fresh_upstream + "/_release")
+                assert [future.result(10).status_code for future in held] == [200] * 3
+        faulty_redis.proxy.set_mode("pass")
+    print(f"\n[gateway, switch to local] 3-slot key, 3 held through Redis, 6 more during the outage: "
+          f"statuses {sorted(statuses)}, upstream peak {peak} in flight (5-6 before the seeding)")
+    assert statuses == [429] * 6
+    assert peak == 3
