@@ -6,8 +6,9 @@ Per request, in order: shutdown check → IP ban (403, from the local ban cache:
 exchange → release. 401s and 429s count as ban strikes, sent off the critical path
 (gateway/ban_guard.py).
 Everything else (parsing, route compilation, bucket names, header blocks) was done at config
-load. The slot is released exactly once, synchronously, in a `finally`, however the
-exchange ends: completion, client disconnect, upstream failure or cancellation. Whatever
+load. The slot is released exactly once, synchronously, in a `finally` whose `try` starts the
+instant admission returns, however the request ends: completion, client disconnect, upstream
+failure, cancellation, or an error of the gateway's own before the exchange. Whatever
 the path, `_finish` counts the request and writes its one access-log line.
 """
 
@@ -199,56 +200,60 @@ class GatewayApp:
                              retry_after=exc.retry_after)
             done.status, done.outcome = 503, "store_unavailable"
             return
-        admitted_at = time.perf_counter()
-        done.admission_s = admitted_at - started
-        state.metrics.admission_duration.observe(done.admission_s)
-        result = ticket.result
-        extra = compiled.limit_headers(result) if result else []
-
-        if result is not None and not result.admitted:
-            done.status = 429
-            state.bans.strike(client, bans)
-            if result.reason == "rate":
-                done.outcome = "rate_limited"
-                await send_error(send, 429, "rate_limited", refusal_message(plan, result),
-                                 retry_after=retry_after_seconds(result), extra_headers=extra)
-            else:
-                done.outcome = "concurrency_limited"
-                await send_error(send, 429, "concurrency_limited", refusal_message(plan, result),
-                                 extra_headers=extra)
-            return
-
-        upstream_headers = upstream_request_headers(
-            routing.header_policy, headers, key_id=key.id, plan=key.plan,
-            forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
-            forwarded_proto=scope.get("scheme", "http"),
-        )
-        in_flight = state.metrics.in_flight_for(key.plan)
-        in_flight.inc()
-        state.active_requests += 1
-        done.outcome = "admitted"
+        # From here the slot is released whatever happens (headers, metrics, the exchange):
+        # nothing may stand between the admission's return and this `try`.
         try:
-            outcome = await forward(
-                scope, receive, send,
-                client=state.upstream,
-                url=url,
-                headers=upstream_headers,
-                extra_response_headers=extra,
-                max_body=config.max_request_body,
-                timeout=config.upstream.timeout,
-                body_start=body_start,
-                client_timeout=config.client_timeout,
-                observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
-                on_complete=partial(admission.release, plan, ticket),
+            admitted_at = time.perf_counter()
+            done.admission_s = admitted_at - started
+            state.metrics.admission_duration.observe(done.admission_s)
+            result = ticket.result
+            extra = compiled.limit_headers(result) if result else []
+
+            if result is not None and not result.admitted:
+                done.status = 429
+                state.bans.strike(client, bans)
+                if result.reason == "rate":
+                    done.outcome = "rate_limited"
+                    await send_error(send, 429, "rate_limited", refusal_message(plan, result),
+                                     retry_after=retry_after_seconds(result), extra_headers=extra)
+                else:
+                    done.outcome = "concurrency_limited"
+                    await send_error(send, 429, "concurrency_limited", refusal_message(plan, result),
+                                     extra_headers=extra)
+                return
+
+            upstream_headers = upstream_request_headers(
+                routing.header_policy, headers, key_id=key.id, plan=key.plan,
+                forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
+                forwarded_proto=scope.get("scheme", "http"),
             )
-        except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
-            done.status, done.upstream = exc.status, "aborted"
-            raise
+            in_flight = state.metrics.in_flight_for(key.plan)
+            in_flight.inc()
+            state.active_requests += 1
+            done.outcome = "admitted"
+            try:
+                outcome = await forward(
+                    scope, receive, send,
+                    client=state.upstream,
+                    url=url,
+                    headers=upstream_headers,
+                    extra_response_headers=extra,
+                    max_body=config.max_request_body,
+                    timeout=config.upstream.timeout,
+                    body_start=body_start,
+                    client_timeout=config.client_timeout,
+                    observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
+                    on_complete=partial(admission.release, plan, ticket),
+                )
+            except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
+                done.status, done.upstream = exc.status, "aborted"
+                raise
+            finally:
+                done.upstream_s = time.perf_counter() - admitted_at
+                state.active_requests -= 1
+                in_flight.dec()
+            done.upstream = outcome
+            done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
+            return
         finally:
-            done.upstream_s = time.perf_counter() - admitted_at
             admission.release(plan, ticket)
-            state.active_requests -= 1
-            in_flight.dec()
-        done.upstream = outcome
-        done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
-        return

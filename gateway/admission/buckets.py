@@ -8,7 +8,9 @@ Store key names (RELIABILITY.md §3.3): every key of one admission shares one ha
 workspace's when the key has one, else the key's own, so the single admission script runs
 unchanged on Redis Cluster. Ids are hashed (a `{` in an id cannot move the slot, and names
 stay short); names carry the limit name, never N or the window, so a reload that changes
-numbers keeps the counters.
+numbers keeps the counters. A workspace bucket is therefore one budget for every plan of the
+workspace: the loader refuses plans that define a workspace limit differently for keys of
+one workspace (gateway/config/workspaces.py).
 
     {prefix}:{k:<h(key id)>}:r:<limit>                  key scope, key without workspace
     {prefix}:{w:<h(workspace)>}:k:<h(key id)>:r:<limit>  key scope, key in a workspace

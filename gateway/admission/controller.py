@@ -3,11 +3,12 @@
 Theory of operation: the app resolves key and route to an `AdmissionPlan` (pure, cached),
 then calls `Admission.admit`, which makes exactly one store call. When the store cannot
 answer (error, timeout, or the breaker is open after repeated failures), `store.on_error`
-decides, and every such decision is counted:
+decides, and every such decision is counted (and the first failure of a streak logged):
 
 - `local`: this replica enforces the same buckets in-process until the store answers again
   (limits become per replica, each divided by `store.local_divisor`; slots taken locally are
-  released locally);
+  released locally; at each switch, the slots still held in one store are mirrored into the
+  other: gateway/admission/transitions.py);
 - `allow`: admit without limits (no limit headers: nothing is known);
 - `deny`: refuse with 503 `store_unavailable`.
 
@@ -29,6 +30,7 @@ rate limit, or gives up (`leave_queue`). Releases of such a plan wake the waiter
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,7 @@ from typing import TypeVar, cast
 
 from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan
+from gateway.admission.transitions import OutageBridge
 from gateway.config.model import OnError
 from gateway.metrics import Metrics
 from gateway.store.base import (
@@ -48,6 +51,9 @@ from gateway.store.base import (
     StoreError,
     WaitingStore,
 )
+
+
+log = logging.getLogger("gateway.admission")
 
 
 class StoreUnavailable(Exception):
@@ -176,6 +182,10 @@ class Admission:
         self._local_divisor = max(1, local_divisor)
         self.breaker = breaker or CircuitBreaker()
         self.refusals = refusals if refusals is not None else RefusalCache()
+        # Under `on_error: local`, each store learns of the other's slots still in flight at a
+        # switch (gateway/admission/transitions.py).
+        self.bridge = OutageBridge(store, local) if on_error == "local" and local is not None else None
+        self._failing = False  # the last admission call to the store failed (logged once per streak)
 
     @property
     def on_error(self) -> OnError:
@@ -199,16 +209,24 @@ class Admission:
                 if plan.wait:
                     return await self._admit_waiting(self.store, plan, lease_id)
                 result = await self.store.admit(plan.rates, plan.slots, lease_id)
-            except StoreError:
+            except StoreError as exc:
                 self.breaker.failure()
+                self._store_failed(exc)
             except BaseException:  # cancelled (client gone): says nothing about the store
                 self.breaker.abandon()
                 raise
             else:
                 self.breaker.success()
+                if self._failing:
+                    self._store_answers()
+                if self.bridge is not None:
+                    self.bridge.to_shared()
                 if not result.admitted:
                     self.refusals.remember(plan, asked_at, result)
-                return Ticket(lease_id, result, self.store if result.admitted and plan.slots else None)
+                    return Ticket(lease_id, result, None)
+                if plan.slots and self.bridge is not None:
+                    self.bridge.admitted(self.store, plan, lease_id)
+                return Ticket(lease_id, result, self.store if plan.slots else None)
         return await self._fallback(plan, lease_id)
 
     async def _admit_waiting(
@@ -220,7 +238,13 @@ class Admission:
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
         if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
+            if self._failing:
+                self._store_answers()
+            if self.bridge is not None:
+                self.bridge.to_shared()
             self.refusals.remember(plan, asked_at, result)
+        if result.admitted and plan.slots and self.bridge is not None:
+            self.bridge.admitted(store, plan, lease_id)
         return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
                       store if result.queued else None)
 
@@ -239,9 +263,10 @@ class Admission:
             return ticket
         try:
             return await self._admit_waiting(store, plan, ticket.lease_id, ticket.result.arrival)
-        except StoreError:
+        except StoreError as exc:
             if store is self.store:
                 self.breaker.failure()
+                self._store_failed(exc)
             self.leave_queue(plan, ticket)
             return await self._fallback(plan, ticket.lease_id)
 
@@ -256,12 +281,16 @@ class Admission:
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
+            if self.bridge is not None:
+                await self.bridge.to_local()
             if plan.wait:
                 return await self._admit_waiting(self._local, plan, lease_id)
             divisor = self._local_divisor
             rates, slots = (plan.rates, plan.slots) if divisor == 1 else (
                 _divided(plan.rates, divisor), _divided(plan.slots, divisor))
             result = await self._local.admit(rates, slots, lease_id)
+            if result.admitted and plan.slots and self.bridge is not None:
+                self.bridge.admitted(self._local, plan, lease_id)
             # Released under the plan's bucket keys: a divided bucket keeps its key.
             return Ticket(lease_id, result, self._local if result.admitted and plan.slots else None)
         return Ticket(lease_id, None, None)
@@ -270,10 +299,23 @@ class Admission:
         """Free the ticket's slots (synchronous, idempotent: safe in any `finally`)."""
         if ticket.store is not None:
             store, ticket.store = ticket.store, None
+            if self.bridge is not None:
+                self.bridge.released(store, plan, ticket.lease_id)
             if plan.wait:  # someone may be waiting for this slot
                 cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
             else:
                 store.release(plan.slots, ticket.lease_id)
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """One log line per failing streak (every failure is counted in the metrics)."""
+        if not self._failing:
+            self._failing = True
+            log.warning("store admission failed, deciding by on_error: %s until it answers again: %s",
+                        self._on_error, exc)
+
+    def _store_answers(self) -> None:
+        self._failing = False
+        log.info("store answers admissions again")
 
 
 _Bucket = TypeVar("_Bucket", RateBucket, SlotBucket)

@@ -97,21 +97,25 @@ async def _wait(admission: Admission, plan: AdmissionPlan, ticket: Ticket, watch
     store = ticket.waiting_in
     unwatch = cast(WaitingStore, store).watch(plan.slots, event)
     try:
-        while ticket.waiting_in is not None:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            await watched.sleep(event, min(interval, left))
-            if watched.disconnected:
-                break
-            event.clear()
-            ticket = await admission.recheck(plan, ticket)
-            if ticket.waiting_in is not None and ticket.waiting_in is not store:
-                # The store failed and the local fallback queued it: wait there instead.
-                unwatch()
-                store = ticket.waiting_in
-                unwatch = cast(WaitingStore, store).watch(plan.slots, event)
-    finally:
-        unwatch()
-        admission.leave_queue(plan, ticket)
+        try:
+            while ticket.waiting_in is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await watched.sleep(event, min(interval, left))
+                if watched.disconnected:
+                    break
+                event.clear()
+                ticket = await admission.recheck(plan, ticket)
+                if ticket.waiting_in is not None and ticket.waiting_in is not store:
+                    # The store failed and the local fallback queued it: wait there instead.
+                    unwatch()
+                    store = ticket.waiting_in
+                    unwatch = cast(WaitingStore, store).watch(plan.slots, event)
+        finally:
+            unwatch()
+            admission.leave_queue(plan, ticket)
+    except BaseException:
+        admission.release(plan, ticket)  # admitted by a recheck, then failed or cancelled: no leak
+        raise
     return ticket

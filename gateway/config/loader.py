@@ -59,6 +59,7 @@ from gateway.config.plans import PlanIndex, read_plans
 from gateway.config.routes import read_routes
 from gateway.config.settings import read_bans, read_headers, read_identity, read_store, read_upstream
 from gateway.config.units import UnitError, parse_host_port, parse_size, quote, split_host
+from gateway.config.workspaces import check_workspace_limits
 
 __all__ = ["ConfigError", "load_config", "load_config_text"]
 
@@ -273,6 +274,8 @@ def _config(r: NodeReader, root: Node) -> Config:
     index = read_plans(r, plans_node) if plans_node is not None else PlanIndex(readable=False)
     keys_node = get(top, "keys")
     keys = read_keys(r, keys_node, index) if keys_node is not None else ()
+    if keys_node is not None:
+        check_workspace_limits(r, keys_node, keys, index.plans)
     routes_node = get(top, "routes")
     routes = read_routes(r, routes_node, index) if routes_node is not None else ()
     upstream_node = get(top, "upstream")

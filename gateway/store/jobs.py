@@ -13,6 +13,10 @@ Semantics both implementations keep (tests/store/test_jobs_contract.py checks th
   woken. `owner` must be the key that holds the job (status requests), or None (the admin
   call from the upstream). Idempotent; returns who held it, or None when unknown (or held
   by another key: a job id seen for another key is not theirs to end).
+- Both are idempotent by job id: a handover sent again (a retry after a lost reply, or one
+  landing late) answers what the first did and changes nothing; it moves nothing once the job
+  ended. An end sent again reports None. On Redis a job call that failed is sent once more,
+  and a handover that still fails is undone by id (gateway/store/redis_jobs.py).
 - `usage` reads, without writing, how full each bucket is now and which jobs hold slots.
 
 Job members are "j:" + job id; ids are at most MAX_JOB_ID characters, no control chars.

@@ -268,6 +268,8 @@ class MemoryStore:
     async def hand_over(self, slots: Sequence[SlotBucket], lease_id: str, claim: JobClaim) -> bool:
         now = self._now()
         member = job_member(claim.job_id)
+        if any(member in self._jobs.members.get(slot.key, ()) for slot in slots):
+            return True  # a replay of this handover: it changes nothing (job_handover.lua)
         moved: list[str] = []
         job_expiry = now + claim.max_duration * 1000.0
         for slot in slots:

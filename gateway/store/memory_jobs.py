@@ -1,5 +1,5 @@
 """The memory store's waiter queues and job slots: admit.lua's queues and the job scripts'
-state (job_handover.lua, job_index.lua, job_free.lua) for one process.
+state (job_index.lua, job_handover.lua, job_free.lua, job_drop.lua) for one process.
 
 Times are float milliseconds of the memory store's clock. Queue order is (arrival, waiter id),
 as a Redis sorted set orders equal scores by member.

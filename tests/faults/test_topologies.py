@@ -1,5 +1,6 @@
 """Gateways on every Redis topology the SPEC names, under load: Cluster (two gateways sharing a
-3-primary cluster, limits exact, scripts flushed mid-load), Sentinel (a failover mid-load),
+3-primary cluster, limits exact, scripts flushed mid-load; a primary failed over to its replica
+mid-load), Sentinel (a failover mid-load),
 and standalone with its script cache flushed again and again. Restarts of a standalone Redis
 are in test_store_outage.py (kill_and_restart)."""
 
@@ -183,3 +184,59 @@ def test_sentinel_failover_under_load(how: str, tmp_path: Path, fresh_upstream: 
         assert (status, body["status"]) == (200, "ready")
         if how == "master_killed":
             assert fallbacks > 0  # the gap, covered by on_error: local
+
+
+def test_cluster_primary_failed_over_under_load(tmp_path: Path, fresh_upstream: str) -> None:
+    """`CLUSTER FAILOVER` on the replica of a primary while two gateways load keys on every
+    primary (`on_error: deny`, so every failed decision is a counted 503): limits exact across
+    the failover, the errors bounded and reported, nothing left on any node."""
+    from tests.support.cluster_replicas import redis_cluster_with_replicas
+
+    slot_keys, rate_keys = _keys_on_every_node("fslots", 1), _keys_on_every_node("frate", 1)
+    with redis_cluster_with_replicas() as cluster:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster.primaries[:2])
+        config: dict[str, Any] = fault_config(fresh_upstream, url, on_error="deny")
+        config["keys"] = [{"id": k.id, "sha256": k.sha256, "plan": "cluster"} for k in slot_keys + rate_keys]
+        config["plans"] = {
+            "cluster": {"limits": {"burst": {"rate": "10/2s"}, "requests": {"concurrency": 3}}}
+        }
+        config["routes"] = [{"path": "/hold", "limits": ["requests"]}, {"path": "/**", "limits": ["burst"]}]
+        with gateway_for(tmp_path, config, "a") as a, gateway_for(tmp_path, config, "b") as b:
+
+            async def scenario() -> tuple[list[Load], float]:
+                urls = [a.url, b.url]
+                runs = [run_load(urls, secret(k.id), clients=8, duration=3.0, path="/hold?ms=100")
+                        for k in slot_keys]
+                runs += [run_load(urls, secret(k.id), clients=4, duration=3.0) for k in rate_keys]
+                running = asyncio.gather(*runs)
+                await asyncio.sleep(1.0)
+                took = await asyncio.to_thread(cluster.fail_over, 0)
+                return await running, took
+
+            loads, took = asyncio.run(scenario())
+            fallbacks = sum(metric(gw.admin_url, FALLBACKS) for gw in (a, b))
+            errors = sum(metric(gw.admin_url, STORE_ERRORS) for gw in (a, b))
+        primaries = [node for node in cluster.nodes if node.client().info("replication")["role"] == "master"]
+        assert len(primaries) == 3 and cluster.replicas[0] in primaries
+        with cluster.replicas[0].client() as promoted:  # the load went on through the new primary
+            decided_there = int(promoted.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        assert decided_there > 0
+        for node in primaries:  # both gateways stopped: every slot they took was released
+            with node.client() as client:
+                assert_no_leaks(client, PREFIX)
+    stats = {key.id: upstream_stats(fresh_upstream, key.id) for key in slot_keys + rate_keys}
+    answered = sum(len(load.samples) for load in loads)
+    refused_503 = sum(load.statuses().get(503, 0) for load in loads)
+    print(f"\n[cluster failover] promoted in {took * 1000:.0f} ms; {answered} requests, {refused_503} answered "
+          f"503 store_unavailable, {fallbacks:.0f} fallback decisions, {errors:.0f} store errors; "
+          f"{decided_there} EVALSHA on the new primary")
+    for key, load in zip(slot_keys + rate_keys, loads, strict=True):
+        statuses = load.statuses()
+        assert set(statuses) <= {200, 429, 503}, (key.id, statuses)
+        assert stats[key.id]["total"] == statuses[200]
+    for key in slot_keys:
+        assert stats[key.id]["max_in_flight"] <= 3, key.id  # never exceeded across the failover
+    for key in rate_keys:
+        assert max_in_window(stats[key.id]["arrivals"], 2.0 - 0.1) <= 10, key.id
+    assert refused_503 == fallbacks  # every failed decision is a counted 503, nothing else
+    assert refused_503 <= 0.05 * answered  # bounded: the failover costs a moment, not the run

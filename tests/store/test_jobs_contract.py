@@ -191,3 +191,26 @@ def test_job_ids_are_bounded_text() -> None:
     assert valid_job_id(42) == "42"
     for bad in ("", "a" * 201, "a\nb", None, True, 1.5, {"id": 1}, ["x"]):
         assert valid_job_id(bad) is None
+
+
+async def test_a_replayed_handover_or_end_changes_nothing(backend: Backend, clock: DrivenClock) -> None:
+    """Idempotent by job id: a handover sent twice (a retry after a lost reply) answers what
+    the first run did and keeps the job's expiry; an end sent again reports nothing more."""
+    store = await backend.started(clock=clock)
+    jobs = jobs_of(backend, store)
+    crawls = [slot("crawls", 1)]
+    claim = JobClaim("job-r", "k1", 60.0)
+    assert (await store.admit([], crawls, "lease-1")).admitted
+    assert await jobs.hand_over(crawls, "lease-1", claim)
+    clock.advance_ms(30_000)
+    assert await jobs.hand_over(crawls, "lease-1", claim)  # the replay
+    store.release(crawls, "lease-1")
+    await store.flush()
+    usage = await jobs.usage([], crawls)
+    assert (usage.slot_counts, usage.jobs) == ([1], [[ActiveJob("job-r", 30_000)]])  # expiry kept
+    assert await jobs.end("job-r", "k1") == EndedJob("job-r", "k1")
+    assert await jobs.end("job-r", "k1") is None
+    assert not await jobs.hand_over(crawls, "lease-1", claim)  # lands after the end: nothing moves
+    await store.flush()
+    assert (await store.admit([], crawls, "next")).slot_counts == [0]
+    store.release(crawls, "next")

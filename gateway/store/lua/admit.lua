@@ -198,6 +198,21 @@ local function check_counter(i, key, limit, window)
   return counter_wait(view, now, limit - 1)
 end
 
+-- Over `maxmemory` with `noeviction`, Redis refuses only a script's *first* write (a later one
+-- must not stop it half-way). Make that first write this no-op (ZADD XX of a member that is
+-- never a lease id), so an admission is refused whole, before it purges or writes anything,
+-- and `on_error` decides, instead of being let through by a purge that happens to come first.
+-- (A plan of counters only starts with HSET, which Redis refuses all the same.)
+local oom_probe = nil
+if n_slot > 0 then
+  oom_probe = KEYS[n_rate + 1]
+else
+  for i = 1, n_rate do
+    if ARGV[6 + 3 * i] ~= '1' then oom_probe = KEYS[i]; break end
+  end
+end
+if oom_probe then redis.call('ZADD', oom_probe, 'XX', 0, '') end
+
 for i = 1, n_rate do
   local check = check_log
   if ARGV[6 + 3 * i] == '1' then check = check_counter end

@@ -1,0 +1,31 @@
+--[[
+job_drop.lua: an ended job's member leaves its slot buckets, and stays known as ended.
+
+The member goes into the key's ended set (score: when that memory expires), so a handover of
+the same job that lands late (a timed-out job_handover.lua, or a replay) moves nothing. The
+set is trimmed here; it lives as long as its newest entry. Idempotent.
+
+KEYS: the job's slot bucket keys, then the key's ended set; one {hash tag}.
+ARGV[1]  job member   ARGV[2] ended_ms: how long the ended set remembers it
+ARGV[3]  now_ms override; "" means the server clock (TIME)
+Returns: how many buckets held the member
+]]
+
+local member, ended_ms = ARGV[1], tonumber(ARGV[2])
+local now
+if ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+local removed = 0
+for i = 1, #KEYS - 1 do
+  removed = removed + redis.call('ZREM', KEYS[i], member)
+end
+local ended = KEYS[#KEYS]
+redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
+redis.call('ZADD', ended, now + ended_ms, member)
+redis.call('PEXPIRE', ended, math.ceil(ended_ms))
+return removed
