@@ -11,12 +11,13 @@ once; other replicas learn it from the store's index at their next sync (every
 `sync_interval`, one call), or from their own next strike of that group, whichever comes first.
 Lifting a ban clears this replica's cache entry at once and the others' at their next sync.
 
-Exact at the limit: the replica keeps the store's strike count of each group it struck (as of
-the last verdict) plus its strikes sent or queued since. Once that reaches `strikes`, the ban
-check of that group answers `DECIDING` and the request waits for the verdict of the batch that
-carries those strikes (one store round trip, at most `VERDICT_WAIT`) instead of being answered
-before the store decided: a flood of 401s over many connections gets its 403s from the next
-answer on, on this replica.
+Exact at the limit: while a client has strikes this replica has not seen decided (queued, or
+in a batch in flight), its ban check answers `DECIDING` and the request waits for that verdict
+(one store round trip, at most `VERDICT_WAIT`) instead of being answered before the store
+decided. So every strike takes effect before this replica's next answer to that client: a
+flood of 401s over any number of connections gets exactly `strikes` 401s from one replica, and
+at most `strikes + replicas - 1` from several (each replica has at most one undecided strike
+of that client when the limit is reached). Only a client with fresh strikes ever waits.
 
 A failing ban store never fails a request: its calls are counted as
 `gateway_store_errors_total{operation="bans"}` (by the store), strikes of a failed batch are
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 1.0  # seconds: the longest another replica's new ban or lift stays unknown here
 MAX_PENDING_GROUPS = 10_000  # strikes queued for more groups than this (store down) are dropped
-MAX_COUNTED_GROUPS = 10_000  # store strike counts kept for the limit check (past it: forgotten)
 MAX_RETURN_SCOPES = 10_000  # (IP group, key, route, kind) told waits remembered (ReturnLedger)
 VERDICT_WAIT = 1.0  # seconds: the longest a request at the limit waits for its group's verdict
 DEFAULT_IPV6_PREFIX = Bans().ipv6_prefix
@@ -92,8 +92,6 @@ class BanGuard:
         self._sync_interval = sync_interval
         self._pending: dict[str, list[int]] = {}  # group -> strikes by kind, not sent yet
         self._sent: dict[str, int] = {}  # group -> strikes in batches not decided yet
-        self._counted: dict[str, int] = {}  # group -> the store's strike count at its last verdict
-        self._deciding: set[str] = set()  # groups whose known strikes reached the limit
         self._batch_done: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._syncer: asyncio.Task[None] | None = None
@@ -102,13 +100,13 @@ class BanGuard:
 
     def retry_after(self, ip: IPAddress | None, policy: Bans | None) -> int | None:
         """Seconds until `ip`'s ban ends (the 403's Retry-After), None when it may pass, or
-        DECIDING when its strikes reached the limit and the store has not answered yet."""
-        if (not self._cache and not self._deciding) or ip is None or policy is None:
+        DECIDING when it has strikes the store has not decided yet."""
+        if (not self._cache and not self._pending and not self._sent) or ip is None or policy is None:
             return None
         group = group_of(ip, policy.ipv6_prefix)
         left = self._cache.seconds_left(group)
         if left is None:
-            if group in self._deciding and not is_exempt(ip, policy.allow):
+            if (group in self._pending or group in self._sent) and not is_exempt(ip, policy.allow):
                 return DECIDING
             return None
         if is_exempt(ip, policy.allow):
@@ -123,7 +121,7 @@ class BanGuard:
         group = group_of(ip, policy.ipv6_prefix)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + VERDICT_WAIT
-        while group in self._deciding and self._cache.seconds_left(group) is None:
+        while (group in self._pending or group in self._sent) and self._cache.seconds_left(group) is None:
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -138,7 +136,7 @@ class BanGuard:
         """Count one strike of `kind` against `ip` (unless exempt); sent with this tick's batch."""
         if ip is None or policy is None or is_exempt(ip, policy.allow):
             return
-        self._strike(group_of(ip, policy.ipv6_prefix), kind, policy)
+        self._strike(group_of(ip, policy.ipv6_prefix), kind)
 
     def refused(
         self, ip: IPAddress | None, policy: Bans | None, key_id: str, route: str, kind: int, told: float | None
@@ -152,10 +150,10 @@ class BanGuard:
         wait = policy.concurrency_grace if told is None else told
         if not self._returns.refused(group, (key_id, route, kind), wait, policy.tolerance):
             return False
-        self._strike(group, kind, policy)
+        self._strike(group, kind)
         return True
 
-    def _strike(self, group: str, kind: int, policy: Bans) -> None:
+    def _strike(self, group: str, kind: int) -> None:
         self._metrics.ban_strikes_by_kind[kind].inc()
         pending = self._pending
         counts = pending.get(group)
@@ -164,8 +162,6 @@ class BanGuard:
                 return
             counts = pending[group] = [0, 0, 0]
         counts[kind] += 1
-        if self._counted.get(group, 0) + self._sent.get(group, 0) + sum(counts) >= policy.strikes:
-            self._deciding.add(group)
         if self._flusher is None or self._flusher.done():
             try:
                 loop = asyncio.get_running_loop()
@@ -202,7 +198,7 @@ class BanGuard:
             ]
             policy = self._policy()
             if policy is None:  # bans switched off by a reload: nothing to decide
-                self._deciding.clear()
+                self._pending.clear()
                 self._wake()
                 return
             sent = self._sent
@@ -217,24 +213,16 @@ class BanGuard:
             except Exception:  # a bug must not stop the next batches
                 log.exception("ban strike batch crashed")
                 verdicts = [None] * len(batch)
-            self._decided(policy, batch, verdicts)
+            self._decided(batch, verdicts)
 
-    def _decided(
-        self, policy: Bans, batch: list[tuple[str, StrikeCounts]], verdicts: list[StrikeVerdict | None]
-    ) -> None:
-        sent, counted = self._sent, self._counted
+    def _decided(self, batch: list[tuple[str, StrikeCounts]], verdicts: list[StrikeVerdict | None]) -> None:
+        sent = self._sent
         for (group, counts), verdict in zip(batch, verdicts, strict=True):
             left = sent.get(group, 0) - total(counts)
             if left > 0:
                 sent[group] = left
             else:
                 sent.pop(group, None)
-            if verdict is None or verdict.banned:
-                counted.pop(group, None)
-            else:
-                if len(counted) >= MAX_COUNTED_GROUPS and group not in counted:
-                    counted.clear()  # forgetting only means waiting for fewer verdicts
-                counted[group] = verdict.strikes
             if verdict is not None and verdict.banned:
                 self._cache.learn(verdict.group, verdict.ms_left / 1000, verdict.bans,
                                   imposed=verdict.status == BANNED_NOW)
@@ -242,11 +230,6 @@ class BanGuard:
                     self._metrics.bans.inc()
                     log.info("banned %s for %.3fs (ban #%d; strikes: %d unauthorized, %d rate, %d concurrency)",
                              verdict.group, verdict.ms_left / 1000, verdict.bans, *verdict.kinds)
-            if group in self._deciding:
-                pending = self._pending.get(group)
-                known = counted.get(group, 0) + sent.get(group, 0) + (sum(pending) if pending else 0)
-                if verdict is None or verdict.banned or known < policy.strikes:
-                    self._deciding.discard(group)
         self._metrics.banned_ips.set(len(self._cache))
         self._wake()
 
@@ -296,7 +279,6 @@ class BanGuard:
         lifted = await self._store.lift(group)
         cached = self._cache.seconds_left(group) is not None
         self._cache.lift(group)
-        self._counted.pop(group, None)
         self._metrics.banned_ips.set(len(self._cache))
         return lifted or cached
 

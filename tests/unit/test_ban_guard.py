@@ -69,10 +69,12 @@ async def test_strikes_of_one_tick_go_in_one_batch_and_ban() -> None:
         guard.strike(ip("203.0.113.7"), POLICY)
     guard.strike(ip("2001:db8:a::1"), POLICY)
     guard.strike(ip("2001:db8:a::2"), POLICY)  # same /64
-    # nothing decided yet, but its strikes reached the limit: the next request waits for the verdict
+    # nothing decided yet: the next request of a struck client waits for the verdict
     assert guard.retry_after(ip("203.0.113.7"), POLICY) == DECIDING
-    assert guard.retry_after(ip("2001:db8:a::9"), POLICY) is None  # 2 of 3: passes at once
+    assert guard.retry_after(ip("2001:db8:a::9"), POLICY) == DECIDING
+    assert guard.retry_after(ip("203.0.113.8"), POLICY) is None  # no strikes: passes at once
     assert await guard.verdict(ip("203.0.113.7"), POLICY) == 2
+    assert await guard.verdict(ip("2001:db8:a::9"), POLICY) is None  # 2 strikes of 3
     assert store.strike_calls == [[("203.0.113.7", (3, 0, 0)), ("2001:db8:a::/64", (2, 0, 0))]]
     assert guard.retry_after(ip("203.0.113.7"), POLICY) == 2
     assert guard.retry_after(ip("203.0.113.8"), POLICY) is None
@@ -226,16 +228,18 @@ async def test_only_429s_that_came_back_early_are_strikes_and_counted_by_kind() 
     assert not guard.refused(ip("10.0.0.1"), policy, "key", "/v1", RATE, 2)  # allowlisted: never
 
 
-async def test_the_request_after_the_limit_waits_for_the_verdict_not_a_round_trip_more() -> None:
-    """Strikes reaching the limit while their batch is in flight: the next ban check waits for
-    that verdict; below the limit it never waits; a failed batch lets the client through."""
+async def test_a_struck_clients_next_request_waits_for_the_verdict() -> None:
+    """Every strike takes effect before the next answer to that client: its ban check waits
+    for the verdict (then 403 or pass); a client without undecided strikes never waits; a
+    failed batch lets the client through."""
     store = CountingStore()
     guard = BanGuard(store, Metrics(), lambda: POLICY)
     client = ip("203.0.113.7")
     guard.strike(client, POLICY)
     guard.strike(client, POLICY)
-    assert guard.retry_after(client, POLICY) is None  # 2 of 3
-    await guard.flush()
+    assert guard.retry_after(client, POLICY) == DECIDING
+    assert await guard.verdict(client, POLICY) is None  # 2 of 3: passes
+    assert guard.retry_after(client, POLICY) is None  # decided: no wait any more
     guard.strike(client, POLICY)  # the store knows 2: this one reaches 3
     assert guard.retry_after(client, POLICY) == DECIDING
     assert await guard.verdict(client, POLICY) == 2
