@@ -276,7 +276,8 @@ def read_bans(r: NodeReader, node: Node) -> Bans | None:
         ),
         tolerance=field(m, "tolerance", lambda n: r.integer(n, "bans.tolerance", 0, 1000), d.tolerance),
         concurrency_grace=field(
-            m, "concurrency_grace", lambda n: r.duration(n, "bans.concurrency_grace"), d.concurrency_grace
+            m, "concurrency_grace", lambda n: r.duration(n, "bans.concurrency_grace", allow_zero=True),
+            d.concurrency_grace,
         ),
     )
     if bans.max_duration < bans.duration:
