@@ -128,7 +128,8 @@ class BanGuard:
             if self._batch_done is None:
                 self._batch_done = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._batch_done.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: no task per waiter
+                    await self._batch_done.wait()
         left_s = self._cache.seconds_left(group)
         return None if left_s is None else retry_after(left_s)
 
