@@ -137,7 +137,7 @@ class GatewayApp:
         if bans is not None or trusted:
             client = done.client = client_ip(peer, headers, trusted)
             banned_for = state.bans.retry_after(client, bans)
-            if banned_for == DECIDING:  # its strikes just reached the limit: one store round trip
+            if banned_for == DECIDING:  # it has strikes the store has not decided: wait for the verdict
                 banned_for = await state.bans.verdict(client, bans)
             if banned_for is not None:
                 await send_error(send, 403, "ip_banned", f"This IP address is banned for {banned_for} more "
