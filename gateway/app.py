@@ -3,8 +3,8 @@
 Per request, in order: shutdown check → IP ban (403, from the local ban cache: no store call)
 → API key (401) → route (404) → body cap by Content-Length (413) → the body, or its first
 64 KiB, within client_timeout (408 / 413) → one admission call (429 / 503) → stream the
-exchange → release. 401s and 429s count as ban strikes, sent off the critical path
-(gateway/ban_guard.py).
+exchange → release. 401s, and 429s that came back before their told wait, count as ban
+strikes, sent off the critical path (gateway/ban_guard.py).
 Everything else (parsing, route compilation, bucket names, header blocks) was done at config
 load. The slot is released exactly once, synchronously, in a `finally` whose `try` starts the
 instant admission returns, however the request ends: completion, client disconnect, upstream
@@ -21,10 +21,12 @@ from functools import partial
 
 from gateway.accesslog import AccessLog
 from gateway.admission import waiting
+from gateway.admission.bans import CONCURRENCY, RATE
 from gateway.admission.controller import StoreUnavailable
-from gateway.admission.headers import refusal_message, retry_after_seconds
+from gateway.admission.headers import CONCURRENCY_RETRY_AFTER, refusal_message, retry_after_seconds
 from gateway.admission.identity import IPAddress, client_ip, is_trusted, parse_ip
 from gateway.asgi import Receive, Scope, Send
+from gateway.ban_guard import DECIDING
 from gateway.config.model import Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
@@ -136,6 +138,8 @@ class GatewayApp:
         if bans is not None or trusted:
             client = done.client = client_ip(peer, headers, trusted)
             banned_for = state.bans.retry_after(client, bans)
+            if banned_for == DECIDING:  # it has strikes the store has not decided: wait for the verdict
+                banned_for = await state.bans.verdict(client, bans)
             if banned_for is not None:
                 await send_error(send, 403, "ip_banned", f"This IP address is banned for {banned_for} more "
                                  "seconds after too many refused requests.", retry_after=banned_for)
@@ -211,15 +215,17 @@ class GatewayApp:
 
             if result is not None and not result.admitted:
                 done.status = 429
-                state.bans.strike(client, bans)
                 if result.reason == "rate":
                     done.outcome = "rate_limited"
+                    wait = retry_after_seconds(result)
+                    state.bans.refused(client, bans, key.id, compiled.route_label, RATE, wait)
                     await send_error(send, 429, "rate_limited", refusal_message(plan, result),
-                                     retry_after=retry_after_seconds(result), extra_headers=extra)
+                                     retry_after=wait, extra_headers=extra)
                 else:
                     done.outcome = "concurrency_limited"
+                    state.bans.refused(client, bans, key.id, compiled.route_label, CONCURRENCY, None)
                     await send_error(send, 429, "concurrency_limited", refusal_message(plan, result),
-                                     extra_headers=extra)
+                                     retry_after=CONCURRENCY_RETRY_AFTER, extra_headers=extra)
                 return
 
             upstream_headers = upstream_request_headers(

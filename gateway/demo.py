@@ -116,10 +116,10 @@ class Demo:
         results = await asyncio.gather(*(self.get(session, "demo-pro-key", delay_ms=1000) for _ in range(5)))
         for i, (status, error, headers) in enumerate(sorted(results), 1):
             say(f"   #{i} → {status} {error or 'ok':<20} {headers}")
-        say("   (the 429s carry no Retry-After: nobody can know when a slot frees)")
+        say("   (the 429s carry Retry-After: 1: a slot can free any moment)")
 
-        say("\n3. A client hammering with a wrong key. Every 401 and 429 is a strike against the client IP")
-        say("   (the four 429s above count too); 6 within a minute ban the IP, whatever key it sends:")
+        say("\n3. A client hammering with a wrong key. Every 401 is a strike against the client IP (a 429 is")
+        say("   one only when it comes back before its wait); 6 within a minute ban the IP, whatever key it sends:")
         for i in range(1, 9):
             status, error, headers = await self.get(session, "not-a-key")
             say(f"   #{i} → {status} {error:<20} {headers}")

@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.admission.bans import STRIKE_KINDS
+
 NO_PLAN = "-"
 NO_ROUTE = "-"
 
@@ -233,6 +235,16 @@ class Metrics:
             "gateway_leases_lost_total", "Leases this gateway still held that had already expired.", registry=r,
         )
         self.bans = Counter("gateway_bans_total", "IP bans imposed.", registry=r)
+        self.ban_strikes = Counter(
+            "gateway_ban_strikes_total",
+            "Ban strikes by kind: 401s (unauthorized), and 429s that came back before their told wait"
+            " (rate, concurrency).",
+            ["kind"], registry=r,
+        )
+        # Indexed by gateway.admission.bans kind (UNAUTHORIZED, RATE, CONCURRENCY); all exist from the start.
+        self.ban_strikes_by_kind = [
+            BatchedCounter(self.ban_strikes.labels(kind), self.batch) for kind in STRIKE_KINDS
+        ]
         self.banned_ips = Gauge(
             "gateway_banned_ips", "IPs (or IPv6 prefixes) banned now.", registry=r, multiprocess_mode="max",
         )

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admission.bans import retry_after
+from gateway.admission.bans import STRIKE_KINDS, retry_after
 from gateway.ban_guard import BanGuard
 from gateway.store.base import StoreError
 
@@ -27,7 +27,9 @@ def _store_unavailable() -> JSONResponse:
 
 def ban_routes(guard: BanGuard, guarded: Callable[[Endpoint], Endpoint]) -> list[Route]:
     async def list_bans(request: Request) -> Response:
-        """[{"ip": "203.0.113.7" | "2001:db8:a::/64", "seconds_left": N, "until": unix, "ban_count": n}]"""
+        """[{"ip": "203.0.113.7" | "2001:db8:a::/64", "seconds_left": N, "until": unix, "ban_count": n,
+        "strikes": {"unauthorized": u, "rate": r, "concurrency": c}}]: `strikes` are the strikes
+        by kind that earned the ban (why it was banned)."""
         try:
             entries = await guard.list_active()
         except StoreError:
@@ -39,6 +41,7 @@ def ban_routes(guard: BanGuard, guarded: Callable[[Endpoint], Endpoint]) -> list
                     "seconds_left": retry_after(entry.seconds_left),
                     "until": entry.until,
                     "ban_count": entry.bans,
+                    "strikes": dict(zip(STRIKE_KINDS, entry.kinds, strict=True)),
                 }
                 for entry in entries
             ]

@@ -9,10 +9,19 @@ first, or every IPv4 client would land in one /64.
 Escalation: the n-th ban while past bans are remembered lasts
 `min(duration * factor**(n-1), max_duration)`. The store scripts apply the same formula;
 `ban_ms` is the reference the tests hold them to.
+
+Strikes, and what is one (docs/behaviour.md "What gets banned"): a 401 always; a 429 only when
+the client *ignored the signals*, i.e. came back before the wait it was told. The gateway
+cannot tell one client's threads apart, so `ReturnLedger` keeps, per (group, key, route,
+kind of limit), the moments until which the refused requests were told to stay away, and
+calls a refusal early when `tolerance` of those are still running: a client with at most
+`tolerance` threads (or connections) that each wait as told never gets there, since a thread
+coming back has seen its own wait end.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import math
 import time
@@ -23,8 +32,17 @@ from gateway.admission.identity import is_trusted
 from gateway.config.model import Bans, Network
 from gateway.store.ban_lengths import ban_ms as ban_ms  # re-exported: the reference for the scripts
 from gateway.store.ban_lengths import ms as ms
+from gateway.store.ban_lengths import StrikeCounts as StrikeCounts  # in STRIKE_KINDS order
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The kinds of strike, in the order the stores count them (bounded: they are metric labels).
+UNAUTHORIZED, RATE, CONCURRENCY = 0, 1, 2
+STRIKE_KINDS = ("unauthorized", "rate", "concurrency")
+
+# A told wait is taken as this much shorter: the clock is read before the answer is sent,
+# and a client's timer may round a little short.
+RETURN_SLACK = 0.02
 
 
 def group_of(ip: IPAddress, ipv6_prefix: int) -> str:
@@ -70,6 +88,7 @@ class _Known:
     until: float  # on the cache's clock
     bans: int
     learned: float
+    unconfirmed: bool = False  # imposed by this replica, not yet seen in the store's index
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +104,9 @@ class BanCache:
     Filled by the replica's own strikes as soon as the store answers, and replaced by the
     store's list of active bans at every sync. A sync reply was read at some instant while
     local news may have arrived since: entries learned after the sync began are kept, and
-    bans lifted here after it began are not brought back.
+    bans lifted here after it began are not brought back. A ban this replica imposed is kept
+    until it ends or a sync has seen it in the index (its index write may have failed): the
+    replica never lets a client it banned back in early.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -113,9 +134,10 @@ class BanCache:
             return None
         return left
 
-    def learn(self, group: str, seconds_left: float, bans: int) -> None:
+    def learn(self, group: str, seconds_left: float, bans: int, *, imposed: bool = False) -> None:
+        """Know a ban; `imposed` when this replica's own strike imposed it."""
         now = self._clock()
-        self._known[group] = _Known(now + seconds_left, bans, now)
+        self._known[group] = _Known(now + seconds_left, bans, now, imposed)
         self._lifted.pop(group, None)
 
     def lift(self, group: str) -> None:
@@ -125,11 +147,15 @@ class BanCache:
     def replace(self, active: Iterable[KnownBan], sync_started: float) -> None:
         """Take the store's list of active bans, read by a sync that began at `sync_started`."""
         now = self._clock()
+        active = list(active)
+        listed = {ban.group for ban in active}
         known = {
             group: entry
             for group, entry in self._known.items()
-            if entry.learned >= sync_started and entry.until > now
+            if entry.until > now and (entry.learned >= sync_started or entry.unconfirmed)
         }
+        for group in listed.intersection(known):
+            known[group].unconfirmed = False  # the index has it: from now on the index decides
         for ban in active:
             lifted = self._lifted.get(ban.group)
             if (lifted is not None and lifted >= sync_started) or ban.group in known:
@@ -145,3 +171,65 @@ class BanCache:
             for group, entry in self._known.items()
             if entry.until > now
         ]
+
+
+def total(counts: StrikeCounts) -> int:
+    return counts[0] + counts[1] + counts[2]
+
+
+def add_counts(a: StrikeCounts, b: StrikeCounts) -> StrikeCounts:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def one_strike(kind: int) -> StrikeCounts:
+    return (1, 0, 0) if kind == UNAUTHORIZED else (0, 1, 0) if kind == RATE else (0, 0, 1)
+
+
+class ReturnLedger:
+    """When may this client come back: for each (group, scope) the ends of the waits it was
+    told, the `tolerance` latest only (that is all the rule needs).
+
+    `refused(...)` records one refusal told to wait `told` seconds and answers whether it was
+    early: `tolerance` told waits of the same scope were still running. Clients with at most
+    `tolerance` threads that each honour their own wait are never early, whatever order
+    their requests interleave in (each running wait belongs to another thread). A client that
+    returns at r requests per second against a told wait w holds about r * w running waits,
+    so it is early from r > tolerance / w on.
+
+    Bounded: at most `max_entries` scopes of at most `tolerance` floats; past that, scopes
+    with no running wait go first, then the oldest quarter (so the scan is rare). Forgetting
+    a scope only forgives: it never makes a refusal early.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._waits: dict[tuple[str, str], list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waits)
+
+    def refused(self, group: str, scope: str, told: float, tolerance: int) -> bool:
+        now = self._clock()
+        key = (group, scope)
+        waits = self._waits.pop(key, None)  # re-inserted last: the oldest scopes go first
+        if waits is None:
+            if len(self._waits) >= self._max_entries:
+                self._make_room(now)
+            waits = []
+        while waits and waits[0] <= now:
+            heapq.heappop(waits)
+        early = len(waits) >= tolerance
+        end = now + max(0.0, told - RETURN_SLACK)
+        if len(waits) < tolerance:
+            heapq.heappush(waits, end)
+        elif waits and end > waits[0]:
+            heapq.heapreplace(waits, end)
+        self._waits[key] = waits
+        return early
+
+    def _make_room(self, now: float) -> None:
+        live = {key: waits for key, waits in self._waits.items() if waits and max(waits) > now}
+        if len(live) >= self._max_entries:
+            live = dict(list(live.items())[len(live) // 4:])
+        self._waits = live

@@ -157,6 +157,11 @@ class LimitHeaders:
         return self._rate_item + b"%d;t=%d" % (remaining, reset)
 
 
+# A concurrency 429's Retry-After: a slot can free any moment, so the shortest honest wait
+# (as the providers send). The ban rule (bans.concurrency_grace) only asks for 0.5 s of it.
+CONCURRENCY_RETRY_AFTER = 1
+
+
 def retry_after_seconds(result: AdmitResult) -> int:
     """Whole seconds (ceiling, at least 1) until a rate-refused request would be admitted."""
     return max(1, _seconds(result.retry_after_ms))

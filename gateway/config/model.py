@@ -116,6 +116,12 @@ class Bans:
     remember: float = 86400.0
     allow: tuple[Network, ...] = ()
     ipv6_prefix: int = 64
+    # A 429 is a strike only when the client came back early (docs/behaviour.md): while this
+    # many refused requests of one key and route from one IP are still waiting as told ...
+    tolerance: int = 16
+    # ... where a concurrency 429 (Retry-After: 1) tells at least this wait (exponential
+    # backoff from 0.5 s honours it).
+    concurrency_grace: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,7 +255,8 @@ def _network(r: NodeReader, node: Node, path: str) -> Network | None:
 
 
 def read_bans(r: NodeReader, node: Node) -> Bans | None:
-    allowed = ("strikes", "within", "duration", "factor", "max_duration", "remember", "allow", "ipv6_prefix")
+    allowed = ("strikes", "within", "duration", "factor", "max_duration", "remember", "allow", "ipv6_prefix",
+               "tolerance", "concurrency_grace")
     m = r.mapping(node, "bans", allowed)
     if m is None:
         return None
@@ -272,6 +273,11 @@ def read_bans(r: NodeReader, node: Node) -> Bans | None:
         ),
         ipv6_prefix=field(
             m, "ipv6_prefix", lambda n: r.integer(n, "bans.ipv6_prefix", 1, 128), d.ipv6_prefix
+        ),
+        tolerance=field(m, "tolerance", lambda n: r.integer(n, "bans.tolerance", 0, 1000), d.tolerance),
+        concurrency_grace=field(
+            m, "concurrency_grace", lambda n: r.duration(n, "bans.concurrency_grace", allow_zero=True),
+            d.concurrency_grace,
         ),
     )
     if bans.max_duration < bans.duration:

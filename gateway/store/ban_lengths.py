@@ -8,6 +8,9 @@ import math
 from gateway.config.model import Bans
 
 
+StrikeCounts = tuple[int, int, int]  # strikes by kind: 401s, early rate 429s, early concurrency 429s
+
+
 def ms(seconds: float) -> float:
     """A duration as the store scripts get it: milliseconds, to the microsecond."""
     return round(seconds * 1000.0, 3)

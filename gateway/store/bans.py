@@ -4,12 +4,18 @@ Two implementations keep the same semantics: `MemoryBanStore` (one process, `mem
 and `RedisBanStore` (gateway/store/redis_bans.py: Lua scripts on the admission store's
 Redis connection). Semantics (tests/store/test_bans.py checks them on each):
 
-- `strike` records `weight` strikes against a group and decides atomically: a strike counts
-  while its time lies in (now - within, now]; a group already banned records nothing; on
-  reaching `strikes` the group is banned for `ban_ms(policy, n)` where n counts the bans
-  still remembered (`remember` past the end of the last one), and its strikes are cleared.
-- `active` lists the bans in force with the ms left (ceiling) and their ban number.
+- `strike` records strikes against a group, counted by kind (`StrikeCounts`: 401s, early
+  rate 429s, early concurrency 429s), and decides atomically: a strike counts while its time
+  lies in (now - within, now]; a group already banned records nothing; on reaching `strikes`
+  the group is banned for `ban_ms(policy, n)` where n counts the bans still remembered
+  (`remember` past the end of the last one), its strikes are cleared, and the ban keeps the
+  counts by kind that earned it (why it was banned, for the admin API).
+- `active` lists the bans in force with the ms left (ceiling), their ban number and kinds.
 - `lift` ends a ban and forgets the group's strikes and past bans; True when it was banned.
+
+Both are safe under a replay of the same call (a retry layer re-sending it): a strike call
+adds nothing twice and a replayed call that banned answers "banned now" again; a replayed
+lift answers what the first one did.
 
 All times are milliseconds on the store's clock; callers only ever see durations (ms left),
 so replicas never compare their clocks with the store's.
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.config.model import Bans
-from gateway.store.ban_lengths import ban_ms, ms
+from gateway.store.ban_lengths import StrikeCounts, ban_ms, ms
 
 NOT_BANNED, ALREADY_BANNED, BANNED_NOW = 0, 1, 2
 
@@ -39,6 +45,7 @@ class StrikeVerdict:
     ms_left: int  # until the ban ends (0 when not banned)
     bans: int  # bans remembered, this one included
     strikes: int  # strikes in the window (0 when already banned)
+    kinds: StrikeCounts = (0, 0, 0)  # banned: the strikes by kind that earned the ban
 
     @property
     def banned(self) -> bool:
@@ -50,11 +57,14 @@ class ActiveBan:
     group: str
     ms_left: int
     bans: int
+    kinds: StrikeCounts = (0, 0, 0)  # the strikes by kind that earned it
 
 
 class BanStore(Protocol):
-    async def strike(self, policy: Bans, batch: Sequence[tuple[str, int]]) -> list[StrikeVerdict | None]:
-        """Record (group, weight) strikes; one verdict per item, None for an item the store
+    async def strike(
+        self, policy: Bans, batch: Sequence[tuple[str, StrikeCounts]]
+    ) -> list[StrikeVerdict | None]:
+        """Record (group, strikes by kind); one verdict per item, None for an item the store
         failed to decide. Raises StoreError when the batch failed as a whole."""
 
     async def active(self) -> list[ActiveBan]:
@@ -66,11 +76,12 @@ class BanStore(Protocol):
 
 @dataclass(slots=True)
 class _Group:
-    strikes: deque[float] = field(default_factory=deque)
+    strikes: deque[tuple[float, int]] = field(default_factory=deque)  # (time, kind)
     strikes_expire: float = 0.0  # like the strikes key's TTL: nothing left to count after it
     until: float = 0.0
     bans: int = 0
     forget: float = 0.0
+    kinds: StrikeCounts = (0, 0, 0)
 
 
 class MemoryBanStore:
@@ -84,23 +95,29 @@ class MemoryBanStore:
     def _now(self) -> float:
         return round(self._clock() * 1000.0, 3)
 
-    async def strike(self, policy: Bans, batch: Sequence[tuple[str, int]]) -> list[StrikeVerdict | None]:
+    async def strike(
+        self, policy: Bans, batch: Sequence[tuple[str, StrikeCounts]]
+    ) -> list[StrikeVerdict | None]:
         now = self._now()
-        return [self._strike(policy, group, weight, now) for group, weight in batch]
+        return [self._strike(policy, group, counts, now) for group, counts in batch]
 
-    def _strike(self, policy: Bans, group: str, weight: int, now: float) -> StrikeVerdict:
+    def _strike(self, policy: Bans, group: str, counts: StrikeCounts, now: float) -> StrikeVerdict:
         state = self._groups.get(group)
         if state is None:
             state = self._groups[group] = _Group()
         if state.until > now:
-            return StrikeVerdict(group, ALREADY_BANNED, math.ceil(state.until - now), state.bans, 0)
+            return StrikeVerdict(group, ALREADY_BANNED, math.ceil(state.until - now), state.bans, 0, state.kinds)
         bans = state.bans if state.forget > now else 0
         within = ms(policy.within)
         strikes = state.strikes
         horizon = now - within
-        while strikes and strikes[0] <= horizon:
+        while strikes and strikes[0][0] <= horizon:
             strikes.popleft()
-        strikes.extend([now] * min(weight, policy.strikes))
+        room = policy.strikes  # more than enough to decide, as in strike.lua
+        for kind, weight in enumerate(counts):
+            take = min(weight, room)
+            strikes.extend([(now, kind)] * take)
+            room -= take
         count = len(strikes)
         if count < policy.strikes:
             state.strikes_expire = now + math.ceil(within)
@@ -111,14 +128,18 @@ class MemoryBanStore:
         state.until = now + length
         state.forget = round(state.until + ms(policy.remember), 3)
         state.bans = bans
+        by_kind = [0, 0, 0]
+        for _, kind in strikes:
+            by_kind[kind] += 1
+        state.kinds = (by_kind[0], by_kind[1], by_kind[2])
         strikes.clear()
-        return StrikeVerdict(group, BANNED_NOW, length, bans, count)
+        return StrikeVerdict(group, BANNED_NOW, length, bans, count, state.kinds)
 
     async def active(self) -> list[ActiveBan]:
         now = self._now()
         self._sweep(now)
         return [
-            ActiveBan(group, math.ceil(state.until - now), state.bans)
+            ActiveBan(group, math.ceil(state.until - now), state.bans, state.kinds)
             for group, state in self._groups.items()
             if state.until > now
         ]

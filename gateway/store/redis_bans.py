@@ -5,13 +5,19 @@ Key names (Redis Cluster: an IP group's keys share the group's own hash tag; the
 its own; no script mixes the two, nor ever touches API-key or workspace keys):
 
     {prefix}:{ip:<h(group)>}:strikes   sorted set of strikes (strike.lua)
-    {prefix}:{ip:<h(group)>}:state     hash until / bans / forget (strike.lua)
-    {prefix}:{bans}:index              hash group -> "until bans": the active bans (ban_index.lua)
+    {prefix}:{ip:<h(group)>}:state     hash until / bans / forget / kinds (strike.lua)
+    {prefix}:{ip:<h(group)>}:lifted    the last lift's call id, a minute (unban.lua)
+    {prefix}:{bans}:index              hash group -> "until bans u r c": the active bans (ban_index.lua)
 
 A strike batch is one pipeline of strike.lua calls; the bans it imposed are then added to
 the index in one more call. Should that second call fail, the ban still holds in the
 group's own keys (every later strike from the group sees it) but other replicas only learn
-of it from their own strikes: the failure is counted and logged.
+of it from their own strikes: the failure is counted and logged (and the replica that
+imposed it keeps it, gateway/admission/bans.py `BanCache`).
+
+Replays: every call carries an id; strike.lua and unban.lua answer a replay of the same call
+as they answered it first and change nothing more, and the index writes are idempotent, so a
+retry layer re-sending a call after a lost reply is harmless.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from itertools import count
 
 from gateway.config.model import Bans
 from gateway.store import scripts
-from gateway.store.ban_lengths import ms
+from gateway.store.ban_lengths import StrikeCounts, ms
 from gateway.store.bans import BANNED_NOW, ActiveBan, StrikeVerdict
 from gateway.store.base import NullObserver, StoreError, StoreObserver
 from gateway.store.names import short_hash
@@ -43,38 +49,50 @@ def group_keys(prefix: str, group: str) -> tuple[str, str]:
     return f"{tag}:strikes", f"{tag}:state"
 
 
+def lifted_key(prefix: str, group: str) -> str:
+    return f"{prefix}:{{ip:{short_hash(group)}}}:lifted"
+
+
+def new_call_id() -> str:
+    return f"{_CALL_PREFIX}{next(_call_counter):x}"
+
+
 def index_key(prefix: str) -> str:
     return f"{prefix}:{{bans}}:index"
 
 
-def strike_call(prefix: str, policy: Bans, group: str, weight: int, call_id: str, now: str) -> Call:
+def strike_call(
+    prefix: str, policy: Bans, group: str, counts: StrikeCounts, call_id: str, now: str
+) -> Call:
     keys = list(group_keys(prefix, group))
     args: list[str | int] = [
-        call_id, weight, now, policy.strikes, repr(ms(policy.within)), repr(ms(policy.duration)),
-        repr(float(policy.factor)), repr(ms(policy.max_duration)), repr(ms(policy.remember)),
+        call_id, counts[0], counts[1], counts[2], now, policy.strikes, repr(ms(policy.within)),
+        repr(ms(policy.duration)), repr(float(policy.factor)), repr(ms(policy.max_duration)), repr(ms(policy.remember)),
     ]
     return keys, args
 
 
 def decode_strike(reply: object, group: str, call_id: str) -> StrikeVerdict:
-    if not isinstance(reply, list) or len(reply) != 5:
+    if not isinstance(reply, list) or len(reply) != 8:
         raise StoreError(f"malformed strike reply: {reply!r:.200}")
     echoed = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
     if echoed != call_id:
         raise StoreError("strike reply belongs to another call (call id mismatch)")
     try:
-        status, ms_left, bans, strikes = (int(value) for value in reply[1:])
+        status, ms_left, bans, strikes, u, r, c = (int(value) for value in reply[1:])
     except (TypeError, ValueError) as exc:
         raise StoreError(f"malformed strike reply: {reply!r:.200}") from exc
-    return StrikeVerdict(group, status, ms_left, bans, strikes)
+    return StrikeVerdict(group, status, ms_left, bans, strikes, (u, r, c))
 
 
 def decode_active(reply: object) -> list[ActiveBan]:
-    if not isinstance(reply, list) or len(reply) % 3:
+    if not isinstance(reply, list) or len(reply) % 6:
         raise StoreError(f"malformed ban list reply: {reply!r:.200}")
     try:
         return [
-            ActiveBan(_text(reply[i]), int(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)
+            ActiveBan(_text(reply[i]), int(reply[i + 1]), int(reply[i + 2]),
+                      (int(reply[i + 3]), int(reply[i + 4]), int(reply[i + 5])))
+            for i in range(0, len(reply), 6)
         ]
     except (TypeError, ValueError) as exc:
         raise StoreError(f"malformed ban list reply: {reply!r:.200}") from exc
@@ -93,7 +111,9 @@ class RedisBanStore:
         self._index_script = scripts.load("ban_index")
         self._unban_script = scripts.load("unban")
 
-    async def strike(self, policy: Bans, batch: Sequence[tuple[str, int]]) -> list[StrikeVerdict | None]:
+    async def strike(
+        self, policy: Bans, batch: Sequence[tuple[str, StrikeCounts]]
+    ) -> list[StrikeVerdict | None]:
         verdicts: list[StrikeVerdict | None] = []
         error: StoreError | None = None
         for start in range(0, len(batch), STRIKE_CHUNK):
@@ -111,13 +131,13 @@ class RedisBanStore:
         return verdicts
 
     async def _strike_chunk(
-        self, policy: Bans, batch: Sequence[tuple[str, int]]
+        self, policy: Bans, batch: Sequence[tuple[str, StrikeCounts]]
     ) -> list[StrikeVerdict | None]:
         now = self._store.now_arg()
-        ids = [f"{_CALL_PREFIX}{next(_call_counter):x}" for _ in batch]
+        ids = [new_call_id() for _ in batch]
         calls = [
-            strike_call(self._prefix, policy, group, weight, call_id, now)
-            for (group, weight), call_id in zip(batch, ids, strict=True)
+            strike_call(self._prefix, policy, group, counts, call_id, now)
+            for (group, counts), call_id in zip(batch, ids, strict=True)
         ]
         replies = await self._run(self._strike_script, calls)
         verdicts: list[StrikeVerdict | None] = []
@@ -138,7 +158,7 @@ class RedisBanStore:
     async def _index_add(self, imposed: Sequence[StrikeVerdict]) -> None:
         args: list[str | int] = ["add", self._store.now_arg()]
         for verdict in imposed:
-            args.extend((verdict.group, verdict.ms_left, verdict.bans))
+            args.extend((verdict.group, verdict.ms_left, verdict.bans, *verdict.kinds))
         try:
             calls: list[Call] = [([index_key(self._prefix)], args)]
             reply = (await self._store.run_script(self._index_script, calls))[0]
@@ -159,7 +179,8 @@ class RedisBanStore:
 
     async def lift(self, group: str) -> bool:
         now = self._store.now_arg()
-        was_banned = await self._one(self._unban_script, list(group_keys(self._prefix, group)), [now])
+        keys = [*group_keys(self._prefix, group), lifted_key(self._prefix, group)]
+        was_banned = await self._one(self._unban_script, keys, [now, new_call_id()])
         listed = await self._one(self._index_script, [index_key(self._prefix)], ["remove", now, group])
         return bool(was_banned) or bool(listed)
 

@@ -132,7 +132,8 @@ def test_concurrency_limited_answer_and_slot_freed(gw: Proc, upstream: str) -> N
         try:
             wait_until_in_flight(upstream, "k2", 2)
             refused = client.get(gw.url + "/", headers={"X-API-Key": OTHER})
-            body = assert_error(refused, 429, "concurrency_limited", retry_after=False)
+            body = assert_error(refused, 429, "concurrency_limited", retry_after=True)
+            assert refused.headers["retry-after"] == "1"  # a slot can free any moment
             assert body["message"] == "All 2 concurrent request slots of the big plan are in use."
             assert refused.headers["concurrency-limit"] == "2"
             assert refused.headers["concurrency-remaining"] == "0"

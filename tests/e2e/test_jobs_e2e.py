@@ -110,7 +110,7 @@ def test_a_job_holds_its_slot_until_a_status_request_shows_it_done(
     assert second.headers["concurrency-remaining"] == "0"
     refused = post_job(gw)
     assert refused.status_code == 429 and refused.json()["error"] == "concurrency_limited"
-    assert "retry-after" not in refused.headers
+    assert refused.headers["retry-after"] == "1"
     assert key_stats(upstream, "alice")["jobs_created"] == 2  # the refused one never reached it
 
     view = key_view(gw, "alice")

@@ -85,7 +85,7 @@ def test_concurrency_slots_hold_across_two_gateways(tmp_path: Path, redis_url: s
         assert int(headers["concurrency-limit"]) == limit
         if status == 429:
             assert body["error"] == "concurrency_limited" and body["success"] is False
-            assert "retry-after" not in headers and "retryAfterSeconds" not in body
+            assert headers["retry-after"] == "1" and body["retryAfterSeconds"] == 1
             assert headers["concurrency-remaining"] == "0"
         else:
             assert 0 <= int(headers["concurrency-remaining"]) < limit

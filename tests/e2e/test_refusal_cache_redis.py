@@ -1,5 +1,5 @@
 """The rate-refusal cache against a real Redis store: a key over its limit costs no EVALSHA for
-the cached period, every 429 still counts as a ban strike, and Retry-After stays exact.
+the cached period, every 429 still goes through the ban rule, and Retry-After stays exact.
 
 The gateway app runs in process (fake ASGI `receive`/`send`, an upstream stub) on a real
 `RedisStore`; store admission calls are counted on the store instance."""
@@ -92,15 +92,15 @@ def test_a_key_over_its_limit_costs_no_store_call_while_its_refusal_holds(
             return await real_admit(*args, **kwargs)
 
         state.store.admit = counted_admit  # type: ignore[method-assign]
-        strikes = 0
-        real_strike = state.bans.strike
+        judged = 0
+        real_refused = state.bans.refused
 
-        def counted_strike(*args: Any, **kwargs: Any) -> None:
-            nonlocal strikes
-            strikes += 1
-            real_strike(*args, **kwargs)
+        def counted_refused(*args: Any, **kwargs: Any) -> bool:
+            nonlocal judged
+            judged += 1
+            return real_refused(*args, **kwargs)
 
-        state.bans.strike = counted_strike  # type: ignore[method-assign]
+        state.bans.refused = counted_refused  # type: ignore[method-assign]
         app = GatewayApp(state)
         try:
             assert [(await request(app))[0] for _ in range(2)] == [200, 200]
@@ -116,7 +116,7 @@ def test_a_key_over_its_limit_costs_no_store_call_while_its_refusal_holds(
                     headers[b"retry-after"])
             assert store_admits == 3  # 20 refusals, no EVALSHA
             assert redis_sync.zcard(rate_key) == 2  # and nothing written
-            assert strikes == 21  # every 429 is still a ban strike
+            assert judged == 21  # every 429, cached or not, is judged by the ban rule (came back early?)
             state.metrics.flush()  # the hot path's metrics fold once per event-loop iteration
             metrics = state.metrics.registry.get_sample_value("gateway_cached_refusals_total")
             assert metrics == 20

@@ -34,6 +34,7 @@ from gateway.store.redis_bans import (
     decode_strike,
     group_keys,
     index_key,
+    lifted_key,
     strike_call,
 )
 from tests.store.conftest import Backend, DrivenClock, RecordingObserver
@@ -52,7 +53,7 @@ async def ban_store(backend: Backend, clock: DrivenClock | None) -> Any:
 
 
 async def strike(store: Any, group: str, weight: int = 1, policy: Bans = POLICY) -> Any:
-    [verdict] = await store.strike(policy, [(group, weight)])
+    [verdict] = await store.strike(policy, [(group, (weight, 0, 0))])
     return verdict
 
 
@@ -114,11 +115,29 @@ async def test_escalation_caps_and_is_forgotten_after_remember(backend: Backend,
 
 async def test_one_batch_many_groups_and_weights(backend: Backend, clock: DrivenClock) -> None:
     store = await ban_store(backend, clock)
-    verdicts = await store.strike(POLICY, [("a", 1), ("b", 3), ("c", 50)])
+    verdicts = await store.strike(POLICY, [("a", (1, 0, 0)), ("b", (3, 0, 0)), ("c", (50, 0, 0))])
     assert [(v.group, v.status, v.strikes) for v in verdicts] == [
         ("a", NOT_BANNED, 1), ("b", BANNED_NOW, 3), ("c", BANNED_NOW, 3),  # weight is capped at the threshold
     ]
     assert sorted(b.group for b in await store.active()) == ["b", "c"]
+
+
+async def test_a_ban_keeps_the_strikes_by_kind_that_earned_it(backend: Backend, clock: DrivenClock) -> None:
+    store = await ban_store(backend, clock)
+    policy = Bans(strikes=6, within=10, duration=2, factor=2, max_duration=8, remember=60)
+    [first] = await store.strike(policy, [("g", (0, 2, 0))])
+    clock.advance_ms(100)
+    [second] = await store.strike(policy, [("g", (1, 0, 1))])
+    assert (first.status, second.status, second.strikes) == (NOT_BANNED, NOT_BANNED, 4)
+    clock.advance_ms(100)
+    [banned] = await store.strike(policy, [("g", (0, 1, 5))])
+    assert (banned.status, banned.strikes, banned.kinds) == (BANNED_NOW, 10, (1, 3, 6))
+    [listed] = await store.active()
+    assert (listed.group, listed.kinds) == ("g", (1, 3, 6))
+    [again] = await store.strike(policy, [("g", (1, 0, 0))])
+    assert (again.status, again.kinds) == (ALREADY_BANNED, (1, 3, 6))
+    [capped] = await store.strike(policy, [("h", (0, 0, 50))])  # one call records at most `strikes`
+    assert (capped.strikes, capped.kinds) == (6, (0, 0, 6))
 
 
 async def test_active_drops_ended_bans(backend: Backend, clock: DrivenClock) -> None:
@@ -166,7 +185,7 @@ async def test_real_clock(backend: Backend) -> None:
 def test_every_script_call_stays_in_one_hash_slot() -> None:
     """Redis Cluster: a strike touches only its group's keys, never an API-key or workspace key."""
     for group in ("1.2.3.4", "2001:db8:a::/64", "{k:x}", "a}b{c"):
-        keys, _ = strike_call("gw", POLICY, group, 1, "id", "")
+        keys, _ = strike_call("gw", POLICY, group, (1, 0, 0), "id", "")
         assert len({scripts.hash_tag(key) for key in keys}) == 1
         assert scripts.hash_tag(keys[0]).startswith("ip:")
         assert keys == list(group_keys("gw", group))
@@ -204,7 +223,7 @@ async def test_failures_raise_store_error_and_are_counted() -> None:
     dead = RedisStore("redis://127.0.0.1:1/0", prefix="t", timeout=0.2, lease=10, observer=observer)
     store = RedisBanStore(dead, prefix="t", observer=observer)
 
-    for call in (store.strike(POLICY, [("g", 1)]), store.active(), store.lift("g")):
+    for call in (store.strike(POLICY, [("g", (1, 0, 0))]), store.active(), store.lift("g")):
         with pytest.raises(StoreError):
             await call
     assert observer.errors["bans"] == 3
@@ -222,13 +241,16 @@ async def run_story(store: Any, clock: DrivenClock, seed: int) -> list[Any]:
     for _ in range(60):
         op = rng.random()
         if op < 0.6:
-            batch = [(g, rng.randint(1, 3)) for g in rng.sample(groups, rng.randint(1, 3))]
+            batch = [
+                (g, (rng.randint(0, 2), rng.randint(0, 1), rng.randint(0, 2)))
+                for g in rng.sample(groups, rng.randint(1, 3))
+            ]
             verdicts = await store.strike(policy, batch)
-            seen.append([(v.group, v.status, v.ms_left, v.bans, v.strikes) for v in verdicts])
+            seen.append([(v.group, v.status, v.ms_left, v.bans, v.strikes, v.kinds) for v in verdicts])
         elif op < 0.7:
             seen.append(("lift", await store.lift(rng.choice(groups))))
         else:
-            seen.append(sorted((b.group, b.ms_left, b.bans) for b in await store.active()))
+            seen.append(sorted((b.group, b.ms_left, b.bans, b.kinds) for b in await store.active()))
         clock.advance_ms(rng.choice([0, 1, 250, 999, 1000, 1500, 3000]))
     return seen
 
@@ -264,12 +286,12 @@ async def test_bans_on_a_redis_cluster() -> None:
         store = RedisBanStore(redis_store, prefix="t", observer=observer)
         groups = [f"198.51.100.{n}" for n in range(12)] + ["2001:db8:a::/64"]
         try:
-            verdicts = await store.strike(POLICY, [(group, 3) for group in groups])
+            verdicts = await store.strike(POLICY, [(group, (3, 0, 0)) for group in groups])
             assert all(v is not None and v.status == BANNED_NOW for v in verdicts)
             assert sorted(b.group for b in await store.active()) == sorted(groups)
             for node in nodes:
                 node.client().script_flush()
-            again = await store.strike(POLICY, [(group, 1) for group in groups])
+            again = await store.strike(POLICY, [(group, (1, 0, 0)) for group in groups])
             assert all(v is not None and v.status == ALREADY_BANNED for v in again)
             assert await store.lift(groups[0])
             assert len(await store.active()) == len(groups) - 1
@@ -283,11 +305,49 @@ async def test_bans_on_a_redis_cluster() -> None:
 
 
 def test_replies_meant_for_another_call_or_malformed_are_refused() -> None:
-    assert decode_strike([b"id1", 2, 2000, 1, 5], "g", "id1") == StrikeVerdict("g", BANNED_NOW, 2000, 1, 5)
-    for reply in ([b"id2", 2, 2000, 1, 5], [b"id1", 2, 2000], "OK", [b"id1", b"x", 0, 0, 0]):
+    assert decode_strike([b"id1", 2, 2000, 1, 5, 1, 3, 1], "g", "id1") == StrikeVerdict(
+        "g", BANNED_NOW, 2000, 1, 5, (1, 3, 1))
+    for reply in ([b"id2", 2, 2000, 1, 5, 0, 0, 0], [b"id1", 2, 2000], "OK", [b"id1", b"x", 0, 0, 0, 0, 0, 0]):
         with pytest.raises(StoreError):
             decode_strike(reply, "g", "id1")
-    assert decode_active([b"1.2.3.4", 1500, 2]) == [ActiveBan("1.2.3.4", 1500, 2)]
-    for reply in ([b"1.2.3.4", 1500], None, [b"g", b"soon", 1]):
+    assert decode_active([b"1.2.3.4", 1500, 2, 0, 1, 0]) == [ActiveBan("1.2.3.4", 1500, 2, (0, 1, 0))]
+    for reply in ([b"1.2.3.4", 1500, 2], None, [b"g", b"soon", 1, 0, 0, 0]):
         with pytest.raises(StoreError):
             decode_active(reply)
+
+
+@pytest.mark.parametrize("engine", ["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_replayed_strike_and_unban_scripts_change_nothing_more(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A retry layer re-sending the very same EVALSHA (same call id) after a lost reply: the
+    strike adds nothing twice, the one that banned answers "banned now" again (so its ban still
+    reaches the index), and a replayed lift answers 1 again."""
+    if engine == "redis":
+        client = aredis.Redis.from_url(request.getfixturevalue("redis_url"))
+        await client.delete(*group_keys("t", "g"), lifted_key("t", "g"))
+    else:
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    strike_lua, unban_lua = scripts.load("strike"), scripts.load("unban")
+    try:
+        async def run(script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+            return await client.eval(script.source, len(keys), *keys, *args)
+
+        keys, args = strike_call("t", POLICY, "g", (1, 1, 0), "call-1", "1000")
+        first = await run(strike_lua, keys, args)
+        assert await run(strike_lua, keys, args) == first  # replayed: still 2 strikes
+        assert decode_strike(first, "g", "call-1").strikes == 2
+        keys, args = strike_call("t", POLICY, "g", (0, 0, 1), "call-2", "1001")
+        banned = decode_strike(await run(strike_lua, keys, args), "g", "call-2")
+        replayed = decode_strike(await run(strike_lua, keys, args[:4] + ["1002"] + args[5:]), "g", "call-2")
+        assert (banned.status, banned.kinds) == (BANNED_NOW, (1, 1, 1))
+        assert (replayed.status, replayed.ms_left, replayed.bans, replayed.kinds) == (BANNED_NOW, 1999, 1, (1, 1, 1))
+        keys, other = strike_call("t", POLICY, "g", (1, 0, 0), "call-3", "1003")
+        assert decode_strike(await run(strike_lua, keys, other), "g", "call-3").status == ALREADY_BANNED
+        unban_keys = [*group_keys("t", "g"), lifted_key("t", "g")]
+        assert await run(unban_lua, unban_keys, ["1004", "lift-1"]) == 1
+        assert await run(unban_lua, unban_keys, ["1005", "lift-1"]) == 1  # replayed: same answer
+        assert await run(unban_lua, unban_keys, ["1006", "lift-2"]) == 0  # a new lift: nothing banned
+        assert await client.pttl(lifted_key("t", "g")) > 0
+    finally:
+        await client.aclose()

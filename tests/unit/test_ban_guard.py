@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.ban_guard import BanGuard
+from gateway.admission.bans import CONCURRENCY, RATE, StrikeCounts
+from gateway.ban_guard import DECIDING, BanGuard
 from gateway.config.model import Bans
 from gateway.metrics import Metrics, MetricsObserver
 from gateway.store.bans import ActiveBan, MemoryBanStore, StrikeVerdict
@@ -35,11 +36,11 @@ class CountingStore:
 
     def __init__(self) -> None:
         self.inner = MemoryBanStore()
-        self.strike_calls: list[list[tuple[str, int]]] = []
+        self.strike_calls: list[list[tuple[str, StrikeCounts]]] = []
         self.active_calls = 0
         self.failing = False
 
-    async def strike(self, policy: Bans, batch: Sequence[tuple[str, int]]) -> list[StrikeVerdict | None]:
+    async def strike(self, policy: Bans, batch: Sequence[tuple[str, StrikeCounts]]) -> list[StrikeVerdict | None]:
         self.strike_calls.append(list(batch))
         if self.failing:
             raise StoreError("down")
@@ -68,9 +69,13 @@ async def test_strikes_of_one_tick_go_in_one_batch_and_ban() -> None:
         guard.strike(ip("203.0.113.7"), POLICY)
     guard.strike(ip("2001:db8:a::1"), POLICY)
     guard.strike(ip("2001:db8:a::2"), POLICY)  # same /64
-    assert guard.retry_after(ip("203.0.113.7"), POLICY) is None  # nothing decided yet
-    await guard.flush()
-    assert store.strike_calls == [[("203.0.113.7", 3), ("2001:db8:a::/64", 2)]]
+    # nothing decided yet: the next request of a struck client waits for the verdict
+    assert guard.retry_after(ip("203.0.113.7"), POLICY) == DECIDING
+    assert guard.retry_after(ip("2001:db8:a::9"), POLICY) == DECIDING
+    assert guard.retry_after(ip("203.0.113.8"), POLICY) is None  # no strikes: passes at once
+    assert await guard.verdict(ip("203.0.113.7"), POLICY) == 2
+    assert await guard.verdict(ip("2001:db8:a::9"), POLICY) is None  # 2 strikes of 3
+    assert store.strike_calls == [[("203.0.113.7", (3, 0, 0)), ("2001:db8:a::/64", (2, 0, 0))]]
     assert guard.retry_after(ip("203.0.113.7"), POLICY) == 2
     assert guard.retry_after(ip("203.0.113.8"), POLICY) is None
     assert guard.retry_after(ip("2001:db8:a::9"), POLICY) is None  # 2 strikes of 3
@@ -100,7 +105,7 @@ async def test_allowlisted_ips_are_never_struck_nor_refused() -> None:
     await guard.flush()
     assert store.strike_calls == []
     # banned before the allowlist said otherwise (e.g. a reload): still let through
-    await store.inner.strike(POLICY, [("10.1.2.3", 3)])
+    await store.inner.strike(POLICY, [("10.1.2.3", (3, 0, 0))])
     await guard.sync()
     assert guard.retry_after(ip("10.1.2.3"), POLICY) is None
     stricter = Bans(strikes=3, within=10, duration=2, factor=2, max_duration=8, remember=60)
@@ -194,3 +199,69 @@ async def test_admin_group_parsing_follows_the_policy_prefix() -> None:
     assert guard.group_for("nonsense") is None
     off = BanGuard(MemoryBanStore(), Metrics(), lambda: None)
     assert off.group_for("2001:db8:a:b::1") == "2001:db8:a:b::/64"
+
+
+async def test_only_429s_that_came_back_early_are_strikes_and_counted_by_kind() -> None:
+    store, metrics = CountingStore(), Metrics()
+    policy = Bans(strikes=3, within=10, duration=2, tolerance=2, concurrency_grace=0.5)
+    now = [0.0]
+    guard = BanGuard(store, metrics, lambda: policy, clock=lambda: now[0])
+    client = ip("203.0.113.7")
+    # two threads told to wait 2 s: not early; a third refusal while both still wait is
+    assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
+    assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
+    assert guard.refused(client, policy, "key", "/v1", RATE, 2)
+    now[0] = 2.0  # the told waits ran out: back in time
+    assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
+    # concurrency refusals tell `concurrency_grace`
+    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
+    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
+    assert guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
+    now[0] = 2.5
+    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
+    guard.strike(client, policy)  # a 401
+    await guard.flush()
+    assert store.strike_calls == [[("203.0.113.7", (1, 1, 1))]]
+    assert [e.kinds for e in await guard.list_active()] == [(1, 1, 1)]
+    for kind, count in (("unauthorized", 1), ("rate", 1), ("concurrency", 1)):
+        assert value(metrics, "gateway_ban_strikes_total", {"kind": kind}) == count
+    assert not guard.refused(ip("10.0.0.1"), policy, "key", "/v1", RATE, 2)  # allowlisted: never
+
+
+async def test_a_struck_clients_next_request_waits_for_the_verdict() -> None:
+    """Every strike takes effect before the next answer to that client: its ban check waits
+    for the verdict (then 403 or pass); a client without undecided strikes never waits; a
+    failed batch lets the client through."""
+    store = CountingStore()
+    guard = BanGuard(store, Metrics(), lambda: POLICY)
+    client = ip("203.0.113.7")
+    guard.strike(client, POLICY)
+    guard.strike(client, POLICY)
+    assert guard.retry_after(client, POLICY) == DECIDING
+    assert await guard.verdict(client, POLICY) is None  # 2 of 3: passes
+    assert guard.retry_after(client, POLICY) is None  # decided: no wait any more
+    guard.strike(client, POLICY)  # the store knows 2: this one reaches 3
+    assert guard.retry_after(client, POLICY) == DECIDING
+    assert await guard.verdict(client, POLICY) == 2
+    assert len(store.strike_calls) == 2
+    other = ip("198.51.100.1")
+    for _ in range(3):
+        guard.strike(other, POLICY)
+    store.failing = True
+    assert guard.retry_after(other, POLICY) == DECIDING
+    assert await guard.verdict(other, POLICY) is None
+    assert guard.retry_after(other, POLICY) is None
+
+
+async def test_a_ban_whose_index_write_failed_stays_on_the_replica_that_imposed_it() -> None:
+    class NoIndex(CountingStore):
+        async def active(self) -> list[ActiveBan]:
+            return []  # the index never got it
+
+    store = NoIndex()
+    guard = BanGuard(store, Metrics(), lambda: POLICY)
+    for _ in range(3):
+        guard.strike(ip("203.0.113.7"), POLICY)
+    await guard.flush()
+    await guard.sync()
+    assert guard.retry_after(ip("203.0.113.7"), POLICY) == 2

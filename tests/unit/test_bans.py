@@ -1,5 +1,5 @@
 """The pure part of IP bans: grouping (IPv6 prefixes, IPv4-mapped unwrapping), the allowlist,
-escalation arithmetic, Retry-After and the local ban cache."""
+escalation arithmetic, Retry-After, the local ban cache, and the early-return rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.admission.bans import BanCache, KnownBan, ban_ms, group_of, is_exempt, parse_group, retry_after
+from gateway.admission.bans import (
+    BanCache,
+    KnownBan,
+    ReturnLedger,
+    ban_ms,
+    group_of,
+    is_exempt,
+    parse_group,
+    retry_after,
+)
 from gateway.config.model import Bans
 
 ip = ipaddress.ip_address
@@ -161,3 +170,104 @@ def test_cache_sync_does_not_bring_back_a_ban_lifted_while_it_ran() -> None:
     clock.now += 1
     cache.replace([KnownBan("g", 4, 2)], clock.now)
     assert cache.seconds_left("g") == pytest.approx(4)
+
+
+def test_cache_keeps_a_ban_it_imposed_until_the_index_confirms_it() -> None:
+    """Its index write failed: the next sync must not let the client back in early; once the
+    index has listed it, the index decides (a lift elsewhere reaches this replica)."""
+    now = [0.0]
+    cache = BanCache(lambda: now[0])
+    cache.learn("1.2.3.4", 10.0, 1, imposed=True)
+    cache.learn("5.6.7.8", 10.0, 1)  # learned from someone else's news
+    now[0] = 1.0
+    cache.replace([], sync_started=1.0)
+    assert cache.seconds_left("1.2.3.4") == pytest.approx(9.0)
+    assert cache.seconds_left("5.6.7.8") is None
+    now[0] = 2.0
+    cache.replace([KnownBan("1.2.3.4", 8.0, 1)], sync_started=2.0)  # confirmed
+    now[0] = 3.0
+    cache.replace([], sync_started=3.0)  # lifted elsewhere
+    assert cache.seconds_left("1.2.3.4") is None
+    cache.learn("9.9.9.9", 1.0, 1, imposed=True)
+    now[0] = 4.5
+    cache.replace([], sync_started=4.5)
+    assert len(cache) == 0  # an unconfirmed ban still ends when it ends
+
+
+@given(
+    threads=st.integers(1, 16),
+    told=st.sampled_from([0.5, 1.0, 2.0, 5.0]),
+    extra=st.lists(st.floats(0.0, 3.0), min_size=40, max_size=200),
+    arrivals=st.lists(st.floats(0.0, 0.3), min_size=40, max_size=200),
+)
+def test_clients_that_wait_as_told_are_never_early(
+    threads: int, told: float, extra: list[float], arrivals: list[float]
+) -> None:
+    """Up to `tolerance` threads sharing one IP and key, each waiting at least its told wait
+    (plus any extra) after each refusal, in any interleaving: never an early return."""
+    clock = Clock()
+    ledger = ReturnLedger(clock)
+    ready = [clock.now + arrivals[i % len(arrivals)] for i in range(threads)]  # when each thread comes
+    for n in range(200):
+        thread = min(range(threads), key=ready.__getitem__)
+        clock.now = ready[thread]
+        assert not ledger.refused("1.2.3.4", ("key", "/v1", 1), told, tolerance=16)
+        ready[thread] = clock.now + told + extra[n % len(extra)]
+
+
+@pytest.mark.parametrize(("rate", "told", "early_from"), [(50.0, 0.5, 16), (20.0, 1.0, 16), (10.0, 2.0, 16)])
+def test_a_client_coming_back_faster_than_told_is_early_after_tolerance(
+    rate: float, told: float, early_from: int
+) -> None:
+    """r refusals per second against a told wait w hold r*w running waits: past `tolerance`
+    (16) every further refusal is early. 10/s against Retry-After 2 s is 20 > 16."""
+    clock = Clock()
+    ledger = ReturnLedger(clock)
+    early = []
+    for _ in range(60):
+        early.append(ledger.refused("1.2.3.4", ("key", "/v1", 1), told, tolerance=16))
+        clock.now += 1 / rate
+    assert early[:early_from] == [False] * early_from
+    assert all(early[early_from:])
+
+
+def test_below_tolerance_over_the_wait_a_fast_client_is_not_early() -> None:
+    """The rule's limit, stated: 10/s against a 0.5 s wait holds 5 running waits, like 5 honest
+    threads; it is not early with tolerance 16 (it is with tolerance 4)."""
+    for tolerance, expected in ((16, False), (4, True)):
+        clock = Clock()
+        ledger = ReturnLedger(clock)
+        early = []
+        for _ in range(50):
+            early.append(ledger.refused("1.2.3.4", ("key", "/v1", 2), 0.5, tolerance=tolerance))
+            clock.now += 0.1
+        assert any(early) is expected
+
+
+def test_early_returns_are_counted_per_ip_key_route_and_kind() -> None:
+    clock = Clock()
+    ledger = ReturnLedger(clock)
+    for _ in range(3):
+        assert not ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
+    assert ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
+    assert not ledger.refused("1.2.3.5", ("k1", "/a", 1), 5.0, tolerance=3)
+    assert not ledger.refused("1.2.3.4", ("k2", "/a", 1), 5.0, tolerance=3)
+    assert not ledger.refused("1.2.3.4", ("k1", "/b", 1), 5.0, tolerance=3)
+    assert not ledger.refused("1.2.3.4", ("k1", "/a", 2), 5.0, tolerance=3)
+    clock.now += 5.0  # every told wait has run out: the next comes back in time
+    assert not ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
+    assert ReturnLedger(clock).refused("1.2.3.4", ("k", "/", 1), 5.0, tolerance=0)  # 0: every 429 strikes
+
+
+def test_the_ledger_is_bounded_by_scopes_and_tolerance() -> None:
+    """An attacker rotating keys or IPs cannot grow it: at most max_entries scopes of at most
+    `tolerance` waits each."""
+    clock = Clock()
+    ledger = ReturnLedger(clock, max_entries=100)
+    for n in range(10_000):
+        ledger.refused(f"10.0.{n // 256}.{n % 256}", ("key", "/", 1), 60.0, tolerance=16)
+        clock.now += 0.001
+    assert len(ledger) <= 100
+    for _ in range(1000):
+        ledger.refused("1.2.3.4", ("key", "/", 1), 60.0, tolerance=16)
+    assert len(ledger._waits[("1.2.3.4", ("key", "/", 1))]) == 16
