@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import unquote
 
 from gateway.config.model import Identity, Upstream
+from gateway.proxy.target import path_problem
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -195,22 +196,19 @@ def upstream_url(base_url: str, raw_path: bytes, query_string: bytes) -> str | N
 
     Returns None for a target the gateway will not forward; the caller answers 400. Refused:
     anything not in origin-form (not starting with `/`, such as an absolute-form target that h11
-    leaves in `raw_path`, or `*`); bytes outside printable ASCII or a `#`; and any `.` or `..`
-    segment, also when percent-encoded (`/%2e%2e/`, `/..%2f`), since the upstream or its client
-    library would resolve it and escape the base path. Because the result is always
+    leaves in `raw_path`, or `*`); bytes outside printable ASCII or a `#`; and a path that an
+    upstream could read as traversal or another path (gateway/proxy/target.py: dot segments,
+    also encoded or with `;`, backslashes, control bytes, overlong UTF-8, double encoding),
+    since the upstream or its client library would resolve it and escape the base path. Because the result is always
     `base_url + "/..."`, the authority ends where `base_url` ends: `//evil.com/x` or `/@evil.com`
     stay paths on the configured host.
     """
     if not raw_path.startswith(b"/") or _BAD_TARGET.search(raw_path) or _BAD_TARGET.search(query_string):
         return None
-    if (b"." in raw_path or b"%" in raw_path) and _has_dot_segment(raw_path):
+    if path_problem(raw_path) is not None:
         return None
     path = raw_path.decode("ascii")
     if query_string:
         return f"{base_url}{path}?{query_string.decode('ascii')}"
     return base_url + path
 
-
-def _has_dot_segment(raw_path: bytes) -> bool:
-    decoded = unquote_to_bytes(raw_path).replace(b"\\", b"/")
-    return any(segment in (b".", b"..") for segment in decoded.split(b"/"))

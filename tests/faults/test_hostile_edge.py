@@ -288,3 +288,23 @@ def test_a_body_trickled_after_the_first_64KiB_is_cut_and_frees_its_slot(clean: 
     assert elapsed < CLIENT_TIMEOUT + SLACK
     _wait_slots(clean, 0, within=2)
     assert '"status":408,"outcome":"client_timeout"' in clean.gateway.log()
+
+
+# --- strict request paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/..;/admin", "/v1/.%00./admin", "/v1/%c0%ae%c0%ae/admin",
+                                  "/v1/%252e%252e/admin", "/v1/a%5c..%5cadmin"])
+def test_traversal_path_forms_get_400_without_a_store_call(path: str, clean: Setup) -> None:
+    calls = clean.evalsha()
+    received, _ = exchange(clean.gateway.port, request(path, "Connection: close"))
+    assert status_of(received) == 400 and b'"error":"bad_request"' in received, received[:300]
+    assert clean.evalsha() == calls and upstream_stats(clean.upstream, "edge").get("total", 0) == 0
+
+
+def test_a_url_with_dot_segments_in_the_query_passes(clean: Setup) -> None:
+    target = "/v1/scrape?url=https%3A%2F%2Fexample.com%2Fa%2F..%2Fb"
+    received, _ = exchange(clean.gateway.port, request(target, "Connection: close"))
+    assert status_of(received) == 200
+    last = upstream_stats(clean.upstream, "edge")["last"]
+    assert last["path"] == "/v1/scrape" and last["query"] == "url=https%3A%2F%2Fexample.com%2Fa%2F..%2Fb"

@@ -340,7 +340,8 @@ async def test_hop_by_hop_and_the_api_key_never_reach_the_upstream(
 
 @pytest.mark.parametrize(
     "raw_path",
-    [b"//127.0.0.1:{evil}/x", b"/@127.0.0.1:{evil}/x", b"//user@127.0.0.1:{evil}/", b"/\\127.0.0.1:{evil}/"],
+    # (a backslash, `/\\host`, is refused before forwarding: tests/unit/test_request_target.py)
+    [b"//127.0.0.1:{evil}/x", b"/@127.0.0.1:{evil}/x", b"//user@127.0.0.1:{evil}/"],
 )
 async def test_odd_paths_reach_the_configured_host_only(
     upstream: MockUpstream, make_client: ClientFactory, raw_path: bytes
