@@ -20,8 +20,6 @@ from gateway.proxy.upstream import (
     UpstreamUnavailable,
 )
 
-KEEPALIVE_SECONDS = 30.0
-
 # httpx logs every request with its full URL at INFO; the URL may carry secrets.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -77,7 +75,7 @@ class HttpxUpstreamClient:
     def __init__(self, upstream: Upstream) -> None:
         n = upstream.max_connections
         limits = httpx.Limits(
-            max_connections=n, max_keepalive_connections=n, keepalive_expiry=KEEPALIVE_SECONDS
+            max_connections=n, max_keepalive_connections=n, keepalive_expiry=upstream.keep_alive
         )
         # Pool size and HTTP/1.1-only live on the transport; the client adds timeouts and policy.
         self._client = httpx.AsyncClient(
