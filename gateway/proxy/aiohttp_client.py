@@ -8,6 +8,12 @@ on a *reused* connection is sent once more, on a fresh connection, when it can b
 (no body, or a body the gateway holds as bytes; never a body streamed from the client). aiohttp's
 own retry (idempotent methods only, possibly on another pooled connection) is turned off so that
 a request is never sent more than twice.
+
+Header values byte for byte: aiohttp takes headers as `str` and writes them as UTF-8, so a
+client's byte 0xFF (decoded as latin-1 here) would reach the upstream as `c3 bf`.
+`_install_latin1_headers` wraps aiohttp's header serialiser once per process: a head that comes
+out pure ASCII (nearly all) is left as it is; otherwise it is written again as latin-1, the
+client's own bytes. aiohttp's checks (no CR, LF or NUL) still run first.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import weakref
 from typing import Any
 
 import aiohttp
+import aiohttp.http_writer
 from yarl import URL
 
 from gateway.config.model import Upstream
@@ -61,10 +68,30 @@ class _ReuseTrackingConnector(aiohttp.TCPConnector):
         return connection
 
 
+def _install_latin1_headers() -> None:
+    original = aiohttp.http_writer._serialize_headers
+    if getattr(original, "gateway_latin1", False):
+        return
+
+    def serialize(status_line: str, headers: Any) -> bytes:
+        head: bytes = original(status_line, headers)  # validates, and is the fast C path
+        if head.isascii():
+            return head
+        text = status_line + "".join(f"\r\n{name}: {value}" for name, value in headers.items()) + "\r\n\r\n"
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:  # a str beyond latin-1 never came from a client's bytes
+            return head
+
+    serialize.gateway_latin1 = True  # type: ignore[attr-defined]
+    aiohttp.http_writer._serialize_headers = serialize
+
+
 class AiohttpUpstreamClient:
     """`UpstreamClient` over one `aiohttp.ClientSession`, created in the running loop on first use."""
 
     def __init__(self, upstream: Upstream) -> None:
+        _install_latin1_headers()
         self._upstream = upstream
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # retries: a new connection each time

@@ -33,6 +33,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 
 # Never taken from the client: the gateway sets or re-frames these itself.
 # `expect` is hop-level too: uvicorn already answered any `100-continue` when the body was read.
+# Every header some upstream reads as the client's address goes too (a client would choose its
+# own identity there); the gateway's X-Forwarded-For / -Proto are the only ones sent. Any other
+# `X-Forwarded-*` name is caught by its prefix (`_FORWARDED_PREFIX`).
 _REQUEST_ONLY = frozenset(
     {
         b"host",
@@ -43,8 +46,15 @@ _REQUEST_ONLY = frozenset(
         b"x-forwarded-host",
         b"forwarded",
         b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
     }
 )
+_FORWARDED_PREFIX = b"x-forwarded-"
 
 # What uvicorn refuses to send (it raises after marking the response started), so an upstream
 # header matching these must become a 502 instead. Names: RFC 9110 token characters only.
@@ -106,6 +116,8 @@ def upstream_request_headers(
 
     Names listed in the client's `Connection` header are dropped too, computed from the client's
     headers before anything is added, so `Connection: X-Forwarded-For` can't remove the gateway's.
+    Client-IP headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `True-Client-IP`, ...) are
+    dropped whoever sent them: the gateway's `forwarded_for` replaces them all.
     """
     strip = policy.strip
     kept: Headers = []
@@ -115,6 +127,8 @@ def upstream_request_headers(
         if name in strip:
             if name == b"connection":
                 named = (named or set()) | _connection_tokens(header[1])
+            continue
+        if name.startswith(_FORWARDED_PREFIX):
             continue
         kept.append(header)
     if named:

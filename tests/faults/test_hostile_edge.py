@@ -1,17 +1,20 @@
 """The HTTP edge under attack, on raw sockets against a real gateway process (issue 15):
 request heads over the limits (431 / 414, before anything else), a 40 MB header from several
 connections (memory and another client's latency measured), a client that stops reading its
-response and one that trickles its body (slot freed within about `client_timeout`).
+response and one that trickles its body (slot freed within about `client_timeout`); paths an
+upstream may read as traversal; client-IP headers, header bytes and IPv4-mapped peers.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -225,6 +228,16 @@ def test_a_40MB_header_attack_costs_neither_memory_nor_other_clients_latency(cle
 # --- send and body deadlines ---------------------------------------------------------------------
 
 
+def _log_shows(proc: Proc, text: str, within: float = 3.0) -> bool:
+    """The access log is written a moment after the answer: wait for the line."""
+    deadline = time.monotonic() + within
+    while text not in proc.log():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _wait_slots(setup: Setup, count: int, within: float) -> float:
     """Seconds until the key holds `count` slots; fails past `within`."""
     started = time.monotonic()
@@ -253,8 +266,7 @@ def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(clean: Setup) -> 
     assert clean.metric('gateway_client_timeouts_total{stage="send"}') == stalls + 1
     stats = upstream_stats(clean.upstream, "edge")
     assert stats["disconnects"] == 1 and stats["completed"] == 0  # the upstream request was cancelled
-    log = clean.gateway.log()
-    assert '"status":408,"outcome":"send_timeout"' in log
+    assert _log_shows(clean.gateway, '"status":408,"outcome":"send_timeout"')
 
 
 def test_a_client_reading_slowly_but_steadily_is_not_cut(clean: Setup) -> None:
@@ -287,7 +299,7 @@ def test_a_body_trickled_after_the_first_64KiB_is_cut_and_frees_its_slot(clean: 
     assert status_of(received) == 408 and b'"error":"request_timeout"' in received
     assert elapsed < CLIENT_TIMEOUT + SLACK
     _wait_slots(clean, 0, within=2)
-    assert '"status":408,"outcome":"client_timeout"' in clean.gateway.log()
+    assert _log_shows(clean.gateway, '"status":408,"outcome":"client_timeout"')
 
 
 # --- strict request paths ------------------------------------------------------------------------
@@ -308,3 +320,31 @@ def test_a_url_with_dot_segments_in_the_query_passes(clean: Setup) -> None:
     assert status_of(received) == 200
     last = upstream_stats(clean.upstream, "edge")["last"]
     assert last["path"] == "/v1/scrape" and last["query"] == "url=https%3A%2F%2Fexample.com%2Fa%2F..%2Fb"
+
+
+# --- client-IP headers, header bytes, IPv4-mapped peers --------------------------------------
+
+
+def test_on_a_dual_stack_listener_the_client_is_ipv4_and_its_headers_arrive_as_sent(
+    tmp_path: Path, setup: Setup
+) -> None:
+    config: dict[str, Any] = fault_config(setup.upstream, "memory://")
+    config["keys"] = [{"id": "edge", "sha256": hash_key(KEY), "plan": "p"}]
+    config["plans"] = {"p": {"limits": {"requests": {"concurrency": 4}}}}
+    config["routes"] = [{"path": "/**", "limits": ["requests"]}]
+    config["bans"] = {"strikes": 100}  # the resolved client appears in the access log
+    httpx.post(setup.upstream + "/_reset")
+    spoofed = [f"{name}: 6.6.6.6" for name in (
+        "True-Client-IP", "CF-Connecting-IP", "X-Real-IP", "X-Client-IP", "Forwarded",
+        "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix")]
+    with gateway_for(tmp_path, config, "dual", listen_host="[::]") as proc:
+        received, _ = exchange(proc.port, request("/echo", "Connection: close", *spoofed,
+                                                  b"X-Latin: \xff\xfe\x80"))
+        assert status_of(received) == 200, received[:300]
+    log = proc.log()  # once stopped: every access-log line flushed
+    headers = upstream_stats(setup.upstream, "edge")["last"]["headers"]
+    by_name = {name.lower(): value for name, value in headers}
+    assert by_name["x-forwarded-for"] == "127.0.0.1"  # was ::ffff:127.0.0.1
+    assert "6.6.6.6" not in json.dumps(headers)  # no client-chosen address reaches the upstream
+    assert by_name["x-latin"].encode("latin-1") == b"\xff\xfe\x80"  # was c3 bf c3 be c2 80
+    assert '"client":"127.0.0.1"' in log and "::ffff:" not in log
