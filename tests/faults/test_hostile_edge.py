@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.admission.identity import hash_key
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, upstream_stats
@@ -348,3 +350,54 @@ def test_on_a_dual_stack_listener_the_client_is_ipv4_and_its_headers_arrive_as_s
     assert "6.6.6.6" not in json.dumps(headers)  # no client-chosen address reaches the upstream
     assert by_name["x-latin"].encode("latin-1") == b"\xff\xfe\x80"  # was c3 bf c3 be c2 80
     assert '"client":"127.0.0.1"' in log and "::ffff:" not in log
+
+
+# --- fuzzed request heads ------------------------------------------------------------------------
+
+_METHODS = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"])
+_ODD_METHODS = st.from_regex(rb"\A[A-Za-z!#$%&'*+.^_`|~-]{1,10}\Z") | st.binary(min_size=1, max_size=6)
+_PIECES = st.sampled_from([b"/", b"v1", b"scrape", b"a.b", b".", b"..", b";x", b"%2e", b"%2E%2e", b"%252e",
+                           b"%c0%ae", b"%00", b"%5c", b"%2f", b"%25", b"%", b"?url=https%3A%2F%2Fx.io%2F..%2F",
+                           b"&a=1", b"\xc3\xa9"])
+_BAD_PIECES = st.sampled_from([b" ", b"\x00", b"\x7f", b"\xff", b"#", b"\\", b"\t"])
+_NAMES = st.sampled_from([b"X-API-Key", b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect",
+                          b"Connection", b"X-Forwarded-For", b"Forwarded", b"True-Client-IP", b"Accept"]) | \
+    st.from_regex(rb"\A[A-Za-z0-9!#$%&'*+.^_`|~-]{1,16}\Z")
+_VALUES = st.from_regex(rb"\A[\x20-\x7e\x80-\xff]{0,24}\Z") | \
+    st.sampled_from([KEY.encode(), b"chunked", b"100-continue", b"0", b"5", b"close", b"1.2.3.4, ::ffff:1.2.3.4"])
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed heads with hostile parts (paths, sizes, counts, framing headers), and
+    now and then a malformed method, target byte, version, name or value."""
+    odd = draw(st.integers(0, 4)) == 0
+    method = draw(_ODD_METHODS if odd and draw(st.booleans()) else _METHODS)
+    pieces = draw(st.lists(_PIECES | (_BAD_PIECES if odd else _PIECES), max_size=10))
+    target = b"/" + b"".join(pieces)
+    if draw(st.integers(0, 9)) == 0:
+        target += b"x" * draw(st.integers(10_000, 20_000))  # near and over max_request_line
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"HTP/1.1"])
+                   if odd else st.just(b"HTTP/1.1"))
+    headers = draw(st.lists(st.tuples(_NAMES, _VALUES), max_size=8))
+    if odd:
+        headers.append((draw(st.binary(min_size=1, max_size=6)), draw(st.binary(max_size=12))))
+    if draw(st.integers(0, 3)):
+        headers.append((b"X-API-Key", KEY.encode()))
+    if draw(st.integers(0, 7)) == 0:
+        headers.append((b"X-Big", b"a" * draw(st.integers(60_000, 70_000))))  # around max_request_headers
+    if draw(st.integers(0, 7)) == 0:
+        headers.extend((b"X-N%d" % i, b"1") for i in range(draw(st.integers(95, 105))))  # around the count
+    lines = [method + b" " + target + b" " + version, *(name + b": " + value for name, value in headers)]
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_heads())
+def test_fuzzed_request_heads_get_an_answer_never_a_5xx_hang_or_traceback(setup: Setup, head: bytes) -> None:
+    # A head that declares a body it does not send waits for client_timeout (408): allowed.
+    received, closed = exchange(setup.gateway.port, head, wait=CLIENT_TIMEOUT + 5)
+    assert closed, f"no close within {CLIENT_TIMEOUT + 5}s: {head[:200]!r}"
+    assert status_of(received) < 500, (head[:300], received[:300])
+    assert "Traceback" not in setup.gateway.log()
