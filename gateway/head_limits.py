@@ -5,21 +5,21 @@ field by concatenating every fragment (a 40 MB header costs seconds of CPU, grow
 its size) and uvicorn keeps the target and every header. This subclass counts as bytes arrive,
 before anything else sees them:
 
-- the request target (`on_url` fragments) past `max_request_line` → 414 `uri_too_long`;
+- the request target past `max_request_line` → 414 `uri_too_long`;
 - the head (request line and header fields) past `max_request_headers`, or more than
   `max_request_header_count` fields → 431 `headers_too_large`.
 
 An incomplete head is measured by the bytes received since it began, after each read (one read
 is at most the event loop's buffer, 256 KiB), so the parser never holds more than the limit plus
-one read; a complete one by its fields. The answer carries the same JSON body as every other
-gateway error and closes the connection. Nothing reaches the app: no key check, no store call.
-The limits are read when a head begins, so a config reload applies to the next request.
+one read; a complete one when it ends, by its target, its field count and its fields' size. The
+answer carries the same JSON body as every other gateway error and closes the connection.
+Nothing reaches the app: no key check, no store call. The limits are read at each check, so a
+config reload applies to the next request.
 """
 
 from __future__ import annotations
 
 import logging
-from asyncio import Transport
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,20 +71,19 @@ class _HeadRefused(Exception):
 
 
 class HeadLimitsProtocol(DisconnectNotifyingProtocol):
-    """Set `head_limits` on a subclass (see gateway/header_deadline.py's factory)."""
+    """Set `head_limits` on a subclass (see gateway/edge.py).
+
+    Cheap on the hot path: no parser callback is added. A complete head is checked once, when
+    it ends (target length, field count, and its exact size only when more bytes than the limit
+    arrived with it); an incomplete one after each read.
+    """
 
     head_limits: Callable[[], HeadLimitSettings] = staticmethod(HeadLimits)
 
-    _limits: HeadLimitSettings
+    url: bytes = b""  # uvicorn sets it when a message begins
     _head_open = True  # between the end of one message and the end of the next head
-    _head_received = 0  # bytes read while the head was open
-    _head_bytes = 0  # target and complete header fields, counted exactly
-    _head_count = 0
+    _head_received = 0  # bytes read while the head was open (with any body bytes of that read)
     _refusal: bytes | None = None
-
-    def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
-        self._limits = self.head_limits()
-        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
@@ -100,39 +99,32 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             else:
                 self._unsupported_upgrade_warning()
         except httptools.HttpParserError:
-            if self._refusal is not None:
+            if self._refusal is not None:  # raised by on_headers_complete below
                 self._refuse(self._refusal)
                 return
             msg = "Invalid HTTP request received."
             self.logger.warning(msg)
             self.send_400_response(msg)
             return
-        # A head still incomplete after this read: everything read since it began belongs to it.
-        if self._head_open and self._head_received > self._limits.max_request_headers:
-            self._refuse(HEADERS_TOO_LARGE)
-
-    def on_message_begin(self) -> None:
-        self._limits = self.head_limits()
-        self._head_bytes = self._head_count = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._head_bytes += len(url)
-        if self._head_bytes > self._limits.max_request_line:
-            self._refusal = URI_TOO_LONG
-            raise _HeadRefused
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        self._head_count += 1
-        limits = self._limits
-        if self._head_count > limits.max_request_header_count or self._head_bytes > limits.max_request_headers:
-            self._refusal = HEADERS_TOO_LARGE
-            raise _HeadRefused
-        super().on_header(name, value)
+        # A head still incomplete after this read (under 4 KiB there is nothing to bound yet: the
+        # complete head is checked when it ends).
+        if self._head_open and self._head_received > 4096:
+            limits = self.head_limits()
+            if len(self.url) > limits.max_request_line:
+                self._refuse(URI_TOO_LONG)
+            elif self._head_received > limits.max_request_headers:
+                self._refuse(HEADERS_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
+        limits = self.head_limits()
+        if len(self.url) > limits.max_request_line:
+            self._refusal = URI_TOO_LONG
+        elif len(self.headers) > limits.max_request_header_count or (
+            self._head_received > limits.max_request_headers and self._head_size() > limits.max_request_headers
+        ):
+            self._refusal = HEADERS_TOO_LARGE
+        if self._refusal is not None:
+            raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False
         self._head_received = 0
         super().on_headers_complete()
@@ -140,6 +132,10 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     def on_message_complete(self) -> None:
         self._head_open = True
         super().on_message_complete()
+
+    def _head_size(self) -> int:
+        """The head's size as parsed: its target and fields, each with its separators."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _refuse(self, response: bytes) -> None:
         self._refusal = response

@@ -153,6 +153,23 @@ def test_an_incomplete_head_is_refused_as_soon_as_it_is_over(clean: Setup) -> No
     assert status_of(received) == 431
 
 
+def test_an_incomplete_target_is_refused_as_soon_as_it_is_over(clean: Setup) -> None:
+    with socket.create_connection(("127.0.0.1", clean.gateway.port)) as sock:
+        sock.settimeout(CLIENT_TIMEOUT / 2)
+        sock.sendall(b"GET /" + b"x" * 30_000)
+        received = sock.recv(65536)
+    assert status_of(received) == 414
+
+
+def test_a_small_head_sent_with_a_large_body_in_one_write_is_served(clean: Setup) -> None:
+    # More than max_request_headers arrives before the head is parsed; only the head counts.
+    body = b"y" * 200_000
+    head = (b"POST /upload HTTP/1.1\r\nHost: gw\r\nX-API-Key: " + KEY.encode()
+            + b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    received, _ = exchange(clean.gateway.port, head + body)
+    assert status_of(received) == 200 and b'"bytes": 200000' in received
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
