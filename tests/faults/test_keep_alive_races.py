@@ -18,15 +18,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
 
 from gateway.admission.identity import hash_key
 from gateway.config.model import Upstream
-from gateway.proxy.aiohttp_client import AiohttpUpstreamClient
-from gateway.proxy.upstream import UpstreamUnavailable
+from gateway.proxy.upstream import UpstreamUnavailable, create_upstream_client
 from tests.faults.conftest import gateway_for
 from tests.support.processes import Proc
 from tests.support.secrets import secret
@@ -184,9 +183,17 @@ async def _stream(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
 @pytest.mark.anyio
-async def test_only_a_reused_connection_with_a_whole_body_is_retried(upstream: ShortKeepAliveUpstream) -> None:
-    client = AiohttpUpstreamClient(Upstream(url=f"http://127.0.0.1:{upstream.port}", timeout=5.0))
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+async def test_only_a_reused_connection_with_a_whole_body_is_retried(
+    upstream: ShortKeepAliveUpstream, kind: Literal["aiohttp", "httpx"]
+) -> None:
+    client: Any = create_upstream_client(Upstream(url=f"http://127.0.0.1:{upstream.port}", timeout=5.0, client=kind))
     url = f"http://127.0.0.1:{upstream.port}/x"
     try:
         async def send(body: Any, length: int | None) -> int:
