@@ -27,7 +27,7 @@ import uvicorn
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.model import Identity, Upstream
 from gateway.gc_tuning import settle_heap
-from gateway.header_deadline import header_deadline_protocol
+from gateway.edge import edge_protocol
 from gateway.proxy.forwarder import forward
 from gateway.proxy.headers import HeaderPolicy, upstream_request_headers, upstream_url
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client
@@ -66,13 +66,13 @@ def _server(app: BareProxy) -> uvicorn.Server:
         app,  # type: ignore[arg-type]
         lifespan="off",
         loop="uvloop",
-        http=header_deadline_protocol(lambda: 30.0),
+        http=edge_protocol(lambda: 30.0),  # default head limits, as the gateway's
         proxy_headers=False,
         server_header=False,
         date_header=False,
         access_log=False,
         log_config=None,
-        timeout_keep_alive=5,
+        timeout_keep_alive=75,  # the gateway's client_keep_alive default
     )
     return uvicorn.Server(config)
 

@@ -40,9 +40,13 @@ _CLOSE = [(b"connection", b"close")]
 # What a forwarder outcome means as a status (for the access log) and a metric code.
 _OUTCOME_STATUS = {
     "timeout": 504, "error": 502, "disconnected": 499, "body_too_large": 413, "client_timeout": 408,
+    "send_timeout": 408,
 }
 # Forwarder outcomes that say nothing about the upstream: not counted in upstream_responses.
-_NOT_UPSTREAM = frozenset({"disconnected", "body_too_large", "client_timeout"})
+_NOT_UPSTREAM = frozenset({"disconnected", "body_too_large", "client_timeout", "send_timeout"})
+# An admitted exchange the gateway cut because the client stalled: the access log's `outcome`
+# says so (both log 408) and gateway_client_timeouts_total counts it by stage.
+_CLIENT_STALLS = {"client_timeout": "body", "send_timeout": "send"}
 
 
 @dataclass(slots=True)
@@ -109,13 +113,17 @@ class GatewayApp:
     def _finish(self, scope: Scope, done: _Done, elapsed: float) -> None:
         metrics = self.state.metrics
         metrics.requests_for(done.plan, done.route, done.outcome).inc()
+        outcome = done.outcome
         if done.upstream is not None:
             code = _upstream_code(done.upstream)
             if code not in _NOT_UPSTREAM:
                 metrics.upstream_responses_for(done.route, code).inc()
+            elif code in _CLIENT_STALLS:
+                metrics.client_timeouts.labels(_CLIENT_STALLS[code]).inc()
+                outcome = code
             metrics.request_duration_for(done.route).observe(elapsed)
         if self.access_log is not None:
-            self.access_log.write(scope, done.status, done.outcome, done.key_id, done.plan, done.route,
+            self.access_log.write(scope, done.status, outcome, done.key_id, done.plan, done.route,
                                   done.admission_s, done.upstream_s,
                                   client=None if done.client is None else str(done.client))
 

@@ -25,11 +25,14 @@ EXTENSION = "gateway.disconnect"
 class DisconnectWatch:
     """The callbacks to run when one connection is lost (one per request in progress on it)."""
 
-    __slots__ = ("_callbacks", "lost")
+    __slots__ = ("_callbacks", "lost", "send_stalled")
 
     def __init__(self) -> None:
         self._callbacks: list[Callable[[], None]] = []
         self.lost = False
+        # True when the server closed the connection because the client stopped reading
+        # (gateway/send_deadline.py): the exchange ends as `send_timeout`, not `disconnected`.
+        self.send_stalled = False
 
     def add(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the connection is lost (at once if it already is)."""

@@ -9,8 +9,10 @@ closed, with a 408 when part of a request had arrived. The ASGI app only runs on
 complete, so a slow client never reaches admission: no store call, no slot.
 
 The body has its own deadline in the app (gateway/proxy/request_body.py). The class builds on
+`HeadLimitsProtocol` (gateway/head_limits.py: bounded request heads) and so on
 `DisconnectNotifyingProtocol` (gateway/disconnects.py), which tells the forwarder of a
-disconnect without a task per request; `gateway serve` and the bare benchmark proxy use both.
+disconnect without a task per request; gateway/edge.py assembles the protocol that `gateway
+serve` and the bare benchmark proxy both use.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from asyncio import TimerHandle, Transport
 from collections.abc import Callable
 
-from gateway.disconnects import DisconnectNotifyingProtocol
+from gateway.head_limits import HeadLimitsProtocol
 from gateway.responses import error_body
 
 log = logging.getLogger("gateway.client")
@@ -31,8 +33,8 @@ REQUEST_TIMEOUT_RESPONSE = (
 )
 
 
-class HeaderDeadlineProtocol(DisconnectNotifyingProtocol):
-    """Set `client_timeout` on a subclass (see `header_deadline_protocol`)."""
+class HeaderDeadlineProtocol(HeadLimitsProtocol):
+    """Set `client_timeout` on a subclass (see gateway/edge.py)."""
 
     # Read at every arming, so a config reload applies to the next request head.
     client_timeout: Callable[[], float] = staticmethod(lambda: 30.0)
@@ -88,11 +90,3 @@ class HeaderDeadlineProtocol(DisconnectNotifyingProtocol):
             self.transport.write(REQUEST_TIMEOUT_RESPONSE)
         self.transport.close()
 
-
-def header_deadline_protocol(client_timeout: Callable[[], float]) -> type[HeaderDeadlineProtocol]:
-    """The protocol class for `uvicorn.Config(http=...)`, reading the deadline from `client_timeout`."""
-    return type(
-        "ConfiguredHeaderDeadlineProtocol",
-        (HeaderDeadlineProtocol,),
-        {"client_timeout": staticmethod(client_timeout)},
-    )

@@ -262,6 +262,13 @@ class Metrics:
             "gateway_cached_refusals_total",
             "Rate refusals answered from this process's refusal cache, without a store call.", registry=r,
         ), self.batch)
+        self.client_timeouts = Counter(
+            "gateway_client_timeouts_total",
+            "Admitted exchanges the gateway ended because the client stalled: its request body "
+            "(stage=body) or reading the response (stage=send).", ["stage"], registry=r,
+        )
+        for stage in ("body", "send"):
+            self.client_timeouts.labels(stage)
         for result in ("success", "error"):  # both series exist from the start, so increase() sees the first
             self.config_reloads.labels(result)
         # The labelled children the hot path uses, without a labels() call per request.

@@ -35,16 +35,17 @@ log = logging.getLogger("gateway.reload")
 def keep_restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with every restart-only setting put back to its running value, and their names."""
     kept: list[str] = []
-    for name in ("listen", "admin_listen", "store"):
+    for name in ("listen", "admin_listen", "store", "client_keep_alive"):
         if getattr(new, name) != getattr(running, name):
             kept.append(name)
     upstream = new.upstream
-    for name in ("client", "connect_timeout", "max_connections"):
+    for name in ("client", "connect_timeout", "max_connections", "keep_alive"):
         if getattr(upstream, name) != getattr(running.upstream, name):
             kept.append(f"upstream.{name}")
             upstream = dataclasses.replace(upstream, **{name: getattr(running.upstream, name)})
     merged = dataclasses.replace(
-        new, listen=running.listen, admin_listen=running.admin_listen, store=running.store, upstream=upstream
+        new, listen=running.listen, admin_listen=running.admin_listen, store=running.store, upstream=upstream,
+        client_keep_alive=running.client_keep_alive,
     )
     return merged, kept
 

@@ -35,7 +35,7 @@ from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.config.units import parse_host_port
 from gateway.gc_tuning import settle_heap
-from gateway.header_deadline import header_deadline_protocol
+from gateway.edge import edge_protocol
 from gateway.logs import configure_logging
 from gateway.reload import Reloader, watch_file
 from gateway.state import GatewayState
@@ -78,12 +78,13 @@ class SignalFreeServer(uvicorn.Server):
 
 
 def uvicorn_config(
-    app: object, config: Config, *, public: bool, client_timeout: Callable[[], float] | None = None
+    app: object, config: Config, *, public: bool, running: Callable[[], Config] | None = None
 ) -> uvicorn.Config:
-    """`client_timeout` (seconds, read per request head) turns on the header receipt deadline."""
+    """`running` (the config in force, read per request head) turns on the gateway's guards:
+    head limits, head and send deadlines (gateway/edge.py)."""
     http: str | type[asyncio.Protocol] = "httptools"
-    if client_timeout is not None:
-        http = header_deadline_protocol(client_timeout)
+    if running is not None:
+        http = edge_protocol(lambda: running().client_timeout, running)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         lifespan="off",
@@ -95,7 +96,7 @@ def uvicorn_config(
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=1,  # the drain already waited shutdown_grace; this cuts stragglers
-        timeout_keep_alive=5,
+        timeout_keep_alive=config.client_keep_alive,  # type: ignore[arg-type]  # typed int; used as a float delay
     )
 
 
@@ -104,14 +105,14 @@ class Worker:
         self.options = options
         self.state = GatewayState.create(config)
 
-        def client_timeout() -> float:
-            return self.state.routing.config.client_timeout
+        def running() -> Config:
+            return self.state.routing.config
 
         self.access_log = AccessLog()
         self.public = SignalFreeServer(uvicorn_config(
-            GatewayApp(self.state, self.access_log), config, public=True, client_timeout=client_timeout))
+            GatewayApp(self.state, self.access_log), config, public=True, running=running))
         self.admin = SignalFreeServer(uvicorn_config(
-            create_admin_app(self.state), config, public=False, client_timeout=client_timeout))
+            create_admin_app(self.state), config, public=False, running=running))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
         self.reloader = Reloader(self.state, options.config_path, options.overrides)

@@ -78,6 +78,10 @@ _TOP_KEYS = (
     "routes",
     "max_request_body",
     "client_timeout",
+    "max_request_line",
+    "max_request_headers",
+    "max_request_header_count",
+    "client_keep_alive",
     "bans",
     "headers",
 )
@@ -319,6 +323,24 @@ def _config(r: NodeReader, root: Node) -> Config:
         ),
         client_timeout=field(
             top, "client_timeout", lambda n: r.duration(n, "client_timeout"), defaults.client_timeout
+        ),
+        max_request_line=field(
+            top, "max_request_line", lambda n: r.unit(n, "max_request_line", parse_size), defaults.max_request_line
+        ),
+        max_request_headers=field(
+            top,
+            "max_request_headers",
+            lambda n: r.unit(n, "max_request_headers", parse_size),
+            defaults.max_request_headers,
+        ),
+        max_request_header_count=field(
+            top,
+            "max_request_header_count",
+            lambda n: r.integer(n, "max_request_header_count", 1, 10_000),
+            defaults.max_request_header_count,
+        ),
+        client_keep_alive=field(
+            top, "client_keep_alive", lambda n: r.duration(n, "client_keep_alive"), defaults.client_keep_alive
         ),
         bans=field(top, "bans", lambda n: read_bans(r, n), None),
         headers=field(top, "headers", lambda n: read_headers(r, n), defaults.headers),

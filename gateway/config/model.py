@@ -82,6 +82,9 @@ class Upstream:
     connect_timeout: float = 5.0
     timeout: float = 300.0
     max_connections: int = 512
+    # A pooled upstream connection idle this long is closed by the gateway: below the upstream's
+    # own keep-alive timeout, so the gateway never reuses one the upstream is closing.
+    keep_alive: float = 4.0
     set_headers: tuple[tuple[str, str], ...] = ()
     key_id_header: str = "X-Gateway-Key-Id"
     plan_header: str = "X-Gateway-Plan"
@@ -146,6 +149,13 @@ class Config:
     # Longest a client may take to send its request headers, and its longest silence while
     # sending the body (slowloris / slow body): past it, 408 and the connection is closed.
     client_timeout: float = 30.0
+    # Request head limits, enforced while parsing (gateway/head_limits.py): 414 / 431.
+    max_request_line: int = 16 * 1024
+    max_request_headers: int = 64 * 1024
+    max_request_header_count: int = 100
+    # Idle keep-alive connections from clients are closed after this; above the Retry-After of
+    # the short windows clients sleep through, so a client that sleeps it finds its connection.
+    client_keep_alive: float = 75.0
     bans: Bans | None = None
     headers: frozenset[str] = frozenset(HEADER_FAMILIES)
     source: str = "<memory>"  # the file it was loaded from, for messages

@@ -34,6 +34,7 @@ def read_upstream(r: NodeReader, node: Node) -> Upstream | None:
         "connect_timeout",
         "timeout",
         "max_connections",
+        "keep_alive",
         "set_headers",
         "key_id_header",
         "plan_header",
@@ -52,6 +53,7 @@ def read_upstream(r: NodeReader, node: Node) -> Upstream | None:
         max_connections=field(
             m, "max_connections", lambda n: r.integer(n, "upstream.max_connections"), d.max_connections
         ),
+        keep_alive=field(m, "keep_alive", lambda n: r.duration(n, "upstream.keep_alive"), d.keep_alive),
         set_headers=field(m, "set_headers", lambda n: _set_headers(r, n), d.set_headers),
         key_id_header=field(
             m, "key_id_header", lambda n: r.token(n, "upstream.key_id_header"), d.key_id_header

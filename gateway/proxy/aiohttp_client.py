@@ -1,10 +1,30 @@
-"""The default upstream client: one long-lived aiohttp session, bytes passed through untouched."""
+"""The default upstream client: one long-lived aiohttp session, bytes passed through untouched.
+
+Pooled connections and the upstream's keep-alive race: an upstream closes an idle connection
+after its own timeout (5 s for uvicorn and Node.js), and a request sent on it just then fails
+before any response byte. Two defences: the pool closes idle connections after
+`upstream.keep_alive` (4 s by default, below the upstream's), and a request that fails that way
+on a *reused* connection is sent once more, on a fresh connection, when it can be re-sent whole
+(no body, or a body the gateway holds as bytes; never a body streamed from the client). aiohttp's
+own retry (idempotent methods only, possibly on another pooled connection) is turned off so that
+a request is never sent more than twice.
+
+Header values byte for byte: aiohttp takes headers as `str` and writes them as UTF-8, so a
+client's byte 0xFF (decoded as latin-1 here) would reach the upstream as `c3 bf`.
+`_install_latin1_headers` wraps aiohttp's header serialiser once per process: a head that comes
+out pure ASCII (nearly all) is left as it is; otherwise it is written again as latin-1, the
+client's own bytes. aiohttp's checks (no CR, LF or NUL) still run first.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import weakref
+from typing import Any
 
 import aiohttp
+import aiohttp.http_writer
 from yarl import URL
 
 from gateway.config.model import Upstream
@@ -17,20 +37,65 @@ from gateway.proxy.upstream import (
     UpstreamUnavailable,
 )
 
-KEEPALIVE_SECONDS = 30.0
 # aiohttp adds these unless told not to; the upstream gets exactly what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 # h11 (httpx) accepts 16 KiB of response headers; keep the two clients alike.
 _MAX_FIELD_SIZE = 16 * 1024
 _BODY_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# A pooled connection the upstream closed: it fails before any response byte arrives.
+_STALE_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+# Whether the current request's connection came from the pool (set by `_ReuseTrackingConnector`
+# in the request's own task, read by `send` when the request failed).
+_reused: contextvars.ContextVar[bool] = contextvars.ContextVar("upstream_connection_reused", default=False)
+
+
+class _ReuseTrackingConnector(aiohttp.TCPConnector):
+    """Tells `send` whether a request got a pooled connection (one it has handed out before)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        reused = protocol in self._handed_out
+        if not reused and protocol is not None:
+            self._handed_out.add(protocol)
+        _reused.set(reused)
+        return connection
+
+
+def _install_latin1_headers() -> None:
+    original = aiohttp.http_writer._serialize_headers
+    if getattr(original, "gateway_latin1", False):
+        return
+
+    def serialize(status_line: str, headers: Any) -> bytes:
+        head: bytes = original(status_line, headers)  # validates, and is the fast C path
+        if head.isascii():
+            return head
+        text = status_line + "".join(f"\r\n{name}: {value}" for name, value in headers.items()) + "\r\n\r\n"
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:  # a str beyond latin-1 never came from a client's bytes
+            return head
+
+    serialize.gateway_latin1 = True  # type: ignore[attr-defined]
+    aiohttp.http_writer._serialize_headers = serialize
 
 
 class AiohttpUpstreamClient:
     """`UpstreamClient` over one `aiohttp.ClientSession`, created in the running loop on first use."""
 
     def __init__(self, upstream: Upstream) -> None:
+        _install_latin1_headers()
         self._upstream = upstream
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # retries: a new connection each time
+        self.retries = 0  # requests re-sent after a pooled connection failed (tests read it)
         # connect=None: the forwarder's header deadline covers waiting for a pooled connection.
         # sock_read: a response body silent for `timeout` seconds is cut (UpstreamBodyError).
         self._timeout = aiohttp.ClientTimeout(
@@ -38,15 +103,26 @@ class AiohttpUpstreamClient:
         )
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _ReuseTrackingConnector(
             limit=self._upstream.max_connections,
             limit_per_host=0,
-            keepalive_timeout=KEEPALIVE_SECONDS,
+            keepalive_timeout=self._upstream.keep_alive,
             # getaddrinfo: honours /etc/hosts and the system resolver even when aiodns is installed.
             resolver=aiohttp.ThreadedResolver(),
             ttl_dns_cache=10,
         )
-        self._session = aiohttp.ClientSession(
+        self._session = self._new_session(connector)
+        return self._session
+
+    def _open_fresh(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            force_close=True, limit=0, resolver=aiohttp.ThreadedResolver(), ttl_dns_cache=10
+        )
+        self._fresh = self._new_session(connector)
+        return self._fresh
+
+    def _new_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
@@ -56,7 +132,10 @@ class AiohttpUpstreamClient:
             raise_for_status=False,
             max_field_size=_MAX_FIELD_SIZE,
         )
-        return self._session
+        # aiohttp's own retry (idempotent methods, maybe on another pooled connection): ours
+        # below replaces it, so that a request is sent at most twice.
+        session._retry_connection = False
+        return session
 
     async def send(
         self,
@@ -70,15 +149,18 @@ class AiohttpUpstreamClient:
         str_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
         if content_length is not None:
             str_headers.append(("Content-Length", str(content_length)))
+        target = URL(url, encoded=True)  # encoded: no re-quoting, no dot-segment resolution
+        _reused.set(False)
         try:
-            response = await session.request(
-                method,
-                URL(url, encoded=True),  # encoded: no re-quoting, no dot-segment resolution
-                headers=str_headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            )
+            try:
+                response = await _request(session, method, target, str_headers, body)
+            except _STALE_ERRORS as exc:
+                resendable = body is None or isinstance(body, bytes)  # not streamed from the client
+                if isinstance(exc, _CONNECT_ERRORS) or not _reused.get() or not resendable:
+                    raise
+                # A pooled connection the upstream had closed: once more, on a fresh connection.
+                self.retries += 1
+                response = await _request(self._fresh or self._open_fresh(), method, target, str_headers, body)
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamUnavailable(f"connect timeout: {exc}") from exc
         except aiohttp.ServerTimeoutError as exc:
@@ -88,9 +170,18 @@ class AiohttpUpstreamClient:
         return _AiohttpResponse(response)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
+
+
+async def _request(
+    session: aiohttp.ClientSession, method: str, url: URL, headers: list[tuple[str, str]], body: Body
+) -> aiohttp.ClientResponse:
+    return await session.request(
+        method, url, headers=headers, data=body, allow_redirects=False, compress=None
+    )
 
 
 class _AiohttpResponse:

@@ -13,7 +13,9 @@ Request body: what arrived before admission (`body_start`, see gateway/proxy/req
 or else the first `http.request` message, is in hand before the upstream is contacted. When it
 is the whole body (every body-less request, and most small ones) the body goes upstream as
 bytes with its length; otherwise it streams from `receive()` as it arrives, counted against the
-cap, and a client silent for `client_timeout` is cut (408 if the response has not started).
+cap, and a client that sends less than 64 KiB in `client_timeout` is cut (408 if the response
+has not started). A client that stops reading the response is cut by the server protocol
+(gateway/send_deadline.py), which reports it through the same watch as a disconnect.
 Once the body is complete, a disconnect must still stop the exchange (uvicorn's `send()` silently
 does nothing after one): the gateway's server protocol reports it through the scope
 (gateway/disconnects.py); under any other server one watcher task waits on `receive()` for
@@ -31,7 +33,7 @@ from gateway.asgi import Receive, Scope, Send
 from gateway.disconnects import DisconnectWatch, disconnect_watch
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
 from gateway.proxy.phase import Phase
-from gateway.proxy.request_body import BodyStart, declared_length, send_request_timeout
+from gateway.proxy.request_body import PREFETCH, BodyStart, declared_length, send_request_timeout
 from gateway.proxy.upstream import (
     Headers,
     UpstreamBodyError,
@@ -42,8 +44,14 @@ from gateway.proxy.upstream import (
 )
 from gateway.responses import send_error
 
-Reason = Literal["disconnected", "body_too_large", "client_timeout"]
-Outcome = int | Literal["timeout", "error", "disconnected", "body_too_large", "client_timeout", "aborted"]
+Reason = Literal["disconnected", "body_too_large", "client_timeout", "send_timeout"]
+Outcome = int | Literal[
+    "timeout", "error", "disconnected", "body_too_large", "client_timeout", "send_timeout", "aborted"
+]
+# The client's connection is closed already: the exchange just ends.
+_CLIENT_GONE: dict[Reason | None, Literal["disconnected", "send_timeout"]] = {
+    "disconnected": "disconnected", "send_timeout": "send_timeout",
+}
 _ABORT_DETAIL = {
     "body_too_large": "the request body went over the cap",
     "client_timeout": "the client stopped sending its request body",
@@ -126,7 +134,8 @@ class _Exchange:
             self.watcher = self.task.get_loop().create_task(self._watch())
 
     def _disconnected(self) -> None:
-        self.stop("disconnected")
+        disconnects = self.disconnects
+        self.stop("send_timeout" if disconnects is not None and disconnects.send_stalled else "disconnected")
 
     async def _watch(self) -> None:
         while True:
@@ -158,13 +167,19 @@ async def _stop_body(state: _Exchange, reason: Reason) -> NoReturn:
 async def _stream_body(
     first: bytes, state: _Exchange, max_body: int, idle: float | None
 ) -> AsyncIterator[bytes]:
+    """The body after `first`. Progress means `PREFETCH` more bytes (or the end) within `idle`
+    seconds, as for the body's start: a client trickling a byte now and then is cut as surely as
+    a silent one (a 64 KiB step per 30 s is ~2 KiB/s, far below any real upload)."""
     receive = state.receive
     received = len(first)
     if first:
         yield first
+    loop = asyncio.get_running_loop()
+    deadline = None if idle is None else loop.time() + idle
+    progress = 0
     while True:
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout_at(deadline):
                 message = await receive()
         except TimeoutError:
             await _stop_body(state, "client_timeout")
@@ -172,6 +187,10 @@ async def _stream_body(
             await _stop_body(state, "disconnected")
         chunk: bytes = message.get("body", b"")
         received += len(chunk)
+        progress += len(chunk)
+        if progress >= PREFETCH and idle is not None:
+            progress = 0
+            deadline = loop.time() + idle
         if received > max_body:
             # Never send the chunk that crosses the cap, nor the end of the body.
             await _stop_body(state, "body_too_large")
@@ -214,11 +233,12 @@ async def forward(
     sends its next request the moment this one ends never races its own release.
 
     `body_start` is what was received before admission, if anything; `client_timeout` bounds
-    each silence of the client while the rest of the body arrives (None: no bound).
+    the time the client may take for each further 64 KiB of its body (None: no bound).
     `observer`, if given, sees the response as it is relayed (see `ResponseObserver`).
     Returns the upstream status, or "timeout" (504 sent), "error" (502 sent), "disconnected"
     (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned),
-    "client_timeout" (408 sent, or the upstream request abandoned).
+    "client_timeout" (408 sent, or the upstream request abandoned), "send_timeout" (the client
+    stopped reading; the server closed its connection: gateway/send_deadline.py).
     Raises `ClientAborted` when the response broke off after it had started.
     """
     extra = extra_response_headers
@@ -311,7 +331,7 @@ async def _exchange(
         if state.reason == "client_timeout":
             await send_request_timeout(send, extra)
             return "client_timeout"
-        return "disconnected"
+        return _CLIENT_GONE.get(state.reason, "disconnected")
     return await _relay(state, send, response, extra)
 
 
@@ -349,19 +369,19 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
     except TimeoutError:
         if state.reason is None:
             raise
-        if state.reason == "disconnected":
-            return "disconnected"
+        if gone := _CLIENT_GONE.get(state.reason):  # nothing more can reach the client
+            return gone
         raise ClientAborted(status, _ABORT_DETAIL[state.reason]) from None
     except UpstreamBodyError as exc:
-        if state.reason == "disconnected":
-            return "disconnected"
+        if gone := _CLIENT_GONE.get(state.reason):
+            return gone
         raise ClientAborted(status, str(exc)) from exc
     finally:
         state.phase = None
         await response.aclose()
     # A stop that landed after the last chunk, too late to cancel anything.
-    if state.reason == "disconnected":
-        return "disconnected"
+    if gone := _CLIENT_GONE.get(state.reason):
+        return gone
     if state.reason is not None:
         raise ClientAborted(status, _ABORT_DETAIL[state.reason])
     return status

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import unquote
 
 from gateway.config.model import Identity, Upstream
+from gateway.proxy.target import path_problem
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -32,6 +33,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 
 # Never taken from the client: the gateway sets or re-frames these itself.
 # `expect` is hop-level too: uvicorn already answered any `100-continue` when the body was read.
+# Every header some upstream reads as the client's address goes too (a client would choose its
+# own identity there); the gateway's X-Forwarded-For / -Proto are the only ones sent. Any other
+# `X-Forwarded-*` name is caught by its prefix (`_FORWARDED_PREFIX`).
 _REQUEST_ONLY = frozenset(
     {
         b"host",
@@ -42,8 +46,15 @@ _REQUEST_ONLY = frozenset(
         b"x-forwarded-host",
         b"forwarded",
         b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
     }
 )
+_FORWARDED_PREFIX = b"x-forwarded-"
 
 # What uvicorn refuses to send (it raises after marking the response started), so an upstream
 # header matching these must become a 502 instead. Names: RFC 9110 token characters only.
@@ -105,6 +116,8 @@ def upstream_request_headers(
 
     Names listed in the client's `Connection` header are dropped too, computed from the client's
     headers before anything is added, so `Connection: X-Forwarded-For` can't remove the gateway's.
+    Client-IP headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `True-Client-IP`, ...) are
+    dropped whoever sent them: the gateway's `forwarded_for` replaces them all.
     """
     strip = policy.strip
     kept: Headers = []
@@ -114,6 +127,8 @@ def upstream_request_headers(
         if name in strip:
             if name == b"connection":
                 named = (named or set()) | _connection_tokens(header[1])
+            continue
+        if name.startswith(_FORWARDED_PREFIX):
             continue
         kept.append(header)
     if named:
@@ -195,22 +210,19 @@ def upstream_url(base_url: str, raw_path: bytes, query_string: bytes) -> str | N
 
     Returns None for a target the gateway will not forward; the caller answers 400. Refused:
     anything not in origin-form (not starting with `/`, such as an absolute-form target that h11
-    leaves in `raw_path`, or `*`); bytes outside printable ASCII or a `#`; and any `.` or `..`
-    segment, also when percent-encoded (`/%2e%2e/`, `/..%2f`), since the upstream or its client
-    library would resolve it and escape the base path. Because the result is always
+    leaves in `raw_path`, or `*`); bytes outside printable ASCII or a `#`; and a path that an
+    upstream could read as traversal or another path (gateway/proxy/target.py: dot segments,
+    also encoded or with `;`, backslashes, control bytes, overlong UTF-8, double encoding),
+    since the upstream or its client library would resolve it and escape the base path. Because the result is always
     `base_url + "/..."`, the authority ends where `base_url` ends: `//evil.com/x` or `/@evil.com`
     stay paths on the configured host.
     """
     if not raw_path.startswith(b"/") or _BAD_TARGET.search(raw_path) or _BAD_TARGET.search(query_string):
         return None
-    if (b"." in raw_path or b"%" in raw_path) and _has_dot_segment(raw_path):
+    if path_problem(raw_path) is not None:
         return None
     path = raw_path.decode("ascii")
     if query_string:
         return f"{base_url}{path}?{query_string.decode('ascii')}"
     return base_url + path
 
-
-def _has_dot_segment(raw_path: bytes) -> bool:
-    decoded = unquote_to_bytes(raw_path).replace(b"\\", b"/")
-    return any(segment in (b".", b"..") for segment in decoded.split(b"/"))

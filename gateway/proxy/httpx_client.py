@@ -1,7 +1,13 @@
-"""The alternative upstream client: httpx over HTTP/1.1, raw bytes, no cookies, no redirects."""
+"""The alternative upstream client: httpx over HTTP/1.1, raw bytes, no cookies, no redirects.
+
+Pooled connections close after `upstream.keep_alive` idle, and a request that fails before any
+response byte on a reused connection is sent once more on a fresh one when its body is in hand
+whole: the same keep-alive race defence as the aiohttp client (see its module docstring).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar
@@ -19,8 +25,6 @@ from gateway.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-
-KEEPALIVE_SECONDS = 30.0
 
 # httpx logs every request with its full URL at INFO; the URL may carry secrets.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -51,6 +55,26 @@ class _CancellationSafePool(httpcore.AsyncConnectionPool):
         ]
         return super()._assign_requests_to_connections()
 
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+        connection = super().create_connection(origin)
+        if type(connection) is httpcore.AsyncHTTPConnection:
+            connection.__class__ = _ReuseTrackingConnection  # same state, one method more
+        return connection
+
+
+# Whether the current request was given a connection that had served one before (set in the
+# request's own task by `_ReuseTrackingConnection`, read by `send` when the request failed).
+_reused: contextvars.ContextVar[bool] = contextvars.ContextVar("httpx_connection_reused", default=False)
+
+
+class _ReuseTrackingConnection(httpcore.AsyncHTTPConnection):
+    _served = False
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        _reused.set(self._served)
+        self._served = True
+        return await super().handle_async_request(request)
+
 
 def _never_connected(connection: httpcore.AsyncConnectionInterface) -> bool:
     return (
@@ -77,10 +101,17 @@ class HttpxUpstreamClient:
     def __init__(self, upstream: Upstream) -> None:
         n = upstream.max_connections
         limits = httpx.Limits(
-            max_connections=n, max_keepalive_connections=n, keepalive_expiry=KEEPALIVE_SECONDS
+            max_connections=n, max_keepalive_connections=n, keepalive_expiry=upstream.keep_alive
         )
+        self._client = self._new_client(upstream, limits)
+        # Retries: a new connection each time, closed after its one request.
+        self._fresh = self._new_client(upstream, httpx.Limits(max_keepalive_connections=0))
+        self.retries = 0  # requests re-sent after a pooled connection failed (tests read it)
+
+    @staticmethod
+    def _new_client(upstream: Upstream, limits: httpx.Limits) -> httpx.AsyncClient:
         # Pool size and HTTP/1.1-only live on the transport; the client adds timeouts and policy.
-        self._client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             transport=_transport(limits),
             timeout=httpx.Timeout(
                 connect=upstream.connect_timeout,
@@ -107,7 +138,16 @@ class HttpxUpstreamClient:
             # A bare Request, not build_request(): the client's default headers (User-Agent,
             # Accept, Accept-Encoding, Connection) must not be added to what the client sent.
             request = httpx.Request(method, url, headers=headers, content=body)
-            response = await self._client.send(request, stream=True)
+            _reused.set(False)
+            try:
+                response = await self._client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # Not a connect error: the request went out on a connection that then failed.
+                if not _reused.get() or not (body is None or isinstance(body, bytes)):
+                    raise
+                self.retries += 1
+                request = httpx.Request(method, url, headers=headers, content=body)
+                response = await self._fresh.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
             raise UpstreamUnavailable(f"connect timeout: {exc}") from exc
         except httpx.TimeoutException as exc:
@@ -118,6 +158,7 @@ class HttpxUpstreamClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._fresh.aclose()
 
 
 class _HttpxResponse:

@@ -96,7 +96,8 @@ GATEWAY_OWNED = {
 _NAMES = st.one_of(
     st.sampled_from(sorted(HOP_BY_HOP | GATEWAY_OWNED | {
         b"x-api-key", b"authorization", b"host", b"content-length", b"expect", b"forwarded", b"x-real-ip",
-        b"x-forwarded-host", b"accept", b"x-custom", b"cookie", b"content-type"})),
+        b"x-forwarded-host", b"accept", b"x-custom", b"cookie", b"content-type",
+        b"x-forwarded-port", b"x-forwarded-prefix", b"true-client-ip", b"cf-connecting-ip"})),
     st.from_regex(rb"\A[a-z0-9!#$%&'*+.^_`|~-]{1,12}\Z"),
 )
 _VALUES = st.binary(max_size=40).filter(lambda v: not any(c in v for c in b"\r\n\x00"))
@@ -121,7 +122,8 @@ def test_upstream_sees_the_clients_headers_minus_hop_and_owned_plus_the_gateways
     named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",") if token.strip()}
     stripped = POLICY.strip | named
-    kept = [(name, value) for name, value in headers if name not in stripped]
+    kept = [(name, value) for name, value in headers
+            if name not in stripped and not name.startswith(b"x-forwarded-")]  # every client-IP header
     added = [(b"x-forwarded-for", b"192.0.2.1"), (b"x-forwarded-proto", b"http"),
              (b"x-gateway-key-id", b"k1"), (b"x-gateway-plan", b"pro"), (b"x-upstream-token", b"up-secret")]
     assert out == kept + added  # order kept, nothing hop-level or client-claimed survives

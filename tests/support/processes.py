@@ -81,6 +81,7 @@ def gateway(
     workers: int = 1,
     env: Mapping[str, str] | None = None,
     ready_path: str = "/healthz",
+    listen_host: str = "127.0.0.1",  # "[::]": dual-stack, IPv4 clients seen as ::ffff:a.b.c.d
 ) -> Iterator[Proc]:
     for attempt in range(3):  # a free port can be taken by someone else before we bind it
         port, admin_port = free_port(), free_port()
@@ -89,7 +90,7 @@ def gateway(
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "-c", str(config_path),
-                 "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+                 "--listen", f"{listen_host}:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
                  "--workers", str(workers)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
             )

@@ -1,0 +1,151 @@
+"""Request head limits enforced while parsing, which uvicorn does not have (huge headers).
+
+uvicorn's httptools protocol accepts a request head of any size: httptools gathers a header
+field by concatenating every fragment (a 40 MB header costs seconds of CPU, growing faster than
+its size) and uvicorn keeps the target and every header. This subclass counts as bytes arrive,
+before anything else sees them:
+
+- the request target past `max_request_line` → 414 `uri_too_long`;
+- the head (request line and header fields) past `max_request_headers`, or more than
+  `max_request_header_count` fields → 431 `headers_too_large`.
+
+An incomplete head is measured by the bytes received since it began, after each read (one read
+is at most the event loop's buffer, 256 KiB), so the parser never holds more than the limit plus
+one read; a complete one when it ends, by its target, its field count and its fields' size. The
+answer carries the same JSON body as every other gateway error and closes the connection.
+Nothing reaches the app: no key check, no store call. The limits are read at each check, so a
+config reload applies to the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httptools
+
+from gateway.disconnects import DisconnectNotifyingProtocol
+from gateway.responses import error_body
+
+log = logging.getLogger("gateway.client")
+
+
+class HeadLimitSettings(Protocol):
+    """What the protocol reads: `HeadLimits`, or the gateway's `Config` (same field names)."""
+
+    @property
+    def max_request_line(self) -> int: ...
+    @property
+    def max_request_headers(self) -> int: ...
+    @property
+    def max_request_header_count(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """The defaults: in line with nginx (8 KiB request line, 32 KiB of headers) and Envoy
+    (60 KiB of headers, 100 fields), a little roomier for long scraping targets."""
+
+    max_request_line: int = 16 * 1024  # the target, in bytes
+    max_request_headers: int = 64 * 1024  # request line and header fields, in bytes
+    max_request_header_count: int = 100
+
+
+def _refusal(status: int, reason: str, error: str, message: str) -> bytes:
+    body = error_body(error, message)
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, reason.encode(), len(body))
+    ) + body
+
+
+HEADERS_TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "headers_too_large",
+                             "The request headers are too large or too many.")
+URI_TOO_LONG = _refusal(414, "URI Too Long", "uri_too_long", "The request target is too long.")
+
+
+class _HeadRefused(Exception):
+    """Raised inside a parser callback to stop httptools at once."""
+
+
+class HeadLimitsProtocol(DisconnectNotifyingProtocol):
+    """Set `head_limits` on a subclass (see gateway/edge.py).
+
+    Cheap on the hot path: no parser callback is added. A complete head is checked once, when
+    it ends (target length, field count, and its exact size only when more bytes than the limit
+    arrived with it); an incomplete one after each read.
+    """
+
+    head_limits: Callable[[], HeadLimitSettings] = staticmethod(HeadLimits)
+
+    url: bytes = b""  # uvicorn sets it when a message begins
+    _head_open = True  # between the end of one message and the end of the next head
+    _head_received = 0  # bytes read while the head was open (with any body bytes of that read)
+    _refusal: bytes | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return
+        if self._head_open:
+            self._head_received += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if self._refusal is not None:  # raised by on_headers_complete below
+                self._refuse(self._refusal)
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        # A head still incomplete after this read (under 4 KiB there is nothing to bound yet: the
+        # complete head is checked when it ends).
+        if self._head_open and self._head_received > 4096:
+            limits = self.head_limits()
+            if len(self.url) > limits.max_request_line:
+                self._refuse(URI_TOO_LONG)
+            elif self._head_received > limits.max_request_headers:
+                self._refuse(HEADERS_TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        limits = self.head_limits()
+        if len(self.url) > limits.max_request_line:
+            self._refusal = URI_TOO_LONG
+        elif len(self.headers) > limits.max_request_header_count or (
+            self._head_received > limits.max_request_headers and self._head_size() > limits.max_request_headers
+        ):
+            self._refusal = HEADERS_TOO_LARGE
+        if self._refusal is not None:
+            raise _HeadRefused  # stops the parser: nothing reaches the app
+        self._head_open = False
+        self._head_received = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_open = True
+        super().on_message_complete()
+
+    def _head_size(self) -> int:
+        """The head's size as parsed: its target and fields, each with its separators."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _refuse(self, response: bytes) -> None:
+        self._refusal = response
+        transport = self.transport
+        if transport.is_closing():
+            return
+        # debug: a flood of oversized heads must not flood the log as well
+        log.debug("refusing a request head from %s: %s", self.client[0] if self.client else "?",
+                  response.split(b"\r\n", 1)[0].decode())
+        if self.cycle is None or self.cycle.response_complete:
+            transport.write(response)
+        # else a pipelined head behind a response in progress: nothing can be written in between
+        transport.close()
