@@ -77,6 +77,13 @@ def test_every_relative_link_resolves_inside_the_repository(clone: Path) -> None
     assert outside.stdout == "", f"files pointing outside the repository:\n{outside.stdout}"
 
 
+def test_tests_write_no_loose_files_in_tmp(clone: Path) -> None:
+    """Test logs go under pytest's tmp_path (tests/support/processes.py LOG_DIR), not /tmp."""
+    loose = subprocess.run(["git", "grep", "-n", "-E", r"""Path\(f?["']/tmp/""", "--", "tests"], cwd=clone,
+                           capture_output=True, text=True)
+    assert loose.stdout == "", loose.stdout
+
+
 def commands(block: str) -> list[str]:
     """Shell commands of a block: continuation lines joined, one entry per command line."""
     return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
