@@ -77,6 +77,17 @@ def test_every_relative_link_resolves_inside_the_repository(clone: Path) -> None
     assert outside.stdout == "", f"files pointing outside the repository:\n{outside.stdout}"
 
 
+def test_package_data_matches_the_tree(clone: Path) -> None:
+    """Every package-data pattern of pyproject.toml names files that exist in the clone."""
+    import tomllib
+
+    package_data = tomllib.loads((clone / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert package_data
+    for package, patterns in package_data.items():
+        for pattern in patterns:
+            assert list((clone / package.replace(".", "/")).glob(pattern)), f"{package}: {pattern} matches nothing"
+
+
 def test_tests_write_no_loose_files_in_tmp(clone: Path) -> None:
     """Test logs go under pytest's tmp_path (tests/support/processes.py LOG_DIR), not /tmp."""
     loose = subprocess.run(["git", "grep", "-n", "-E", r"""Path\(f?["']/tmp/""", "--", "tests"], cwd=clone,
