@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--listen", default="127.0.0.1:9000", type=_split_listen, help="HOST:PORT")
     parser.add_argument("--delay", default=DEFAULT_DELAY, type=_delay_ms,
-                        help=f"how long each page-fetching call takes unless it says delay_ms (default {DEFAULT_DELAY})")
+                        help=f"how long each page-fetching call takes unless it says delay_ms "
+                             f"(default {DEFAULT_DELAY})")
     args = parser.parse_args(argv)
     host, port = args.listen
 

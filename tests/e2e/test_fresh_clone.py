@@ -101,8 +101,10 @@ def commands(block: str) -> list[str]:
 
 
 def test_quickstart_from_a_fresh_clone(clone: Path, tmp_path: Path) -> None:
-    if shutil.which("curl") is None:
-        pytest.fail("curl is needed to run README's examples as written")
+    if shutil.which("curl") is None:  # README's examples are curl commands, run as written
+        if os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1":
+            pytest.fail("GATEWAY_REQUIRE_TOOLS=1 but curl is not installed")
+        pytest.skip("curl is not installed; GATEWAY_REQUIRE_TOOLS=1 makes this a failure")
     pyproject = (clone / "pyproject.toml").read_bytes()
     if pyproject != (ROOT / "pyproject.toml").read_bytes():
         pytest.skip("the worktree's pyproject.toml differs from HEAD's: its .venv is not HEAD's")

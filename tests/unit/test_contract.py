@@ -48,7 +48,8 @@ def test_every_error_answer_of_the_code_is_in_the_contract_and_back() -> None:
     documented = {(int(row[0]), code_spans(row[1])[0]) for row in table("Responses the gateway makes itself")}
     source = source_of_gateway()
     # send_error(send, STATUS, "error", ...) on the public port; the raw 408 of the header deadline
-    sent = {(int(status), error) for status, error in re.findall(r"send_error\(\s*send,\s*(\d{3}),\s*\"(\w+)\"", source)}
+    calls = re.findall(r"send_error\(\s*send,\s*(\d{3}),\s*\"(\w+)\"", source)
+    sent = {(int(status), error) for status, error in calls}
     deadline = (GATEWAY / "header_deadline.py").read_text()
     status = re.search(r"HTTP/1\.1 (\d{3})", deadline)
     error = re.search(r"error_body\(\"(\w+)\"", deadline)
