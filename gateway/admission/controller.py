@@ -91,12 +91,13 @@ class _Refusal:
 
     def at(self, now: float) -> AdmitResult:
         """The refusal as it stands at `now`: Retry-After and the rate resets count down. No
-        slot counts: slots may have been taken or freed since, so the headers omit them."""
+        slot counts: slots may have been taken or freed since, so the headers omit them; nor
+        do they repeat the other rate limits' numbers (other routes may have spent them)."""
         elapsed_ms = int((now - self.asked_at) * 1000)  # rounded down: never earlier than the store's numbers
         result = self.result
         return AdmitResult(
             False, "rate", max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
-            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [],
+            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [], from_cache=True,
         )
 
 

@@ -6,9 +6,10 @@ so the numbers describe the state that caused it. `in_flight` counts this reques
 it was admitted (a refused request holds no slot): 10 slots with 2 already held gives
 Concurrency-Remaining 7 on an admission, 8 on a rate refusal.
 
-A result whose `slot_counts` is empty while the plan has slot buckets knows nothing about the
-slots (a refusal answered from the refusal cache, gateway/admission/controller.py): the
-concurrency families and the IETF concurrency items are left out rather than guessed.
+A refusal answered from the refusal cache (`result.from_cache`, gateway/admission/controller.py)
+knows only its refusing rate limits (full until their `t`): the concurrency families, the IETF
+concurrency items and the IETF items of rate limits that did not refuse are left out rather
+than repeated stale.
 IETF `w` is whole seconds (the draft's unit): a sub-second-fraction window is rounded up, so
 `5/1500ms` is announced as `q=5;w=2`, never a rate above the real one.
 """
@@ -58,7 +59,7 @@ def rate_state(plan: AdmissionPlan, result: AdmitResult) -> list[tuple[int, int]
 
 def slots_known(plan: AdmissionPlan, result: AdmitResult) -> bool:
     """False for a cached refusal: it carries no slot counts (they change every moment)."""
-    return len(result.slot_counts) == len(plan.slot_info)
+    return not result.from_cache and len(result.slot_counts) == len(plan.slot_info)
 
 
 def slot_in_flight(plan: AdmissionPlan, result: AdmitResult) -> list[int]:
@@ -99,6 +100,7 @@ def limit_headers(
         items = [
             f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}'
             for info, (remaining, reset_ms) in zip(plan.rate_info, rates, strict=True)
+            if remaining == 0 or not result.from_cache  # a cached refusal knows its full limits only
         ]
         items += [
             f'"{info.policy}";r={info.limit - current}' for info, current in zip(plan.slot_info, in_flight)
@@ -144,7 +146,7 @@ class LimitHeaders:
             return limit_headers(self._plan, result, self._families, self._policy or None)
         headers: Headers = []
         slot_item = None
-        if self._slot_limit is not None and result.slot_counts:  # no counts: a cached refusal
+        if self._slot_limit is not None and not result.from_cache and result.slot_counts:
             slot_item = self._add_slot(headers, result, self._slot_limit)
         rate_item = None if self._rate_limit is None else self._add_rate(headers, result, self._rate_limit)
         if self._ietf:
@@ -167,7 +169,7 @@ class LimitHeaders:
             headers.append((b"x-concurrent-remaining", left))
         return self._slot_item + left
 
-    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int) -> bytes:
+    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int) -> bytes | None:
         """The X-RateLimit headers (numbers as `rate_state` computes them); returns the rate bucket's IETF item."""
         count = result.rate_counts[0]
         remaining = max(0, limit - (count + 1 if result.admitted else count))
@@ -179,6 +181,8 @@ class LimitHeaders:
             headers.append((b"x-ratelimit-limit", self._rate_limit_text))
             headers.append((b"x-ratelimit-remaining", b"%d" % remaining))
             headers.append((b"x-ratelimit-reset", b"%d" % reset))
+        if result.from_cache and remaining:  # not the refusing limit: its number may be stale
+            return None
         return self._rate_item + b"%d;t=%d" % (remaining, reset)
 
 

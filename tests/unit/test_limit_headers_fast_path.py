@@ -50,7 +50,8 @@ def cases(draw: st.DrawFn) -> tuple[AdmissionPlan, AdmitResult, frozenset[str]]:
         slot_counts=[draw(counts) for _ in plan.slots],
     )
     if reason == "rate" and draw(st.booleans()):
-        result.slot_counts = []  # a refusal from the refusal cache knows nothing of the slots
+        result.slot_counts = []  # a refusal from the refusal cache knows nothing of the slots ...
+        result.from_cache = True  # ... nor of the rate limits that did not refuse
     families = frozenset(draw(st.sets(st.sampled_from(FAMILIES))))
     return plan, result, families
 

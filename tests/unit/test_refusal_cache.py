@@ -236,3 +236,25 @@ def test_only_rate_refusals_with_a_retry_time_are_remembered() -> None:
     cache.remember(plan, clock(), AdmitResult(False, "concurrency", 0, [0], [60_000], [5]))
     cache.remember(plan, clock(), AdmitResult(False, "rate", 0, [2], [0], [0]))
     assert cache.get(plan) is None
+
+
+def test_a_cached_refusal_leaves_out_the_rate_limits_that_did_not_refuse() -> None:
+    """Another route may spend a shared limit while a refusal is cached: only the refusing
+    limit's numbers (full until its t) are still known, so only its IETF item is sent."""
+    clock = Clock()
+    store = CountingStore(clock)
+    admission = admission_on(store, clock)
+    plan = AdmissionPlan(
+        "p",
+        rates=(RateBucket("gw:{k:1}:r:rpm", 100, 60_000), RateBucket("gw:{k:1}:r:burst", 1, 10_000)),
+        rate_info=(BucketInfo("rpm", 100, 60.0), BucketInfo("burst", 1, 10.0)),
+        slots=(), slot_info=(), wait=0.0,
+    )
+    families = frozenset({"x-ratelimit", "ietf"})
+    _, from_store, from_cache = fill(admission, plan, 3)
+    assert store.admits == 2 and from_cache.from_cache
+    fresh = dict(limit_headers(plan, from_store, families, policy_header(plan)))
+    cached = dict(limit_headers(plan, from_cache, families, policy_header(plan)))
+    assert fresh[b"ratelimit"] == b'"rpm";r=99;t=60, "burst";r=0;t=10'
+    assert cached[b"ratelimit"] == b'"burst";r=0;t=10'
+    assert cached[b"x-ratelimit-limit"] == b"1" and cached[b"x-ratelimit-remaining"] == b"0"
