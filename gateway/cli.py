@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
 
     upstream = commands.add_parser("example-upstream", help="run the small example scraping API")
     upstream.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT (default 127.0.0.1:9000)")
+    upstream.add_argument("--delay", default="500ms",
+                          help="how long each page-fetching call takes unless it says delay_ms (default 500ms)")
     return parser
 
 
@@ -68,5 +70,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "example-upstream":
         from gateway.example_upstream import main as upstream_main
 
-        return upstream_main(["--listen", args.listen])
+        return upstream_main(["--listen", args.listen, "--delay", args.delay])
     return 2

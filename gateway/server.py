@@ -179,10 +179,22 @@ def serve(options: ServeOptions) -> int:
         )
     public_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
+    configure_logging()
+    log.info("listening on %s (admin %s), %d worker(s), pid %d",
+             _address(public_sock), _address(admin_sock), options.workers, os.getpid())
     if options.workers == 1:
         _run_worker(options, public_sock, admin_sock)
-        return 0
-    return _supervise(options, public_sock, admin_sock)
+        code = 0
+    else:
+        code = _supervise(options, public_sock, admin_sock)
+    log.info("stopped (exit code %d)", code)
+    return code
+
+
+def _address(sock: socket.socket) -> str:
+    """The bound address as a URL (the real port when 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> int:

@@ -8,9 +8,16 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.support import processes
 from tests.support.redis_server import REQUIRE_REDIS, SHARED_URL, shared_redis_reachable
 
 _reachable: bool | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _process_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Logs of shared helper processes (mock upstreams) go under pytest's temporary directory."""
+    processes.LOG_DIR = tmp_path_factory.mktemp("process-logs")
 
 
 def _require_redis() -> None:

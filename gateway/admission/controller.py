@@ -18,7 +18,8 @@ where the slot was taken.
 Rate refusals of the shared store are remembered (`RefusalCache`): a refusal by a rate bucket
 with `retry_after_ms = t` stays true until t has passed, on every replica, since admissions only
 leave a window with time. Until then the same plan is refused here with no store call, its
-Retry-After counting down. Concurrency refusals are never cached (a slot can free any moment);
+Retry-After counting down; such a refusal carries no slot counts (they may have changed since),
+so its headers leave the concurrency numbers out. Concurrency refusals are never cached (a slot can free any moment);
 nor are decisions of the local fallback store or of `on_error: allow`.
 
 A plan with a `wait` admits through the waiter queues (one store call all the same): refused
@@ -95,12 +96,14 @@ class _Refusal:
     result: AdmitResult
 
     def at(self, now: float) -> AdmitResult:
-        """The refusal as it stands at `now`: Retry-After and the rate resets count down."""
+        """The refusal as it stands at `now`: Retry-After and the rate resets count down. No
+        slot counts: slots may have been taken or freed since, so the headers omit them; nor
+        do they repeat the other rate limits' numbers (other routes may have spent them)."""
         elapsed_ms = int((now - self.asked_at) * 1000)  # rounded down: never earlier than the store's numbers
         result = self.result
         return AdmitResult(
             False, "rate", max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
-            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], result.slot_counts,
+            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [], from_cache=True,
         )
 
 

@@ -2,8 +2,16 @@
 
 Concurrency families describe the slot bucket with the fewest free slots, rate families the
 rate bucket with the fewest remaining requests; on a 429 the bucket that refused wins ties,
-so the numbers describe the state that caused it. `in_flight` counts this request:
-10 slots with 2 already held gives Concurrency-Remaining 7.
+so the numbers describe the state that caused it. `in_flight` counts this request only when
+it was admitted (a refused request holds no slot): 10 slots with 2 already held gives
+Concurrency-Remaining 7 on an admission, 8 on a rate refusal.
+
+A refusal answered from the refusal cache (`result.from_cache`, gateway/admission/controller.py)
+knows only its refusing rate limits (full until their `t`): the concurrency families, the IETF
+concurrency items and the IETF items of rate limits that did not refuse are left out rather
+than repeated stale.
+IETF `w` is whole seconds (the draft's unit): a sub-second-fraction window is rounded up, so
+`5/1500ms` is announced as `q=5;w=2`, never a rate above the real one.
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ def _window(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else f"{seconds:g}"
 
 
+def ietf_window(seconds: float) -> int:
+    """The IETF `w` parameter: whole seconds, rounded up (at least 1)."""
+    return max(1, math.ceil(seconds))
+
+
 def policy_header(plan: AdmissionPlan) -> bytes | None:
     """RateLimit-Policy: fixed per (plan, route), so computed once and cached with the plan."""
-    items = [f'"{info.policy}";q={info.limit};w={_window(info.window)}' for info in plan.rate_info]
+    items = [f'"{info.policy}";q={info.limit};w={ietf_window(info.window)}' for info in plan.rate_info]
     items += [f'"{info.policy}";q={info.limit};qu="concurrent-requests"' for info in plan.slot_info]
     return ", ".join(items).encode() if items else None
 
@@ -44,9 +57,18 @@ def rate_state(plan: AdmissionPlan, result: AdmitResult) -> list[tuple[int, int]
     return states
 
 
+def slots_known(plan: AdmissionPlan, result: AdmitResult) -> bool:
+    """False for a cached refusal: it carries no slot counts (they change every moment)."""
+    return not result.from_cache and len(result.slot_counts) == len(plan.slot_info)
+
+
 def slot_in_flight(plan: AdmissionPlan, result: AdmitResult) -> list[int]:
-    """Requests in flight per slot bucket, this request included (capped at the limit)."""
-    return [min(info.limit, count + 1) for info, count in zip(plan.slot_info, result.slot_counts, strict=True)]
+    """Requests in flight per slot bucket, this request included only if admitted (capped at
+    the limit); empty when the result knows nothing about the slots."""
+    if not slots_known(plan, result):
+        return []
+    extra = 1 if result.admitted else 0
+    return [min(info.limit, count + extra) for info, count in zip(plan.slot_info, result.slot_counts, strict=True)]
 
 
 def limit_headers(
@@ -78,12 +100,14 @@ def limit_headers(
         items = [
             f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}'
             for info, (remaining, reset_ms) in zip(plan.rate_info, rates, strict=True)
+            if remaining == 0 or not result.from_cache  # a cached refusal knows its full limits only
         ]
         items += [
-            f'"{info.policy}";r={info.limit - current}' for info, current in zip(plan.slot_info, in_flight, strict=True)
+            f'"{info.policy}";r={info.limit - current}' for info, current in zip(plan.slot_info, in_flight)
         ]
         headers.append((b"ratelimit-policy", policy))
-        headers.append((b"ratelimit", ", ".join(items).encode()))
+        if items:
+            headers.append((b"ratelimit", ", ".join(items).encode()))
     return headers
 
 
@@ -121,17 +145,20 @@ class LimitHeaders:
         if not self._simple:
             return limit_headers(self._plan, result, self._families, self._policy or None)
         headers: Headers = []
-        slot_item = None if self._slot_limit is None else self._add_slot(headers, result, self._slot_limit)
+        slot_item = None
+        if self._slot_limit is not None and not result.from_cache and result.slot_counts:
+            slot_item = self._add_slot(headers, result, self._slot_limit)
         rate_item = None if self._rate_limit is None else self._add_rate(headers, result, self._rate_limit)
         if self._ietf:
             items = [item for item in (rate_item, slot_item) if item is not None]  # rate items first
             headers.append((b"ratelimit-policy", self._policy))
-            headers.append((b"ratelimit", b", ".join(items)))
+            if items:
+                headers.append((b"ratelimit", b", ".join(items)))
         return headers
 
     def _add_slot(self, headers: Headers, result: AdmitResult, limit: int) -> bytes:
         """The concurrency families' headers; returns the slot bucket's IETF item."""
-        current = min(limit, result.slot_counts[0] + 1)
+        current = min(limit, result.slot_counts[0] + 1 if result.admitted else result.slot_counts[0])
         left = b"%d" % (limit - current)
         if self._concurrency:
             headers.append((b"concurrency-limit", self._slot_limit_text))
@@ -142,7 +169,7 @@ class LimitHeaders:
             headers.append((b"x-concurrent-remaining", left))
         return self._slot_item + left
 
-    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int) -> bytes:
+    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int) -> bytes | None:
         """The X-RateLimit headers (numbers as `rate_state` computes them); returns the rate bucket's IETF item."""
         count = result.rate_counts[0]
         remaining = max(0, limit - (count + 1 if result.admitted else count))
@@ -154,6 +181,8 @@ class LimitHeaders:
             headers.append((b"x-ratelimit-limit", self._rate_limit_text))
             headers.append((b"x-ratelimit-remaining", b"%d" % remaining))
             headers.append((b"x-ratelimit-reset", b"%d" % reset))
+        if result.from_cache and remaining:  # not the refusing limit: its number may be stale
+            return None
         return self._rate_item + b"%d;t=%d" % (remaining, reset)
 
 

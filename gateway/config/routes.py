@@ -97,8 +97,24 @@ def pattern_problem(text: str) -> str | None:
     return None
 
 
+# RFC 9110's methods and PATCH (RFC 5789): a typo such as GTE would otherwise make a route
+# that matches nothing, silently.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+
+
+def _method(r: NodeReader, item: Node, path: str) -> str | None:
+    token = r.token(item, path, "an HTTP method")
+    if token is None:
+        return None
+    if token.upper() not in HTTP_METHODS:
+        r.problem(item, path, f"{quote(token)} is not an HTTP method{did_you_mean(token.upper(), HTTP_METHODS)}; "
+                  f"one of: {', '.join(HTTP_METHODS)}")
+        return None
+    return token
+
+
 def _methods(r: NodeReader, node: Node, path: str) -> frozenset[str] | None:
-    methods = r.list_of(node, path, lambda item, item_path: r.token(item, item_path, "an HTTP method"))
+    methods = r.list_of(node, path, lambda item, item_path: _method(r, item, item_path))
     if methods is None:
         return None
     if isinstance(node, yaml.SequenceNode) and not node.value:

@@ -82,6 +82,9 @@ class AdmitResult:
     queued: bool = False
     # The waiter's place in the queues (pass it back in QueueSpot.arrival to keep it).
     arrival: str = ""
+    # A refusal repeated from the refusal cache (gateway/admission/controller.py), not a store
+    # answer: only the refusing limits' numbers are still known (headers say nothing else).
+    from_cache: bool = False
 
 
 @dataclass(frozen=True, slots=True)

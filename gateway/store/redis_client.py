@@ -9,13 +9,14 @@ state-changing script twice. The store re-sends only what is safe to run twice
 
 URL forms:
 - `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), `unix:///path.sock?db=N`
+  (a Unix socket: no TCP keepalive, which redis-py's socket connection does not take)
 - `redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]`
   The service name is the first path segment (or `?service_name=`); the db the second
   segment (or `?db=`). The credentials are the master's; `?sentinel_password=` (and
   `?sentinel_username=`) authenticate to the Sentinels themselves. `rediss+sentinel://`
-  speaks TLS to the master.
+  speaks TLS to the master (the config loader refuses it: untested).
 - `redis+cluster://[user:password@]host:port[,host:port...]` (any reachable nodes; the rest
-  of the topology is discovered). `rediss+cluster://` speaks TLS.
+  of the topology is discovered). `rediss+cluster://` speaks TLS (refused by the config loader: untested).
 """
 
 from __future__ import annotations
@@ -230,6 +231,8 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisConnectio
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
+    if scheme == "unix":
+        del common["socket_keepalive"]  # a TCP option: UnixDomainSocketConnection refuses it
     if scheme in STANDALONE_SCHEMES:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout / 2, **common

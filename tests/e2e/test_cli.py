@@ -59,3 +59,26 @@ def test_demo_runs_and_shows_refusals() -> None:
     assert "401 invalid_api_key" in out
     assert "403 ip_banned" in out
     assert "even with a valid key now → 403 ip_banned" in out
+
+
+def test_serve_says_where_it_listens_once_and_stops_in_one_line(tmp_path: Path) -> None:
+    """Two uvicorn servers run in one worker (public and admin): their start/stop lines would
+    each appear twice. The gateway says its two addresses once, then that it stopped."""
+    import signal
+
+    from tests.support.processes import gateway, write_config
+
+    config = {
+        "upstream": {"url": "http://127.0.0.1:9"},
+        "keys": [{"id": "k", "key": "serve-output-key", "plan": "p"}],
+        "plans": {"p": {"limits": {"rpm": {"rate": "1/1m"}}}},
+        "routes": [{"path": "/**", "limits": ["rpm"]}],
+    }
+    with gateway(write_config(tmp_path / "gw.yaml", config)) as gw:
+        assert gw.stop(signal.SIGINT) == 0  # Ctrl+C
+    lines = gw.log().splitlines()
+    listening = [line for line in lines if "listening on" in line]
+    assert len(listening) == 1, lines
+    assert f"listening on {gw.url} (admin {gw.admin_url})" in listening[0]
+    assert sum("stopped (exit code 0)" in line for line in lines) == 1
+    assert not [line for line in lines if "uvicorn" in line], lines

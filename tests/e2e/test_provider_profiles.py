@@ -431,12 +431,12 @@ ZAP_FREE = "zapfetch-free-demo-key"
 
 
 @pytest.fixture
-def zapfetch(redis_url: str, profile: Callable[[str], Path]) -> Iterator[Proc]:
+def zapfetch(redis_url: str, profile: Callable[[str], Path], tmp_path: Path) -> Iterator[Proc]:
     port = free_port()
-    log_path = Path(f"/tmp/example-upstream-{port}.log")
+    log_path = tmp_path / f"example-upstream-{port}.log"
     with open(log_path, "wb") as log:
-        upstream = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "example-upstream", "--listen", f"127.0.0.1:{port}"],
+        upstream = subprocess.Popen(  # no delay: five calls must fit in one second
+            [sys.executable, "-m", "gateway", "example-upstream", "--listen", f"127.0.0.1:{port}", "--delay", "0"],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     try:

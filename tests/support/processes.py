@@ -21,6 +21,15 @@ from tests.support.redis_server import free_port
 ROOT = Path(__file__).resolve().parents[2]
 # Every gateway log written in this test session, for the final secret-leak sweep.
 GATEWAY_LOGS: list[Path] = []
+# Where logs with no test's tmp_path to go to are written: a directory under pytest's base
+# temporary directory, set for the session by tests/conftest.py (never loose in /tmp).
+LOG_DIR: Path | None = None
+
+
+def log_dir() -> Path:
+    if LOG_DIR is None:
+        raise RuntimeError("tests.support.processes.LOG_DIR is set by tests/conftest.py")
+    return LOG_DIR
 
 
 @dataclass
@@ -112,7 +121,7 @@ def gateway(
 def mock_upstream() -> Iterator[str]:
     """The raw mock upstream as its own process; yields its base URL."""
     port = free_port()
-    log_path = Path(f"/tmp/mock-upstream-{port}.log")
+    log_path = log_dir() / f"mock-upstream-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.mock_upstream", "--port", str(port)],

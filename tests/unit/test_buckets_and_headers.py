@@ -134,7 +134,8 @@ def test_headers_of_a_rate_refusal_describe_the_refusing_bucket() -> None:
     assert h["x-ratelimit-reset"] == "13"  # never earlier than Retry-After
     assert retry_after_seconds(result) == 13
     assert '"rpm.key";r=0;t=13' in h["ratelimit"]
-    assert h["concurrency-remaining"] == "5"  # 4 held + this one, of 10
+    # a refused request holds no slot: 4 held of 10 (not 5, as if it were in flight)
+    assert h["concurrency-remaining"] == "6" and h["x-concurrent-current"] == "4"
     assert refusal_message(plan, result) == "You have exceeded 30 requests per 1m on the pro plan."
 
 
@@ -151,3 +152,22 @@ def test_families_can_be_chosen() -> None:
     result = AdmitResult(True, None, 0, rate_counts=[0], rate_reset_ms=[60_000], slot_counts=[0])
     names = {k for k, _ in limit_headers(plan, result, frozenset({"x-concurrent"}), policy_header(plan))}
     assert names == {b"x-concurrent-limit", b"x-concurrent-current", b"x-concurrent-remaining"}
+
+
+def test_ietf_window_is_whole_seconds_rounded_up() -> None:
+    """draft-ietf-httpapi-ratelimit-headers wants `w` in whole seconds: 5/1500ms is announced
+    as 5 per 2 s (never a faster rate than the real one), 50/250ms as 50 per 1 s."""
+    from gateway.admission.buckets import AdmissionPlan, BucketInfo
+    from gateway.store.base import RateBucket
+
+    def policy(window_ms: int) -> str:
+        info = BucketInfo("r", 5, window_ms / 1000)
+        plan = AdmissionPlan("p", (RateBucket("k", 5, window_ms),), (info,), (), (), 0.0)
+        value = policy_header(plan)
+        assert value is not None
+        return value.decode()
+
+    assert policy(1500) == '"r";q=5;w=2'
+    assert policy(250) == '"r";q=5;w=1'
+    assert policy(60_000) == '"r";q=5;w=60'
+    assert policy(60_001) == '"r";q=5;w=61'

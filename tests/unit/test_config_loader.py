@@ -529,6 +529,22 @@ def test_quickstart_keys_are_plain_and_limits_small() -> None:
     assert [route.path for route in config.routes] == ["/v1/**"]
 
 
+def test_quickstart_demos_use_separate_keys_and_addresses_come_from_the_environment() -> None:
+    """README's rate demo spends demo-free-key's 5 a minute; the concurrency demo's key is another,
+    so it never answers rate_limited because of it. scripts/quickstart moves ports by variables."""
+    config = load_config(EXAMPLES / "quickstart.yaml", env={})
+    plans = {key.id: key.plan for key in config.keys}
+    assert plans["demo-free"] != plans["demo-slots"]
+    slots = config.plans[plans["demo-slots"]].limits
+    assert slots["requests"] == ConcurrencyLimit(name="requests", limit=2)
+    assert isinstance(slots["rpm"], RateLimit) and slots["rpm"].limit >= 100
+    moved = load_config(EXAMPLES / "quickstart.yaml", env={
+        "UPSTREAM_URL": "http://127.0.0.1:9100", "GATEWAY_LISTEN": "127.0.0.1:8180",
+        "GATEWAY_ADMIN_LISTEN": "127.0.0.1:9564"})
+    assert (moved.upstream.url, moved.listen, moved.admin_listen) == (
+        "http://127.0.0.1:9100", "127.0.0.1:8180", "127.0.0.1:9564")
+
+
 def test_gateway_example_is_the_spec_example() -> None:
     config = load_config(EXAMPLES / "gateway.yaml", env={})
     assert config.upstream.url == "http://127.0.0.1:9000"

@@ -106,3 +106,52 @@ def test_runs_as_a_module() -> None:
         finally:
             process.terminate()
             process.wait(5)
+
+
+async def test_the_request_shapes_of_the_provider_profiles(api: httpx.AsyncClient) -> None:
+    """What the config/*-style.yaml profiles' SDKs send, answered as those APIs do."""
+    zenrows = await api.get("/v1/", params={"url": "https://example.org/x", "js_render": "true"})
+    assert zenrows.status_code == 200 and zenrows.headers["content-type"].startswith("text/html")
+    assert "Example page for https://example.org/x" in zenrows.text
+    for path, body, field in (("/v1/search", {"query": "q"}, "data"), ("/v1/map", {"url": "https://a.b"}, "links"),
+                              ("/v1/extract", {"url": "https://a.b"}, "data"),
+                              ("/v1/monitor/chatgpt", {"prompt": "hi"}, "answer"),
+                              ("/v1/read", {"url": "https://a.b"}, "markdown")):
+        answer = await api.post(path, json=body)
+        assert answer.status_code == 200 and answer.json()["success"] is True and field in answer.json(), path
+    queued = await api.post("/v1/async/chatgpt", json={"prompt": "hi"})
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    batch = await api.post("/v1/batch", json={"urls": ["https://a.b/1", "https://a.b/2"], "duration_ms": 50})
+    assert batch.status_code == 201 and batch.json()["url"] == "2 URLs"
+    job_id = batch.json()["id"]
+    assert (await api.get(f"/v1/jobs/{job_id}")).json()["status"] == "queued"
+    await asyncio.sleep(0.1)
+    assert (await api.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+
+
+def test_the_command_has_a_default_delay_and_says_when_its_port_is_taken() -> None:
+    """`--delay` defaults to 500ms (concurrency limits visible by hand); a taken port ends it
+    with status 1 and one line, no traceback."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "gateway", "example-upstream", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            url = line.rsplit(" ", 1)[1].strip()
+            started = time.monotonic()
+            assert httpx.get(f"{url}/v1/?url=https://a.b").status_code == 200
+            assert time.monotonic() - started >= 0.5
+            assert httpx.get(f"{url}/v1/scrape?delay_ms=0").json()["delay_ms"] == 0
+            port = url.rsplit(":", 1)[1]
+            taken = subprocess.run(
+                [sys.executable, "-m", "gateway", "example-upstream", "--listen", f"127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert taken.returncode == 1
+            assert taken.stderr == f"gateway example-upstream: cannot listen on 127.0.0.1:{port}: " \
+                                   "Address already in use\n"
+        finally:
+            process.terminate()
+            assert process.wait(5) == 0  # SIGTERM is a clean stop

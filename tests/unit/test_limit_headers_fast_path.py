@@ -49,6 +49,9 @@ def cases(draw: st.DrawFn) -> tuple[AdmissionPlan, AdmitResult, frozenset[str]]:
         rate_reset_ms=[draw(st.integers(min_value=0, max_value=4_000_000)) for _ in plan.rates],
         slot_counts=[draw(counts) for _ in plan.slots],
     )
+    if reason == "rate" and draw(st.booleans()):
+        result.slot_counts = []  # a refusal from the refusal cache knows nothing of the slots ...
+        result.from_cache = True  # ... nor of the rate limits that did not refuse
     families = frozenset(draw(st.sets(st.sampled_from(FAMILIES))))
     return plan, result, families
 
@@ -71,13 +74,13 @@ def test_the_common_shape_with_every_family() -> None:
     headers = LimitHeaders(plan, frozenset(FAMILIES), policy_header(plan))(result)
     assert headers == [
         (b"concurrency-limit", b"2"),
-        (b"concurrency-remaining", b"0"),
+        (b"concurrency-remaining", b"1"),  # a rate refusal holds no slot: 1 of 2 in flight
         (b"x-concurrent-limit", b"2"),
-        (b"x-concurrent-current", b"2"),
-        (b"x-concurrent-remaining", b"0"),
+        (b"x-concurrent-current", b"1"),
+        (b"x-concurrent-remaining", b"1"),
         (b"x-ratelimit-limit", b"10"),
         (b"x-ratelimit-remaining", b"0"),
         (b"x-ratelimit-reset", b"13"),
         (b"ratelimit-policy", b'"rpm";q=10;w=60, "requests";q=2;qu="concurrent-requests"'),
-        (b"ratelimit", b'"rpm";r=0;t=13, "requests";r=0'),
+        (b"ratelimit", b'"rpm";r=0;t=13, "requests";r=1'),
     ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission, RefusalCache
-from gateway.admission.headers import LimitHeaders, policy_header, retry_after_seconds
+from gateway.admission.headers import LimitHeaders, limit_headers, policy_header, retry_after_seconds
 from gateway.metrics import Metrics
 from gateway.store.base import AdmitResult, QueueSpot, RateBucket, SlotBucket, StoreError
 from gateway.store.memory import MemoryStore
@@ -101,7 +101,27 @@ def test_retry_after_and_the_reset_count_down_from_the_cached_deadline() -> None
     assert cached.retry_after_ms == 39_500 and retry_after_seconds(cached) == 40
     values = dict(headers(cached))
     assert values[b"x-ratelimit-reset"] == b"40" and values[b"x-ratelimit-remaining"] == b"0"
-    assert values[b"ratelimit"] == b'"rpm";r=0;t=40, "requests";r=4'
+    # no slot item: the slots may have been taken or freed since the store was asked
+    assert values[b"ratelimit"] == b'"rpm";r=0;t=40'
+
+
+def test_a_cached_refusal_says_nothing_about_the_slots() -> None:
+    """The store's refusal carries its slot numbers; the cached one (the slots may have been
+    taken or freed since) leaves every concurrency header out rather than repeat stale ones."""
+    clock = Clock()
+    store = CountingStore(clock)
+    admission = admission_on(store, clock)
+    plan = make_plan(rate=1, window_ms=60_000, slots=5)
+    families = frozenset({"concurrency", "x-concurrent", "x-ratelimit", "ietf"})
+    headers = LimitHeaders(plan, families, policy_header(plan))
+    _, from_store, from_cache = fill(admission, plan, 3)
+    assert store.admits == 2
+    fresh, cached = dict(headers(from_store)), dict(headers(from_cache))
+    assert fresh[b"x-concurrent-current"] == b"0" and fresh[b"concurrency-remaining"] == b"5"
+    assert not any(name.startswith((b"concurrency-", b"x-concurrent-")) for name in cached)
+    assert cached[b"ratelimit"] == b'"rpm";r=0;t=60'
+    assert cached[b"ratelimit-policy"] == fresh[b"ratelimit-policy"]  # the policy itself is fixed
+    assert limit_headers(plan, from_cache, families, policy_header(plan)) == headers(from_cache)
 
 
 def test_the_cache_expires_exactly_at_the_deadline_and_the_store_then_admits() -> None:
@@ -216,3 +236,25 @@ def test_only_rate_refusals_with_a_retry_time_are_remembered() -> None:
     cache.remember(plan, clock(), AdmitResult(False, "concurrency", 0, [0], [60_000], [5]))
     cache.remember(plan, clock(), AdmitResult(False, "rate", 0, [2], [0], [0]))
     assert cache.get(plan) is None
+
+
+def test_a_cached_refusal_leaves_out_the_rate_limits_that_did_not_refuse() -> None:
+    """Another route may spend a shared limit while a refusal is cached: only the refusing
+    limit's numbers (full until its t) are still known, so only its IETF item is sent."""
+    clock = Clock()
+    store = CountingStore(clock)
+    admission = admission_on(store, clock)
+    plan = AdmissionPlan(
+        "p",
+        rates=(RateBucket("gw:{k:1}:r:rpm", 100, 60_000), RateBucket("gw:{k:1}:r:burst", 1, 10_000)),
+        rate_info=(BucketInfo("rpm", 100, 60.0), BucketInfo("burst", 1, 10.0)),
+        slots=(), slot_info=(), wait=0.0,
+    )
+    families = frozenset({"x-ratelimit", "ietf"})
+    _, from_store, from_cache = fill(admission, plan, 3)
+    assert store.admits == 2 and from_cache.from_cache
+    fresh = dict(limit_headers(plan, from_store, families, policy_header(plan)))
+    cached = dict(limit_headers(plan, from_cache, families, policy_header(plan)))
+    assert fresh[b"ratelimit"] == b'"rpm";r=99;t=60, "burst";r=0;t=10'
+    assert cached[b"ratelimit"] == b'"burst";r=0;t=10'
+    assert cached[b"x-ratelimit-limit"] == b"1" and cached[b"x-ratelimit-remaining"] == b"0"
