@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -61,10 +61,42 @@ def encode(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     return block
 
 
+class EncodedHeaders(Sequence[tuple[bytes, bytes]]):
+    """Headers made as one block that passes `encode`'s check (its maker checked the shape
+    once, e.g. a template whose only varying parts are digits): `add` hands the block on
+    without checking it again. As a sequence it gives the (name, value) pairs, for the paths
+    that need them one by one (error answers, servers without the block)."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: bytes) -> None:
+        self.block = block
+
+    def _pairs(self) -> list[tuple[bytes, bytes]]:
+        return [(name, value) for name, _, value in (line.partition(b": ") for line in self.block.split(b"\r\n")[:-1])]
+
+    def __len__(self) -> int:
+        return self.block.count(b"\n")
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._pairs()[index]
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._pairs())
+
+    def __repr__(self) -> str:
+        return f"EncodedHeaders({self.block!r})"
+
+
 def add(message: dict[str, Any], trusted: Sequence[tuple[bytes, bytes]], scope: Scope) -> None:
     """Add `trusted` to an `http.response.start` message, after its own headers: as a
     pre-encoded block when the server takes one, else appended to its `headers` list."""
-    block = encode(trusted) if supported(scope) else None
+    if not supported(scope):
+        block = None
+    elif isinstance(trusted, EncodedHeaders):
+        block = trusted.block  # checked when its template was made
+    else:
+        block = encode(trusted)
     if block is None:
         message["headers"].extend(trusted)
     else:
