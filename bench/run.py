@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import instructions
 import loads
 import profiling
 import redis
@@ -279,6 +280,27 @@ class Bench:
             json.dump(self.results, file, indent=1)
 
 
+def instruction_run(args: argparse.Namespace) -> int:
+    """`--instructions`: the callgrind table alone (about 1.5 minutes per system)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(BENCH_DIR, "build", f"instr-{stamp}")
+    bench_stack = Stack(run_dir, quick=False)
+    try:
+        bench_stack.start_base()
+        results = instructions.run(bench_stack, args.instr_phases, args.instr_requests)
+    finally:
+        bench_stack.stop()
+    results["machine"] = machine()
+    results["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip()
+    with open(os.path.join(run_dir, "instructions.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    print(instructions.render(results))
+    if not args.no_docs:
+        instructions.write_docs(results, f"run instr-{stamp}, commit {results['commit']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Gateway benchmark harness (issue 6).")
     parser.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
@@ -292,7 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and the chart")
     parser.add_argument("--report-only", metavar="RESULTS_JSON", help="re-render the docs from a saved run")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instead: instructions per request under callgrind (bench/instructions.py)")
+    parser.add_argument("--instr-phases", type=int, default=2, help="measured phases per system (default 2)")
+    parser.add_argument("--instr-requests", type=int, default=640, help="requests per phase (default 640)")
     args = parser.parse_args(argv)
+
+    if args.instructions:
+        return instruction_run(args)
 
     if args.report_only:
         with open(args.report_only) as file:

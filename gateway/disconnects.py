@@ -15,8 +15,7 @@ from __future__ import annotations
 from asyncio import Transport
 from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
+from gateway import trusted_headers
 from gateway.asgi import Scope
 
 EXTENSION = "gateway.disconnect"
@@ -60,7 +59,7 @@ def disconnect_watch(scope: Scope) -> DisconnectWatch | None:
     return extensions.get(EXTENSION) if extensions else None
 
 
-class DisconnectNotifyingProtocol(HttpToolsProtocol):
+class DisconnectNotifyingProtocol(trusted_headers.TrustedHeadersProtocol):
     """uvicorn's httptools protocol, offering each request a `DisconnectWatch` of its connection."""
 
     _disconnects: DisconnectWatch
@@ -74,9 +73,10 @@ class DisconnectNotifyingProtocol(HttpToolsProtocol):
         scope: Scope = self.scope  # type: ignore[assignment]  # (uvicorn types extension values as dicts)
         extensions = scope.get("extensions")
         if extensions is None:
-            scope["extensions"] = {EXTENSION: self._disconnects}
+            scope["extensions"] = {EXTENSION: self._disconnects, trusted_headers.EXTENSION: True}
         else:
             extensions[EXTENSION] = self._disconnects
+            extensions[trusted_headers.EXTENSION] = True
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

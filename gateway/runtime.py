@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.admission.buckets import AdmissionPlan, build_plan
-from gateway.admission.headers import LimitHeaders, policy_header
+from gateway.admission.header_block import EncodedLimitHeaders
+from gateway.admission.headers import policy_header
 from gateway.admission.identity import KeyExtractor, KeyTable
 from gateway.admission.routes import RouteTable
 from gateway.config.model import Config, Key, Route
@@ -21,7 +22,9 @@ from gateway.proxy.headers import HeaderPolicy
 class CompiledPlan:
     plan: AdmissionPlan
     route_label: str
-    limit_headers: LimitHeaders  # this plan's limit headers (RateLimit-Policy fixed) from one admission result
+    # this plan's limit headers (RateLimit-Policy fixed) from one admission result; an admitted
+    # request's come pre-encoded (gateway/admission/header_block.py)
+    limit_headers: EncodedLimitHeaders
 
 
 @dataclass(slots=True)
@@ -55,7 +58,7 @@ class Routing:
         compiled = self._plans.get(cache_key)
         if compiled is None:
             plan = build_plan(self.config, key, route)
-            compiled = CompiledPlan(plan, route.path, LimitHeaders(plan, self.families, policy_header(plan)))
+            compiled = CompiledPlan(plan, route.path, EncodedLimitHeaders(plan, self.families, policy_header(plan)))
             self._plans[cache_key] = compiled
         return compiled
 

@@ -1,7 +1,7 @@
 """Who is calling: the API key from headers or query, and the client IP.
 
-Pure functions over raw ASGI values. Keys are looked up by their SHA-256, so the secret
-itself is never compared, stored or logged.
+Pure functions over raw ASGI values. Keys are looked up by their SHA-256; a secret that
+matched a key is then remembered in process memory (`KeyTable`), never logged or exposed.
 """
 
 from __future__ import annotations
@@ -62,13 +62,26 @@ def _query_value(query_string: bytes, name: bytes) -> bytes | None:
 
 
 class KeyTable:
-    """Key records by the SHA-256 of their secret."""
+    """Key records by the SHA-256 of their secret.
+
+    A secret that matched once is remembered (in this process's memory only, never logged or
+    exposed), so a known key is found by one dict lookup instead of a hash per request. Only
+    matches are remembered: one secret per configured key at most, so the memo is bounded by
+    the config, and a guessing client cannot grow it. The table is rebuilt with every config,
+    so a removed key is forgotten with it.
+    """
 
     def __init__(self, keys: Iterable[Key]) -> None:
         self._by_hash: Mapping[str, Key] = {key.sha256: key for key in keys}
+        self._by_secret: dict[bytes, Key] = {}
 
     def lookup(self, secret: bytes) -> Key | None:
-        return self._by_hash.get(hashlib.sha256(secret).hexdigest())
+        key = self._by_secret.get(secret)
+        if key is None:
+            key = self._by_hash.get(hashlib.sha256(secret).hexdigest())
+            if key is not None:
+                self._by_secret[secret] = key
+        return key
 
 
 def parse_ip(text: str) -> IPAddress | None:

@@ -29,6 +29,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Literal, NoReturn, Protocol
 
+from gateway import trusted_headers
 from gateway.asgi import Receive, Scope, Send
 from gateway.disconnects import DisconnectWatch, disconnect_watch
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
@@ -104,11 +105,13 @@ class ClientAbortedLogFilter(logging.Filter):
 class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
-    __slots__ = ("task", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
+    __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
                  "on_complete")
 
-    def __init__(self, task: asyncio.Task[object], receive: Receive, disconnects: DisconnectWatch | None) -> None:
+    def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
+                 disconnects: DisconnectWatch | None) -> None:
         self.task = task
+        self.scope = scope
         self.receive = receive
         self.phase: Phase | None = None
         self.reason: Reason | None = None
@@ -264,7 +267,7 @@ async def forward(
     if len(first) > max_body:
         return await _too_large(send, max_body, extra)
 
-    state = _Exchange(task, receive, disconnect_watch(scope))
+    state = _Exchange(task, scope, receive, disconnect_watch(scope))
     state.observer = observer
     state.on_complete = on_complete
     body: bytes | AsyncIterator[bytes] | None
@@ -347,14 +350,15 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             out = client_response_headers(response.headers)
         except InvalidUpstreamHeaders:
             return await _unavailable(send, extra)
-        if extra:
-            out.extend(extra)
+        start = {"type": "http.response.start", "status": status, "headers": out}
+        if extra:  # the gateway's own headers, pre-encoded where the server allows
+            trusted_headers.add(start, extra, state.scope)
         with Phase(state.task, None) as phase:
             state.phase = phase
             observer = state.observer
             if observer is not None and not await observer.head(status, response.headers):
                 observer = None
-            await send({"type": "http.response.start", "status": status, "headers": out})
+            await send(start)
             async for chunk in response.chunks():
                 if observer is not None:
                     await observer.chunk(chunk)

@@ -47,6 +47,18 @@ def test_key_table_looks_up_by_hash() -> None:
     assert table.lookup(b"secret ") is None
 
 
+def test_key_table_remembers_matches_only() -> None:
+    """The memo of matched secrets is bounded by the keys: misses are never remembered."""
+    key = Key(id="a", sha256=hash_key("secret"), plan="free")
+    table = KeyTable([key])
+    for guess in range(1000):
+        assert table.lookup(b"guess-%d" % guess) is None
+    assert table.lookup(b"secret") is key
+    assert table.lookup(b"secret") is key
+    assert table._by_secret == {b"secret": key}
+    assert KeyTable([]).lookup(b"secret") is None  # a new config's table knows only its own keys
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

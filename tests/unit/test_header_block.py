@@ -1,0 +1,92 @@
+"""`EncodedLimitHeaders` (an admitted request's limit headers as one pre-encoded block) against
+`LimitHeaders`: the same headers, the same bytes as `trusted_headers.encode` would give them,
+for any plan shape, families and result; refusals and other shapes keep `LimitHeaders`' list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import trusted_headers
+from gateway.admission.buckets import AdmissionPlan, BucketInfo
+from gateway.admission.header_block import EncodedLimitHeaders, admitted_template
+from gateway.admission.headers import LimitHeaders, policy_header
+from gateway.store.base import AdmitResult, RateBucket, SlotBucket
+from gateway.trusted_headers import EncodedHeaders
+from tests.unit.test_limit_headers_fast_path import FAMILIES, cases
+
+
+@given(cases())
+def test_the_same_headers_as_limit_headers(case: tuple[AdmissionPlan, AdmitResult, frozenset[str]]) -> None:
+    plan, result, families = case
+    policy = policy_header(plan)
+    expected = LimitHeaders(plan, families, policy)(result)
+    headers = EncodedLimitHeaders(plan, families, policy)(result)
+    assert list(headers) == expected
+    assert len(headers) == len(expected)
+    if isinstance(headers, EncodedHeaders):  # the block is what the check would have made of them
+        assert result.admitted
+        assert headers.block == trusted_headers.encode(expected)
+    else:
+        assert headers == expected
+
+
+def _plan(rate_policy: str = "rpm", slot_policy: str = "requests") -> AdmissionPlan:
+    return AdmissionPlan(
+        "pro", rates=(RateBucket("r", 10, 60_000),), rate_info=(BucketInfo(rate_policy, 10, 60.0),),
+        slots=(SlotBucket("c", 2),), slot_info=(BucketInfo(slot_policy, 2, 0.0),), wait=0.0,
+    )
+
+
+def test_an_admitted_request_gets_a_block_a_refused_one_a_list() -> None:
+    plan = _plan()
+    headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy_header(plan))
+    admitted = headers(AdmitResult(True, None, 0, rate_counts=[3], rate_reset_ms=[4_001], slot_counts=[0]))
+    assert isinstance(admitted, EncodedHeaders)
+    assert admitted.block == (
+        b"concurrency-limit: 2\r\nconcurrency-remaining: 1\r\n"
+        b"x-concurrent-limit: 2\r\nx-concurrent-current: 1\r\nx-concurrent-remaining: 1\r\n"
+        b"x-ratelimit-limit: 10\r\nx-ratelimit-remaining: 6\r\nx-ratelimit-reset: 5\r\n"
+        b'ratelimit-policy: "rpm";q=10;w=60, "requests";q=2;qu="concurrent-requests"\r\n'
+        b'ratelimit: "rpm";r=6;t=5, "requests";r=1\r\n'
+    )
+    refused = headers(AdmitResult(False, "rate", 9_000, rate_counts=[10], rate_reset_ms=[9_000], slot_counts=[1]))
+    assert type(refused) is list
+
+
+def test_a_percent_sign_in_a_policy_name_is_text() -> None:
+    plan = _plan(rate_policy="100%", slot_policy="a%db")
+    policy = policy_header(plan)
+    result = AdmitResult(True, None, 0, rate_counts=[0], rate_reset_ms=[1_000], slot_counts=[0])
+    headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy)(result)
+    assert isinstance(headers, EncodedHeaders)
+    assert b'"100%";r=9;t=1, "a%db";r=1' in headers.block
+    assert list(headers) == LimitHeaders(plan, frozenset(FAMILIES), policy)(result)
+
+
+def test_a_name_the_block_check_refuses_keeps_the_checked_path() -> None:
+    plan = _plan(rate_policy="bad\nname")
+    policy = policy_header(plan)
+    assert admitted_template(plan, frozenset(FAMILIES), policy) is None
+    result = AdmitResult(True, None, 0, rate_counts=[0], rate_reset_ms=[1_000], slot_counts=[0])
+    headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy)(result)
+    assert type(headers) is list  # so trusted_headers.add checks it and uvicorn refuses it as before
+
+
+def test_no_family_on_gives_no_headers() -> None:
+    plan = _plan()
+    result = AdmitResult(True, None, 0, rate_counts=[0], rate_reset_ms=[1_000], slot_counts=[0])
+    assert EncodedLimitHeaders(plan, frozenset(), policy_header(plan))(result) == []
+
+
+def test_add_hands_the_block_on_only_to_a_server_that_takes_it() -> None:
+    block = EncodedHeaders(b"x-ratelimit-limit: 10\r\nratelimit: \"rpm\";r=6;t=5\r\n")
+    with_block: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": []}
+    trusted_headers.add(with_block, block, {"extensions": {trusted_headers.EXTENSION: {}}})
+    assert with_block[trusted_headers.MESSAGE_KEY] == block.block and with_block["headers"] == []
+    without: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]}
+    trusted_headers.add(without, block, {"extensions": {}})
+    assert trusted_headers.MESSAGE_KEY not in without
+    assert without["headers"] == [(b"a", b"b"), (b"x-ratelimit-limit", b"10"), (b"ratelimit", b'"rpm";r=6;t=5')]
