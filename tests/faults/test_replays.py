@@ -237,24 +237,25 @@ async def test_admit_script_is_replay_safe_and_refuses_after_undo(server: Privat
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_job_free_is_never_sent_twice(server: PrivateRedis, proxy: FaultProxy, transport: str) -> None:
-    """job_free.lua through the generic script path: a lost reply is an error to the caller,
-    never a second run by a retry layer (the proxy counts the EVALSHAs that reached Redis)."""
+    """job_free.lua through the generic script path: no retry layer re-sends it; the job store
+    itself asks once more with the same end id (the script is idempotent by it, see
+    test_job_store_faults.py), so exactly two EVALSHAs reach Redis and the caller gets an answer."""
     store = RedisStore(store_url(proxy.port, transport), prefix="t", timeout=TIMEOUT, lease=LEASE)
     await store.start()
     jobs = RedisJobStore(store, prefix="t")
     try:
         await store.renew()  # connections warm, nothing pending
+        assert await jobs.end("job-0", "owner") is None  # job_free.lua loaded: the cut call runs
         before = proxy.delivered[b"EVALSHA"]
         proxy.set_mode("cut_replies", cuts=1)
-        with pytest.raises(StoreError):
-            await jobs.end("job-1", "owner")
+        assert await jobs.end("job-1", "owner") is None  # no such job: nothing held, no error
         proxy.set_mode("pass")
         await asyncio.sleep(0.1)
         sent = proxy.delivered[b"EVALSHA"] - before
     finally:
         await store.aclose()
     assert proxy.cuts_done == 1
-    assert sent == 1
+    assert sent == 2  # the lost call and the store's own replay by end id, nothing from a retry layer
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

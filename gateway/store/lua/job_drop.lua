@@ -12,13 +12,7 @@ Returns: how many buckets held the member
 ]]
 
 local member, ended_ms = ARGV[1], tonumber(ARGV[2])
-local now
-if ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+--#now ARGV[3]
 
 local removed = 0
 for i = 1, #KEYS - 1 do
