@@ -180,11 +180,13 @@ class RedisBanStore:
     async def lift(self, group: str) -> bool:
         now = self._store.now_arg()
         keys = [*group_keys(self._prefix, group), lifted_key(self._prefix, group)]
-        call_id = new_call_id()
+        args: list[str | int] = [now, new_call_id()]
         try:
-            was_banned = await self._one(self._unban_script, keys, [now, call_id])
-        except StoreError:  # its reply may be lost after it ran: ask again, a replay of the id answers as the first
-            was_banned = await self._one(self._unban_script, keys, [now, call_id])
+            (was_banned,) = await self._store.run_script(self._unban_script, [(keys, args)])
+            if isinstance(was_banned, BaseException):
+                raise StoreError(f"unban failed: {was_banned!r}") from was_banned
+        except StoreError:  # its reply may be lost after it ran: ask once more, a replay of the id
+            was_banned = await self._one(self._unban_script, keys, args)  # answers as the first run
         listed = await self._one(self._index_script, [index_key(self._prefix)], ["remove", now, group])
         return bool(was_banned) or bool(listed)
 
