@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.config.model import Store
-from gateway.store import MemoryStore, RedisStore, job_store_for, open_store
+from gateway.store import MemoryStore, RedisStore, open_store
 from gateway.store.bans import MemoryBanStore
 from gateway.store.redis_bans import RedisBanStore
 from gateway.store.redis_jobs import RedisJobStore
@@ -25,25 +25,33 @@ async def test_memory_url_gives_the_memory_stores() -> None:
     stores = open_store(Store(url="memory://", lease=5.0, on_error="local"))
     assert isinstance(stores.admission, MemoryStore)
     assert isinstance(stores.bans, MemoryBanStore)
-    assert job_store_for(stores.admission, "gw") is stores.admission
-    assert stores.local is None  # the store is local already: nothing to fall back to
+    assert stores.jobs is stores.admission  # the memory store holds its own jobs
+    assert stores.local is None and stores.local_jobs is None  # local already: no fallback
+    assert stores.job_stores() == ((stores.admission, stores.admission),)
 
 
 async def test_redis_url_gives_the_redis_stores_and_the_local_fallback() -> None:
     stores = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="local"))
     assert isinstance(stores.admission, RedisStore)
     assert isinstance(stores.bans, RedisBanStore)
-    assert isinstance(job_store_for(stores.admission, "gw"), RedisJobStore)
+    assert isinstance(stores.jobs, RedisJobStore)
     assert isinstance(stores.local, MemoryStore)
+    assert stores.local_jobs is stores.local  # jobs admitted while Redis is away are held locally
+    assert stores.job_stores() == ((stores.admission, stores.jobs), (stores.local, stores.local))
     await stores.admission.aclose()
-    assert open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="deny")).local is None
+    denying = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="deny"))
+    assert denying.local is None and denying.job_stores() == ((denying.admission, denying.jobs),)
 
 
 def test_nothing_outside_the_store_package_names_a_concrete_store() -> None:
-    """One door into gateway/store/: backends are chosen there, and the store package does not
-    depend on the admission logic built on it."""
+    """One door into gateway/store/: backends are chosen there (no concrete class, no dispatch
+    function is named outside it), and the store package does not depend on the admission logic
+    built on it."""
     root = Path(__file__).resolve().parents[2] / "gateway"
-    concrete = re.compile(r"\b(MemoryStore|RedisStore|MemoryBanStore|RedisBanStore|RedisJobStore)\b")
+    concrete = re.compile(
+        r"\b(MemoryStore|RedisStore|MemoryBanStore|RedisBanStore|RedisJobStore"
+        r"|ban_store_for|job_store_for|PipelinedRedis|RedisPyTransport)\b"
+    )
     outside = [str(path.relative_to(root)) for path in root.rglob("*.py")
                if "store" not in path.relative_to(root).parts[:1] and concrete.search(path.read_text())]
     assert outside == []
