@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from gateway.config.model import Store
 from gateway.store import MemoryStore, RedisStore, open_store
 from gateway.store.bans import MemoryBanStore
+from gateway.store.pipelined import PipelinedRedis
 from gateway.store.redis_bans import RedisBanStore
 from gateway.store.redis_jobs import RedisJobStore
-from gateway.store.redis_client import connect, parse_multi_host
+from gateway.store.redis_client import RedisPyTransport, connect, parse_multi_host
+from gateway.store.transport import Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -58,6 +61,44 @@ def test_nothing_outside_the_store_package_names_a_concrete_store() -> None:
     inside = [str(path.relative_to(root)) for path in (root / "store").rglob("*.py")
               if "gateway.admission" in path.read_text()]
     assert inside == []
+
+
+def test_the_redis_store_has_no_transport_branch() -> None:
+    """RedisStore keeps admission semantics only: it names no concrete transport, no
+    transport-specific error or attribute (`_fast`, `_pool`, hiredis' ReplyError); the one
+    place that picks a transport is `open_transport`."""
+    source = (Path(__file__).resolve().parents[2] / "gateway" / "store" / "redis.py").read_text()
+    tree = ast.parse(source)
+    (store,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RedisStore"]
+    names = {node.id for node in ast.walk(store) if isinstance(node, ast.Name)}
+    attributes = {node.attr for node in ast.walk(store) if isinstance(node, ast.Attribute)}
+    assert not names & {"PipelinedRedis", "RedisPyTransport", "Endpoint", "ReplyError", "pack_command"}
+    assert not attributes & {"_fast", "_pool", "send", "call", "release_pipeline"}
+    isinstance_on_transport = [
+        node for node in ast.walk(store)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance"
+        and "_transport" in ast.unparse(node.args[0])
+    ]
+    assert isinstance_on_transport == []
+
+
+@pytest.mark.parametrize("transport", [PipelinedRedis, RedisPyTransport])
+def test_both_transports_implement_the_whole_interface(transport: type[Transport]) -> None:
+    missing = [name for name, member in vars(Transport).items()
+               if callable(member) and not name.startswith("__") and name not in ("eval", "needs_reload")
+               and getattr(transport, name) is member]
+    assert missing == []
+
+
+async def test_the_url_picks_the_transport() -> None:
+    pipelined = RedisStore("redis://127.0.0.1:6399/2", prefix="t", timeout=0.1, lease=5.0)
+    tls = RedisStore("rediss://127.0.0.1:6399/2", prefix="t", timeout=0.1, lease=5.0)
+    try:
+        assert isinstance(pipelined._transport, PipelinedRedis)  # plain redis://: the fast path
+        assert isinstance(tls._transport, RedisPyTransport)
+    finally:
+        await pipelined.aclose()
+        await tls.aclose()
 
 
 def test_unknown_scheme_is_refused() -> None:
