@@ -295,13 +295,12 @@ class RedisStore:
     ) -> AdmitResult:
         if self._closed:
             raise StoreError("store is closed")
-        tags = {scripts.hash_tag(bucket.key) for bucket in rates}
-        tags.update(scripts.hash_tag(bucket.key) for bucket in slots)
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
+        tags = set(map(scripts.hash_tag, keys[: len(rates) + len(slots)]))
         if len(tags) > 1:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
             raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
         pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
