@@ -382,7 +382,7 @@ class RedisPyTransport(Transport):
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, *FAILURES):
                 await task
         self._releases.clear()
 
