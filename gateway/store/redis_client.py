@@ -176,10 +176,11 @@ class RedisPyTransport(Transport):
             replies = await self.eval_batch(script, [call for call, _ in batch], budget=self._timeout,
                                             zrems=releases, on_zrem_error=self.on_release_error)
         except ConnectionLost as exc:
-            # The pipeline may have run, in part or whole: its ZREMs are idempotent and go again
-            # once, before the callers hear of it (only they know whether their call may).
+            # The pipeline may have run, in part or whole. Its ZREMs are idempotent: back to the
+            # front of the queue, so that the callers' resends (only they know whether their call
+            # may go again) carry them first in their pipeline, as before the loss.
             if releases:
-                await self._release_once_more(releases)
+                self._requeue(releases)
             replies = [exc] * len(batch)
         except FAILURES as exc:
             if releases:
@@ -195,15 +196,18 @@ class RedisPyTransport(Transport):
         for (_, on_reply), reply in zip(batch, replies, strict=True):
             on_reply(reply)
 
-    async def _release_once_more(self, releases: dict[str, list[str]]) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies = await self._release_pipeline(releases, [])
-        except FAILURES:
-            self.on_release_error()
-            return
-        if any(isinstance(reply, BaseException) for reply in replies):
-            self.on_release_error()
+    def _requeue(self, releases: dict[str, list[str]]) -> None:
+        pending = {(key, member): None for key, members in releases.items() for member in members}
+        pending.update(self._releases)
+        self._releases = pending
+        # Whatever no resend takes along goes with the flusher (it runs after the resends
+        # queued by the callbacks this batch is about to call).
+        asyncio.get_running_loop().call_soon(self._start_flusher)
+
+    def _start_flusher(self) -> None:
+        if self._releases and not self._closed and (self._release_task is None or self._release_task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(
+                self._flush_releases(), name="redis-store-release")
 
     def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
         if self._closed:
