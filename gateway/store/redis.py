@@ -37,7 +37,8 @@ Replays and undo: what a client is told is what Redis holds, under any single fa
 - A connection lost after an admission was sent ("may have run"): the admission is sent once
   more. admit.lua is idempotent by lease id: a replay finds the lease's own entry and answers
   "admitted" again, writing nothing (on redis-py the batch's callers each send theirs again:
-  the next batch). ZREM is idempotent, so releases go again once too (the transport does).
+  the next batch). ZREM is idempotent, so the transport sends releases again too (pipelined: once;
+  redis-py: with the next pipeline, ahead of the resent admissions).
   Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.
 - An admission whose caller is told "error" or gives up (timeout, lost reply twice,
   cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
