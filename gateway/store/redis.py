@@ -16,8 +16,8 @@ TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py
 a pool (gateway/store/redis_client.py), which batches and orders by hand.
 
 Off the critical path:
-- `release` only enqueues (on the transport). Failures are counted, not retried beyond one
-  resend of the idempotent ZREM: the lease heals what is lost. A release that may free a
+- `release` only enqueues (on the transport). Failures are counted, not retried beyond the
+  resend of an idempotent ZREM whose connection was lost: the lease heals what is lost. A release that may free a
   slot someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
   bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,

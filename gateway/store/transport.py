@@ -111,7 +111,7 @@ class Transport:
         return False
 
     def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
-        """Queue ZREM `member` from each key (idempotent: sent once more if its connection was
+        """Queue ZREM `member` from each key (idempotent: sent again if its connection was
         lost), then PUBLISH "1" on `channels` once they have landed. Applied before any
         `send_eval` queued after it. Failures go to `on_release_error`, never raised."""
         raise NotImplementedError
