@@ -60,7 +60,7 @@ class GatewayState:
             local_store=local,
         )
         state.bans = BanGuard(stores.bans, metrics, policy=lambda: state.routing.config.bans)
-        state.jobs = JobTracker(store, local, config.store.prefix, observer)
+        state.jobs = JobTracker(stores.job_stores())
         return state
 
     async def open(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from gateway.admission.buckets import AdmissionPlan
@@ -28,8 +28,7 @@ from gateway.config.model import Job, Route
 from gateway.jobs.table import JobTable, StatusRequest, job_slots
 from gateway.jobs.tee import JsonTee, lookup
 from gateway.proxy.upstream import Headers
-from gateway.store import job_store_for
-from gateway.store.base import AdmissionStore, SlotBucket, StoreError, StoreObserver
+from gateway.store.base import AdmissionStore, SlotBucket, StoreError
 from gateway.store.jobs import EndedJob, JobClaim, JobStore, valid_job_id
 
 log = logging.getLogger("gateway.jobs")
@@ -139,13 +138,9 @@ class JobReport:
 class JobTracker:
     """Per process: the job store of each admission store, and the observers of a request."""
 
-    def __init__(self, primary: AdmissionStore, local: AdmissionStore | None, prefix: str,
-                 observer: StoreObserver | None = None) -> None:
-        self._stores: list[tuple[AdmissionStore, JobStore]] = []
-        for store in (primary, local):
-            jobs = job_store_for(store, prefix, observer) if store is not None else None
-            if store is not None and jobs is not None:
-                self._stores.append((store, jobs))
+    def __init__(self, stores: Iterable[tuple[AdmissionStore, JobStore]]) -> None:
+        # (admission store, its job store), the shared store first: `StoreBundle.job_stores()`.
+        self._stores = list(stores)
 
     def job_store(self, store: AdmissionStore) -> JobStore | None:
         for admission_store, jobs in self._stores:

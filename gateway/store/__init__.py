@@ -3,8 +3,9 @@ returns everything backend-specific at once (`StoreBundle`).
 
 `memory://` gives the in-process store (one process); `redis://`, `rediss://`, `unix://`,
 `redis+sentinel://` and `redis+cluster://` give the Redis store shared by every replica.
-Nothing outside `gateway/store/` names a concrete store class: the ban and job stores that go
-with an admission store come from `ban_store_for` / `job_store_for` here.
+Nothing outside `gateway/store/` names a concrete store class or picks a backend: the bundle
+carries the ban store and the job stores that go with each admission store (the shared one and
+the local fallback).
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ __all__ = [
     "StoreBundle",
     "StoreError",
     "StoreObserver",
-    "ban_store_for",
     "bundle_for",
-    "job_store_for",
     "open_store",
 ]
 
@@ -55,28 +54,43 @@ class StoreBundle:
 
     admission: AdmissionStore
     bans: BanStore  # bans live where the admission state lives: Redis shares them
-    # `on_error: local` with a shared store: the in-memory store that decides while it cannot.
+    jobs: JobStore | None  # jobs too (None: this admission store cannot hold jobs)
+    # `on_error: local` with a shared store: the in-memory store that decides while it cannot,
+    # and where the jobs it admits are held.
     local: AdmissionStore | None = None
+    local_jobs: JobStore | None = None
+
+    def job_stores(self) -> tuple[tuple[AdmissionStore, JobStore], ...]:
+        """Each admission store with the store of its jobs, the shared one first."""
+        pairs = ((self.admission, self.jobs), (self.local, self.local_jobs))
+        return tuple((store, jobs) for store, jobs in pairs if store is not None and jobs is not None)
 
 
 def bundle_for(
     admission: AdmissionStore, store_config: Store, observer: StoreObserver | None = None
 ) -> StoreBundle:
     """The bundle around an admission store (opened here, or built by a test)."""
+    prefix = store_config.prefix
     local = None
     if store_config.on_error == "local" and not isinstance(admission, MemoryStore):
         local = MemoryStore(store_config.lease, observer=observer)
-    return StoreBundle(admission, ban_store_for(admission, store_config.prefix, observer), local)
+    return StoreBundle(
+        admission,
+        _ban_store_for(admission, prefix, observer),
+        _job_store_for(admission, prefix, observer),
+        local,
+        _job_store_for(local, prefix, observer) if local is not None else None,
+    )
 
 
-def ban_store_for(store: AdmissionStore, prefix: str, observer: StoreObserver | None = None) -> BanStore:
+def _ban_store_for(store: AdmissionStore, prefix: str, observer: StoreObserver | None = None) -> BanStore:
     """Bans live where the admission state lives: Redis shares them between replicas."""
     if isinstance(store, RedisStore):
         return RedisBanStore(store, prefix=prefix, observer=observer)
     return MemoryBanStore()
 
 
-def job_store_for(store: AdmissionStore, prefix: str, observer: StoreObserver | None = None) -> JobStore | None:
+def _job_store_for(store: AdmissionStore, prefix: str, observer: StoreObserver | None = None) -> JobStore | None:
     """Jobs live where the admission state lives (None: this store cannot hold jobs)."""
     if isinstance(store, RedisStore):
         return RedisJobStore(store, prefix=prefix, observer=observer)

@@ -20,8 +20,9 @@ and the timeout often won). A lost connection or a failed connect answers the sa
 the caller knows whether a retry is safe.
 
 Used for `redis://` and `unix://` store URLs (TLS, Sentinel and Cluster keep redis-py,
-gateway/store/redis_client.py). Both implement gateway/store/transport.py; this one also
-offers `send`, the callback form the store's admission hot path uses (no task per call).
+gateway/store/redis_client.py). Both implement gateway/store/transport.py; here `send_eval`
+and `release` are `send` itself (one packed command, one callback): no task per call, and
+the connection's order is the release-before-admission guarantee.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -39,11 +41,10 @@ import hiredis
 
 from gateway.store.base import StoreError
 from gateway.store.scripts import Script
-from gateway.store.transport import Call, ConnectionLost, ScriptSet, Transport
+from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore
 
 log = logging.getLogger(__name__)
 
-OnReply = Callable[[object], None]
 ReplyError = hiredis.ReplyError
 Arg = str | bytes | int | float
 
@@ -138,6 +139,8 @@ class PipelinedRedis(Transport):
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
+        self.on_release_error = ignore
+        self._release_failures_logged = False
 
     # -- sending -----------------------------------------------------------------------
 
@@ -171,6 +174,43 @@ class PipelinedRedis(Transport):
         return await future
 
     # -- the Transport interface --------------------------------------------------------
+
+    def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        self.send(pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)), on_reply)
+
+    def needs_reload(self, reply: object) -> bool:
+        return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
+        for key in keys:
+            command = pack_command(("ZREM", key, member))
+            self.send(command, functools.partial(self._release_reply, command))
+        for channel in channels:  # the same connection: published after the ZREMs have landed
+            self.send(pack_command(("PUBLISH", channel, "1")), functools.partial(self._release_reply, None))
+
+    def _release_reply(self, resend: bytes | None, reply: object) -> None:
+        if not isinstance(reply, BaseException):
+            self._release_failures_logged = False
+            return
+        if resend is not None and isinstance(reply, ConnectionLost):
+            # ZREM is idempotent: once more on the next connection, rather than a slot held
+            # until its lease runs out.
+            self.send(resend, functools.partial(self._release_reply, None))
+            return
+        self.on_release_error()
+        if not self._release_failures_logged:  # once per outage, not once per lease
+            self._release_failures_logged = True
+            log.warning("store releases are failing (the leases will expire): %s", reply)
+
+    async def flush(self) -> None:
+        if self._waiting:
+            await self.call("PING")  # one connection, in order: everything before it is done
+
+    async def zrem(self, key: str, member: str, *, budget: float) -> None:
+        # No timer of its own: every command here has its deadline (`timeout`).
+        reply = await self.call("ZREM", key, member)
+        if isinstance(reply, BaseException):
+            raise reply
 
     async def eval_batch(self, script: Script, calls: Sequence[Call], *, budget: float) -> list[object]:
         """Every call in the same write (each command's deadline is `timeout` after it was

@@ -6,21 +6,19 @@ atomically), and every caller gets its own answer or its own StoreError. Scripts
 at `start()`; a NOSCRIPT in the replies (SCRIPT FLUSH, restart, failover) reloads them and
 resends just those calls (see "Replays and undo" below).
 
-This module keeps admission semantics; Redis is reached through one Transport
-(gateway/store/transport.py: scripts one or batched, ping, close; NOSCRIPT and READONLY
-fixed once for everyone; nothing that may have run re-sent). For a plain `redis://` or
-`unix://` URL it is one pipelined connection (gateway/store/pipelined.py): commands are
-written as they come, once per loop iteration, replies dispatched in order by callbacks, and
-since one connection is ordered, a release always lands before any admission issued after
-it. For TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py
-pipelines on a pool (gateway/store/redis_client.py), with the batching and ordering below
-done by hand.
+This module keeps admission semantics only, with no branch on how Redis is reached: one
+Transport (gateway/store/transport.py, chosen by `open_transport`) runs every script, queues
+the hot path's admissions (`send_eval`, callback form, batched per loop iteration) and
+releases (applied before any admission issued after them), pings and closes; NOSCRIPT and
+READONLY are fixed once for everyone and nothing that may have run is re-sent. For a plain
+`redis://` or `unix://` URL it is one pipelined connection (gateway/store/pipelined.py); for
+TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py pipelines on
+a pool (gateway/store/redis_client.py), which batches and orders by hand.
 
 Off the critical path:
-- `release` only enqueues (pipelined: the ZREM is queued on the connection; redis-py: one
-  flusher task sends everything pending as one pipeline of ZREMs per tick). Failures are
-  counted, not retried: the lease heals what is lost. A release that may free a slot
-  someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
+- `release` only enqueues (on the transport). Failures are counted, not retried beyond the
+  resend of an idempotent ZREM whose connection was lost: the lease heals what is lost. A release that may free a
+  slot someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
   bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
   batched per hash tag, pipelined); leases found gone are counted as lost.
@@ -38,7 +36,9 @@ Replays and undo: what a client is told is what Redis holds, under any single fa
   scripts at once) and goes again once.
 - A connection lost after an admission was sent ("may have run"): the admission is sent once
   more. admit.lua is idempotent by lease id: a replay finds the lease's own entry and answers
-  "admitted" again, writing nothing. ZREM is idempotent, so releases go again once too.
+  "admitted" again, writing nothing (on redis-py the batch's callers each send theirs again:
+  the next batch). ZREM is idempotent, so the transport sends releases again too (pipelined: once;
+  redis-py: with the next pipeline, ahead of the resent admissions).
   Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.
 - An admission whose caller is told "error" or gives up (timeout, lost reply twice,
   cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
@@ -61,7 +61,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.store import scripts
 from gateway.store.base import (
@@ -73,7 +72,8 @@ from gateway.store.base import (
     StoreError,
     StoreObserver,
 )
-from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError, pack_command
+from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError
+from gateway.store.redis_client import FAILURES as REDIS_PY_FAILURES
 from gateway.store.redis_client import AnyRedis, RedisConnection, RedisPyTransport, connect
 from gateway.store.transport import Call, ConnectionLost, Transport
 from gateway.store.wakeups import RedisWakeups
@@ -83,22 +83,12 @@ log = logging.getLogger(__name__)
 # Everything a store call can fail with, short of a bug (StoreError: a reply that makes
 # no sense, such as one meant for another call).
 FAILURES: tuple[type[BaseException], ...] = (
-    RedisError,
+    *REDIS_PY_FAILURES,
     ReplyError,  # an error reply on the pipelined connection
-    RedisClusterException,
-    OSError,
-    TimeoutError,
-    StoreError,
-    # uvloop raises RuntimeError("unable to perform operation on <TCPTransport closed=True>")
-    # when redis-py writes to a connection Redis has just reset (restart, RST); redis-py drops
-    # that connection, and for the caller it is one more failed call (tests/faults).
-    RuntimeError,
 )
 
-# renew.lua calls are chunked so no single script keeps Redis busy for long; admission
-# batches are capped so a burst becomes several pipelines in parallel, not one huge one.
+# renew.lua calls are chunked so no single script keeps Redis busy for long.
 RENEW_CHUNK = 256
-ADMIT_BATCH = 256
 
 __all__ = ["Call", "RedisStore"]  # Call: what run_script takes (bans, jobs)
 
@@ -121,13 +111,20 @@ class _PendingAdmit:
     undone: bool = False
 
 
+def open_transport(url: str | None, connection: RedisConnection, *, timeout: float,
+                   max_connections: int) -> Transport:
+    """The pipelined connection for a plain `redis://` or `unix://` URL, else redis-py on
+    `connection` (TLS, Sentinel, Cluster, and clients built elsewhere)."""
+    endpoint = Endpoint.from_url(url) if url is not None else None
+    if endpoint is not None:
+        return PipelinedRedis(endpoint, timeout=timeout)
+    return RedisPyTransport(connection, timeout=timeout, max_connections=max_connections)
+
+
 class RedisStore:
-    # Every script and ping goes through the transport (gateway/store/transport.py): the
-    # pipelined connection for plain redis:// and unix:// URLs (also `_fast`, whose callback
-    # form the admission hot path uses), else redis-py (`_pool`, which also carries the
-    # batched admissions and releases, and the wake-up channel in both cases).
+    # Every script, release and ping goes through one transport (gateway/store/transport.py);
+    # the redis-py connection also carries the wake-up channel, whichever the transport is.
     _transport: Transport
-    _fast: PipelinedRedis | None
 
     def __init__(
         self,
@@ -141,11 +138,7 @@ class RedisStore:
         max_connections: int = 64,
     ) -> None:
         connection = connect(url, timeout=timeout, max_connections=max_connections + 2)
-        self._setup(connection, prefix, timeout, lease, clock, observer, max_connections)
-        endpoint = Endpoint.from_url(url)
-        if endpoint is not None:
-            self._fast = PipelinedRedis(endpoint, timeout=timeout)
-            self._use(self._fast)
+        self._setup(connection, url, prefix, timeout, lease, clock, observer, max_connections)
 
     @classmethod
     def from_client(
@@ -164,6 +157,7 @@ class RedisStore:
         store = cls.__new__(cls)
         store._setup(
             RedisConnection(client, is_cluster=is_cluster),
+            None,
             prefix,
             timeout,
             lease,
@@ -176,6 +170,7 @@ class RedisStore:
     def _setup(
         self,
         connection: RedisConnection,
+        url: str | None,
         prefix: str,
         timeout: float,
         lease: float,
@@ -187,9 +182,7 @@ class RedisStore:
             raise ValueError("timeout and lease must be positive")
         self._connection = connection
         self._client = connection.client
-        self._pool = RedisPyTransport(connection, max_connections=max_connections)
-        self._fast = None
-        self._release_failures_logged = False
+        self._transport = open_transport(url, connection, timeout=timeout, max_connections=max_connections)
         self._prefix = prefix
         self._timeout = timeout
         self._lease = lease
@@ -199,7 +192,9 @@ class RedisStore:
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
         self._undo_script = scripts.load("undo")
-        self._use(self._pool)
+        for script in (self._admit_script, self._renew_script, self._undo_script):
+            self._transport.scripts.add(script)
+        self._transport.on_release_error = functools.partial(self._observer.store_error, "release")
         # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
         self._undos: dict[str, tuple[Call, float]] = {}
         self._undo_task: asyncio.Task[None] | None = None
@@ -208,24 +203,12 @@ class RedisStore:
         # itself retried for up to one lease, and whatever slot a later landing took would
         # expire within a lease, unrenewed. Two leases plus the retries cover both.
         self._undone_ttl_ms = scripts.ms_arg(2 * lease + 10 * timeout)
-        self._admits: list[_PendingAdmit] = []
-        self._admit_batch_open = False
-        self._releases: dict[tuple[str, str], None] = {}
-        # Release batches on their way to Redis: admissions issued meanwhile wait for them.
-        self._releases_landing: set[asyncio.Future[None]] = set()
-        self._release_task: asyncio.Task[None] | None = None
         self._held: dict[tuple[str, str], None] = {}
-        self._wakes: set[str] = set()  # hash tags whose waiters the next flush wakes
         self._wakeups = RedisWakeups(self._client, f"{prefix}:wake:")
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._connection_closed = False
-
-    def _use(self, transport: Transport) -> None:
-        self._transport = transport
-        for script in (self._admit_script, self._renew_script, self._undo_script):
-            transport.scripts.add(script)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -255,7 +238,7 @@ class RedisStore:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        # Admission batches in flight end within their budget (and may enqueue releases).
+        # Resends and undos in flight end within their budget (and may enqueue releases).
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2 * self._timeout)
         for task in list(self._tasks):
@@ -264,19 +247,14 @@ class RedisStore:
             await asyncio.wait(list(self._tasks))
         with contextlib.suppress(*FAILURES):
             async with asyncio.timeout(4 * self._timeout):
-                await self.flush()
-        if self._release_task is not None and not self._release_task.done():
-            self._release_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._release_task
+                await self.flush()  # admission batches and releases in flight
         await self._wakeups.aclose()
         self._held.clear()
-        self._releases.clear()
         self._connection_closed = True
-        if self._fast is not None:
-            await self._fast.aclose()
         with contextlib.suppress(*FAILURES):
-            await self._pool.aclose()
+            await self._transport.aclose()
+        with contextlib.suppress(*FAILURES):
+            await self._connection.aclose()
 
     # -- admission ---------------------------------------------------------------------
 
@@ -301,13 +279,7 @@ class RedisStore:
         lease_id = f"ready:{uuid.uuid4().hex}"
         await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
         try:
-            if self._fast is not None:  # the connection admissions use is the one to probe
-                reply = await self._fast.call("ZREM", slot.key, lease_id)
-                if isinstance(reply, BaseException):
-                    raise reply
-                return
-            async with asyncio.timeout(self._timeout):
-                await self._pool.zrem(slot.key, lease_id)
+            await self._transport.zrem(slot.key, lease_id, budget=self._timeout)
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"readiness probe release failed: {exc!r}") from exc
@@ -324,26 +296,17 @@ class RedisStore:
     ) -> AdmitResult:
         if self._closed:
             raise StoreError("store is closed")
-        tags = {scripts.hash_tag(bucket.key) for bucket in rates}
-        tags.update(scripts.hash_tag(bucket.key) for bucket in slots)
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
+        tags = set(map(scripts.hash_tag, keys[: len(rates) + len(slots)]))
         if len(tags) > 1:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
             raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
         pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
                                 buckets=(rates, slots), generation=self._transport.scripts.generation)
-        if self._fast is not None:
-            self._send_admit(self._fast, pending)
-        else:
-            self._admits.append(pending)
-            if not self._admit_batch_open:
-                # The batch task first runs on the next loop iteration: every admit issued
-                # during this one has joined the batch by then.
-                self._admit_batch_open = True
-                self._spawn(self._send_admits())
+        self._send_admit(pending)
         try:
             result = await future
         except asyncio.CancelledError:
@@ -358,74 +321,28 @@ class RedisStore:
                 self._held[(key, lease_id)] = None
         return result
 
-    async def _send_admits(self) -> None:
-        batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
-        if self._admits:
-            self._spawn(self._send_admits())  # the rest goes out in parallel
-        else:
-            self._admit_batch_open = False
-        calls = [(pending.keys, pending.args) for pending in batch]
-        # Releases still waiting to be sent go first in the same pipeline: a slot freed before
-        # this admission was issued is free when Redis decides it (no race with the release
-        # flusher's own pipeline), and it saves that round trip.
-        if self._releases_landing:
-            # Release batches are on their way on other connections: let them land first.
-            await asyncio.wait(list(self._releases_landing), timeout=self._timeout)
-        releases = self._take_releases_for_piggyback()
-        landed: asyncio.Future[None] | None = None
-        if releases:  # later admissions wait for these ZREMs as for the flusher's
-            landed = self._landing()
-        try:
-            try:
-                replies = await self._eval(self._admit_script, calls, releases)
-            except ConnectionLost:
-                # The pipeline may have run, in part or whole, before its connection went:
-                # admit.lua answers a replayed lease id with its first decision and ZREM is
-                # idempotent, so this one pipeline (and nothing else) is sent again, once.
-                for pending in batch:
-                    pending.resent = True
-                replies = await self._eval(self._admit_script, calls, releases)
-        except FAILURES as exc:
-            if releases:
-                self._observer.store_error("release")
-            for pending in batch:
-                self._fail(pending, exc)
-            return
-        except BaseException as exc:
-            for pending in batch:
-                self._fail(pending, exc)
-            raise
-        finally:
-            if landed is not None:
-                self._landed(landed)
-        for pending, reply in zip(batch, replies, strict=True):
-            self._settle(pending, reply)
-
-    def _send_admit(self, fast: PipelinedRedis, pending: _PendingAdmit) -> None:
+    def _send_admit(self, pending: _PendingAdmit) -> None:
         if pending.undone:
             return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
         pending.generation = self._transport.scripts.generation
-        command = pack_command(("EVALSHA", self._admit_script.sha, len(pending.keys), *pending.keys, *pending.args))
-        fast.send(command, functools.partial(self._admit_reply, pending))
+        self._transport.send_eval(self._admit_script, pending.keys, pending.args,
+                                  functools.partial(self._admit_reply, pending))
 
     def _admit_reply(self, pending: _PendingAdmit, reply: object) -> None:
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT") and pending.reloads < 2:
-            # (Twice at most, as on redis-py: the scripts may be flushed again meanwhile.)
-            pending.reloads += 1
-            # Not run: safe to send again once the scripts are back (one reload for everyone).
-            self._spawn(self._reload_and_resend(pending))
-            return
-        if isinstance(reply, ConnectionLost) and not pending.resent and self._fast is not None:
-            # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
-            # decision, so one resend on the next connection is safe.
-            pending.resent = True
-            self._send_admit(self._fast, pending)
-            return
-        self._settle(pending, reply)
-
-    def _settle(self, pending: _PendingAdmit, reply: object) -> None:
         """Hand one admit.lua reply (or the error in its place) to its caller."""
         if isinstance(reply, BaseException):
+            if pending.reloads < 2 and self._transport.needs_reload(reply):
+                # (Twice at most: the scripts may be flushed again meanwhile.)
+                pending.reloads += 1
+                # Not run: safe to send again once the scripts are back (one reload for everyone).
+                self._spawn(self._reload_and_resend(pending))
+                return
+            if isinstance(reply, ConnectionLost) and not pending.resent:
+                # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
+                # decision, so one resend on the next connection is safe.
+                pending.resent = True
+                self._send_admit(pending)
+                return
             self._fail(pending, reply)
             return
         try:
@@ -446,10 +363,10 @@ class RedisStore:
         except FAILURES as exc:
             self._fail(pending, exc)
             return
-        if self._fast is None or pending.future.done():
+        if pending.future.done():
             self._fail(pending, StoreError("admission abandoned while reloading scripts"))
             return
-        self._send_admit(self._fast, pending)
+        self._send_admit(pending)
 
     def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
         if self._undos:  # Redis answers again: what could not be undone before can be now
@@ -538,9 +455,8 @@ class RedisStore:
 
     def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
         self.forget_leases(slots, lease_id)
-        if wake and not self._connection_closed:
-            self._wakes.update(scripts.hash_tag(slot.key) for slot in slots)
-        self._enqueue_releases([slot.key for slot in slots], lease_id)
+        if slots and not self._connection_closed:
+            self._transport.release([slot.key for slot in slots], lease_id, self._channels(slots) if wake else ())
 
     def forget_leases(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
         """Stop renewing `lease_id` in `slots` (released, or handed over to a job)."""
@@ -548,10 +464,14 @@ class RedisStore:
             self._held.pop((slot.key, lease_id), None)
 
     def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
-        if self._connection_closed:
+        if not slots or self._connection_closed:
             return
-        self._wakes.update(scripts.hash_tag(slot.key) for slot in slots)
-        self._enqueue_releases([key for slot in slots for key in scripts.queue_keys(slot.key)], waiter_id)
+        keys = [key for slot in slots for key in scripts.queue_keys(slot.key)]
+        self._transport.release(keys, waiter_id, self._channels(slots))
+
+    def _channels(self, slots: Sequence[SlotBucket]) -> list[str]:
+        """The wake-up channels of `slots`' hash tags."""
+        return [self._wakeups.channel(tag) for tag in {scripts.hash_tag(slot.key) for slot in slots}]
 
     def watch(self, slots: Sequence[SlotBucket], event: asyncio.Event) -> Callable[[], None]:
         return self._wakeups.watch({scripts.hash_tag(slot.key) for slot in slots}, event)
@@ -560,82 +480,9 @@ class RedisStore:
     def lease(self) -> float:
         return self._lease
 
-    def _enqueue_releases(self, keys: Sequence[str], lease_id: str) -> None:
-        if not keys or self._connection_closed:
-            return
-        if self._fast is not None:
-            self._send_releases(self._fast, keys, lease_id)
-            return
-        for key in keys:
-            self._releases[(key, lease_id)] = None
-        if self._release_task is None or self._release_task.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop any more: the leases expire on their own
-            self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
-
-    def _send_releases(self, fast: PipelinedRedis, keys: Sequence[str], lease_id: str) -> None:
-        for key in keys:
-            command = pack_command(("ZREM", key, lease_id))
-            fast.send(command, functools.partial(self._release_reply, command))
-        if self._wakes:  # the same connection: published after the ZREMs have landed
-            wakes, self._wakes = self._wakes, set()
-            for tag in wakes:
-                fast.send(pack_command(("PUBLISH", self._wakeups.channel(tag), "1")),
-                          functools.partial(self._release_reply, None))
-
-    def _release_reply(self, resend: bytes | None, reply: object) -> None:
-        if not isinstance(reply, BaseException):
-            self._release_failures_logged = False
-            return
-        if resend is not None and isinstance(reply, ConnectionLost) and self._fast is not None:
-            # ZREM is idempotent: once more on the next connection, rather than a slot held
-            # until its lease runs out.
-            self._fast.send(resend, functools.partial(self._release_reply, None))
-            return
-        self._observer.store_error("release")
-        if not self._release_failures_logged:  # once per outage, not once per lease
-            self._release_failures_logged = True
-            log.warning("store releases are failing (the leases will expire): %s", reply)
-
     async def flush(self) -> None:
         """Wait until every release enqueued so far has been sent (or has failed)."""
-        if self._fast is not None:
-            if not self._fast.idle:
-                await self._fast.call("PING")  # one connection, in order: everything before it is done
-            return
-        while self._release_task is not None and not self._release_task.done():
-            await asyncio.shield(self._release_task)
-
-    async def _flush_releases(self) -> None:
-        while self._releases:
-            batch, self._releases = self._releases, {}
-            wakes, self._wakes = self._wakes, set()
-            members: dict[str, list[str]] = {}
-            for key, lease_id in batch:
-                members.setdefault(key, []).append(lease_id)
-            # Admissions issued from now on wait for this batch to land (see _send_admits),
-            # including while it waits for a free connection.
-            landed = self._landing()
-            try:
-                channels = [self._wakeups.channel(tag) for tag in wakes]
-                async with asyncio.timeout(self._timeout):
-                    try:
-                        replies = await self._pool.release(members, channels)
-                    except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
-                        replies = await self._pool.release(members, channels)
-            except FAILURES as exc:
-                self._observer.store_error("release")
-                log.warning("store release of %d leases failed: %r", len(batch), exc)
-                continue
-            finally:
-                self._landed(landed)
-            if any(isinstance(reply, BaseException) for reply in replies):
-                self._observer.store_error("release")
-                log.warning(
-                    "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
-                )
+        await self._transport.flush()
 
     # -- heartbeat -----------------------------------------------------------------------
 
@@ -728,43 +575,10 @@ class RedisStore:
     def _now(self) -> str:
         return scripts.now_arg(self._clock() if self._clock is not None else None)
 
-    def _landing(self) -> asyncio.Future[None]:
-        landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._releases_landing.add(landed)
-        return landed
-
-    def _landed(self, landed: asyncio.Future[None]) -> None:
-        self._releases_landing.discard(landed)
-        if not landed.done():
-            landed.set_result(None)
-
-    def _take_releases_for_piggyback(self) -> dict[str, list[str]]:
-        """Pending releases, grouped by key, taken over by an admission pipeline. Left to the
-        flusher while wake-ups are pending: those must be published after their ZREMs."""
-        if not self._releases or self._wakes:
-            return {}
-        batch, self._releases = self._releases, {}
-        members: dict[str, list[str]] = {}
-        for key, lease_id in batch:
-            members.setdefault(key, []).append(lease_id)
-        return members
-
-    async def _eval(
-        self,
-        script: scripts.Script,
-        calls: list[Call],
-        releases: dict[str, list[str]] | None = None,
-        *,
-        budget: float | None = None,
-    ) -> list[Any]:
-        """EVALSHA every call through the transport (redis-py admission batches: after
-        `releases`' ZREMs, in the same pipeline). Calls refused unrun go again once there;
+    async def _eval(self, script: scripts.Script, calls: list[Call], *, budget: float | None = None) -> list[Any]:
+        """EVALSHA every call through the transport. Calls refused unrun go again once there;
         nothing that may have run is sent again (ConnectionLost is raised)."""
-        budget = budget or self._timeout
-        if releases:
-            return await self._pool.eval_batch(script, calls, budget=budget, zrems=releases,
-                                               on_zrem_error=functools.partial(self._observer.store_error, "release"))
-        return await self._transport.eval_batch(script, calls, budget=budget)
+        return await self._transport.eval_batch(script, calls, budget=budget or self._timeout)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

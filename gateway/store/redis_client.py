@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -35,11 +35,11 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisClusterException, RedisError
 
 from gateway.store.base import StoreError
 from gateway.store.scripts import Script
-from gateway.store.transport import Call, ConnectionLost, ScriptSet, Transport, shared
+from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore, shared
 
 AnyRedis = Redis | RedisCluster
 log = logging.getLogger(__name__)
@@ -99,19 +99,190 @@ class RedisConnection:
 # Error replies that say the command did not run: safe to send again once the cause is fixed.
 NOT_RUN: tuple[type[BaseException], ...] = (NoScriptError, ReadOnlyError)
 
+# What a redis-py call can fail with, short of a bug.
+FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+    StoreError,
+    # uvloop raises RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+    # when redis-py writes to a connection Redis has just reset (restart, RST); redis-py drops
+    # that connection, and for the caller it is one more failed call (tests/faults).
+    RuntimeError,
+)
+
+# Hot-path batches are capped so a burst becomes several pipelines in parallel, not one huge one.
+BATCH = 256
+
 
 class RedisPyTransport(Transport):
     """The Transport over redis-py (TLS, Sentinel, Cluster; tests: fakeredis): each batch is
     one pipeline on a pooled connection, at most `max_connections` at a time, so the pool never
-    has to refuse one."""
+    has to refuse one.
 
-    def __init__(self, connection: RedisConnection, *, max_connections: int) -> None:
+    The hot path, done by hand since a pool has no order: `send_eval` calls queued in one loop
+    iteration go out as one pipeline (one task per batch, not per call), after the releases
+    still waiting to be sent (in the same pipeline: a slot freed before the call was issued is
+    free when Redis decides it, and it saves that round trip). `release` queues ZREMs for one
+    flusher task that sends everything pending as one pipeline per tick, wake-up PUBLISHes after
+    them; calls issued while a release pipeline is on its way wait for it to land."""
+
+    def __init__(self, connection: RedisConnection, *, timeout: float, max_connections: int) -> None:
         self.connection = connection
         self.client = connection.client
         self.is_cluster = connection.is_cluster
         self.scripts = ScriptSet(self._load_all)
+        self.on_release_error = ignore
+        self._timeout = timeout
         self._in_flight = asyncio.Semaphore(max_connections)
         self._master_check: asyncio.Future[None] | None = None  # Sentinel: one at a time
+        self._queued: dict[str, tuple[Script, list[tuple[Call, OnReply]]]] = {}  # by script sha
+        self._batches: set[asyncio.Task[None]] = set()
+        self._releases: dict[tuple[str, str], None] = {}
+        self._channels: set[str] = set()  # wake-ups the next release flush publishes
+        # Release pipelines on their way to Redis: calls issued meanwhile wait for them.
+        self._releases_landing: set[asyncio.Future[None]] = set()
+        self._release_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        if self._closed:
+            on_reply(StoreError("store is closed"))
+            return
+        queued = self._queued.get(script.sha)
+        if queued is None:
+            # The batch task first runs on the next loop iteration: every call queued during
+            # this one has joined the batch by then.
+            queued = self._queued[script.sha] = (script, [])
+            self._spawn(self._send_queued(script))
+        queued[1].append(((keys, args), on_reply))
+
+    async def _send_queued(self, script: Script) -> None:
+        _, queued = self._queued.pop(script.sha)
+        batch = queued[:BATCH]
+        if len(queued) > BATCH:  # the rest goes out in parallel
+            self._queued[script.sha] = (script, queued[BATCH:])
+            self._spawn(self._send_queued(script))
+        if self._releases_landing:
+            # Release pipelines are on their way on other connections: let them land first.
+            await asyncio.wait(list(self._releases_landing), timeout=self._timeout)
+        releases = self._take_releases_for_piggyback()
+        landed = self._landing() if releases else None  # later calls wait for these ZREMs too
+        replies: list[object]
+        try:
+            replies = await self.eval_batch(script, [call for call, _ in batch], budget=self._timeout,
+                                            zrems=releases, on_zrem_error=self.on_release_error)
+        except ConnectionLost as exc:
+            # The pipeline may have run, in part or whole. Its ZREMs are idempotent: back to the
+            # front of the queue, so that the callers' resends (only they know whether their call
+            # may go again) carry them first in their pipeline, as before the loss.
+            if releases:
+                self._requeue(releases)
+            replies = [exc] * len(batch)
+        except FAILURES as exc:
+            if releases:
+                self.on_release_error()
+            replies = [exc] * len(batch)
+        except BaseException as exc:
+            for _, on_reply in batch:
+                on_reply(exc)
+            raise
+        finally:
+            if landed is not None:
+                self._landed(landed)
+        for (_, on_reply), reply in zip(batch, replies, strict=True):
+            on_reply(reply)
+
+    def _requeue(self, releases: dict[str, list[str]]) -> None:
+        pending = {(key, member): None for key, members in releases.items() for member in members}
+        pending.update(self._releases)
+        self._releases = pending
+        # Whatever no resend takes along goes with the flusher (it runs after the resends
+        # queued by the callbacks this batch is about to call).
+        asyncio.get_running_loop().call_soon(self._start_flusher)
+
+    def _start_flusher(self) -> None:
+        if self._releases and not self._closed and (self._release_task is None or self._release_task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(
+                self._flush_releases(), name="redis-store-release")
+
+    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
+        if self._closed:
+            return
+        for key in keys:
+            self._releases[(key, member)] = None
+        self._channels.update(channels)
+        if self._release_task is None or self._release_task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop any more: the leases expire on their own
+            self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
+
+    async def flush(self) -> None:
+        while self._batches:  # hot-path batches in flight end within their budget
+            await asyncio.wait(list(self._batches))
+        while self._release_task is not None and not self._release_task.done():
+            await asyncio.shield(self._release_task)
+
+    async def _flush_releases(self) -> None:
+        while self._releases:
+            batch, self._releases = self._releases, {}
+            channels, self._channels = list(self._channels), set()
+            members: dict[str, list[str]] = {}
+            for key, member in batch:
+                members.setdefault(key, []).append(member)
+            # Calls issued from now on wait for this batch to land (see _send_queued),
+            # including while it waits for a free connection.
+            landed = self._landing()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    try:
+                        replies = await self._release_pipeline(members, channels)
+                    except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
+                        replies = await self._release_pipeline(members, channels)
+            except FAILURES as exc:
+                self.on_release_error()
+                log.warning("store release of %d leases failed: %r", len(batch), exc)
+                continue
+            finally:
+                self._landed(landed)
+            if any(isinstance(reply, BaseException) for reply in replies):
+                self.on_release_error()
+                log.warning(
+                    "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
+                )
+
+    def _take_releases_for_piggyback(self) -> dict[str, list[str]]:
+        """Pending releases, grouped by key, taken over by a hot-path pipeline. Left to the
+        flusher while wake-ups are pending: those must be published after their ZREMs."""
+        if not self._releases or self._channels:
+            return {}
+        batch, self._releases = self._releases, {}
+        members: dict[str, list[str]] = {}
+        for key, member in batch:
+            members.setdefault(key, []).append(member)
+        return members
+
+    def _landing(self) -> asyncio.Future[None]:
+        landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releases_landing.add(landed)
+        return landed
+
+    def _landed(self, landed: asyncio.Future[None]) -> None:
+        self._releases_landing.discard(landed)
+        if not landed.done():
+            landed.set_result(None)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    # -- scripts and the rest ----------------------------------------------------------
 
     async def eval_batch(
         self,
@@ -173,7 +344,7 @@ class RedisPyTransport(Transport):
             on_zrem_error()
         return list(replies[released:])
 
-    async def release(self, zrems: dict[str, list[str]], channels: Sequence[str]) -> list[object]:
+    async def _release_pipeline(self, zrems: dict[str, list[str]], channels: Sequence[str]) -> list[object]:
         """ZREM `zrems` (key -> members), then PUBLISH "1" on `channels` once they have landed
         (on Cluster, after the ZREM pipeline returned: they may be on other nodes)."""
         async with self._in_flight:
@@ -194,8 +365,8 @@ class RedisPyTransport(Transport):
                 raise ConnectionLost(f"Redis connection lost: {exc!r}") from exc
             return replies
 
-    async def zrem(self, key: str, member: str) -> None:
-        async with self._in_flight:
+    async def zrem(self, key: str, member: str, *, budget: float) -> None:
+        async with asyncio.timeout(budget), self._in_flight:
             await self.client.zrem(key, member)
 
     async def _load_all(self, scripts: Sequence[Script]) -> Sequence[object]:
@@ -208,11 +379,16 @@ class RedisPyTransport(Transport):
         else:
             await self.client.ping()
 
-    def start(self) -> None:
-        self.connection.start()
-
     async def aclose(self) -> None:
-        await self.connection.aclose()
+        # The connection is the store's (its wake-ups share it): it closes it.
+        self._closed = True
+        tasks = [*self._batches, *([self._release_task] if self._release_task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, *FAILURES):
+                await task
+        self._releases.clear()
 
 
 def scheme_of(url: str) -> str:

@@ -138,22 +138,24 @@ def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int, queued:
     if echoed != lease_id:
         raise StoreError("admit reply belongs to another call (lease id mismatch)")
     try:
-        status = int(reply[1])
-        numbers = [int(value) for value in reply[2:]]
+        # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
+        numbers = list(map(int, reply[1:]))
     except (TypeError, ValueError) as exc:
         raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
+    status = numbers[0]
     if status not in _STATUS_REASON:
         raise StoreError(f"unknown admit status {status}")
-    retry_after, reclaimed = numbers[0], numbers[1]
-    counts = numbers[2:]
+    # numbers: status, retry after, reclaimed, rate counts, rate resets, slot counts.
+    rate_end = 3 + n_rate
+    slot_start = rate_end + n_rate
     return AdmitResult(
         admitted=status == 0,
         reason=_STATUS_REASON[status],
-        retry_after_ms=retry_after,
-        rate_counts=counts[:n_rate],
-        rate_reset_ms=counts[n_rate : 2 * n_rate],
-        slot_counts=counts[2 * n_rate :],
-        reclaimed=reclaimed,
+        retry_after_ms=numbers[1],
+        rate_counts=numbers[3:rate_end],
+        rate_reset_ms=numbers[rate_end:slot_start],
+        slot_counts=numbers[slot_start:],
+        reclaimed=numbers[2],
         queued=queued and str(tail[0]) == "1",
         arrival=place,
     )

@@ -1,5 +1,6 @@
 """The one door from the Redis store to Redis: a `Transport` runs Lua scripts (one, or a batch
-in one round trip), pings, and closes. Two implementations, each in its own module:
+in one round trip), queues the admission hot path's calls and releases (`send_eval`,
+`release`, `flush`), pings, and closes. Two implementations, each in its own module:
 
 - `PipelinedRedis` (gateway/store/pipelined.py): one pipelined hiredis connection, for plain
   `redis://` and `unix://` URLs (the fast path);
@@ -15,6 +16,10 @@ What both promise, so that the store above them keeps admission semantics only:
   everyone else joins (`ScriptSet.reload`, single flight), then goes again once, with a fresh
   budget: 1,000 calls meeting NOSCRIPT at once cost one SCRIPT LOAD per script.
 - Every script runs with its source as `scripts.load` assembled it (the "now" preamble).
+- The hot path costs no task per call: `send_eval` queues one EVALSHA with a callback; every
+  call queued during one loop iteration goes out together (one write, or one pipeline), and a
+  release queued before a call is applied by Redis before it (a slot freed before an admission
+  was issued is free when Redis decides it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from gateway.store.base import StoreError
 from gateway.store.scripts import Script
 
 Call = tuple[list[str], list[str | int]]
+OnReply = Callable[[object], None]
 
 
 class ConnectionLost(StoreError):
@@ -89,6 +95,34 @@ class Transport:
     """The interface (see the module docstring); `eval` is `eval_batch` of one."""
 
     scripts: ScriptSet
+    # Called once per failed release (the store counts it); set by the store.
+    on_release_error: Callable[[], None]
+
+    def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        """The hot path: queue one EVALSHA, sent with every call queued in this loop iteration.
+        `on_reply` gets the reply, or the error in its place (never raised), exactly once;
+        ConnectionLost: it may have run. Nothing is re-sent here, except what `needs_reload`
+        tells the caller to send again."""
+        raise NotImplementedError
+
+    def needs_reload(self, reply: object) -> bool:
+        """`send_eval`'s error reply says the scripts are gone and the call did not run: the
+        caller waits for `scripts.reload` and sends it again (False: the transport did that)."""
+        return False
+
+    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
+        """Queue ZREM `member` from each key (idempotent: sent again if its connection was
+        lost), then PUBLISH "1" on `channels` once they have landed. Applied before any
+        `send_eval` queued after it. Failures go to `on_release_error`, never raised."""
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been answered (or has failed)."""
+        raise NotImplementedError
+
+    async def zrem(self, key: str, member: str, *, budget: float) -> None:
+        """ZREM on the connection the hot path uses; raises on failure."""
+        raise NotImplementedError
 
     async def eval_batch(self, script: Script, calls: Sequence[Call], *, budget: float) -> list[object]:
         """EVALSHA every call in one round trip. Replies in order, an error reply as the
@@ -104,8 +138,10 @@ class Transport:
         """Raises unless Redis answers."""
         raise NotImplementedError
 
-    def start(self) -> None:
-        """Start background work (needs a running loop)."""
-
     async def aclose(self) -> None:
+        """Stop everything queued or running (the store closes its redis-py connection)."""
         raise NotImplementedError
+
+
+def ignore() -> None:
+    """The default `on_release_error`."""

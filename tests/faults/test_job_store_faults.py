@@ -22,10 +22,10 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
-from gateway.config.model import Job, Route
+from gateway.config.model import Job, Route, Store
 from gateway.jobs.table import JobTable
 from gateway.jobs.tracker import JobReport, JobStart, JobTracker
-from gateway.store import scripts
+from gateway.store import bundle_for, scripts
 from gateway.store.base import SlotBucket
 from gateway.store.redis import RedisStore
 from tests.store.conftest import assert_no_leaks
@@ -92,7 +92,7 @@ async def test_a_jobs_slot_is_freed_whatever_single_call_failed(
     route = Route("/crawl", frozenset({"POST"}), (), job=job)
     store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", prefix="t", timeout=TIMEOUT, lease=10.0)
     await store.start()
-    tracker = JobTracker(store, None, "t")
+    tracker = JobTracker(bundle_for(store, Store(prefix="t", on_error="deny")).job_stores())
     jobs = tracker.primary
     assert jobs is not None
     direct = aredis.Redis(port=server.port)

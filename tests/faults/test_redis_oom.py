@@ -21,8 +21,10 @@ import redis
 from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission, StoreUnavailable
+from gateway.config.model import Store
 from gateway.jobs.tracker import JobTracker
 from gateway.metrics import Metrics, MetricsObserver
+from gateway.store import bundle_for
 from gateway.store.base import RateBucket, SlotBucket
 from gateway.store.jobs import JobClaim
 from gateway.store.memory import MemoryStore
@@ -92,7 +94,7 @@ async def test_scripts_refused_for_memory_follow_on_error_and_leave_nothing(
     local = MemoryStore(10.0)
     admission = Admission(store, on_error=on_error, metrics=metrics,  # type: ignore[arg-type]
                           local=local if on_error == "local" else None, breaker=CircuitBreaker(cooldown=COOLDOWN))
-    jobs = JobTracker(store, None, "t", observer).primary
+    jobs = JobTracker(bundle_for(store, Store(prefix="t", on_error="deny"), observer).job_stores()).primary
     assert jobs is not None
     try:
         # Before: two requests in flight, and a job holding a slot.

@@ -420,12 +420,12 @@ async def test_reply_for_another_call_is_refused() -> None:
     observer = RecordingObserver()
     store = RedisStore.from_client(client, prefix="t", timeout=0.5, lease=10.0, observer=observer)
     await store.start()
-    run_pipeline = store._pool._pipeline
+    run_pipeline = store._transport._pipeline  # type: ignore[attr-defined]
 
     async def swapped(sha: str, calls: list, *rest: object) -> list:  # type: ignore[type-arg]
         return list(reversed(await run_pipeline(sha, calls, *rest)))  # type: ignore[arg-type]
 
-    store._pool._pipeline = swapped  # type: ignore[method-assign]
+    store._transport._pipeline = swapped  # type: ignore[attr-defined]
     window = rate("rpm", 10, 1000)
     results = await asyncio.gather(
         store.admit([window], [], "first"), store.admit([window], [], "second"), return_exceptions=True

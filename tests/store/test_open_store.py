@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.config.model import Store
-from gateway.store import MemoryStore, RedisStore, job_store_for, open_store
+from gateway.store import MemoryStore, RedisStore, open_store
 from gateway.store.bans import MemoryBanStore
+from gateway.store.pipelined import PipelinedRedis
 from gateway.store.redis_bans import RedisBanStore
 from gateway.store.redis_jobs import RedisJobStore
-from gateway.store.redis_client import connect, parse_multi_host
+from gateway.store.redis_client import RedisPyTransport, connect, parse_multi_host
+from gateway.store.transport import Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -25,31 +28,77 @@ async def test_memory_url_gives_the_memory_stores() -> None:
     stores = open_store(Store(url="memory://", lease=5.0, on_error="local"))
     assert isinstance(stores.admission, MemoryStore)
     assert isinstance(stores.bans, MemoryBanStore)
-    assert job_store_for(stores.admission, "gw") is stores.admission
-    assert stores.local is None  # the store is local already: nothing to fall back to
+    assert stores.jobs is stores.admission  # the memory store holds its own jobs
+    assert stores.local is None and stores.local_jobs is None  # local already: no fallback
+    assert stores.job_stores() == ((stores.admission, stores.admission),)
 
 
 async def test_redis_url_gives_the_redis_stores_and_the_local_fallback() -> None:
     stores = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="local"))
     assert isinstance(stores.admission, RedisStore)
     assert isinstance(stores.bans, RedisBanStore)
-    assert isinstance(job_store_for(stores.admission, "gw"), RedisJobStore)
+    assert isinstance(stores.jobs, RedisJobStore)
     assert isinstance(stores.local, MemoryStore)
+    assert stores.local_jobs is stores.local  # jobs admitted while Redis is away are held locally
+    assert stores.job_stores() == ((stores.admission, stores.jobs), (stores.local, stores.local))
     await stores.admission.aclose()
-    assert open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="deny")).local is None
+    denying = open_store(Store(url="redis://127.0.0.1:6399/2", timeout=0.1, on_error="deny"))
+    assert denying.local is None and denying.job_stores() == ((denying.admission, denying.jobs),)
 
 
 def test_nothing_outside_the_store_package_names_a_concrete_store() -> None:
-    """One door into gateway/store/: backends are chosen there, and the store package does not
-    depend on the admission logic built on it."""
+    """One door into gateway/store/: backends are chosen there (no concrete class, no dispatch
+    function is named outside it), and the store package does not depend on the admission logic
+    built on it."""
     root = Path(__file__).resolve().parents[2] / "gateway"
-    concrete = re.compile(r"\b(MemoryStore|RedisStore|MemoryBanStore|RedisBanStore|RedisJobStore)\b")
+    concrete = re.compile(
+        r"\b(MemoryStore|RedisStore|MemoryBanStore|RedisBanStore|RedisJobStore"
+        r"|ban_store_for|job_store_for|PipelinedRedis|RedisPyTransport)\b"
+    )
     outside = [str(path.relative_to(root)) for path in root.rglob("*.py")
                if "store" not in path.relative_to(root).parts[:1] and concrete.search(path.read_text())]
     assert outside == []
     inside = [str(path.relative_to(root)) for path in (root / "store").rglob("*.py")
               if "gateway.admission" in path.read_text()]
     assert inside == []
+
+
+def test_the_redis_store_has_no_transport_branch() -> None:
+    """RedisStore keeps admission semantics only: it names no concrete transport, no
+    transport-specific error or attribute (`_fast`, `_pool`, hiredis' ReplyError); the one
+    place that picks a transport is `open_transport`."""
+    source = (Path(__file__).resolve().parents[2] / "gateway" / "store" / "redis.py").read_text()
+    tree = ast.parse(source)
+    (store,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RedisStore"]
+    names = {node.id for node in ast.walk(store) if isinstance(node, ast.Name)}
+    attributes = {node.attr for node in ast.walk(store) if isinstance(node, ast.Attribute)}
+    assert not names & {"PipelinedRedis", "RedisPyTransport", "Endpoint", "ReplyError", "pack_command"}
+    assert not attributes & {"_fast", "_pool", "send", "call", "release_pipeline"}
+    isinstance_on_transport = [
+        node for node in ast.walk(store)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance"
+        and "_transport" in ast.unparse(node.args[0])
+    ]
+    assert isinstance_on_transport == []
+
+
+@pytest.mark.parametrize("transport", [PipelinedRedis, RedisPyTransport])
+def test_both_transports_implement_the_whole_interface(transport: type[Transport]) -> None:
+    missing = [name for name, member in vars(Transport).items()
+               if callable(member) and not name.startswith("__") and name not in ("eval", "needs_reload")
+               and getattr(transport, name) is member]
+    assert missing == []
+
+
+async def test_the_url_picks_the_transport() -> None:
+    pipelined = RedisStore("redis://127.0.0.1:6399/2", prefix="t", timeout=0.1, lease=5.0)
+    tls = RedisStore("rediss://127.0.0.1:6399/2", prefix="t", timeout=0.1, lease=5.0)
+    try:
+        assert isinstance(pipelined._transport, PipelinedRedis)  # plain redis://: the fast path
+        assert isinstance(tls._transport, RedisPyTransport)
+    finally:
+        await pipelined.aclose()
+        await tls.aclose()
 
 
 def test_unknown_scheme_is_refused() -> None:

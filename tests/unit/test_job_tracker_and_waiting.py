@@ -14,10 +14,11 @@ import pytest
 from gateway.admission import waiting
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission
-from gateway.config.model import Job, Route
+from gateway.config.model import Job, Route, Store
 from gateway.jobs.table import JobTable
 from gateway.jobs.tracker import JobReport, JobStart, JobTracker
 from gateway.metrics import Metrics
+from gateway.store import bundle_for
 from gateway.store.base import SlotBucket
 from gateway.store.memory import MemoryStore
 
@@ -68,7 +69,7 @@ async def report(
 
 async def test_the_slot_passes_to_the_job_and_only_its_owner_ends_it() -> None:
     store = MemoryStore(30.0)
-    tracker = JobTracker(store, None, "gw")
+    tracker = JobTracker(bundle_for(store, Store(prefix="gw", on_error="deny")).job_stores())
     admission = Admission(store, on_error="deny", metrics=Metrics())
     await start_job(store, tracker, admission, {"data": {"id": "j1"}, "status": "queued"})
     assert await held(store) == 1  # the request ended; the job holds the slot
@@ -82,7 +83,7 @@ async def test_the_slot_passes_to_the_job_and_only_its_owner_ends_it() -> None:
 
 async def test_a_delete_that_succeeds_ends_the_job() -> None:
     store = MemoryStore(30.0)
-    tracker = JobTracker(store, None, "gw")
+    tracker = JobTracker(bundle_for(store, Store(prefix="gw", on_error="deny")).job_stores())
     admission = Admission(store, on_error="deny", metrics=Metrics())
     await start_job(store, tracker, admission, {"data": {"id": "j2"}})
     await report(tracker, "DELETE", "j2", "alice", 500, {})
@@ -93,7 +94,7 @@ async def test_a_delete_that_succeeds_ends_the_job() -> None:
 
 async def test_no_job_without_a_2xx_and_an_id() -> None:
     store = MemoryStore(30.0)
-    tracker = JobTracker(store, None, "gw")
+    tracker = JobTracker(bundle_for(store, Store(prefix="gw", on_error="deny")).job_stores())
     admission = Admission(store, on_error="deny", metrics=Metrics())
     await start_job(store, tracker, admission, {"data": {"id": "j3"}}, status=503)
     await start_job(store, tracker, admission, {"data": {"other": 1}})
