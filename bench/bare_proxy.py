@@ -26,8 +26,8 @@ import uvicorn
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.model import Identity, Upstream
-from gateway.gc_tuning import settle_heap
 from gateway.edge import edge_protocol
+from gateway.gc_tuning import settle_heap
 from gateway.proxy.forwarder import forward
 from gateway.proxy.headers import HeaderPolicy, upstream_request_headers, upstream_url
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client

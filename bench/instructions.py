@@ -30,7 +30,6 @@ import urllib.request
 from typing import Any
 
 import report
-
 from procs import Proc, free_port, wait_port
 from stack import BENCH_DIR, KEY, PATH, PROJECT_PYTHON, Stack
 

@@ -10,7 +10,6 @@ import sys
 
 from gateway.proxy.forwarder import ClientAbortedLogFilter
 
-
 # uvicorn's lifecycle lines, logged once per server: a worker runs two (public and admin), so
 # each would appear twice; the gateway says where it listens and when it stopped itself.
 _UVICORN_LIFECYCLE = frozenset({

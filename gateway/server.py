@@ -34,8 +34,8 @@ from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.config.units import parse_host_port
-from gateway.gc_tuning import settle_heap
 from gateway.edge import edge_protocol
+from gateway.gc_tuning import settle_heap
 from gateway.logs import configure_logging
 from gateway.reload import Reloader, watch_file
 from gateway.state import GatewayState

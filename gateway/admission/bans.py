@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.admission.identity import is_trusted
-from gateway.config.model import Bans, Network
+from gateway.config.model import Network
+from gateway.store.ban_lengths import StrikeCounts as StrikeCounts  # in STRIKE_KINDS order
 from gateway.store.ban_lengths import ban_ms as ban_ms  # re-exported: the reference for the scripts
 from gateway.store.ban_lengths import ms as ms
-from gateway.store.ban_lengths import StrikeCounts as StrikeCounts  # in STRIKE_KINDS order
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -53,7 +53,6 @@ from gateway.store.base import (
     WaitingStore,
 )
 
-
 log = logging.getLogger("gateway.admission")
 
 

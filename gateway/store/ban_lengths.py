@@ -7,7 +7,6 @@ import math
 
 from gateway.config.model import Bans
 
-
 StrikeCounts = tuple[int, int, int]  # strikes by kind: 401s, early rate 429s, early concurrency 429s
 
 

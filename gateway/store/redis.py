@@ -61,7 +61,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from gateway.store import scripts
 from gateway.store.base import (
     AdmitResult,

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aredis

@@ -17,8 +17,8 @@ from gateway.store import MemoryStore, RedisStore, open_store
 from gateway.store.bans import MemoryBanStore
 from gateway.store.pipelined import PipelinedRedis
 from gateway.store.redis_bans import RedisBanStore
-from gateway.store.redis_jobs import RedisJobStore
 from gateway.store.redis_client import RedisPyTransport, connect, parse_multi_host
+from gateway.store.redis_jobs import RedisJobStore
 from gateway.store.transport import Transport
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from gateway import trusted_headers
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
