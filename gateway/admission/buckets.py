@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config.model import ConcurrencyLimit, Config, Key, Limit, RateLimit, Route
-from gateway.store.base import RateBucket, SlotBucket
+from gateway.admission.cost import FLAT, Pricing
+from gateway.store.base import QuotaBucket, RateBucket, SlotBucket
 from gateway.store.names import short_hash as short_hash  # re-exported: bucket names use it
 
 
@@ -35,7 +36,11 @@ class BucketInfo:
 
     policy: str  # the IETF policy item name
     limit: int
-    window: float  # seconds; 0 for concurrency
+    window: float  # seconds; 0 for concurrency and quotas
+    counts_cost: bool = False  # its numbers are units (cost), not requests
+    shadow: bool = False  # never refuses, never in headers; would-be refusals are counted
+    period: str = ""  # a quota's period ("1d", "7d", "month")
+    name: str = ""  # the limit's name in the config (metrics label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +51,14 @@ class AdmissionPlan:
     slots: tuple[SlotBucket, ...]
     slot_info: tuple[BucketInfo, ...]
     wait: float  # longest `wait` among the slot limits (0: refuse at once)
+    quotas: tuple[QuotaBucket, ...] = ()
+    quota_info: tuple[BucketInfo, ...] = ()
+    quota_status: int = 402  # the status of a quota refusal (the refusing quota's `status`)
+    pricing: Pricing = FLAT  # the route's cost rules
 
     @property
     def empty(self) -> bool:
-        return not self.rates and not self.slots
+        return not self.rates and not self.slots and not self.quotas
 
 
 def hash_tag(prefix: str, key: Key) -> str:

@@ -14,6 +14,8 @@ from typing import Literal
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Scope = Literal["key", "workspace"]
 OnError = Literal["local", "allow", "deny"]
+Counts = Literal["requests", "cost"]
+Period = Literal["1d", "7d", "month"]
 HEADER_FAMILIES = ("concurrency", "x-concurrent", "x-ratelimit", "ietf")
 
 
@@ -26,19 +28,50 @@ class RateLimit:
     window: float
     scope: Scope = "key"
     exact: bool = True
+    counts: Counts = "requests"  # "cost": the window holds units (each request's cost)
+    shadow: bool = False  # counted as if enforced, never refuses (gateway_shadow_refusals_total)
 
 
 @dataclass(frozen=True, slots=True)
 class ConcurrencyLimit:
-    """At most `limit` requests (or async jobs) in progress at one moment."""
+    """At most `limit` slots held at one moment (a request or async job holds its cost rule's
+    `slots`, default 1)."""
 
     name: str
     limit: int
     scope: Scope = "key"
     wait: float = 0.0  # seconds a request may wait for a free slot before its 429
+    shadow: bool = False
 
 
-Limit = RateLimit | ConcurrencyLimit
+@dataclass(frozen=True, slots=True)
+class QuotaLimit:
+    """At most `limit` units (or requests) per fixed UTC period: `1d`, `7d` (ISO week) or
+    `month` (calendar month). Spent: `status` (402) with `error: quota_exceeded`."""
+
+    name: str
+    limit: int
+    period: Period
+    scope: Scope = "key"
+    counts: Counts = "cost"
+    shadow: bool = False
+    status: int = 402
+
+
+Limit = RateLimit | ConcurrencyLimit | QuotaLimit
+
+
+@dataclass(frozen=True, slots=True)
+class CostRule:
+    """`routes[].cost[]`: the first rule whose every condition holds prices the request.
+    Conditions are exact: a query parameter given more than once matches when any of its values
+    does (pricing never goes down by repeating a parameter); header names are lower-case."""
+
+    cost: int
+    slots: int = 1
+    method: str | None = None  # upper-case
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +106,7 @@ class Route:
     limits: tuple[str, ...]
     per_route: frozenset[str] = frozenset()
     job: Job | None = None
+    cost: tuple[CostRule, ...] = ()  # empty: every request costs 1 and holds 1 slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +122,11 @@ class Upstream:
     set_headers: tuple[tuple[str, str], ...] = ()
     key_id_header: str = "X-Gateway-Key-Id"
     plan_header: str = "X-Gateway-Plan"
+    # The upstream's response header declaring what a request really cost: the charge is
+    # settled to it (never forwarded to the client as such). None: the cost rules' price stands.
+    cost_header: str | None = None
+    # "success_only": a non-2xx answer is refunded (settled to 0).
+    charge: Literal["always", "success_only"] = "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,4 +197,8 @@ class Config:
     client_keep_alive: float = 75.0
     bans: Bans | None = None
     headers: frozenset[str] = frozenset(HEADER_FAMILIES)
+    # The response header telling the client what its request was charged (every proxied response).
+    cost_response_header: str = "X-Request-Cost"
+    # A GET path the gateway answers itself with the caller's plan, limits and usage (None: off).
+    usage_path: str | None = None
     source: str = "<memory>"  # the file it was loaded from, for messages

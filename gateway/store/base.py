@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +44,74 @@ class RateBucket:
     limit: int
     window_ms: int
     exact: bool = True
+    # True: the window holds units (each admission adds `Charge.cost`), else requests (adds 1).
+    counts_cost: bool = False
+    # True: evaluated and written exactly as if enforced, but never refuses; a would-be refusal
+    # is reported in `AdmitResult.shadow_refused` (and then writes nothing into this bucket).
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SlotBucket:
-    """One set of concurrency slots to check."""
+    """One set of concurrency slots to check. A request takes `Charge.slots` of them."""
 
     key: str
     limit: int
+    shadow: bool = False  # as RateBucket.shadow
+
+
+Period = Literal["1d", "7d", "month"]
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaBucket:
+    """A period quota: at most `limit` (+ units granted for the period) in each fixed UTC
+    period: `1d` (UTC days), `7d` (ISO weeks, Monday 00:00 UTC), `month` (calendar months,
+    UTC). One O(1) counter; the period is computed from the store's clock."""
+
+    key: str
+    limit: int
+    period: Period
+    counts_cost: bool = True
+    shadow: bool = False  # as RateBucket.shadow
+
+
+# Upper bounds of one request's charge (config and an upstream's declared cost are held to them).
+MAX_COST = 1000
+MAX_SLOTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one request weighs: `cost` units in every bucket that counts cost (0..MAX_COST),
+    `slots` slots in every slot bucket (1..MAX_SLOTS)."""
+
+    cost: int = 1
+    slots: int = 1
+
+
+ONE = Charge()
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Re-price an admitted request: its cost-counting buckets go from `charged` units to
+    `settled` (a refund when lower, an extra debit when higher; a window or quota may go over
+    its limit, later requests wait for it). `admitted_at_ms` is `AdmitResult.now_ms`: only the
+    window entries and the quota period of that admission are adjusted. Idempotent per lease."""
+
+    rates: tuple[RateBucket, ...]  # the admission's rate buckets that count cost
+    quotas: tuple[QuotaBucket, ...]  # its quotas that count cost
+    charged: int
+    settled: int
+    admitted_at_ms: float
+
+
+@dataclass(slots=True)
+class QuotaUsage:
+    used: int  # units counted in the current period
+    granted: int  # extra units granted for the current period (admin)
+    reset_ms: int  # ms until the period ends
 
 
 @dataclass(slots=True)
@@ -62,10 +122,11 @@ class AdmitResult:
     """
 
     admitted: bool
-    # "rate" when any rate bucket refused (it can say when to retry), else "concurrency".
+    # "quota" when a quota refused, else "rate" when any rate bucket refused (it can say when
+    # to retry), else "concurrency".
     reason: str | None
-    # Milliseconds until the request would be admitted by every refusing rate bucket
-    # (0 when admitted or refused only for concurrency).
+    # Milliseconds until the request would be admitted by every refusing rate bucket and
+    # quota (a quota: until its period ends; 0 when admitted or refused only for concurrency).
     retry_after_ms: int
     # Admissions in each rate window before this request (after purging expired ones); for a
     # counter bucket its estimate, rounded up.
@@ -82,6 +143,14 @@ class AdmitResult:
     queued: bool = False
     # The waiter's place in the queues (pass it back in QueueSpot.arrival to keep it).
     arrival: str = ""
+    # Per quota bucket (parallel to `quotas`): units used in its period before this request,
+    # and ms until the period ends.
+    quota_counts: list[int] = field(default_factory=list)
+    quota_reset_ms: list[int] = field(default_factory=list)
+    # Store keys of shadow buckets that would have refused this request.
+    shadow_refused: list[str] = field(default_factory=list)
+    # The store's clock at the decision, in ms (dates a later Settlement).
+    now_ms: float = 0.0
     # A refusal repeated from the refusal cache (gateway/admission/controller.py), not a store
     # answer: only the refusing limits' numbers are still known (headers say nothing else).
     from_cache: bool = False
@@ -113,13 +182,19 @@ class AdmissionStore(Protocol):
         rates: Sequence[RateBucket],
         slots: Sequence[SlotBucket],
         lease_id: str,
+        *,
+        quotas: Sequence[QuotaBucket] = (),
+        charge: Charge = ONE,
     ) -> AdmitResult:
-        """Decide atomically; when admitted, `lease_id` holds a slot in every slot bucket
-        (renewed by the store's heartbeat until released) and one entry in every rate window.
-        Raises StoreError when the store cannot decide."""
+        """Decide atomically; when admitted, `lease_id` holds `charge.slots` slots in every
+        slot bucket (renewed by the store's heartbeat until released), `charge.cost` units (or
+        one entry) in every rate window and quota. Raises StoreError when the store cannot decide."""
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
-        """Free `lease_id` in `slots`. Synchronous and idempotent: safe in any `finally`,
+    def release(
+        self, slots: Sequence[SlotBucket], lease_id: str, *, settlement: Settlement | None = None
+    ) -> None:
+        """Free `lease_id` in `slots` (which may be empty) and apply `settlement`, in one store
+        call batched off the critical path. Synchronous and idempotent: safe in any `finally`,
         even while the caller is being cancelled."""
 
     async def check_ready(self) -> None:
@@ -135,10 +210,16 @@ class WaitingStore(AdmissionStore, Protocol):
         slots: Sequence[SlotBucket],
         lease_id: str,
         queue: QueueSpot | None = None,
+        *,
+        quotas: Sequence[QuotaBucket] = (),
+        charge: Charge = ONE,
     ) -> AdmitResult:
         """As AdmissionStore.admit; with `queue`, the waiting rules in this module's docstring."""
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
+    def release(
+        self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
+        *, settlement: Settlement | None = None,
+    ) -> None:
         """As AdmissionStore.release; `wake` also tells every replica's waiters of these buckets."""
 
     def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
