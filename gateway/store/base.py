@@ -252,3 +252,17 @@ class NullObserver:
 
     def store_error(self, operation: str) -> None:
         pass
+
+
+def weighted_lease(lease_id: str, slots: int) -> str:
+    """The lease id of a request holding `slots` slots in each slot bucket. The count rides in
+    the id (`<id>*K`), so every later call on the lease (release, renew, undo, job handover)
+    knows its members without being told."""
+    return lease_id if slots <= 1 else f"{lease_id}*{slots}"
+
+
+def lease_members(lease_id: str) -> list[str]:
+    """The members a lease holds in a slot bucket: `id`, then `id#2` ... `id#K`."""
+    _, star, count = lease_id.rpartition("*")
+    slots = int(count) if star and count.isdigit() else 1
+    return [lease_id] + [f"{lease_id}#{n}" for n in range(2, min(slots, MAX_SLOTS) + 1)]
