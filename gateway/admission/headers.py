@@ -173,12 +173,13 @@ class LimitHeaders:
 
     __slots__ = ("_plan", "_families", "_policy", "_simple", "_rate_limit", "_slot_limit", "_rate_limit_text",
                  "_slot_limit_text", "_concurrency", "_x_concurrent", "_x_ratelimit", "_ietf", "_rate_item",
-                 "_slot_item", "_rate_counts_cost")
+                 "_slot_item", "_rate_counts_cost", "_given_policy")
 
     def __init__(self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> None:
         self._plan = plan
         self._families = families
         self._policy = policy or b""
+        self._given_policy = policy  # b"" (quotas only) is not None: limit_headers adds the quotas' items
         self._simple = (len(plan.rate_info) <= 1 and len(plan.slot_info) <= 1 and not plan.quota_info
                         and not any(info.shadow for info in (*plan.rate_info, *plan.slot_info)))
         self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
@@ -197,7 +198,7 @@ class LimitHeaders:
 
     def __call__(self, result: AdmitResult, charge: Charge = ONE) -> Headers:
         if not self._simple:
-            return limit_headers(self._plan, result, self._families, self._policy or None, charge)
+            return limit_headers(self._plan, result, self._families, self._given_policy, charge)
         headers: Headers = []
         slot_item = None
         if self._slot_limit is not None and not result.from_cache and result.slot_counts:
