@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.config.model import ConcurrencyLimit, Key, RateLimit
+from gateway.config.model import ConcurrencyLimit, Key, QuotaLimit, RateLimit
 from gateway.state import GatewayState
 from gateway.store.base import RateBucket, SlotBucket, StoreError
 
@@ -68,15 +68,15 @@ async def describe_key(state: GatewayState, key: Key) -> dict[str, Any]:
             "limit": override or limit.limit, "plan_limit": limit.limit, "override": override, "scope": limit.scope,
         }
         if isinstance(limit, RateLimit):
-            item |= {"kind": "rate", "window_seconds": limit.window}
-            if limit.scope == "workspace" and key.workspace and override is not None:
-                item["limit"] = limit.limit  # the shared budget; the override caps this key inside it
-                item["key_limit"] = override
+            item |= {"kind": "rate", "window_seconds": limit.window, "counts": limit.counts}
+        elif isinstance(limit, QuotaLimit):
+            item |= {"kind": "quota", "period": limit.period, "counts": limit.counts, "status": limit.status}
         elif isinstance(limit, ConcurrencyLimit):
             item |= {"kind": "concurrency", "wait_seconds": limit.wait}
-            if limit.scope == "workspace" and key.workspace and override is not None:
-                item["limit"] = limit.limit
-                item["key_limit"] = override
+        item["shadow"] = limit.shadow
+        if limit.scope == "workspace" and key.workspace and override is not None:
+            item["limit"] = limit.limit  # the shared budget; the override caps this key inside it
+            item["key_limit"] = override
         limits[name] = item
 
     # Every bucket the key's requests use, once each (per-route buckets appear per route).

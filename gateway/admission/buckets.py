@@ -15,7 +15,9 @@ one workspace (gateway/config/workspaces.py).
     {prefix}:{k:<h(key id)>}:r:<limit>                  key scope, key without workspace
     {prefix}:{w:<h(workspace)>}:k:<h(key id)>:r:<limit>  key scope, key in a workspace
     {prefix}:{w:<h(workspace)>}:w:r:<limit>             workspace scope
-    ...:c:<limit> for concurrency slots; ...:p:<h(route)> appended for `per_route` buckets
+    ...:c:<limit> for concurrency slots, ...:q:<limit> for quotas (a workspace-scope quota is
+    one balance for the workspace, a key's override its own cap inside it, as for rates);
+    ...:p:<h(route)> appended for `per_route` buckets
     ...:a:<limit> instead of :r: for an `exact: false` rate limit (a counter, a Redis hash where
     the log is a sorted set: toggling `exact` in a reload names a new bucket, never WRONGTYPE)
 """
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config.model import ConcurrencyLimit, Config, Key, Limit, RateLimit, Route
-from gateway.admission.cost import FLAT, Pricing
+from gateway.admission.cost import FLAT, Pricing, pricing_for
+from gateway.config.model import Config, Key, Limit, QuotaLimit, RateLimit, Route
 from gateway.store.base import QuotaBucket, RateBucket, SlotBucket
 from gateway.store.names import short_hash as short_hash  # re-exported: bucket names use it
 
@@ -86,6 +88,9 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
     rate_info: list[BucketInfo] = []
     slots: list[SlotBucket] = []
     slot_info: list[BucketInfo] = []
+    quotas: list[QuotaBucket] = []
+    quota_info: list[BucketInfo] = []
+    statuses: list[int] = []  # of the enforced quotas (check-config makes a route's agree)
     wait = 0.0
 
     for name in route_limit_names(route):
@@ -93,7 +98,7 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
         if limit is None:
             continue  # names a plan does not define are skipped for that plan (SPEC §3)
         suffix = route_suffix(route) if name in route.per_route else ""
-        kind = "c" if not isinstance(limit, RateLimit) else ("r" if limit.exact else "a")
+        kind = _kind_letter(limit)
         override = key.overrides.get(name)
         # (store key, number, policy name) for each bucket this limit puts the request in
         targets: list[tuple[str, int, str]] = []
@@ -106,11 +111,30 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
 
         for store_key, number, policy in targets:
             if isinstance(limit, RateLimit):
-                rates.append(RateBucket(store_key, number, round(limit.window * 1000), limit.exact))
-                rate_info.append(BucketInfo(policy, number, limit.window))
-            elif isinstance(limit, ConcurrencyLimit):
-                slots.append(SlotBucket(store_key, number))
-                slot_info.append(BucketInfo(policy, number, 0.0))
-                wait = max(wait, limit.wait)
+                cost = limit.counts == "cost"
+                window_ms = round(limit.window * 1000)
+                rates.append(RateBucket(store_key, number, window_ms, limit.exact, cost, limit.shadow))
+                rate_info.append(BucketInfo(policy, number, limit.window, cost, limit.shadow, name=name))
+            elif isinstance(limit, QuotaLimit):
+                cost = limit.counts == "cost"
+                quotas.append(QuotaBucket(store_key, number, limit.period, cost, limit.shadow))
+                quota_info.append(BucketInfo(policy, number, 0.0, cost, limit.shadow, limit.period, name))
+                if not limit.shadow:
+                    statuses.append(limit.status)
+            else:
+                slots.append(SlotBucket(store_key, number, limit.shadow))
+                slot_info.append(BucketInfo(policy, number, 0.0, shadow=limit.shadow, name=name))
+                if not limit.shadow:  # a shadow limit never makes a request wait
+                    wait = max(wait, limit.wait)
 
-    return AdmissionPlan(plan.name, tuple(rates), tuple(rate_info), tuple(slots), tuple(slot_info), wait)
+    return AdmissionPlan(
+        plan.name, tuple(rates), tuple(rate_info), tuple(slots), tuple(slot_info), wait,
+        quotas=tuple(quotas), quota_info=tuple(quota_info), quota_status=statuses[0] if statuses else 402,
+        pricing=pricing_for(route.cost) if route.cost else FLAT,
+    )
+
+
+def _kind_letter(limit: Limit) -> str:
+    if isinstance(limit, RateLimit):
+        return "r" if limit.exact else "a"
+    return "q" if isinstance(limit, QuotaLimit) else "c"

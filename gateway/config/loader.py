@@ -41,7 +41,7 @@ import yaml
 from gateway.config.admin_access import admin_exposure_problem
 from gateway.config.expansion import ExpansionError, check_expansion
 from gateway.config.keys import read_keys
-from gateway.config.model import Config, Upstream
+from gateway.config.model import Config, Route, Upstream
 from gateway.config.nodes import (
     MAP,
     NULL,
@@ -57,7 +57,8 @@ from gateway.config.nodes import (
 )
 from gateway.config.plans import PlanIndex, read_plans
 from gateway.config.routes import read_routes
-from gateway.config.settings import read_bans, read_headers, read_identity, read_store, read_upstream
+from gateway.config.routes import pattern_problem
+from gateway.config.settings import header_name, read_bans, read_headers, read_identity, read_store, read_upstream
 from gateway.config.units import UnitError, parse_host_port, parse_size, quote, split_host
 from gateway.config.workspaces import check_workspace_limits
 
@@ -84,6 +85,8 @@ _TOP_KEYS = (
     "client_keep_alive",
     "bans",
     "headers",
+    "usage_path",
+    "cost_response_header",
 )
 
 
@@ -281,7 +284,7 @@ def _config(r: NodeReader, root: Node) -> Config:
     if keys_node is not None:
         check_workspace_limits(r, keys_node, keys, index.plans)
     routes_node = get(top, "routes")
-    routes = read_routes(r, routes_node, index) if routes_node is not None else ()
+    routes = read_routes(r, routes_node, index, keys) if routes_node is not None else ()
     upstream_node = get(top, "upstream")
     upstream = (read_upstream(r, upstream_node) if upstream_node is not None else None) or defaults.upstream
 
@@ -344,8 +347,40 @@ def _config(r: NodeReader, root: Node) -> Config:
         ),
         bans=field(top, "bans", lambda n: read_bans(r, n), None),
         headers=field(top, "headers", lambda n: read_headers(r, n), defaults.headers),
+        cost_response_header=field(
+            top, "cost_response_header", lambda n: header_name(r, n, "cost_response_header"),
+            defaults.cost_response_header,
+        ),
+        usage_path=_usage_path(r, get(top, "usage_path"), routes),
         source=r.source,
     )
+
+
+MAX_USAGE_PATH = 1024
+
+
+def _usage_path(r: NodeReader, node: Node | None, routes: tuple[Route, ...]) -> str | None:
+    """`usage_path`: one exact absolute path, answered (GET) before routing. A route written as
+    exactly that path would never see a GET, so that is refused; a pattern that covers it
+    (`/v1/**`) just loses that one path."""
+    if node is None or r.is_null(node, "usage_path"):
+        return None
+    text = r.string(node, "usage_path")
+    if text is None:
+        return None
+    problem = pattern_problem(text)
+    if problem is None and ("{" in text or text.endswith("/**")):
+        problem = "it is one exact path, without {name} or /**"
+    elif problem is None and len(text) > MAX_USAGE_PATH:
+        problem = f"it is longer than {MAX_USAGE_PATH} characters"
+    if problem is not None:
+        r.problem(node, "usage_path", f"{quote(text)} is not a usage path: {problem}")
+        return None
+    if any(route.path == text and (route.methods is None or "GET" in route.methods) for route in routes):
+        r.problem(node, "usage_path", f"{quote(text)} is also a route's path; the gateway answers GET there "
+                  "itself, so that route would never see one")  # fmt: skip
+        return None
+    return text
 
 
 def _listen(r: NodeReader, node: Node, path: str) -> str | None:

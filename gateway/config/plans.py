@@ -1,8 +1,10 @@
-"""The `plans:` section: plan tiers and their named rate and concurrency limits.
+"""The `plans:` section: plan tiers and their named rate, concurrency and quota limits.
 
-A limit is `{rate: N/DURATION}` or `{concurrency: N}`, with `scope: key|workspace` (default key),
-`exact` (rate only, default true) and `wait` (concurrency only, default 0). Routes and key
-overrides refer to limits by name, so a name means the same kind of limit in every plan.
+A limit is `{rate: N/DURATION}`, `{concurrency: N}` or `{quota: N/PERIOD}` (PERIOD: 1d, 7d or
+month), with `scope: key|workspace` (default key) and `shadow` (default false); `exact` (rate
+only, default true), `wait` (concurrency only, default 0), `counts: requests|cost` (rate:
+default requests; quota: default cost) and `status` (quota only, a 4xx, default 402). Routes and
+key overrides refer to limits by name, so a name means the same kind of limit in every plan.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import re
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
-from gateway.config.model import ConcurrencyLimit, Limit, Plan, RateLimit, Scope
+from gateway.config.model import ConcurrencyLimit, Counts, Limit, Plan, QuotaLimit, RateLimit, Scope
 from gateway.config.nodes import ID, ID_RULE, Node, NodeReader, field, get
-from gateway.config.units import parse_rate
+from gateway.config.units import parse_quota, parse_rate
 
 SCOPES: tuple[Scope, ...] = ("key", "workspace")
-LimitKind = type[RateLimit] | type[ConcurrencyLimit]
+COUNTS: tuple[Counts, ...] = ("requests", "cost")
+LimitKind = type[RateLimit] | type[ConcurrencyLimit] | type[QuotaLimit]
+KINDS = ("rate", "concurrency", "quota")
+# An exact (sliding-log) window that counts cost stores one member per unit: this many at most
+# per bucket, so one key's log stays a few MB. Larger budgets use `exact: false` (one counter).
+MAX_LOG_UNITS = 100_000
 
 # Limit names become part of store key names.
 LIMIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -41,7 +48,7 @@ class PlanIndex:
 
 
 def kind_name(kind: LimitKind) -> str:
-    return "rate" if kind is RateLimit else "concurrency"
+    return {RateLimit: "rate", ConcurrencyLimit: "concurrency", QuotaLimit: "quota"}[kind]
 
 
 def read_plans(r: NodeReader, node: Node) -> PlanIndex:
@@ -88,28 +95,53 @@ def read_plans(r: NodeReader, node: Node) -> PlanIndex:
 
 
 def _limit(r: NodeReader, node: Node, path: str, name: str) -> Limit | None:
-    m = r.mapping(node, path, ("rate", "concurrency", "scope", "exact", "wait"))
+    allowed = (*KINDS, "scope", "exact", "wait", "counts", "shadow", "status")
+    m = r.mapping(node, path, allowed)
     if m is None:
         return None
-    if "rate" in m and "concurrency" in m:
-        r.problem(node, path, 'has both "rate" and "concurrency"; a limit is one or the other')
+    kinds = [kind for kind in KINDS if kind in m]
+    if len(kinds) > 1:
+        both = " and ".join(f'"{kind}"' for kind in kinds)
+        r.problem(node, path, f"has {both}; a limit is one of rate, concurrency or quota")
         return None
-    if "rate" not in m and "concurrency" not in m:
-        r.problem(node, path, 'needs "rate: N/DURATION" or "concurrency: N"')
+    if not kinds:
+        r.problem(node, path, 'needs "rate: N/DURATION", "concurrency: N" or "quota: N/PERIOD"')
         return None
+    kind = kinds[0]
+    for option, applies in (("exact", "rate"), ("wait", "concurrency"), ("status", "quota")):
+        if option in m and kind != applies:
+            r.problem(m[option][0], f"{path}.{option}", f'"{option}" applies to {applies} limits only')
+    if "counts" in m and kind == "concurrency":
+        r.problem(m["counts"][0], f"{path}.counts", '"counts" applies to rate and quota limits (concurrency counts slots)')
     scope: Scope = field(m, "scope", lambda n: r.choice(n, f"{path}.scope", SCOPES), "key")
-    if "rate" in m:
-        if "wait" in m:
-            r.problem(m["wait"][0], f"{path}.wait", '"wait" applies to concurrency limits only')
+    shadow = field(m, "shadow", lambda n: r.boolean(n, f"{path}.shadow"), False)
+    if kind == "rate":
         rate = r.unit(m["rate"][1], f"{path}.rate", parse_rate)
         exact = field(m, "exact", lambda n: r.boolean(n, f"{path}.exact"), True)
+        counts: Counts = field(m, "counts", lambda n: r.choice(n, f"{path}.counts", COUNTS), "requests")
         if rate is None:
             return None
-        return RateLimit(name=name, limit=rate[0], window=rate[1], scope=scope, exact=exact)
-    if "exact" in m:
-        r.problem(m["exact"][0], f"{path}.exact", '"exact" applies to rate limits only')
+        if exact and counts == "cost" and rate[0] > MAX_LOG_UNITS:
+            r.problem(
+                m["rate"][1], f"{path}.rate",
+                f"{rate[0]} units is more than an exact window counting cost holds ({MAX_LOG_UNITS}: one "
+                "entry per unit); add `exact: false` (a sliding-window counter) for a budget this large",
+            )  # fmt: skip
+            return None
+        return RateLimit(
+            name=name, limit=rate[0], window=rate[1], scope=scope, exact=exact, counts=counts, shadow=shadow
+        )
+    if kind == "quota":
+        quota = r.unit(m["quota"][1], f"{path}.quota", parse_quota)
+        counts = field(m, "counts", lambda n: r.choice(n, f"{path}.counts", COUNTS), "cost")
+        status = field(m, "status", lambda n: r.integer(n, f"{path}.status", 400, 499), 402)
+        if quota is None:
+            return None
+        return QuotaLimit(
+            name=name, limit=quota[0], period=quota[1], scope=scope, counts=counts, shadow=shadow, status=status
+        )
     slots = r.integer(m["concurrency"][1], f"{path}.concurrency")
     wait = field(m, "wait", lambda n: r.duration(n, f"{path}.wait", allow_zero=True), 0.0)
     if slots is None:
         return None
-    return ConcurrencyLimit(name=name, limit=slots, scope=scope, wait=wait)
+    return ConcurrencyLimit(name=name, limit=slots, scope=scope, wait=wait, shadow=shadow)

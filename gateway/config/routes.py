@@ -3,17 +3,20 @@
 Patterns are exact (`/v1/read`), take `{name}` for one segment (`/v1/crawl/{id}`), or end in
 `/**` for any suffix, none included (`/v1/**` matches `/v1` and `/v1/a/b`). The first match
 wins, so a route that an earlier one already matches entirely is reported as unreachable.
+A route's `cost` rules are read and checked in gateway/config/cost_rules.py.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import yaml
 
-from gateway.config.model import ConcurrencyLimit, Job, Route
-from gateway.config.nodes import Node, NodeReader, did_you_mean, field
-from gateway.config.plans import PlanIndex
+from gateway.config.cost_rules import check_route_costs, lowest_overrides, read_cost_rules
+from gateway.config.model import ConcurrencyLimit, Job, Key, Route
+from gateway.config.nodes import Node, NodeReader, did_you_mean, field, get
+from gateway.config.plans import PlanIndex, kind_name
 from gateway.config.units import quote
 
 _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
@@ -22,16 +25,18 @@ DEFAULT_DONE = ("completed", "failed", "cancelled")
 DEFAULT_JOB_MAX_DURATION = 7200.0
 
 
-def read_routes(r: NodeReader, node: Node, index: PlanIndex) -> tuple[Route, ...]:
+def read_routes(r: NodeReader, node: Node, index: PlanIndex, keys: Sequence[Key] = ()) -> tuple[Route, ...]:
+    """The routes; `keys` (already read) let cost rules be checked against key overrides."""
     items = r.sequence(node, "routes")
     if items is None:
         return ()
     if not items:
         r.problem(node, "routes", "must list at least one route")
     routes: list[tuple[int, Route]] = []
+    overrides = lowest_overrides(keys)
     for position, item in enumerate(items):
         path = f"routes[{position}]"
-        route = _route(r, item, path, index)
+        route = _route(r, item, path, index, overrides)
         if route is None:
             continue
         for earlier_position, earlier in routes:
@@ -43,8 +48,11 @@ def read_routes(r: NodeReader, node: Node, index: PlanIndex) -> tuple[Route, ...
     return tuple(route for _, route in routes)
 
 
-def _route(r: NodeReader, node: Node, path: str, index: PlanIndex) -> Route | None:
-    m = r.mapping(node, path, ("path", "methods", "limits", "per_route", "job"), required=("path",))
+def _route(
+    r: NodeReader, node: Node, path: str, index: PlanIndex, overrides: dict[tuple[str, str], tuple[int, str]]
+) -> Route | None:
+    allowed = ("path", "methods", "limits", "per_route", "job", "cost")
+    m = r.mapping(node, path, allowed, required=("path",))
     if m is None:
         return None
     pattern = field(m, "path", lambda n: _pattern(r, n, f"{path}.path"), None)
@@ -55,9 +63,17 @@ def _route(r: NodeReader, node: Node, path: str, index: PlanIndex) -> Route | No
     per_route: frozenset[str] = field(
         m, "per_route", lambda n: _per_route(r, n, f"{path}.per_route", held), frozenset()
     )
+    cost_node = get(m, "cost")
+    rules = read_cost_rules(r, cost_node, f"{path}.cost", methods) if cost_node is not None else None
     if pattern is None:
         return None
-    return Route(path=pattern, methods=methods, limits=tuple(limits), per_route=per_route, job=job)
+    route = Route(
+        path=pattern, methods=methods, limits=tuple(limits), per_route=per_route, job=job,
+        cost=tuple(read.rule for read in rules or ()),
+    )
+    if index.readable and index.limits_readable:
+        check_route_costs(r, route, node, path, rules or (), index.plans, overrides)
+    return route
 
 
 def _pattern(r: NodeReader, node: Node, path: str) -> str | None:
@@ -111,6 +127,12 @@ def _method(r: NodeReader, item: Node, path: str) -> str | None:
                   f"one of: {', '.join(HTTP_METHODS)}")
         return None
     return token
+
+
+def read_method(r: NodeReader, node: Node, path: str) -> str | None:
+    """One HTTP method, upper-cased."""
+    method = _method(r, node, path)
+    return None if method is None else method.upper()
 
 
 def _methods(r: NodeReader, node: Node, path: str) -> frozenset[str] | None:
@@ -195,7 +217,7 @@ def _job_limit(r: NodeReader, node: Node, path: str, index: PlanIndex, route_lim
         return None
     kind = index.kinds.get(name)
     if kind is not None and kind is not ConcurrencyLimit:
-        r.problem(node, path, f"{quote(name)} is a rate limit; a job holds a concurrency limit")
+        r.problem(node, path, f"{quote(name)} is a {kind_name(kind)} limit; a job holds a concurrency limit")
         return None
     if name in route_limits:
         r.problem(node, path, f"{quote(name)} is also in the route's limits; the job already takes its slot")

@@ -20,6 +20,8 @@ from gateway.config.units import quote
 Client = Literal["aiohttp", "httpx"]
 CLIENTS: tuple[Client, ...] = ("aiohttp", "httpx")
 ON_ERROR: tuple[OnError, ...] = ("local", "allow", "deny")
+Charging = Literal["always", "success_only"]
+CHARGES: tuple[Charging, ...] = ("always", "success_only")
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 # TLS to Sentinel- or Cluster-managed Redis is not tested, so it is refused rather than half-working.
 _UNTESTED_SCHEMES = ("rediss+sentinel", "rediss+cluster")
@@ -38,6 +40,8 @@ def read_upstream(r: NodeReader, node: Node) -> Upstream | None:
         "set_headers",
         "key_id_header",
         "plan_header",
+        "cost_header",
+        "charge",
     )
     m = r.mapping(node, "upstream", allowed, required=("url",))
     if m is None:
@@ -59,7 +63,42 @@ def read_upstream(r: NodeReader, node: Node) -> Upstream | None:
             m, "key_id_header", lambda n: r.token(n, "upstream.key_id_header"), d.key_id_header
         ),
         plan_header=field(m, "plan_header", lambda n: r.token(n, "upstream.plan_header"), d.plan_header),
+        cost_header=field(m, "cost_header", lambda n: _cost_header(r, n), d.cost_header),
+        charge=field(m, "charge", lambda n: r.choice(n, "upstream.charge", CHARGES), d.charge),
     )
+
+
+# Headers that frame or route a message, or that the gateway itself sets: the upstream's cost
+# header is removed from answers, and the charge header is added to them, so neither may be one.
+RESERVED_HEADERS = frozenset({
+    "connection", "content-length", "content-type", "transfer-encoding", "keep-alive", "upgrade", "te",
+    "trailer", "proxy-connection", "host", "date", "server", "set-cookie", "location", "retry-after",
+    "ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+    "concurrency-limit", "concurrency-remaining", "x-concurrent-limit", "x-concurrent-current",
+    "x-concurrent-remaining",
+})  # fmt: skip
+MAX_HEADER_NAME = 128
+
+
+def header_name(r: NodeReader, node: Node, path: str) -> str | None:
+    """A header name the gateway may add to or remove from answers (not a RESERVED_HEADERS one)."""
+    name = r.token(node, path)
+    if name is None:
+        return None
+    if len(name) > MAX_HEADER_NAME:
+        r.problem(node, path, f"{quote(name)} is longer than {MAX_HEADER_NAME} characters")
+        return None
+    if name.lower() in RESERVED_HEADERS:
+        r.problem(node, path, f"{quote(name)} frames the answer or is one the gateway sets; choose another name")
+        return None
+    return name
+
+
+def _cost_header(r: NodeReader, node: Node) -> str | None:
+    """`upstream.cost_header`: empty or null leaves it off."""
+    if r.is_null(node, "upstream.cost_header"):
+        return None
+    return header_name(r, node, "upstream.cost_header")
 
 
 def _upstream_url(r: NodeReader, node: Node) -> str | None:

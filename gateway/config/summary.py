@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gateway.config.model import HEADER_FAMILIES, ConcurrencyLimit, Config, Limit, Plan, Route
+from gateway.config.model import HEADER_FAMILIES, ConcurrencyLimit, Config, CostRule, Limit, Plan, QuotaLimit, Route
 from gateway.config.settings import redact
 from gateway.config.units import format_duration, format_rate, format_size
 
@@ -31,6 +31,7 @@ def summarize(config: Config) -> str:
         f"max request body {format_size(config.max_request_body)}",
         _bans(config),
         "headers: " + (", ".join(f for f in HEADER_FAMILIES if f in config.headers) or "none"),
+        _charging(config),
     ]
     return "\n".join(lines)
 
@@ -40,12 +41,21 @@ def _limit(limit: Limit) -> str:
         text = f"{limit.name} {limit.limit} concurrent"
         if limit.wait:
             text += f" (wait {format_duration(limit.wait)})"
+    elif isinstance(limit, QuotaLimit):
+        unit = "units" if limit.counts == "cost" else "requests"
+        text = f"{limit.name} {limit.limit} {unit}/{limit.period} quota"
+        if limit.status != 402:
+            text += f" (refused with {limit.status})"
     else:
         text = f"{limit.name} {format_rate(limit.limit, limit.window)}"
+        if limit.counts == "cost":
+            text += " units"
         if not limit.exact:
             text += " (approximate: sliding-window counter)"
     if limit.scope == "workspace":
         text += " per workspace"
+    if limit.shadow:
+        text += " [shadow: never refuses]"
     return text
 
 
@@ -61,6 +71,8 @@ def _route(route: Route) -> str:
         text += ", ".join(f"{name} (per route)" if name in route.per_route else name for name in route.limits)
     else:
         text += "key only, no limits"
+    if route.cost:
+        text += "; cost " + ", ".join(_rule(rule) for rule in route.cost)
     if route.job is not None:
         job = route.job
         text += (
@@ -68,6 +80,25 @@ def _route(route: Route) -> str:
             f" until {job.status_path} shows {job.status_field} in {'/'.join(job.done)}"
             f" (at most {format_duration(job.max_duration)})"
         )
+    return text
+
+
+def _rule(rule: CostRule) -> str:
+    conditions = ([rule.method] if rule.method else []) + [f"?{n}={v}" for n, v in rule.query]
+    conditions += [f"{n}: {v}" for n, v in rule.headers]
+    text = f"{rule.cost}" + (f" x{rule.slots} slots" if rule.slots != 1 else "")
+    return f"{text} if {' & '.join(conditions)}" if conditions else f"{text} otherwise"
+
+
+def _charging(config: Config) -> str:
+    text = f"charge told in {config.cost_response_header}"
+    upstream = config.upstream
+    if upstream.cost_header:
+        text += f"; settled to the upstream's {upstream.cost_header}"
+    if upstream.charge == "success_only":
+        text += "; non-2xx answers refunded"
+    if config.usage_path:
+        text += f"; usage at GET {config.usage_path}"
     return text
 
 

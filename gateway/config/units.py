@@ -5,6 +5,8 @@
   exponent. At most 365 days, so every timer and Redis expiry stays in range.
 - Rates: `N/DURATION` (`60/1m`, `50/1s`, `1000/60s`), or `N/UNIT` meaning one of that unit
   (`10/s` is `10/1s`). N is a positive integer; the window is at least 1 ms.
+- Quotas: `N/PERIOD` with PERIOD exactly `1d` (UTC day), `7d` (ISO week, Monday 00:00 UTC) or
+  `month` (calendar month, UTC): fixed periods, not sliding windows, so `24h` is refused.
 - Sizes: a number of bytes, or a number with a unit. Units are binary and case-insensitive:
   `KB` = `KiB` = `K` = 1024 bytes, `MB` = `MiB` = `M` = 1024², `GB` = `GiB` = `G` = 1024³ (the
   way nginx reads `client_max_body_size 10m`), so the SPEC default `10MB` is 10 × 1024 × 1024.
@@ -50,6 +52,9 @@ _HOSTNAME = re.compile(
 
 DURATION_HINT = "e.g. 250ms, 30s, 5m, 1h, 1d, or a number of seconds"
 RATE_HINT = "N/DURATION, e.g. 60/1m"
+QUOTA_PERIODS = ("1d", "7d", "month")
+QUOTA_HINT = "N/PERIOD with PERIOD 1d, 7d or month, e.g. 250000/month"
+MAX_QUOTA = 10**15  # units per period: far past any plan, and exact in Lua's doubles
 SIZE_HINT = "e.g. 10MB, 512KB, 1GiB, or a number of bytes"
 
 
@@ -139,6 +144,22 @@ def parse_rate(value: str) -> tuple[int, float]:
     if window > MAX_DURATION:
         raise UnitError(f"{quote(value)}: the window is too long (at most 365d)")
     return count, window
+
+
+def parse_quota(value: str) -> tuple[int, str]:
+    """`N/PERIOD` → (N, period), PERIOD one of QUOTA_PERIODS."""
+    text = value.strip().replace(" ", "") if isinstance(value, str) else ""
+    count_text, slash, period = text.partition("/")
+    if not slash or not re.fullmatch(r"-?\d+", count_text):
+        raise UnitError(f"{quote(value)} is not a quota ({QUOTA_HINT})")
+    if period not in QUOTA_PERIODS:
+        raise UnitError(f"{quote(value)}: the period must be exactly 1d, 7d or month (fixed UTC periods)")
+    count = parse_int(count_text)
+    if count is None or count > MAX_QUOTA:
+        raise UnitError(f"{quote(value)}: the number is too large (at most {MAX_QUOTA})")
+    if count <= 0:
+        raise UnitError(f"{quote(value)}: the number must be greater than 0")
+    return count, period
 
 
 def parse_size(value: str | int, *, allow_zero: bool = False) -> int:

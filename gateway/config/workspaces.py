@@ -7,8 +7,9 @@ log that each caller trims with its own window and counts against its own number
 plan's limit would hold (rpm 5/1h and 5/10s: the 1h key was admitted 12 times in 120 s). So
 the config is refused, naming the key, its plan and the plan it disagrees with.
 
-"Differently" is any of: rate vs concurrency, the number, the window, `exact`. `wait` may
-differ (it is how long a request waits, not what the bucket holds). A plan that makes the
+"Differently" is any of: the kind (rate, concurrency, quota), the number, the window or
+period, `exact`, `counts`, `shadow`. `wait` and a quota's `status` may differ (they say how a
+request waits or is refused, not what the bucket holds). A plan that makes the
 limit `scope: key` does not share the bucket, and does not conflict.
 """
 
@@ -18,23 +19,33 @@ from collections.abc import Mapping, Sequence
 
 import yaml
 
-from gateway.config.model import ConcurrencyLimit, Key, Limit, Plan, RateLimit
+from gateway.config.model import ConcurrencyLimit, Key, Limit, Plan, QuotaLimit, RateLimit
 from gateway.config.nodes import Node, NodeReader
 from gateway.config.units import format_rate, quote
 
 
 def _meaning(limit: Limit) -> tuple[object, ...]:
     if isinstance(limit, RateLimit):
-        return ("rate", limit.limit, limit.window, limit.exact)
-    return ("concurrency", limit.limit)
+        return ("rate", limit.limit, limit.window, limit.exact, limit.counts, limit.shadow)
+    if isinstance(limit, QuotaLimit):
+        return ("quota", limit.limit, limit.period, limit.counts, limit.shadow)
+    return ("concurrency", limit.limit, limit.shadow)
 
 
 def _describe(limit: Limit) -> str:
+    options = []
     if isinstance(limit, RateLimit):
         text = f"rate {format_rate(limit.limit, limit.window)}"
-        return text if limit.exact else f"{text} (exact: false)"
-    assert isinstance(limit, ConcurrencyLimit)
-    return f"concurrency {limit.limit}"
+        options += [] if limit.exact else ["exact: false"]
+        options += ["counts: cost"] if limit.counts == "cost" else []
+    elif isinstance(limit, QuotaLimit):
+        text = f"quota {limit.limit}/{limit.period}"
+        options += ["counts: requests"] if limit.counts == "requests" else []
+    else:
+        assert isinstance(limit, ConcurrencyLimit)
+        text = f"concurrency {limit.limit}"
+    options += ["shadow: true"] if limit.shadow else []
+    return f"{text} ({', '.join(options)})" if options else text
 
 
 def _plan_nodes(keys_node: Node) -> dict[str, tuple[int, Node]]:
