@@ -46,10 +46,11 @@ RULES = """    cost:
 VARIANTS: dict[str, tuple[str, str, bool, bool, bool]] = {
     "flat": ("no cost rules (today's plan)", "/v1/bench", False, False, False),
     "rules-plain": ("cost rules, a plain request (cost 1, 1 slot)", "/v1/bench?page=1", False, False, True),
-    "rules-js": ("cost rules, JS render (5 units in a cost window, 2 slots)", "/v1/bench?js_render=true", True, False, True),
+    "rules-js": ("cost rules, JS render (5 units in a cost window, 2 slots)", "/v1/bench?js_render=true",
+                 True, False, True),
     "rules-js-quota": ("… plus a monthly quota", "/v1/bench?js_render=true", True, True, True),
-    "rules-js-settle": ("… plus a declared cost: every release settles 5 → 2", "/v1/declared?js_render=true", True, True,
-                        True),
+    "rules-js-settle": ("… plus a declared cost: every release settles 5 → 2", "/v1/declared?js_render=true",
+                        True, True, True),
 }
 
 
@@ -125,7 +126,8 @@ def run(stack: Stack, *, seconds: float, repeats: int, connections: int) -> dict
             )
             after = _redis_stats(client)
             record = asdict(result)
-            record["redis"] = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+            record["redis"] = {k: after.get(k, 0) - before.get(k, 0) for k in after
+                               if after.get(k, 0) != before.get(k, 0)}
             record["redis_usec"] = _evalsha_usec(client)
             record["gateway"] = {k: v - counters.get(k, 0.0) for k, v in stack.gateway_counters(scenario).items()
                                  if v != counters.get(k, 0.0)}
