@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import costs
 import instructions
 import loads
 import profiling
@@ -301,6 +302,28 @@ def instruction_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def costs_run(args: argparse.Namespace) -> int:
+    """`--costs`: cost rules on the admission path, with and without (bench/costs.py)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(BENCH_DIR, "build", f"costs-{stamp}")
+    bench_stack = Stack(run_dir, quick=args.quick)
+    try:
+        bench_stack.start_base()
+        results = costs.run(bench_stack, seconds=args.closed_seconds or (3 if args.quick else 5),
+                            repeats=args.repeats or (1 if args.quick else 3), connections=args.connections)
+    finally:
+        bench_stack.stop()
+    results["machine"] = machine()
+    results["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip()
+    with open(os.path.join(run_dir, "costs.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    print(costs.render(results))
+    if not args.no_docs:
+        costs.write_docs(results, f"run costs-{stamp}, commit {results['commit']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Gateway benchmark harness (issue 6).")
     parser.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
@@ -318,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: instructions per request under callgrind (bench/instructions.py)")
     parser.add_argument("--instr-phases", type=int, default=2, help="measured phases per system (default 2)")
     parser.add_argument("--instr-requests", type=int, default=640, help="requests per phase (default 640)")
+    parser.add_argument("--costs", action="store_true",
+                        help="instead: cost rules on the admission path, with and without (bench/costs.py)")
     args = parser.parse_args(argv)
 
     if args.instructions:
         return instruction_run(args)
+    if args.costs:
+        return costs_run(args)
 
     if args.report_only:
         with open(args.report_only) as file:

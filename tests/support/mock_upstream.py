@@ -9,6 +9,15 @@ Three ways to run it:
 It records per key id (the `X-Gateway-Key-Id` request header, "-" when absent): arrivals (monotonic
 and wall-clock times), in-flight and max in-flight, disconnects seen, and the last request.
 
+Credits (issue 18): with a `Pricing` (constructor, `--pricing JSON`, or `POST /_pricing` with the
+JSON body; it survives `/_reset`) every request is priced by the same first-match rules as the
+gateway's `routes[].cost`, and per key it records each arrival's price (`costs`), slots
+(`slots`) and the charge it expects the gateway to settle (`settled`: the declared cost, or the
+price; 0 for a non-2xx answer under `success_only`), plus weighted slots in flight
+(`slots_in_flight`, `max_slots_in_flight`). On any path but the control ones, `declare=V` sends
+`V` in the pricing's cost header (repeat it for several header lines) and `fail=N` answers status
+N instead of 200.
+
 Behaviour by path (query parameters in brackets):
 - `/hold` [ms=30000]: answer after ms, or as soon as `POST /_release` (or `release()`) is called
 - `/delay_headers` [ms=0]: send nothing for ms, then answer like echo
@@ -51,6 +60,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from gateway.store.base import MAX_COST
+
 KEY_HEADER = "x-gateway-key-id"
 BLOCK_SIZE = 64 * 1024
 _BLOCK = random.Random(20240601).randbytes(BLOCK_SIZE)
@@ -90,6 +101,11 @@ class KeyStats:
     last: dict[str, Any] | None = None
     jobs_created: int = 0
     jobs_max_active: int = 0  # most jobs of this key active at one moment
+    costs: list[int] = field(default_factory=list)  # each arrival's price (parallel to arrivals)
+    slots: list[int] = field(default_factory=list)  # each arrival's slots
+    settled: list[int] = field(default_factory=list)  # each arrival's expected settled charge
+    slots_in_flight: int = 0
+    max_slots_in_flight: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +121,13 @@ class KeyStats:
             "last": self.last,
             "jobs_created": self.jobs_created,
             "jobs_max_active": self.jobs_max_active,
+            "costs": list(self.costs),
+            "slots": list(self.slots),
+            "settled": list(self.settled),
+            "units": sum(self.costs),
+            "settled_units": sum(self.settled),
+            "slots_in_flight": self.slots_in_flight,
+            "max_slots_in_flight": self.max_slots_in_flight,
         }
 
 
@@ -126,6 +149,70 @@ class MockJob:
 
     def active(self, now: float) -> bool:
         return self.status(now) in ("queued", "running")
+
+
+COST_HEADER = "X-Upstream-Cost"
+
+
+@dataclass(frozen=True)
+class PriceRule:
+    """One `routes[].cost` rule: every condition must hold (a repeated query parameter matches
+    when any of its values does, as in the gateway)."""
+
+    cost: int
+    slots: int = 1
+    method: str | None = None
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, request: _Request) -> bool:
+        if self.method is not None and request.method != self.method:
+            return False
+        if any(value not in request.query.get(name, ()) for name, value in self.query):
+            return False
+        return all(
+            any(k.lower() == name and v == value for k, v in request.headers) for name, value in self.headers
+        )
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What the upstream expects the gateway to charge: its own copy of the route's cost rules,
+    the header it declares a cost in, and whether non-2xx answers are free."""
+
+    rules: tuple[PriceRule, ...] = ()
+    cost_header: str = COST_HEADER
+    success_only: bool = False
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Pricing:
+        """`{"rules": [{"cost", "slots", "method", "query": {}, "headers": {}}], "cost_header",
+        "success_only"}` (the `when` of a config rule, flattened)."""
+        rules = tuple(
+            PriceRule(
+                int(rule["cost"]), int(rule.get("slots", 1)), rule.get("method"),
+                tuple(sorted(rule.get("query", {}).items())),
+                tuple(sorted((k.lower(), v) for k, v in rule.get("headers", {}).items())),
+            )
+            for rule in value.get("rules", ())
+        )
+        return cls(rules, value.get("cost_header", COST_HEADER), bool(value.get("success_only", False)))
+
+    def price(self, request: _Request) -> tuple[int, int]:
+        """(cost, slots) of the first matching rule; (1, 1) when none does."""
+        for rule in self.rules:
+            if rule.matches(request):
+                return rule.cost, rule.slots
+        return 1, 1
+
+    def settle(self, price: int, declared: list[str], status: int) -> int:
+        """The charge the gateway should settle: the first declared value when it is an integer
+        0..MAX_COST (above it: MAX_COST), else the price; 0 for a non-2xx under success_only."""
+        if self.success_only and not 200 <= status < 300:
+            return 0
+        if declared and declared[0].isdigit():
+            return min(int(declared[0]), MAX_COST)
+        return price
 
 
 @dataclass
@@ -247,6 +334,9 @@ class _Exchange:
         self.body = _Body(reader, request)
         self._eof: asyncio.Future[bytes] | None = None
         self.reusable = request.header("connection") != "close"
+        self.extra_headers: list[tuple[str, str]] = []  # `declare=`: the declared cost
+        self.fail_status = 0  # `fail=N`: a 200 answer goes out as N
+        self.status_sent = 0
 
     def watch(self) -> None:
         """After the body: notice the client closing while the response is pending."""
@@ -299,8 +389,11 @@ class _Exchange:
     async def respond(
         self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None, reason: str = "X"
     ) -> None:
+        if status == 200 and self.fail_status:
+            status = self.fail_status
+        self.status_sent = status
         lines = [f"HTTP/1.1 {status} {reason}"]
-        lines += [f"{name}: {value}" for name, value in headers or []]
+        lines += [f"{name}: {value}" for name, value in [*(headers or []), *self.extra_headers]]
         if status >= 200 and status not in (204, 304):
             lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -313,9 +406,10 @@ class _Exchange:
 class MockUpstream:
     """The server: `start()` in the running loop, `stop()` when done; `stats` is live."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, pricing: Pricing | None = None) -> None:
         self.host = host
         self.port = port
+        self.pricing = pricing or Pricing()
         self.stats = Stats()
         self._server: asyncio.AbstractServer | None = None
         self._release = asyncio.Event()
@@ -389,6 +483,17 @@ class MockUpstream:
         stats.arrivals_wall.append(time.time())
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        pricing = self.pricing
+        cost, slots = pricing.price(request)
+        index = len(stats.costs)
+        stats.costs.append(cost)
+        stats.slots.append(slots)
+        stats.settled.append(cost)
+        stats.slots_in_flight += slots
+        stats.max_slots_in_flight = max(stats.max_slots_in_flight, stats.slots_in_flight)
+        declared = request.query.get("declare", [])
+        exchange.extra_headers = [(pricing.cost_header, value) for value in declared]
+        exchange.fail_status = request.int_arg("fail", 0)
         try:
             if request.path == "/early_response":
                 # Answer before reading the body (as an upstream refusing an upload does), then close.
@@ -420,6 +525,9 @@ class MockUpstream:
             # Before any other await: a request that arrives once the answer is out must not
             # count this one as still in flight.
             stats.in_flight -= 1
+            stats.slots_in_flight -= slots
+            if exchange.status_sent:
+                stats.settled[index] = pricing.settle(cost, declared, exchange.status_sent)
         await exchange.finish()
         return keep and exchange.reusable
 
@@ -433,6 +541,10 @@ class MockUpstream:
         elif path == "/_release":
             self.release()
             await exchange.json({"released": True})
+        elif path == "/_pricing":
+            body = bytes(exchange.body.kept).decode() or "{}"
+            self.pricing = Pricing.from_json(json.loads(body))
+            await exchange.json({"rules": len(self.pricing.rules)})
         elif path == "/_jobs/finish":
             for job in self.stats.jobs.values():
                 job.finished = True
@@ -615,9 +727,10 @@ _HOP_RESPONSE_HEADERS = [
 class ThreadedMockUpstream:
     """`MockUpstream` in a background thread with its own event loop."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, pricing: Pricing | None = None) -> None:
         self._host = host
         self._port = port
+        self._pricing = pricing
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
@@ -658,7 +771,7 @@ class ThreadedMockUpstream:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stopped = asyncio.Event()
-            self.upstream = MockUpstream(self._host, self._port)
+            self.upstream = MockUpstream(self._host, self._port, self._pricing)
             await self.upstream.start()
             ready.set()
             await self._stopped.wait()
@@ -683,8 +796,8 @@ class ThreadedMockUpstream:
         self.stop()
 
 
-async def _serve_forever(host: str, port: int) -> None:
-    upstream = MockUpstream(host, port)
+async def _serve_forever(host: str, port: int, pricing: Pricing) -> None:
+    upstream = MockUpstream(host, port, pricing)
     await upstream.start()
     print(f"listening on {upstream.host}:{upstream.port}", flush=True)
     stop = asyncio.Event()
@@ -702,8 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--pricing", default="{}", help="the Pricing as JSON (see Pricing.from_json)")
     args = parser.parse_args(argv)
-    asyncio.run(_serve_forever(args.host, args.port))
+    asyncio.run(_serve_forever(args.host, args.port, Pricing.from_json(json.loads(args.pricing))))
     return 0
 
 

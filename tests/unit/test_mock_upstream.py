@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.mock_upstream import ThreadedMockUpstream
+from tests.support.mock_upstream import Pricing, ThreadedMockUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,3 +95,71 @@ def test_threaded_mode_records_disconnects() -> None:
             threading.Event().wait(0.01)
         stats = upstream.snapshot()["keys"]["d"]
         assert stats["disconnects"] == 1 and stats["completed"] == 0 and stats["in_flight"] == 0
+
+
+ZENROWS = {
+    "rules": [
+        {"query": {"js_render": "true", "premium_proxy": "true"}, "cost": 25, "slots": 2},
+        {"query": {"js_render": "true"}, "cost": 5, "slots": 2},
+        {"query": {"premium_proxy": "true"}, "cost": 10},
+        {"method": "POST", "headers": {"X-Tier": "gold"}, "cost": 0},
+    ],
+    "cost_header": "X-Upstream-Cost",
+    "success_only": True,
+}
+
+
+def test_pricing_first_match_declared_cost_and_failures(subprocess_upstream: str) -> None:
+    """The mock prices each request by the rules (first match, a repeated parameter matching by
+    any value), declares what `declare=` says, fails with `fail=`, and expects the gateway's
+    settlement: declared integers up to MAX_COST, anything else the price, non-2xx free."""
+    url = subprocess_upstream
+    with httpx.Client(base_url=url, headers={"X-Gateway-Key-Id": "p"}) as client:
+        client.post("/_reset")
+        assert client.post("/_pricing", json=ZENROWS).json() == {"rules": 4}
+        answers = [
+            client.get("/?js_render=true&premium_proxy=true"),  # 25
+            client.get("/?premium_proxy=false&premium_proxy=true"),  # 10: any value of a repeat
+            client.get("/?js_render=true&declare=3"),  # 5, settled 3
+            client.get("/?declare=2000"),  # 1, held to 1000
+            client.get("/?declare=-1"),  # 1: not an integer 0..MAX_COST, the price stands
+            client.get("/?js_render=true&fail=500&declare=4"),  # 5, a 500: settled 0
+            client.post("/", headers={"X-Tier": "gold"}),  # 0
+            client.get("/", headers={"X-Tier": "gold"}),  # 1: the method does not match
+            client.get("/?declare=7&declare=9"),  # first value
+        ]
+        assert [a.status_code for a in answers] == [200] * 5 + [500] + [200] * 3
+        assert answers[2].headers["x-upstream-cost"] == "3"
+        assert answers[8].headers.get_list("x-upstream-cost") == ["7", "9"]
+        assert "x-upstream-cost" not in answers[0].headers
+        stats = client.get("/_stats").json()["keys"]["p"]
+        assert stats["costs"] == [25, 10, 5, 1, 1, 5, 0, 1, 1]
+        assert stats["slots"] == [2, 1, 2, 1, 1, 2, 1, 1, 1]
+        assert stats["settled"] == [25, 10, 3, 1000, 1, 0, 0, 1, 7]
+        assert (stats["units"], stats["settled_units"]) == (49, 1047)
+        client.post("/_reset")  # the pricing outlives a reset of the counters
+        client.get("/?js_render=true")
+        assert client.get("/_stats").json()["keys"]["p"]["costs"] == [5]
+        client.post("/_pricing", json={})
+
+
+def test_weighted_slots_in_flight() -> None:
+    with ThreadedMockUpstream(pricing=Pricing.from_json(ZENROWS)) as upstream:
+        threads = [
+            threading.Thread(target=httpx.get, args=(f"{upstream.url}/hold?ms=5000{q}",),
+                             kwargs={"headers": {"X-Gateway-Key-Id": "w"}, "timeout": 10})
+            for q in ("&js_render=true", "&js_render=true", "")
+        ]
+        for thread in threads:
+            thread.start()
+        for _ in range(300):
+            if upstream.snapshot()["keys"].get("w", {}).get("in_flight") == 3:
+                break
+            threading.Event().wait(0.01)
+        stats = upstream.snapshot()["keys"]["w"]
+        assert (stats["in_flight"], stats["slots_in_flight"], stats["max_slots_in_flight"]) == (3, 5, 5)
+        upstream.release()
+        for thread in threads:
+            thread.join(5)
+        stats = upstream.snapshot()["keys"]["w"]
+        assert (stats["slots_in_flight"], stats["max_slots_in_flight"]) == (0, 5)

@@ -1,0 +1,126 @@
+"""Credits under concurrent load over two gateway processes on one Redis (issue 18): a
+ZenRows-style plan (1/5/10/25 units by query, 100 units per 2 s, 300 units per UTC day, four
+browser slots of which a JS render holds two). The mock upstream prices what it receives by the
+same rules and never sees more units per window or per day, or more weighted slots at once,
+than configured; Redis and the admin view hold exactly the units the upstream received."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.support.credits import (
+    Traffic,
+    admin_bucket,
+    credit_config,
+    drive,
+    key_entry,
+    max_units_in_window,
+    seconds_to_utc_midnight,
+    set_pricing,
+)
+from tests.support.invariants import assert_no_leaks
+from tests.support.processes import gateway, mock_upstream, write_config
+from tests.support.secrets import secret
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+PREFIX = "gwcredits"
+RATE, WINDOW, QUOTA, SLOTS = 100, 2.0, 300, 4
+LEDGER = 100_000  # an hour-long cost log that never binds: its ZCARD is every unit admitted
+JITTER = 0.1  # upstream arrivals lag the admission decision by a little scheduling noise
+MAX_COST = 25
+
+
+def _plans() -> dict[str, object]:
+    return {
+        "scraper": {"limits": {
+            "credits": {"rate": f"{RATE}/2s", "counts": "cost"},
+            "daily": {"quota": f"{QUOTA}/1d"},
+            "browsers": {"concurrency": SLOTS},
+        }},
+        "crawler": {"limits": {
+            "ledger": {"rate": f"{LEDGER}/1h", "counts": "cost"},
+            "browsers": {"concurrency": SLOTS},
+        }},
+    }
+
+
+def _store_values(client: redis.Redis, suffix: str) -> list[bytes]:
+    return [name for name in client.scan_iter(match=f"{PREFIX}:*{suffix}", count=1000)]
+
+
+def test_units_slots_and_quota_hold_across_two_gateways(
+    tmp_path: Path, redis_url: str, redis_sync: redis.Redis
+) -> None:
+    if seconds_to_utc_midnight() < 60:
+        pytest.skip("the UTC day ends during the run")
+    with mock_upstream() as upstream:
+        set_pricing(upstream)
+        config = write_config(tmp_path / "gw.yaml", credit_config(
+            upstream, redis_url, prefix=PREFIX, keys=[key_entry("hot", "scraper"), key_entry("busy", "crawler")],
+            plans=_plans(), limits=["credits", "daily", "browsers", "ledger"],
+        ))
+        with gateway(config) as a, gateway(config) as b:
+            urls = [a.url, b.url]
+
+            async def scenario() -> tuple[Traffic, Traffic]:
+                return await asyncio.gather(
+                    drive(urls, secret("hot"), clients=16, duration=7.0, seed=1, path="/hold", extra="ms=40"),
+                    drive(urls, secret("busy"), clients=16, duration=4.0, seed=2, path="/hold", extra="ms=60"),
+                )
+
+            hot, busy = asyncio.run(scenario())
+            stats = httpx.get(upstream + "/_stats").json()["keys"]
+            views = {gw.admin_url: (admin_bucket(gw.admin_url, "hot", "daily"),
+                                    admin_bucket(gw.admin_url, "busy", "ledger")) for gw in (a, b)}
+            ledger_keys = _store_values(redis_sync, ":r:ledger")
+            ledger_units = sum(int(redis_sync.zcard(name)) for name in ledger_keys)
+        assert_no_leaks(redis_sync, PREFIX)  # every weighted slot was given back
+
+    # -- the plan that binds on units: rate, then the day's quota
+    statuses = Counter(answer.status for answer in hot.answers)
+    assert set(statuses) == {200, 402, 429}, statuses
+    seen = stats["hot"]
+    admitted = hot.by_status(200)
+    assert seen["total"] == len(admitted) == seen["completed"]
+    assert seen["units"] == hot.units(200) == seen["settled_units"]  # the same price on both sides
+    assert [int(answer.headers["x-request-cost"]) for answer in admitted] == [answer.cost for answer in admitted]
+    # any window of the upstream's arrivals holds at most RATE units (less the arrival jitter)
+    assert max_units_in_window(seen["arrivals"], seen["costs"], WINDOW - JITTER) <= RATE
+    # the day's quota: never more than QUOTA units, and it was really spent (a 1-unit request
+    # always fits what is left, and the mix keeps sending them)
+    assert QUOTA - MAX_COST < seen["units"] <= QUOTA
+    assert seen["max_slots_in_flight"] <= SLOTS
+    for answer in hot.answers:
+        assert answer.status == 200 or answer.body is not None
+        if answer.status == 402:
+            assert answer.body is not None and answer.body["error"] == "quota_exceeded", answer.body
+            to_midnight = seconds_to_utc_midnight(time.time())
+            assert abs(int(answer.headers["retry-after"]) - to_midnight) <= 2, (answer.headers, to_midnight)
+        elif answer.status == 429:
+            assert answer.body is not None and answer.body["error"] in ("rate_limited", "concurrency_limited")
+    # every 402 came after the quota was spent: no 200 after the first 402 costs more than what
+    # was left then (the refused ones did not consume anything)
+    first_402 = min(answer.started for answer in hot.by_status(402))
+    assert sum(answer.cost for answer in admitted if answer.started < first_402) > QUOTA - MAX_COST
+    # Redis holds what was admitted, as both gateways' admin views say
+    for daily, _ in views.values():
+        assert (daily["used"], daily["limit"]) == (seen["units"], QUOTA), daily
+
+    # -- the plan that binds on weighted slots
+    statuses = Counter(answer.status for answer in busy.answers)
+    assert set(statuses) == {200, 429}, statuses
+    assert {answer.body["error"] for answer in busy.by_status(429) if answer.body} == {"concurrency_limited"}
+    seen = stats["busy"]
+    assert seen["total"] == statuses[200] and seen["units"] == busy.units(200)
+    assert seen["max_slots_in_flight"] == SLOTS  # filled, never exceeded (a JS render weighs 2)
+    assert len(ledger_keys) == 1 and ledger_units == seen["units"]
+    for _, ledger in views.values():
+        assert ledger["used"] == seen["units"], ledger
