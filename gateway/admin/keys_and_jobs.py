@@ -212,4 +212,6 @@ async def change_quota(state: GatewayState, key: Key, change: QuotaChange) -> Re
             views.append(quota_view(quota, item.info.policy, item.routes, usage))
     except StoreError:
         return _store_unavailable()
+    finally:
+        state.admission.refusals.clear()  # this process honours the change at once, others within 1 s
     return JSONResponse({"success": True, "key_id": key.id, "quotas": views})

@@ -158,6 +158,10 @@ class RefusalCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every refusal (an admin changed a quota through this process)."""
+        self._entries.clear()
+
     def get(self, plan: AdmissionPlan, cost: int = 1) -> AdmitResult | None:
         """The cached refusal of `plan` for a request of `cost` units, counted down to now, or None."""
         entry = self._entries.get(id(plan))
