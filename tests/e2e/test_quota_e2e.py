@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from gateway.admission.controller import QUOTA_REFUSAL_TTL
 from tests.support.credits import (
     admin_bucket,
     credit_config,
@@ -89,13 +91,18 @@ def test_spent_quota_402_then_a_grant_over_both_gateways(tmp_path: Path, redis_u
             assert httpx.post(f"{a.admin_url}/v1/keys/trial/quota", json={"grant": 11}).status_code == 401
             granted = httpx.post(f"{a.admin_url}/v1/keys/trial/quota", json={"grant": 11}, headers=ADMIN)
             assert granted.status_code == 200, granted.text
-            # exactly 11 more units, alternating processes (B never saw the grant call)
+            (daily,) = granted.json()["quotas"]
+            assert (daily["used"], daily["granted"], daily["remaining"]) == (QUOTA, 11, 11), daily
+            # A refusal either process cached lasts QUOTA_REFUSAL_TTL at most; then exactly 11
+            # more units, alternating processes (B never saw the grant call)
+            time.sleep(QUOTA_REFUSAL_TTL + 0.05)
             answers = [_get((b.url, a.url)[i % 2], "trial").status_code for i in range(13)]
             assert answers == [200] * 11 + [402] * 2, answers
             assert _daily_used(a.admin_url) == _daily_used(b.admin_url) == QUOTA + 11
 
             reset = httpx.post(f"{b.admin_url}/v1/keys/trial/quota", json={"reset": True}, headers=ADMIN)
             assert reset.status_code == 200, reset.text
+            time.sleep(QUOTA_REFUSAL_TTL + 0.05)
             assert _get(a.url, "trial", 25).status_code == 200
             assert _get(b.url, "trial", 5).status_code == 200
             _assert_quota_refusal(_get(a.url, "trial"))
@@ -103,6 +110,22 @@ def test_spent_quota_402_then_a_grant_over_both_gateways(tmp_path: Path, redis_u
             stats = httpx.get(upstream + "/_stats").json()["keys"]
     # the upstream saw exactly the units admitted: 30, 11 granted, 30 after the reset
     assert stats["trial"]["units"] == QUOTA + 11 + QUOTA
+
+
+def test_a_grant_is_served_at_once_by_the_process_that_granted_it(tmp_path: Path, redis_url: str) -> None:
+    """The admin answer says `remaining: 1`; the same process must not then refuse from a
+    refusal it cached before the grant (RefusalCache: "grants can end it sooner")."""
+    with mock_upstream() as upstream:
+        set_pricing(upstream)
+        config = write_config(tmp_path / "gw.yaml", _config(upstream, redis_url))
+        with gateway(config) as a:
+            assert _get(a.url, "trial", 25).status_code == 200
+            assert _get(a.url, "trial", 5).status_code == 200
+            _assert_quota_refusal(_get(a.url, "trial"))
+            granted = httpx.post(f"{a.admin_url}/v1/keys/trial/quota", json={"grant": 1}, headers=ADMIN)
+            assert granted.json()["quotas"][0]["remaining"] == 1
+            after = _get(a.url, "trial")
+    assert after.status_code == 200, after.text
 
 
 def test_quota_admin_rejects_bad_bodies(tmp_path: Path, redis_url: str) -> None:

@@ -144,7 +144,8 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: dict[str, Any] | None
-    started: float = 0.0
+    started: float = 0.0  # time.monotonic() when sent
+    received_wall: float = 0.0  # time.time() when answered (Retry-After counts from then)
 
 
 @dataclass
@@ -190,7 +191,8 @@ async def drive(
                     if response.content_type == "application/json" and response.status != 200:
                         body = await response.json()
                     traffic.answers.append(Answer(
-                        cost, response.status, {k.lower(): v for k, v in response.headers.items()}, body, started))
+                        cost, response.status, {k.lower(): v for k, v in response.headers.items()}, body, started,
+                        time.time()))
                     del raw
                 if response.status in (402, 429):
                     await asyncio.sleep(0.005)  # a refused client backs off a little, as real ones do
