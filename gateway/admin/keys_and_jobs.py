@@ -208,7 +208,8 @@ async def change_quota(state: GatewayState, key: Key, change: QuotaChange) -> Re
     try:
         for item in found:
             quota = cast(QuotaBucket, item.bucket)
-            usage = await state.store.adjust_quota(quota, grant=change.grant, reset=change.reset)  # type: ignore[attr-defined]
+            adjust = state.store.adjust_quota  # type: ignore[attr-defined]
+            usage = await adjust(quota, grant=change.grant, reset=change.reset)
             views.append(quota_view(quota, item.info.policy, item.routes, usage))
     except StoreError:
         return _store_unavailable()

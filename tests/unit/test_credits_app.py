@@ -92,10 +92,12 @@ class Rig:
         self.state = state
         self.upstream = upstream
         self.app = GatewayApp(state)
-        self.admin = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_admin_app(state)),  # type: ignore[arg-type]
-                                       base_url="http://127.0.0.1:9464")
+        transport = httpx.ASGITransport(app=create_admin_app(state))  # type: ignore[arg-type]
+        self.admin = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9464")
 
-    async def get(self, target: str, secret_value: str | None = SECRET, method: str = "GET") -> tuple[int, dict[str, str], Any]:
+    async def get(
+        self, target: str, secret_value: str | None = SECRET, method: str = "GET"
+    ) -> tuple[int, dict[str, str], Any]:
         path, _, query = target.partition("?")
         headers = [(b"x-api-key", secret_value.encode())] if secret_value else []
         scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),

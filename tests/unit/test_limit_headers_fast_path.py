@@ -110,8 +110,10 @@ def charged_cases(draw: st.DrawFn) -> tuple[AdmissionPlan, AdmitResult, frozense
         rate_info=rate_info,
         slots=tuple(replace(bucket, shadow=info.shadow) for bucket, info in zip(base.slots, slot_info)),
         slot_info=slot_info, wait=0.0,
-        quotas=tuple(QuotaBucket(f"q{i}", info.limit, info.period, info.counts_cost, info.shadow)  # type: ignore[arg-type]
-                     for i, info in enumerate(quota_info)),
+        quotas=tuple(
+            QuotaBucket(f"q{i}", info.limit, info.period, info.counts_cost, info.shadow)  # type: ignore[arg-type]
+            for i, info in enumerate(quota_info)
+        ),
         quota_info=quota_info,
     )
     # counts near the limits, where a request's units and slots change the numbers
@@ -162,7 +164,9 @@ def test_units_slots_and_quotas_in_the_headers_and_shadows_never() -> None:
     assert h["x-concurrent-current"] == "3"
     # the quota has the fewest left: 1000 - 990 - 5
     assert (h["x-ratelimit-limit"], h["x-ratelimit-remaining"], h["x-ratelimit-reset"]) == ("1000", "5", "3600")
-    assert h["ratelimit-policy"] == '"credits";q=100;w=60, "browsers";q=4;qu="concurrent-requests", "daily";q=1000;w=86400'
+    assert h["ratelimit-policy"] == (
+        '"credits";q=100;w=60, "browsers";q=4;qu="concurrent-requests", "daily";q=1000;w=86400'
+    )
     assert h["ratelimit"] == '"credits";r=55;t=30, "browsers";r=1, "daily";r=5;t=3600'
     assert "tight" not in h["ratelimit"] + h["ratelimit-policy"] and "solo" not in h["ratelimit"]
 
