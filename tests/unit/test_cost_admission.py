@@ -227,3 +227,27 @@ def test_a_refusal_by_a_cost_counting_window_is_cached_one_second_at_most() -> N
     now[0] = 100.0 + QUOTA_REFUSAL_TTL
     assert cache.get(PLAN, 5) is None
     assert cache.get(requests_only, 1) is not None  # nothing refunds a request-counting window
+
+
+def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
+    from gateway.store.memory import MemoryStore
+
+    slots = SlotBucket("gw:{k:9}:c:browsers", 3)
+    plan = AdmissionPlan("p", (), (), (slots,), (BucketInfo("browsers", 3, 0.0),), 2.0)
+
+    async def scenario() -> None:
+        store = MemoryStore(30.0)
+        admission = Admission(store, on_error="deny", metrics=Metrics())
+        first = await admission.admit(plan, Charge(1, 2))
+        second = await admission.admit(plan, Charge(1, 2))  # 2 + 2 > 3: it waits
+        assert first.admitted and second.waiting_in is store and not second.admitted
+        again = await admission.recheck(plan, second)
+        assert again.waiting_in is store  # still no room
+        admission.release(plan, first)
+        admitted = await admission.recheck(plan, again)
+        assert admitted.admitted and admitted.charge == Charge(1, 2) and admitted.lease_id.endswith("*2")
+        assert (await store.usage([], [slots])).slot_counts == [2]
+        admission.release(plan, admitted)
+        assert (await store.usage([], [slots])).slot_counts == [0]
+
+    asyncio.run(scenario())
