@@ -15,6 +15,11 @@ leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded
 is live: empty buckets are dropped (a slot bucket emptied by a release waits for the sweep,
 so the next admission can reuse it).
 
+Costs, quotas, weighted slots, shadow buckets and settlements follow admit.lua and settle.lua
+step for step: a log holds one time per unit (and, when it counts cost, lease -> (time, units)
+for settlements); a quota is [period index, used, granted, expiry]; a lease of K slots holds K
+members. Settled lease ids are remembered two leases (a release sent again applies once).
+
 Job members (slots held by async jobs, with their own expiry) and waiter queues live beside
 the leases (gateway/store/memory_jobs.py) and count exactly as admit.lua counts them; wake-ups
 are direct (`LocalWakeups`): a release with `wake=True` sets the waiters' events at once.
