@@ -277,6 +277,21 @@ class NullObserver:
         pass
 
 
+def check_charge(charge: Charge) -> None:
+    """A charge outside its bounds is a bug upstream of the store: refuse it (ValueError)."""
+    if not (0 <= charge.cost <= MAX_COST and 1 <= charge.slots <= MAX_SLOTS):
+        raise ValueError(f"charge out of bounds: {charge}")
+
+
+def bounded(settlement: Settlement) -> Settlement:
+    """`settlement` with its units held to 0..MAX_COST (a release never raises)."""
+    charged = min(max(settlement.charged, 0), MAX_COST)
+    settled = min(max(settlement.settled, 0), MAX_COST)
+    if (charged, settled) == (settlement.charged, settlement.settled):
+        return settlement
+    return Settlement(settlement.rates, settlement.quotas, charged, settled, settlement.admitted_at_ms)
+
+
 def weighted_lease(lease_id: str, slots: int) -> str:
     """The lease id of a request holding `slots` slots in each slot bucket. The count rides in
     the id (`<id>*K`), so every later call on the lease (release, renew, undo, job handover)

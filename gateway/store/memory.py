@@ -50,6 +50,8 @@ from gateway.store.base import (
     Settlement,
     SlotBucket,
     StoreObserver,
+    bounded,
+    check_charge,
     lease_members,
 )
 from gateway.store.jobs import (
@@ -137,6 +139,8 @@ class MemoryStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        if charge is not ONE:
+            check_charge(charge)
         now = self._now()
         cost = charge.cost
         status = 0
@@ -329,7 +333,7 @@ class MemoryStore:
                 for member in members:
                     leases.pop(member, None)
         if settlement is not None and settlement.settled != settlement.charged:
-            self._settle(lease_id, settlement)
+            self._settle(lease_id, bounded(settlement))
         if wake:
             self._wake([slot.key for slot in slots])
 

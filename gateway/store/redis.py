@@ -78,6 +78,8 @@ from gateway.store.base import (
     SlotBucket,
     StoreError,
     StoreObserver,
+    bounded,
+    check_charge,
     lease_members,
 )
 from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError
@@ -280,6 +282,8 @@ class RedisStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        if charge is not ONE:
+            check_charge(charge)
         if not rates and not slots and not quotas:
             return AdmitResult(True, None, 0, [], [], [])
         return await self._submit(rates, slots, lease_id, "admit", queue=queue, quotas=quotas, cost=charge.cost)
@@ -486,7 +490,7 @@ class RedisStore:
             settlement.rates or settlement.quotas
         ):
             # One settle.lua call frees the slots and re-prices, in the release's own flush.
-            keys, args = scripts.settle_call(slots, lease_id, settlement, self._now(), self._undone_ttl_ms,
+            keys, args = scripts.settle_call(slots, lease_id, bounded(settlement), self._now(), self._undone_ttl_ms,
                                              self._channels(slots) if wake else ())
             self._send_settle(keys, args, resent=False, reloads=0)
         elif slots:
