@@ -189,7 +189,7 @@ class MemoryStore:
         quota_counts: list[int] = []
         quota_resets: list[int] = []
         quota_views: list[tuple[int, int, int, int]] = []  # (index, used, granted, end_ms)
-        for quota in quotas:
+        for quota in quotas or ():
             index, end_ms, _ = periods.period_of(now, quota.period)
             held = self._quotas.get(quota.key)
             used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
@@ -238,22 +238,23 @@ class MemoryStore:
 
         if status == 0:
             for rate in rates:
-                units = cost if rate.counts_cost else 1
-                if not rate.exact or units == 0 or (shadow_refused and rate.key in shadow_refused):
+                if not rate.exact or (shadow_refused and rate.key in shadow_refused):
                     continue
+                if rate.counts_cost and not cost:
+                    continue  # free: nothing written (admit.lua)
                 window = self._windows.get(rate.key)
                 if window is None:
                     window = self._windows[rate.key] = _Window(rate.window_ms)
-                if units == 1:
+                if not rate.counts_cost:
                     window.times.append(now)
-                else:
-                    window.times.extend(itertools.repeat(now, units))
-                if rate.counts_cost:
-                    window.owners[lease_id] = (now, units)
-            for quota, (index, used, granted, end_ms) in zip(quotas, quota_views, strict=True):
-                units = cost if quota.counts_cost else 1
-                if units > 0 and quota.key not in shadow_refused:
-                    self._quotas[quota.key] = [index, used + units, granted, end_ms + periods.DAY_MS]
+                elif cost:
+                    window.times.extend(itertools.repeat(now, cost))
+                    window.owners[lease_id] = (now, cost)
+            if quotas:
+                for quota, (index, used, granted, end_ms) in zip(quotas, quota_views, strict=True):
+                    units = cost if quota.counts_cost else 1
+                    if units > 0 and quota.key not in shadow_refused:
+                        self._quotas[quota.key] = [index, used + units, granted, end_ms + periods.DAY_MS]
             expiry = now + self._lease_ms
             for slot in slots:
                 if shadow_refused and slot.key in shadow_refused:
@@ -261,9 +262,13 @@ class MemoryStore:
                 leases = self._slots.get(slot.key)
                 if leases is None:
                     leases = self._slots[slot.key] = OrderedDict()
-                for member in members:
-                    leases[member] = expiry
-                    leases.move_to_end(member)
+                if weight == 1:
+                    leases[lease_id] = expiry
+                    leases.move_to_end(lease_id)
+                else:
+                    for member in members:
+                        leases[member] = expiry
+                        leases.move_to_end(member)
                 self._held.add((slot.key, lease_id))
             if slots and expiry < self._earliest_expiry:
                 self._earliest_expiry = expiry
@@ -324,14 +329,17 @@ class MemoryStore:
         self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
         *, settlement: Settlement | None = None,
     ) -> None:
-        members = lease_members(lease_id)
+        members = lease_members(lease_id) if "*" in lease_id else None
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
             if leases is not None:
                 # An emptied bucket stays for the next admission; the heartbeat's sweep drops it.
-                for member in members:
-                    leases.pop(member, None)
+                if members is None:
+                    leases.pop(lease_id, None)
+                else:
+                    for member in members:
+                        leases.pop(member, None)
         if settlement is not None and settlement.settled != settlement.charged:
             self._settle(lease_id, bounded(settlement))
         if wake:
