@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gateway.store import periods, scripts, window_counter
 from gateway.store.base import (
@@ -107,7 +108,11 @@ class MemoryStore:
         self._held: set[tuple[str, str]] = set()
         # At most the earliest expiry of any lease or job member (math.inf: none held).
         self._earliest_expiry = math.inf
-        self._quotas: dict[str, list[int]] = {}  # key -> [period index, used, granted, expiry ms]
+        self._quotas: dict[str, list[Any]] = {}  # key -> [period index, used, granted, expiry ms]
+        # Windows and leases run on the clock (monotonic by default: a wall-clock step must not
+        # move them); quota periods are UTC calendar periods, so they need the wall time. An
+        # injected clock (tests) is taken as wall time itself.
+        self._wall_offset_ms = (time.time() - time.monotonic()) * 1000.0 if clock is time.monotonic else 0.0
         self._settled: dict[str, float] = {}  # lease ids settled -> until when remembered
         self._settled_ttl_ms = 2 * self._lease_ms
         self._heartbeat: asyncio.Task[None] | None = None
@@ -190,7 +195,7 @@ class MemoryStore:
         quota_resets: list[int] = []
         quota_views: list[tuple[int, int, int, int]] = []  # (index, used, granted, end_ms)
         for quota in quotas or ():
-            index, end_ms, _ = periods.period_of(now, quota.period)
+            index, end_ms, _ = self._period(now, quota.period)
             held = self._quotas.get(quota.key)
             used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
             quota_views.append((index, used, granted, end_ms))
@@ -396,7 +401,7 @@ class MemoryStore:
                     times.insert(position, score)
         for quota in settlement.quotas:
             held = self._quotas.get(quota.key)
-            if held is not None and held[0] == periods.period_of(at, quota.period)[0]:
+            if held is not None and held[0] == self._period(at, quota.period)[0]:
                 held[1] = max(0, held[1] + delta)
         self._settled[lease_id] = now + self._settled_ttl_ms
 
@@ -411,7 +416,7 @@ class MemoryStore:
         """quota.lua's adjustment: reset the current period and/or grant units in it."""
         scripts.check_grant(grant)
         now = self._now()
-        index, end_ms, _ = periods.period_of(now, quota.period)
+        index, end_ms, _ = self._period(now, quota.period)
         held = self._quotas.get(quota.key)
         used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
         if reset:
@@ -420,8 +425,13 @@ class MemoryStore:
         self._quotas[quota.key] = [index, used, granted, end_ms + periods.DAY_MS]
         return QuotaUsage(used, granted, math.ceil(end_ms - now))
 
+    def _period(self, now: float, period: str) -> tuple[int, float, int]:
+        """The quota period at store time `now`: (index, end in store time, length)."""
+        index, end_ms, length = periods.period_of(now + self._wall_offset_ms, period)
+        return index, end_ms - self._wall_offset_ms, length
+
     def _quota_usage(self, quota: QuotaBucket, now: float) -> QuotaUsage:
-        index, end_ms, _ = periods.period_of(now, quota.period)
+        index, end_ms, _ = self._period(now, quota.period)
         held = self._quotas.get(quota.key)
         used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
         return QuotaUsage(used, granted, math.ceil(end_ms - now))
