@@ -12,9 +12,12 @@ Variants, each its own gateway process on the one private Redis and nginx upstre
   release carries a settlement (5 → 2).
 Per variant: throughput, gateway CPU-µs per request (/proc/PID/stat), Redis CPU-µs per
 request, EVALSHA per admission decision and Redis commands per request (INFO commandstats),
-Redis-side µs per EVALSHA.
+Redis-side µs per EVALSHA. Then, since CPU time on a shared machine moves with whatever else
+runs, the gateway's instructions per request under callgrind for each variant, one at a time
+(bench/instructions.py's method: idle background subtracted).
 
-Run: `bench/run --costs` (about 2 minutes; `--quick`: one repeat of 3 s).
+Run: `bench/run --costs` (about 10 minutes, callgrind most of it; `--quick`: one repeat of 3 s
+and no callgrind).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+import instructions
 import loads
 import redis
 import report
 from procs import free_port, http_get, wait_port
-from stack import GATEWAY, LOAD_CPUS, SUT_CPUS, Scenario, Stack
+from stack import GATEWAY, LOAD_CPUS, PROJECT_PYTHON, SUT_CPUS, Scenario, Stack
 
 KEY = "bench-key-000000"
 BEGIN = "<!-- costs:begin (bench/run --costs writes this section) -->"
@@ -54,7 +58,8 @@ VARIANTS: dict[str, tuple[str, str, bool, bool, bool]] = {
 }
 
 
-def _config(name: str, port: int, admin_port: int, stack: Stack, counts_cost: bool, quota: bool, rules: bool) -> str:
+def _config(name: str, port: int, admin_port: int, stack: Stack, counts_cost: bool, quota: bool, rules: bool,
+            store_timeout: str | None = None) -> str:
     # The window never fills: 100,000 units per 2 s (the most an exact cost log holds) is far
     # above what one worker admits; the request-counting one matches today's bench plan.
     rate = "{rate: 100000/2s, counts: cost}" if counts_cost else "{rate: 1000000/2s}"
@@ -70,7 +75,7 @@ upstream:
 store:
   url: {stack.redis_url}
   prefix: {name}
-keys:
+{f"  timeout: {store_timeout}" + chr(10) if store_timeout else ""}keys:
   - {{id: bench, key: {KEY}, plan: bench}}
 plans:
   bench:
@@ -144,6 +149,22 @@ def run(stack: Stack, *, seconds: float, repeats: int, connections: int) -> dict
     return {"closed": closed, "summary": summary, "seconds": seconds, "repeats": repeats, "connections": connections}
 
 
+def instruction_counts(stack: Stack, phases: int, requests: int) -> dict[str, Any]:
+    """Instructions per request of each variant under callgrind, one process at a time."""
+    out: dict[str, Any] = {}
+    for vid, (_, path, counts_cost, quota, rules) in VARIANTS.items():
+        name = f"instr-cost-{vid}"
+        port, admin_port = free_port(), free_port()
+        # valgrind runs ~50x slower: a longer store timeout, or admissions would fall back
+        config = _config(name, port, admin_port, stack, counts_cost, quota, rules, store_timeout="30s")
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+                   "User-Agent: bench-instructions\r\nAccept: */*\r\n\r\n").encode()
+        print(f"[costs instructions] {vid}", file=sys.stderr)
+        out[vid] = instructions.measure_process(stack, name, [PROJECT_PYTHON, "-m", "gateway", "serve", "-c", config],
+                                                port, admin_port, phases, requests, request=request)
+    return out
+
+
 def _redis_stats(client: redis.Redis) -> dict[str, float]:
     stats = {name.removeprefix("cmdstat_"): float(v["calls"]) for name, v in client.info("commandstats").items()}
     stats["_reads"] = float(client.info("stats")["total_reads_processed"])
@@ -181,6 +202,18 @@ def render(results: dict[str, Any]) -> str:
             f"| `{vid}`: {row['label']} | {row['rps']:,.0f} | {sut:.0f} | {delta} | {row['cpu_us']['redis']:.1f} | "
             f"{row['evalsha_per_counted']:.3f} | {row['redis_cmds']:.2f} | {row['redis_us_per_evalsha']:.1f} | "
             f"{row['answer'].get('x-request-cost') or '—'} | {row['non2xx']} |")
+    counted = results.get("instructions")
+    if counted:
+        flat = counted["flat"]["median"]
+        lines += ["", f"Instructions per request of the gateway process (callgrind, user space, idle background "
+                  f"subtracted; median of {len(counted['flat']['per_request'])} phases of "
+                  f"{counted['flat']['phases'][0]['requests']} requests over {instructions.CONNECTIONS} keep-alive "
+                  "connections, one variant at a time):", "",
+                  "| variant | instructions / request | Δ vs no rules | spread |", "|---|---:|---:|---:|"]
+        for vid, row in counted.items():
+            change = (row["median"] / flat - 1) * 100
+            delta = "—" if vid == "flat" else f"{row['median'] - flat:+,.0f} ({change:+.1f} %)"
+            lines.append(f"| `{vid}` | {row['median']:,.0f} | {delta} | {row['spread'] * 100:.2f} % |")
     lines += ["", "Redis commands per request, by name (median run):", ""]
     for vid, runs in results["closed"].items():
         run = runs[len(runs) // 2]

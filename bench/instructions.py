@@ -44,13 +44,14 @@ LABELS = {"bare": "bare proxy (the gateway's forwarder, no admission)", "memory"
 class _Connection:
     """One keep-alive HTTP/1.1 connection sending requests one after another."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes = REQUEST) -> None:
         self.reader, self.writer = reader, writer
+        self.request = request
         self.statuses: dict[int, int] = {}
 
     async def requests(self, count: int) -> None:
         for _ in range(count):
-            self.writer.write(REQUEST)
+            self.writer.write(self.request)
             head = await self.reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
@@ -61,9 +62,9 @@ class _Connection:
             await self.reader.readexactly(length)
 
 
-async def _open(port: int, connections: int = CONNECTIONS) -> list[_Connection]:
+async def _open(port: int, connections: int = CONNECTIONS, request: bytes = REQUEST) -> list[_Connection]:
     """Keep-alive connections, each past its first request (which is never measured)."""
-    conns = [_Connection(*await asyncio.open_connection("127.0.0.1", port)) for _ in range(connections)]
+    conns = [_Connection(*await asyncio.open_connection("127.0.0.1", port), request) for _ in range(connections)]
     await asyncio.gather(*(c.requests(1) for c in conns))
     for conn in conns:
         conn.statuses.clear()
@@ -81,10 +82,12 @@ async def _load(conns: list[_Connection], total: int) -> dict[int, int]:
     return statuses
 
 
-async def _phase(pid: int, port: int, requests: int, idle_s: float) -> tuple[dict[int, int], float]:
+async def _phase(
+    pid: int, port: int, requests: int, idle_s: float, request: bytes = REQUEST
+) -> tuple[dict[int, int], float]:
     """One measured phase between `callgrind_control --zero` and `--dump`: `requests` over fresh
     connections (their setup outside the phase), or `idle_s` seconds of nothing if 0."""
-    conns = await _open(port) if requests else []
+    conns = await _open(port, request=request) if requests else []
     await asyncio.sleep(0.2)
     _callgrind("--zero", pid)
     started = time.monotonic()
@@ -98,8 +101,8 @@ async def _phase(pid: int, port: int, requests: int, idle_s: float) -> tuple[dic
     return statuses, wall
 
 
-async def _warm(port: int, requests: int) -> None:
-    conns = await _open(port)
+async def _warm(port: int, requests: int, request: bytes = REQUEST) -> None:
+    conns = await _open(port, request=request)
     statuses = await _load(conns, requests)
     for conn in conns:
         conn.writer.close()
@@ -150,9 +153,17 @@ def _argv(stack: Stack, system: str, port: int) -> tuple[list[str], int | None]:
 def measure(stack: Stack, system: str, phases: int, requests: int, idle_s: float = 5.0) -> dict[str, Any]:
     """Instructions per request of one system, each phase idle-corrected."""
     port = free_port()
+    argv, admin_port = _argv(stack, system, port)
+    return measure_process(stack, system, argv, port, admin_port, phases, requests, idle_s)
+
+
+def measure_process(
+    stack: Stack, system: str, argv: list[str], port: int, admin_port: int | None, phases: int, requests: int,
+    idle_s: float = 5.0, request: bytes = REQUEST,
+) -> dict[str, Any]:
+    """Instructions per request of the process `argv` (listening on `port`) sent `request`."""
     out_dir = os.path.join(stack.run_dir, f"callgrind-{system}")
     os.makedirs(out_dir, exist_ok=True)
-    argv, admin_port = _argv(stack, system, port)
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPATH", None)
     proc = Proc(f"instr-{system}", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -163,12 +174,12 @@ def measure(stack: Stack, system: str, phases: int, requests: int, idle_s: float
         wait_port(port, proc, 300)
         pattern = os.path.join(out_dir, f"cg.{proc.pid}.out.*")
         seen: set[str] = set()
-        asyncio.run(_warm(port, 320))  # uninstrumented warm-up: imports, connections, caches
+        asyncio.run(_warm(port, 320, request))  # uninstrumented warm-up: imports, connections, caches
         _callgrind("--instr=on", proc.pid)
-        asyncio.run(_warm(port, 64))  # instrumented warm-up, not counted
+        asyncio.run(_warm(port, 64, request))  # instrumented warm-up, not counted
         for count in [requests] * phases + [0]:  # the last phase: idle
             trouble = _store_trouble(admin_port)
-            statuses, wall = asyncio.run(_phase(proc.pid, port, count, idle_s))
+            statuses, wall = asyncio.run(_phase(proc.pid, port, count, idle_s, request))
             instructions = _new_dump(pattern, seen)
             if statuses != ({200: count} if count else {}):
                 raise RuntimeError(f"{system}: statuses {statuses}")

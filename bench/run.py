@@ -311,6 +311,8 @@ def costs_run(args: argparse.Namespace) -> int:
         bench_stack.start_base()
         results = costs.run(bench_stack, seconds=args.closed_seconds or (3 if args.quick else 5),
                             repeats=args.repeats or (1 if args.quick else 3), connections=args.connections)
+        if not args.quick:
+            results["instructions"] = costs.instruction_counts(bench_stack, args.instr_phases, args.instr_requests)
     finally:
         bench_stack.stop()
     results["machine"] = machine()
