@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
-from gateway.admission.headers import LimitHeaders, limit_headers, policy_header, refusal_message
+from gateway.admission.headers import (
+    LimitHeaders,
+    limit_headers,
+    period_seconds,
+    policy_header,
+    quota_policy,
+    refusal_message,
+)
 from gateway.store.base import AdmitResult, Charge, QuotaBucket, RateBucket, SlotBucket
 
 FAMILIES = ("concurrency", "x-concurrent", "x-ratelimit", "ietf")
@@ -184,11 +191,13 @@ def test_a_quota_refusal_describes_the_quota() -> None:
 def test_a_monthly_quota_announces_the_current_month() -> None:
     plan = replace(CREDIT_PLAN, quotas=(QuotaBucket("q", 9, "month"),),
                    quota_info=(BucketInfo("monthly", 9, 0.0, True, period="month"),))
-    february = 1_740_787_200_000  # 2025-03-01T00:00Z minus a day: February 2025, 28 days
-    result = AdmitResult(True, None, 0, [0, 0], [0, 0], [0, 0], quota_counts=[0], quota_reset_ms=[1],
-                         now_ms=february - 86_400_000)
+    march = 1_740_787_200_000  # 2025-03-01T00:00Z
+    assert quota_policy(plan, march - 1) == ['"monthly";q=9;w=2419200']  # February 2025: 28 days
+    assert quota_policy(plan, march) == ['"monthly";q=9;w=2678400']  # March: 31
+    assert period_seconds("7d", march) == 604_800 and period_seconds("1d", march) == 86_400
+    result = AdmitResult(True, None, 0, [0, 0], [0, 0], [0, 0], quota_counts=[0], quota_reset_ms=[1], now_ms=5.0)
     h = _as_dict(limit_headers(plan, result, FAMILIES, policy_header(plan)))
-    assert '"monthly";q=9;w=2419200' in h["ratelimit-policy"]
+    assert h["ratelimit-policy"].endswith(quota_policy(plan)[0])  # the wall clock's month, not now_ms's
 
 
 def test_a_cost_refusal_says_when_the_request_can_never_fit() -> None:
