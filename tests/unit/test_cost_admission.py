@@ -251,3 +251,24 @@ def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
         assert (await store.usage([], [slots])).slot_counts == [0]
 
     asyncio.run(scenario())
+
+
+def test_a_waiter_counts_its_shadow_refusal_once() -> None:
+    store = Recorder()
+    plan = AdmissionPlan("pro", PLAN.rates, PLAN.rate_info, PLAN.slots, PLAN.slot_info, 2.0)
+    queued = AdmitResult(False, "concurrency", 0, [0, 0, 5], [1] * 3, [4], queued=True, arrival="a",
+                         shadow_refused=[SHADOW.key])
+    store.answer = queued
+    metrics = Metrics()
+    admission = Admission(store, on_error="deny", metrics=metrics)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        ticket = await admission.admit(plan)
+        ticket = await admission.recheck(plan, ticket)
+        store.answer = AdmitResult(True, None, 0, [0, 0, 5], [1] * 3, [3], shadow_refused=[SHADOW.key])
+        ticket = await admission.recheck(plan, ticket)
+        assert ticket.admitted
+
+    asyncio.run(scenario())
+    metrics.flush()
+    assert metrics.shadow_refusals.labels("pro", "tight")._value.get() == 1
