@@ -23,6 +23,7 @@ from gateway.store.base import (
     StoreError,
     lease_members,
 )
+from gateway.store.memory import MemoryStore
 
 RPM = RateBucket("gw:{k:1}:r:rpm", 10, 60_000)
 CREDITS = RateBucket("gw:{k:1}:r:credits", 100, 60_000, counts_cost=True)
@@ -230,8 +231,6 @@ def test_a_refusal_by_a_cost_counting_window_is_cached_one_second_at_most() -> N
 
 
 def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
-    from gateway.store.memory import MemoryStore
-
     slots = SlotBucket("gw:{k:9}:c:browsers", 3)
     plan = AdmissionPlan("p", (), (), (slots,), (BucketInfo("browsers", 3, 0.0),), 2.0)
 
