@@ -6,24 +6,40 @@ Two implementations keep the same semantics: `MemoryStore` (one process, `memory
 Semantics every store keeps (the contract suite in tests/store checks them on each):
 
 - `admit` checks every bucket and either admits into all of them or into none. A refused
-  request writes nothing: no rate budget, no slot.
-- A rate bucket admits when fewer than `limit` admissions lie in the window ending now,
-  i.e. with times in (now - window, now]. A counter bucket (`exact=False`) admits when its
-  estimate of that number plus one is at most `limit` (gateway/store/window_counter.py).
-- A slot bucket admits when fewer than `limit` unexpired leases are held. A lease expires
-  `lease` seconds after it was taken or last renewed; expired leases are purged (and
-  counted as reclaimed) by the next call that touches the bucket.
+  request writes nothing: no rate budget, no quota, no slot.
+- A request weighs `Charge(cost, slots)`. A bucket's units are the cost when it counts cost
+  (`counts_cost`), else 1; cost 0 writes nothing into a cost-counting bucket.
+- A rate bucket admits when `count + units <= limit`, count being the units whose times lie in
+  the window ending now, (now - window, now]; a log holds one entry per unit (`id`, `id#2` ..),
+  all at the admission time. A counter bucket (`exact=False`) admits when its estimate of that
+  count plus the units is at most `limit` (gateway/store/window_counter.py). A request whose
+  units exceed a limit is refused by it with retry_after = the window.
+- A quota admits when `used + units <= limit + granted` in the current fixed UTC period
+  (gateway/store/periods.py: `1d`, ISO `7d`, calendar `month`); refused, reason "quota"
+  (precedence over "rate", then "concurrency"), retry_after_ms to the period's end.
+- A slot bucket admits when `count + K <= limit`, K = `Charge.slots`, count the unexpired lease
+  members held. A lease of K slots holds K members (`weighted_lease` / `lease_members`: K rides
+  in the lease id, so release, renew, undo and job handover know it). A lease expires `lease`
+  seconds after it was taken or last renewed; expired members are purged (and counted as
+  reclaimed) by the next call that touches the bucket.
+- A shadow bucket is checked like an enforced one but never refuses: when it would, nothing is
+  written into it and its key is listed in `AdmitResult.shadow_refused`. It never queues.
 - `release` frees a lease; it is idempotent, never raises, and may be batched off the
-  critical path (the caller does not wait for it).
+  critical path (the caller does not wait for it). With a `Settlement` it also re-prices the
+  admission in the same store call (log: the lease's entries become `settled`, while in the
+  window; counter: its count of the admission's window, or of the previous one; quota: `used`
+  of the admission's period), at most once per lease id; a window or quota may end up over its
+  limit, and later requests wait for it.
+- `adjust_quota` grants units for the current period and/or resets it (used 0, granted 0).
 - Waiting for a slot (`admit(..., queue=QueueSpot)`): every slot bucket has a queue of
-  waiters in arrival order. A newcomer admits only when `count + waiters < limit` (it never
-  overtakes a waiter); refused for concurrency alone it joins the back of every queue. A
-  waiter admits when `count + waiters ahead of it < limit`, and then leaves the queues; a
-  rate refusal makes it leave too. Each (re)check refreshes the waiter's entry, which
-  vanishes `ttl_ms` after its last refresh (a dead replica's waiters do not block for long).
-  `leave_queue` removes a waiter (idempotent, synchronous like `release`). Releases with
-  `wake=True`, departures from a queue and job ends set the events registered with `watch`
-  for those buckets, on every replica.
+  waiters in arrival order, a waiter holding K entries. A newcomer admits only when
+  `count + queued + K <= limit` (it never overtakes a waiter); refused for concurrency alone it
+  joins the back of every queue. A waiter admits when `count + entries ahead of it + K <= limit`,
+  and then leaves the queues; a rate or quota refusal makes it leave too. Each (re)check
+  refreshes the waiter's entries, which vanish `ttl_ms` after their last refresh (a dead
+  replica's waiters do not block for long). `leave_queue` removes a waiter (idempotent,
+  synchronous like `release`). Releases with `wake=True`, departures from a queue and job ends
+  set the events registered with `watch` for those buckets, on every replica.
 """
 
 from __future__ import annotations
@@ -100,8 +116,10 @@ class Settlement:
     its limit, later requests wait for it). `admitted_at_ms` is `AdmitResult.now_ms`: only the
     window entries and the quota period of that admission are adjusted. Idempotent per lease."""
 
-    rates: tuple[RateBucket, ...]  # the admission's rate buckets that count cost
-    quotas: tuple[QuotaBucket, ...]  # its quotas that count cost
+    # The admission's rate buckets that count cost, and its quotas that count cost, less those
+    # in its `shadow_refused` (they hold nothing of it: a counter or quota cannot tell).
+    rates: tuple[RateBucket, ...]
+    quotas: tuple[QuotaBucket, ...]
     charged: int
     settled: int
     admitted_at_ms: float
@@ -200,6 +218,11 @@ class AdmissionStore(Protocol):
     async def check_ready(self) -> None:
         """Run the real admission path against a probe bucket; raise StoreError if it fails."""
 
+    async def adjust_quota(self, quota: QuotaBucket, *, grant: int = 0, reset: bool = False) -> QuotaUsage:
+        """Reset the quota's current period (used 0, granted 0) when `reset`, then add `grant`
+        (0..scripts.MAX_GRANT, else ValueError) to its granted units; return its usage now.
+        Raises StoreError when the store cannot answer."""
+
 
 class WaitingStore(AdmissionStore, Protocol):
     """What waiting for a slot needs besides admission (both stores implement it)."""
@@ -240,7 +263,7 @@ class StoreObserver(Protocol):
         """A heartbeat found leases this process still holds already gone (expired and reclaimed)."""
 
     def store_error(self, operation: str) -> None:
-        """A store call failed; `operation` is one of admit, release, renew, ready."""
+        """A store call failed; `operation` is one of admit, release, renew, ready, quota."""
 
 
 class NullObserver:
@@ -254,6 +277,21 @@ class NullObserver:
         pass
 
 
+def check_charge(charge: Charge) -> None:
+    """A charge outside its bounds is a bug upstream of the store: refuse it (ValueError)."""
+    if not (0 <= charge.cost <= MAX_COST and 1 <= charge.slots <= MAX_SLOTS):
+        raise ValueError(f"charge out of bounds: {charge}")
+
+
+def bounded(settlement: Settlement) -> Settlement:
+    """`settlement` with its units held to 0..MAX_COST (a release never raises)."""
+    charged = min(max(settlement.charged, 0), MAX_COST)
+    settled = min(max(settlement.settled, 0), MAX_COST)
+    if (charged, settled) == (settlement.charged, settlement.settled):
+        return settlement
+    return Settlement(settlement.rates, settlement.quotas, charged, settled, settlement.admitted_at_ms)
+
+
 def weighted_lease(lease_id: str, slots: int) -> str:
     """The lease id of a request holding `slots` slots in each slot bucket. The count rides in
     the id (`<id>*K`), so every later call on the lease (release, renew, undo, job handover)
@@ -263,6 +301,8 @@ def weighted_lease(lease_id: str, slots: int) -> str:
 
 def lease_members(lease_id: str) -> list[str]:
     """The members a lease holds in a slot bucket: `id`, then `id#2` ... `id#K`."""
+    if "*" not in lease_id:  # the common case, on every admission and release
+        return [lease_id]
     _, star, count = lease_id.rpartition("*")
     slots = int(count) if star and count.isascii() and count.isdigit() else 1
     return [lease_id] + [f"{lease_id}#{n}" for n in range(2, min(slots, MAX_SLOTS) + 1)]

@@ -15,6 +15,11 @@ leases here too. The heartbeat also sweeps idle buckets, so memory stays bounded
 is live: empty buckets are dropped (a slot bucket emptied by a release waits for the sweep,
 so the next admission can reuse it).
 
+Costs, quotas, weighted slots, shadow buckets and settlements follow admit.lua and settle.lua
+step for step: a log holds one time per unit (and, when it counts cost, lease -> (time, units)
+for settlements); a quota is [period index, used, granted, expiry]; a lease of K slots holds K
+members. Settled lease ids are remembered two leases (a release sent again applies once).
+
 Job members (slots held by async jobs, with their own expiry) and waiter queues live beside
 the leases (gateway/store/memory_jobs.py) and count exactly as admit.lua counts them; wake-ups
 are direct (`LocalWakeups`): a release with `wake=True` sets the waiters' events at once.
@@ -31,6 +36,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gateway.store import periods, scripts, window_counter
 from gateway.store.base import (
@@ -45,6 +51,8 @@ from gateway.store.base import (
     Settlement,
     SlotBucket,
     StoreObserver,
+    bounded,
+    check_charge,
     lease_members,
 )
 from gateway.store.jobs import (
@@ -100,7 +108,11 @@ class MemoryStore:
         self._held: set[tuple[str, str]] = set()
         # At most the earliest expiry of any lease or job member (math.inf: none held).
         self._earliest_expiry = math.inf
-        self._quotas: dict[str, list[int]] = {}  # key -> [period index, used, granted, expiry ms]
+        self._quotas: dict[str, list[Any]] = {}  # key -> [period index, used, granted, expiry ms]
+        # Windows and leases run on the clock (monotonic by default: a wall-clock step must not
+        # move them); quota periods are UTC calendar periods, so they need the wall time. An
+        # injected clock (tests) is taken as wall time itself.
+        self._wall_offset_ms = (time.time() - time.monotonic()) * 1000.0 if clock is time.monotonic else 0.0
         self._settled: dict[str, float] = {}  # lease ids settled -> until when remembered
         self._settled_ttl_ms = 2 * self._lease_ms
         self._heartbeat: asyncio.Task[None] | None = None
@@ -132,6 +144,8 @@ class MemoryStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        if charge is not ONE:
+            check_charge(charge)
         now = self._now()
         cost = charge.cost
         status = 0
@@ -180,8 +194,8 @@ class MemoryStore:
         quota_counts: list[int] = []
         quota_resets: list[int] = []
         quota_views: list[tuple[int, int, int, int]] = []  # (index, used, granted, end_ms)
-        for quota in quotas:
-            index, end_ms, _ = periods.period_of(now, quota.period)
+        for quota in quotas or ():
+            index, end_ms, _ = self._period(now, quota.period)
             held = self._quotas.get(quota.key)
             used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
             quota_views.append((index, used, granted, end_ms))
@@ -229,22 +243,23 @@ class MemoryStore:
 
         if status == 0:
             for rate in rates:
-                units = cost if rate.counts_cost else 1
-                if not rate.exact or units == 0 or (shadow_refused and rate.key in shadow_refused):
+                if not rate.exact or (shadow_refused and rate.key in shadow_refused):
                     continue
+                if rate.counts_cost and not cost:
+                    continue  # free: nothing written (admit.lua)
                 window = self._windows.get(rate.key)
                 if window is None:
                     window = self._windows[rate.key] = _Window(rate.window_ms)
-                if units == 1:
+                if not rate.counts_cost:
                     window.times.append(now)
-                else:
-                    window.times.extend(itertools.repeat(now, units))
-                if rate.counts_cost:
-                    window.owners[lease_id] = (now, units)
-            for quota, (index, used, granted, end_ms) in zip(quotas, quota_views, strict=True):
-                units = cost if quota.counts_cost else 1
-                if units > 0 and quota.key not in shadow_refused:
-                    self._quotas[quota.key] = [index, used + units, granted, end_ms + periods.DAY_MS]
+                elif cost:
+                    window.times.extend(itertools.repeat(now, cost))
+                    window.owners[lease_id] = (now, cost)
+            if quotas:
+                for quota, (index, used, granted, end_ms) in zip(quotas, quota_views, strict=True):
+                    units = cost if quota.counts_cost else 1
+                    if units > 0 and quota.key not in shadow_refused:
+                        self._quotas[quota.key] = [index, used + units, granted, end_ms + periods.DAY_MS]
             expiry = now + self._lease_ms
             for slot in slots:
                 if shadow_refused and slot.key in shadow_refused:
@@ -252,9 +267,13 @@ class MemoryStore:
                 leases = self._slots.get(slot.key)
                 if leases is None:
                     leases = self._slots[slot.key] = OrderedDict()
-                for member in members:
-                    leases[member] = expiry
-                    leases.move_to_end(member)
+                if weight == 1:
+                    leases[lease_id] = expiry
+                    leases.move_to_end(lease_id)
+                else:
+                    for member in members:
+                        leases[member] = expiry
+                        leases.move_to_end(member)
                 self._held.add((slot.key, lease_id))
             if slots and expiry < self._earliest_expiry:
                 self._earliest_expiry = expiry
@@ -315,16 +334,19 @@ class MemoryStore:
         self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
         *, settlement: Settlement | None = None,
     ) -> None:
-        members = lease_members(lease_id)
+        members = lease_members(lease_id) if "*" in lease_id else None
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
             if leases is not None:
                 # An emptied bucket stays for the next admission; the heartbeat's sweep drops it.
-                for member in members:
-                    leases.pop(member, None)
+                if members is None:
+                    leases.pop(lease_id, None)
+                else:
+                    for member in members:
+                        leases.pop(member, None)
         if settlement is not None and settlement.settled != settlement.charged:
-            self._settle(lease_id, settlement)
+            self._settle(lease_id, bounded(settlement))
         if wake:
             self._wake([slot.key for slot in slots])
 
@@ -379,7 +401,7 @@ class MemoryStore:
                     times.insert(position, score)
         for quota in settlement.quotas:
             held = self._quotas.get(quota.key)
-            if held is not None and held[0] == periods.period_of(at, quota.period)[0]:
+            if held is not None and held[0] == self._period(at, quota.period)[0]:
                 held[1] = max(0, held[1] + delta)
         self._settled[lease_id] = now + self._settled_ttl_ms
 
@@ -394,7 +416,7 @@ class MemoryStore:
         """quota.lua's adjustment: reset the current period and/or grant units in it."""
         scripts.check_grant(grant)
         now = self._now()
-        index, end_ms, _ = periods.period_of(now, quota.period)
+        index, end_ms, _ = self._period(now, quota.period)
         held = self._quotas.get(quota.key)
         used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
         if reset:
@@ -403,8 +425,13 @@ class MemoryStore:
         self._quotas[quota.key] = [index, used, granted, end_ms + periods.DAY_MS]
         return QuotaUsage(used, granted, math.ceil(end_ms - now))
 
+    def _period(self, now: float, period: str) -> tuple[int, float, int]:
+        """The quota period at store time `now`: (index, end in store time, length)."""
+        index, end_ms, length = periods.period_of(now + self._wall_offset_ms, period)
+        return index, end_ms - self._wall_offset_ms, length
+
     def _quota_usage(self, quota: QuotaBucket, now: float) -> QuotaUsage:
-        index, end_ms, _ = periods.period_of(now, quota.period)
+        index, end_ms, _ = self._period(now, quota.period)
         held = self._quotas.get(quota.key)
         used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
         return QuotaUsage(used, granted, math.ceil(end_ms - now))

@@ -17,7 +17,10 @@ a pool (gateway/store/redis_client.py), which batches and orders by hand.
 
 Off the critical path:
 - `release` only enqueues (on the transport). Failures are counted, not retried beyond the
-  resend of an idempotent ZREM whose connection was lost: the lease heals what is lost. A release that may free a
+  resend of an idempotent ZREM whose connection was lost: the lease heals what is lost. A
+  release with a settlement is one settle.lua EVALSHA instead (frees the lease's members,
+  re-prices, publishes the wake-up), queued like an admission (after the releases before it);
+  idempotent by lease id, it is sent once more after a lost connection or a NOSCRIPT. A release that may free a
   slot someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
   bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
@@ -41,8 +44,8 @@ Replays and undo: what a client is told is what Redis holds, under any single fa
   redis-py: with the next pipeline, ahead of the resent admissions).
   Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.
 - An admission whose caller is told "error" or gives up (timeout, lost reply twice,
-  cancelled) is undone by its lease id: undo.lua removes its rate entries and slots (and its
-  counter increments) and puts the lease id in its hash tag's undone set, which admit.lua
+  cancelled) is undone by its lease id: undo.lua removes its rate entries and slot members (and
+  its counter and quota units) and puts the lease id in its hash tag's undone set, which admit.lua
   checks first, so the EVALSHA that lands after its undo (it sat unread in a stalled Redis)
   takes nothing. The undo goes off the caller's path, at once after a lost connection, else
   once Redis answers again (no undos fed to an outage), until it lands or a lease has passed
@@ -75,6 +78,8 @@ from gateway.store.base import (
     SlotBucket,
     StoreError,
     StoreObserver,
+    bounded,
+    check_charge,
     lease_members,
 )
 from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError
@@ -200,8 +205,8 @@ class RedisStore:
         self._undo_script = scripts.load("undo")
         self._settle_script = scripts.load("settle")
         self._quota_script = scripts.load("quota")
-        for script in (self._admit_script, self._renew_script, self._undo_script, self._settle_script,
-                       self._quota_script):
+        # (quota.lua, an admin call, is loaded on first use by run_script.)
+        for script in (self._admit_script, self._renew_script, self._undo_script, self._settle_script):
             self._transport.scripts.add(script)
         self._transport.on_release_error = functools.partial(self._observer.store_error, "release")
         # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
@@ -277,6 +282,8 @@ class RedisStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        if charge is not ONE:
+            check_charge(charge)
         if not rates and not slots and not quotas:
             return AdmitResult(True, None, 0, [], [], [])
         return await self._submit(rates, slots, lease_id, "admit", queue=queue, quotas=quotas, cost=charge.cost)
@@ -483,7 +490,7 @@ class RedisStore:
             settlement.rates or settlement.quotas
         ):
             # One settle.lua call frees the slots and re-prices, in the release's own flush.
-            keys, args = scripts.settle_call(slots, lease_id, settlement, self._now(), self._undone_ttl_ms,
+            keys, args = scripts.settle_call(slots, lease_id, bounded(settlement), self._now(), self._undone_ttl_ms,
                                              self._channels(slots) if wake else ())
             self._send_settle(keys, args, resent=False, reloads=0)
         elif slots:
@@ -549,13 +556,13 @@ class RedisStore:
     async def adjust_quota(self, quota: QuotaBucket, *, grant: int = 0, reset: bool = False) -> QuotaUsage:
         """Grant extra units for the current period and/or reset it (quota.lua); the new usage."""
         scripts.check_grant(grant)
-        (keys, args) = ([quota.key], [self._now(), quota.period, grant, 1 if reset else 0])
+        call: Call = ([quota.key], [self._now(), quota.period, grant, 1 if reset else 0])
         try:
-            reply = await self._eval(self._quota_script, [(keys, args)])
-        except FAILURES as exc:
+            (reply,) = await self.run_script(self._quota_script, [call])
+            return scripts.decode_quota(reply)
+        except StoreError:
             self._observer.store_error("quota")
-            raise StoreError(f"quota adjustment failed: {exc!r}") from exc
-        return scripts.decode_quota(reply[0])
+            raise
 
     # -- heartbeat -----------------------------------------------------------------------
 

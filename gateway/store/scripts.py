@@ -82,7 +82,8 @@ def admit_call(
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of admit.lua (see its header)."""
     keys = [bucket.key for bucket in rates]
-    keys.extend(bucket.key for bucket in quotas)
+    if quotas:
+        keys.extend(bucket.key for bucket in quotas)
     keys.extend(bucket.key for bucket in slots)
     args: list[str | int] = [lease_id, lease_ms, now, len(rates), "", "", cost, len(quotas)]
     if queue is not None:
@@ -91,16 +92,13 @@ def admit_call(
             keys.extend(queue_keys(bucket.key))
     keys.append(undone_key(keys[0]))
     for rate in rates:
-        args.append(rate.limit)
-        args.append(rate.window_ms)
-        args.append(rate_flags(rate))
+        # Flags inline (no call per bucket): 1 counter, 2 counts cost, 4 shadow.
+        args += (rate.limit, rate.window_ms,
+                 (0 if rate.exact else 1) | (2 if rate.counts_cost else 0) | (4 if rate.shadow else 0))
     for quota in quotas:
-        args.append(quota.limit)
-        args.append(quota.period)
-        args.append((2 if quota.counts_cost else 0) + (4 if quota.shadow else 0))
+        args += (quota.limit, quota.period, (2 if quota.counts_cost else 0) | (4 if quota.shadow else 0))
     for slot in slots:
-        args.append(slot.limit)
-        args.append(1 if slot.shadow else 0)
+        args += (slot.limit, 1 if slot.shadow else 0)
     return keys, args
 
 
@@ -208,28 +206,29 @@ def decode_admit(
         raise StoreError("admit reply belongs to another call (lease id mismatch)")
     try:
         now_ms = float(reply[4])
+        reply[4] = 0  # (our own list) so one map() checks every other number
         # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
-        numbers = list(map(int, reply[1:4]))
-        numbers += map(int, reply[5:])
-    except (TypeError, ValueError) as exc:
+        numbers = list(map(int, reply[1:]))
+    except (TypeError, ValueError, IndexError) as exc:
         raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
     status = numbers[0]
     if status not in _STATUS_REASON:
         raise StoreError(f"unknown admit status {status}")
-    # numbers: status, retry after, reclaimed, rate counts, rate resets, slot counts, quota
-    # counts, quota resets, n_shadow, shadow positions.
-    rate_end = 3 + n_rate
+    # numbers: status, retry after, reclaimed, (now), rate counts, rate resets, slot counts,
+    # quota counts, quota resets, n_shadow, shadow positions.
+    rate_end = 4 + n_rate
     slot_start = rate_end + n_rate
     quota_start = slot_start + n_slot
     shadow_at = quota_start + 2 * n_quota
-    if len(numbers) != shadow_at + 1 + numbers[shadow_at]:
+    n_shadow = numbers[shadow_at]
+    if len(numbers) != shadow_at + 1 + n_shadow:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
-    shadow_refused = [keys[position - 1] for position in numbers[shadow_at + 1 :]] if numbers[shadow_at] else []
+    # Positional: cheaper than keywords on this path (fields in AdmitResult's order).
     return AdmitResult(
         status == 0,
         _STATUS_REASON[status],
         numbers[1],
-        numbers[3:rate_end],
+        numbers[4:rate_end],
         numbers[rate_end:slot_start],
         numbers[slot_start:quota_start],
         numbers[2],
@@ -237,7 +236,7 @@ def decode_admit(
         place,
         numbers[quota_start : quota_start + n_quota],
         numbers[quota_start + n_quota : shadow_at],
-        shadow_refused,
+        [keys[position - 1] for position in numbers[shadow_at + 1 :]] if n_shadow else [],
         now_ms,
     )
 

@@ -276,3 +276,17 @@ async def test_a_weighted_lease_hands_its_slots_to_a_job(backend: Backend, clock
     await store.flush()
     assert (await store.admit([], crawls, "after")).slot_counts == [0]
     store.release(crawls, "after")
+
+
+async def test_charges_and_settlements_are_bounded(backend: Backend, clock: DrivenClock) -> None:
+    store = await backend.started(clock=clock)
+    credits = units("credits", 5_000, 60_000)
+    for bad in (Charge(-1), Charge(1001), Charge(1, 0), Charge(1, 65)):
+        with pytest.raises(ValueError):
+            await store.admit([credits], [], "bad", charge=bad)
+    admitted = await store.admit([credits], [], "a", charge=Charge(1))
+    # A settlement above MAX_COST is held to it; one below 0 to 0 (a release never raises).
+    store.release([], "a", settlement=Settlement((credits,), (), 1, 10**9, admitted.now_ms))
+    store.release([], "b", settlement=Settlement((credits,), (), 5, -3, admitted.now_ms))
+    await store.flush()
+    assert (await store.admit([credits], [], "c", charge=Charge(0))).rate_counts == [1000]

@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 import random
 import struct
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.store.base import Charge, QuotaBucket
 from gateway.store.jobs import JobClaim
 from gateway.store.memory import MemoryStore, _round_to_us
 from tests.store.conftest import DrivenClock, RecordingObserver, slot
@@ -112,3 +114,14 @@ async def test_a_lease_renewed_after_the_clock_stepped_back_expires_on_its_new_e
     clock.advance_ms(10_000)
     result = await store.admit([], bucket, "next")
     assert (result.admitted, result.reclaimed) == (True, 1)
+
+
+async def test_quota_periods_follow_the_wall_clock_while_windows_run_on_monotonic_time() -> None:
+    """The default clock is time.monotonic (a wall-clock step must not move a window), but a
+    quota's period is a UTC calendar day: the memory store puts it on the wall clock."""
+    store = MemoryStore(10.0)
+    daily = QuotaBucket("t:{k1}:q:daily", 5, "1d")
+    result = await store.admit([], [], "a", quotas=[daily], charge=Charge(2))
+    to_midnight = 86_400_000 - (time.time() * 1000) % 86_400_000
+    assert abs(result.quota_reset_ms[0] - to_midnight) < 1_000
+    assert (await store.usage([], [], [daily])).quotas[0].used == 2
