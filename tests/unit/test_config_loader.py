@@ -491,6 +491,7 @@ def test_every_profile_has_an_example() -> None:
         "cloro-style.yaml",
         "reader-style.yaml",
         "zapfetch-style.yaml",
+        "credits.yaml",
     } <= names
 
 
