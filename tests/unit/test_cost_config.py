@@ -150,3 +150,12 @@ def test_summary_shows_quotas_shadow_costs_and_charging() -> None:
         "charge told in X-Request-Cost; settled to the upstream's X-Upstream-Cost; non-2xx answers refunded;"
         " usage at GET /v1/usage"
     )
+
+
+def test_every_new_field_is_documented() -> None:
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    for field in (
+        "usage_path", "cost_response_header", "cost_header", "charge", "success_only", "quota", "counts",
+        "shadow", "status", "slots", "when.query", "when.headers", "when.method", "credits.yaml",
+    ):
+        assert f"`{field}`" in docs or f"`{field}:" in docs, field
