@@ -94,7 +94,8 @@ def test_a_quoted_or_interpolated_value_is_text_but_a_bare_boolean_is_refused() 
 
 
 def test_every_limit_of_a_route_may_be_shadow() -> None:
-    text = BASE.replace("shadow: false", "shadow: true").replace("rpm: {rate: 10/1m}", "rpm: {rate: 10/1m, shadow: true}")
+    text = BASE.replace("shadow: false", "shadow: true")
+    text = text.replace("rpm: {rate: 10/1m}", "rpm: {rate: 10/1m, shadow: true}")
     text = text.replace("credits: {quota: 1000/month}", "credits: {quota: 1000/month, shadow: true}")
     config = load_config_text(text, "t.yaml", env={})
     assert all(limit.shadow for limit in config.plans["free"].limits.values())

@@ -122,7 +122,9 @@ def rules(draw: st.DrawFn) -> tuple[CostRule, ...]:
         cost=st.integers(0, 1000),
         slots=st.integers(1, 64),
         method=st.sampled_from([None, "GET", "POST"]),
-        query=st.dictionaries(st.sampled_from(NAMES), st.sampled_from(VALUES), max_size=3).map(lambda d: tuple(d.items())),
+        query=st.dictionaries(st.sampled_from(NAMES), st.sampled_from(VALUES), max_size=3).map(
+            lambda d: tuple(d.items())
+        ),
         headers=st.dictionaries(
             st.sampled_from([n.decode() for n in HEADER_NAMES]), st.sampled_from(["gold", "", "a b"]), max_size=2
         ).map(lambda d: tuple(d.items())),
