@@ -264,5 +264,5 @@ def weighted_lease(lease_id: str, slots: int) -> str:
 def lease_members(lease_id: str) -> list[str]:
     """The members a lease holds in a slot bucket: `id`, then `id#2` ... `id#K`."""
     _, star, count = lease_id.rpartition("*")
-    slots = int(count) if star and count.isdigit() else 1
+    slots = int(count) if star and count.isascii() and count.isdigit() else 1
     return [lease_id] + [f"{lease_id}#{n}" for n in range(2, min(slots, MAX_SLOTS) + 1)]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.store.base import RateBucket, SlotBucket
+from gateway.store.base import QuotaBucket, QuotaUsage, RateBucket, SlotBucket, lease_members
 
 MAX_JOB_ID = 200
 JOB_MEMBER_PREFIX = "j:"
@@ -39,8 +39,28 @@ TOMBSTONE_SECONDS = 600.0
 INDEX_SLACK_SECONDS = 60.0
 
 
-def job_member(job_id: str) -> str:
-    return JOB_MEMBER_PREFIX + job_id
+def job_member(job_id: str, slots: int = 1) -> str:
+    """The job's lease in its slot buckets: `j:<id>`, weighted like a request's lease
+    (base.weighted_lease) when it holds several slots, or when the id itself ends in `*<digits>`
+    (so base.lease_members always finds exactly `slots` members)."""
+    member = JOB_MEMBER_PREFIX + job_id
+    if slots > 1 or _weighted(member):
+        return f"{member}*{slots}"
+    return member
+
+
+def job_id_of(member: str) -> str | None:
+    """The job id of a job lease's first member; None for its other members (`...*K#n`)."""
+    head, hash_, number = member.rpartition("#")
+    if hash_ and number.isascii() and number.isdigit() and member in lease_members(head):
+        return None
+    job_id = member[len(JOB_MEMBER_PREFIX) :]
+    return job_id.rpartition("*")[0] if _weighted(job_id) else job_id
+
+
+def _weighted(text: str) -> bool:
+    _, star, count = text.rpartition("*")
+    return bool(star) and count.isascii() and count.isdigit()
 
 
 def valid_job_id(value: object) -> str | None:
@@ -81,6 +101,7 @@ class Usage:
     rate_counts: list[int]
     slot_counts: list[int]  # live members: leases and jobs
     jobs: list[list[ActiveJob]] = field(default_factory=list)
+    quotas: list[QuotaUsage] = field(default_factory=list)  # parallel to `quotas`
 
 
 class JobStore(Protocol):
@@ -90,5 +111,8 @@ class JobStore(Protocol):
     async def end(self, job_id: str, owner: str | None) -> EndedJob | None:
         """End a job; None when unknown or not `owner`'s. Raises StoreError."""
 
-    async def usage(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> Usage:
-        """Current counts of one key's buckets (one hash tag). Raises StoreError."""
+    async def usage(
+        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], quotas: Sequence[QuotaBucket] = ()
+    ) -> Usage:
+        """Current counts of one key's buckets (one hash tag), quotas included (used and granted
+        in the current period). Raises StoreError."""

@@ -23,6 +23,7 @@ are direct (`LocalWakeups`): a release with `wake=True` sets the waiters' events
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import math
@@ -31,14 +32,20 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 
-from gateway.store import window_counter
+from gateway.store import periods, scripts, window_counter
 from gateway.store.base import (
+    ONE,
     AdmitResult,
+    Charge,
     NullObserver,
     QueueSpot,
+    QuotaBucket,
+    QuotaUsage,
     RateBucket,
+    Settlement,
     SlotBucket,
     StoreObserver,
+    lease_members,
 )
 from gateway.store.jobs import (
     INDEX_SLACK_SECONDS,
@@ -47,6 +54,7 @@ from gateway.store.jobs import (
     EndedJob,
     JobClaim,
     Usage,
+    job_id_of,
     job_member,
 )
 from gateway.store.memory_jobs import MemoryJobBook, MemoryQueues
@@ -56,11 +64,13 @@ from gateway.store.window_counter import CounterState
 
 
 class _Window:
-    __slots__ = ("window_ms", "times")
+    __slots__ = ("window_ms", "times", "owners")
 
     def __init__(self, window_ms: float) -> None:
         self.window_ms = window_ms
-        self.times: deque[float] = deque()
+        self.times: deque[float] = deque()  # one entry per unit
+        # Leases of a cost-counting window -> (admission time, units), for settlements.
+        self.owners: dict[str, tuple[float, int]] = {}
 
     def purge(self, now: float) -> None:
         # An admission counts while its time lies in (now - window, now].
@@ -90,6 +100,9 @@ class MemoryStore:
         self._held: set[tuple[str, str]] = set()
         # At most the earliest expiry of any lease or job member (math.inf: none held).
         self._earliest_expiry = math.inf
+        self._quotas: dict[str, list[int]] = {}  # key -> [period index, used, granted, expiry ms]
+        self._settled: dict[str, float] = {}  # lease ids settled -> until when remembered
+        self._settled_ttl_ms = 2 * self._lease_ms
         self._heartbeat: asyncio.Task[None] | None = None
         self._queues = MemoryQueues()
         self._jobs = MemoryJobBook()
@@ -115,82 +128,133 @@ class MemoryStore:
         slots: Sequence[SlotBucket],
         lease_id: str,
         queue: QueueSpot | None = None,
+        *,
+        quotas: Sequence[QuotaBucket] = (),
+        charge: Charge = ONE,
     ) -> AdmitResult:
         now = self._now()
+        cost = charge.cost
         status = 0
         retry_after = 0
         rate_counts: list[int] = []
         rate_resets: list[int] = []
+        # Shadow buckets that would refuse: written nothing (admit.lua's `skip`).
+        shadow_refused: list[str] = []
 
         counter_views: dict[int, CounterState] = {}  # position in `rates` -> view
         for rate in rates:
             window_ms = rate.window_ms
+            units = cost if rate.counts_cost else 1
+            wait: float | None = None
             if not rate.exact:
                 view = window_counter.seen_at(self._counters.get(rate.key), now, window_ms)
                 counter_views[len(rate_counts)] = view
                 rate_counts.append(window_counter.whole_count(view, now))
                 rate_resets.append(0)  # known once the decision is (below)
-                if not window_counter.admits(view, now, rate.limit):
-                    status = 1
-                    retry_after = max(retry_after, window_counter.retry_after_ms(view, now, rate.limit))
-                continue
-            window = self._windows.get(rate.key)
-            if window is None:
-                count = 0
+                if not window_counter.admits(view, now, rate.limit, units):
+                    wait = window_counter.retry_after_ms(view, now, rate.limit, units)
             else:
-                window.window_ms = window_ms
-                window.purge(now)
-                times = window.times
-                count = len(times)
-            rate_counts.append(count)
-            rate_resets.append(math.ceil(times[0] + window_ms - now) if count else window_ms)
-            if count >= rate.limit:
-                status = 1
-                wait: float = window_ms
-                if rate.limit > 0:
-                    # Admission needs count - limit + 1 entries gone.
-                    wait = times[count - rate.limit] + window_ms - now
-                retry_after = max(retry_after, math.ceil(wait))
+                window = self._windows.get(rate.key)
+                if window is None:
+                    count = 0
+                else:
+                    window.window_ms = window_ms
+                    window.purge(now)
+                    times = window.times
+                    count = len(times)
+                rate_counts.append(count)
+                rate_resets.append(math.ceil(times[0] + window_ms - now) if count else window_ms)
+                if count + units > rate.limit:
+                    if units > rate.limit:
+                        wait = window_ms  # it never fits
+                    else:
+                        # Admission needs count + units - limit entries gone.
+                        wait = math.ceil(times[count + units - rate.limit - 1] + window_ms - now)
+            if wait is not None:
+                if rate.shadow:
+                    shadow_refused.append(rate.key)
+                else:
+                    status = 1 if status != 4 else 4
+                    retry_after = max(retry_after, math.ceil(wait))
+
+        quota_counts: list[int] = []
+        quota_resets: list[int] = []
+        quota_views: list[tuple[int, int, int, int]] = []  # (index, used, granted, end_ms)
+        for quota in quotas:
+            index, end_ms, _ = periods.period_of(now, quota.period)
+            held = self._quotas.get(quota.key)
+            used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
+            quota_views.append((index, used, granted, end_ms))
+            quota_counts.append(used)
+            quota_resets.append(math.ceil(end_ms - now))
+            if used + (cost if quota.counts_cost else 1) > quota.limit + granted:
+                if quota.shadow:
+                    shadow_refused.append(quota.key)
+                else:
+                    status = 4
+                    retry_after = max(retry_after, quota_resets[-1])
 
         # Nothing can have expired before the earliest expiry: skip the purge scans until then.
         reclaimed = self._reclaim(slots, now) if now >= self._earliest_expiry else 0
         slot_counts: list[int] = []
         job_members = self._jobs.members
+        members = lease_members(lease_id)
+        weight = len(members)
         arrival = float(queue.arrival) if queue is not None and queue.arrival else None
         for slot in slots:
             leases = self._slots.get(slot.key)
             jobs = job_members.get(slot.key)
             count = (len(leases) if leases else 0) + (len(jobs) if jobs else 0)
-            if queue is not None:  # waiters ahead count as taken slots (admit.lua)
+            if queue is not None and not slot.shadow:  # waiters ahead count as taken slots (admit.lua)
                 if arrival is None:
                     count += len(self._queues.live(slot.key, now))
                 else:
                     self._queues.live(slot.key, now)
-                    count += self._queues.place(slot.key, queue.waiter_id, arrival, now)
+                    for member in members[1:]:
+                        self._queues.place(slot.key, member, arrival, now)
+                    count += self._queues.place(slot.key, lease_id, arrival, now)
             slot_counts.append(count)
-            if count >= slot.limit and status == 0:
-                status = 2
+            if count + weight > slot.limit:
+                if slot.shadow:
+                    shadow_refused.append(slot.key)
+                elif status == 0:
+                    status = 2
 
         for position, view in counter_views.items():
-            if status == 0:
-                view = self._counters[rates[position].key] = window_counter.after_admission(view)
+            rate = rates[position]
+            units = cost if rate.counts_cost else 1
+            if status == 0 and units > 0 and rate.key not in shadow_refused:
+                view = self._counters[rate.key] = window_counter.after_admission(view, units)
             rate_resets[position] = window_counter.reset_ms(view, now)
 
         if status == 0:
             for rate in rates:
-                if not rate.exact:
+                units = cost if rate.counts_cost else 1
+                if not rate.exact or units == 0 or (shadow_refused and rate.key in shadow_refused):
                     continue
                 window = self._windows.get(rate.key)
                 if window is None:
                     window = self._windows[rate.key] = _Window(rate.window_ms)
-                window.times.append(now)
+                if units == 1:
+                    window.times.append(now)
+                else:
+                    window.times.extend(itertools.repeat(now, units))
+                if rate.counts_cost:
+                    window.owners[lease_id] = (now, units)
+            for quota, (index, used, granted, end_ms) in zip(quotas, quota_views, strict=True):
+                units = cost if quota.counts_cost else 1
+                if units > 0 and quota.key not in shadow_refused:
+                    self._quotas[quota.key] = [index, used + units, granted, end_ms + periods.DAY_MS]
             expiry = now + self._lease_ms
             for slot in slots:
+                if shadow_refused and slot.key in shadow_refused:
+                    continue
                 leases = self._slots.get(slot.key)
                 if leases is None:
                     leases = self._slots[slot.key] = OrderedDict()
-                leases[lease_id] = expiry
-                leases.move_to_end(lease_id)
+                for member in members:
+                    leases[member] = expiry
+                    leases.move_to_end(member)
                 self._held.add((slot.key, lease_id))
             if slots and expiry < self._earliest_expiry:
                 self._earliest_expiry = expiry
@@ -199,13 +263,13 @@ class MemoryStore:
 
         queued, place = False, ""
         if queue is not None:
-            queued, place = self._queue_after(slots, queue, status, now)
+            queued, place = self._queue_after(slots, queue, status, now, members)
         if reclaimed:
             self._observer.slots_reclaimed(reclaimed)
         # Positional: noticeably cheaper than keywords on this path (fields in AdmitResult's order).
         return AdmitResult(
             status == 0,
-            None if status == 0 else ("rate" if status == 1 else "concurrency"),
+            _REASONS[status],
             retry_after,
             rate_counts,
             rate_resets,
@@ -213,6 +277,10 @@ class MemoryStore:
             reclaimed,
             queued,
             place,
+            quota_counts,
+            quota_resets,
+            shadow_refused,
+            now,
         )
 
     def _reclaim(self, slots: Sequence[SlotBucket], now: float) -> int:
@@ -226,33 +294,120 @@ class MemoryStore:
         return reclaimed
 
     def _queue_after(
-        self, slots: Sequence[SlotBucket], queue: QueueSpot, status: int, now: float
+        self, slots: Sequence[SlotBucket], queue: QueueSpot, status: int, now: float, members: list[str]
     ) -> tuple[bool, str]:
         """admit.lua's ending for a request that may wait: queued, or gone from the queues."""
         if status == 2:
             place = queue.arrival or f"{now:.3f}"
             for slot in slots:
-                self._queues.refresh(slot.key, queue.waiter_id, float(place), now + queue.ttl_ms)
+                if not slot.shadow:
+                    for member in members:
+                        self._queues.refresh(slot.key, member, float(place), now + queue.ttl_ms)
             return True, place
         if queue.arrival:
             for slot in slots:
-                self._queues.leave(slot.key, queue.waiter_id)
+                if not slot.shadow:
+                    for member in members:
+                        self._queues.leave(slot.key, member)
         return False, queue.arrival
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
+    def release(
+        self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
+        *, settlement: Settlement | None = None,
+    ) -> None:
+        members = lease_members(lease_id)
         for slot in slots:
             self._held.discard((slot.key, lease_id))
             leases = self._slots.get(slot.key)
             if leases is not None:
                 # An emptied bucket stays for the next admission; the heartbeat's sweep drops it.
-                leases.pop(lease_id, None)
+                for member in members:
+                    leases.pop(member, None)
+        if settlement is not None and settlement.settled != settlement.charged:
+            self._settle(lease_id, settlement)
         if wake:
             self._wake([slot.key for slot in slots])
 
+    def _settle(self, lease_id: str, settlement: Settlement) -> None:
+        """settle.lua's settlement, step for step (idempotent per lease id)."""
+        if not (settlement.rates or settlement.quotas):
+            return
+        now = self._now()
+        record = self._settled.get(lease_id)
+        if record is not None and record > now:
+            return
+        charged, settled, at = settlement.charged, settlement.settled, settlement.admitted_at_ms
+        delta = settled - charged
+        for rate in settlement.rates:
+            if not rate.exact:
+                state = self._counters.get(rate.key)
+                if state is None:
+                    continue
+                index = math.floor(at / state.window_ms)
+                if state.window == index:
+                    self._counters[rate.key] = CounterState(
+                        state.window, max(0, state.count + delta), state.previous, state.window_ms)
+                elif state.window == index + 1:
+                    self._counters[rate.key] = CounterState(
+                        state.window, state.count, max(0, state.previous + delta), state.window_ms)
+                continue
+            window = self._windows.get(rate.key)
+            horizon = now - rate.window_ms
+            if charged > 0:
+                if window is None:
+                    continue
+                window.purge(now)
+                owned = window.owners.get(lease_id)
+                if owned is None or owned[0] <= horizon:
+                    continue
+                score = owned[0]
+            else:
+                if at <= horizon:
+                    continue
+                score = at
+                if window is None:
+                    window = self._windows[rate.key] = _Window(rate.window_ms)
+                window.purge(now)
+            held_units = window.owners[lease_id][1] if charged > 0 else 0
+            window.owners[lease_id] = (score, settled)
+            times = window.times
+            for _ in range(held_units - settled):
+                times.remove(score)
+            if settled > held_units:
+                position = bisect.bisect_right(times, score)
+                for _ in range(settled - held_units):
+                    times.insert(position, score)
+        for quota in settlement.quotas:
+            held = self._quotas.get(quota.key)
+            if held is not None and held[0] == periods.period_of(at, quota.period)[0]:
+                held[1] = max(0, held[1] + delta)
+        self._settled[lease_id] = now + self._settled_ttl_ms
+
     def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
+        members = lease_members(waiter_id)
         for slot in slots:
-            self._queues.leave(slot.key, waiter_id)
+            for member in members:
+                self._queues.leave(slot.key, member)
         self._wake([slot.key for slot in slots])
+
+    async def adjust_quota(self, quota: QuotaBucket, *, grant: int = 0, reset: bool = False) -> QuotaUsage:
+        """quota.lua's adjustment: reset the current period and/or grant units in it."""
+        scripts.check_grant(grant)
+        now = self._now()
+        index, end_ms, _ = periods.period_of(now, quota.period)
+        held = self._quotas.get(quota.key)
+        used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
+        if reset:
+            used, granted = 0, 0
+        granted += grant
+        self._quotas[quota.key] = [index, used, granted, end_ms + periods.DAY_MS]
+        return QuotaUsage(used, granted, math.ceil(end_ms - now))
+
+    def _quota_usage(self, quota: QuotaBucket, now: float) -> QuotaUsage:
+        index, end_ms, _ = periods.period_of(now, quota.period)
+        held = self._quotas.get(quota.key)
+        used, granted = (held[1], held[2]) if held is not None and held[0] == index else (0, 0)
+        return QuotaUsage(used, granted, math.ceil(end_ms - now))
 
     def watch(self, slots: Sequence[SlotBucket], event: asyncio.Event) -> Callable[[], None]:
         unwatch = self._wakeups.watch({hash_tag(slot.key) for slot in slots}, event)
@@ -267,7 +422,8 @@ class MemoryStore:
 
     async def hand_over(self, slots: Sequence[SlotBucket], lease_id: str, claim: JobClaim) -> bool:
         now = self._now()
-        member = job_member(claim.job_id)
+        members = lease_members(lease_id)
+        member = job_member(claim.job_id, len(members))
         if any(member in self._jobs.members.get(slot.key, ()) for slot in slots):
             return True  # a replay of this handover: it changes nothing (job_handover.lua)
         moved: list[str] = []
@@ -277,10 +433,12 @@ class MemoryStore:
             leases = self._slots.get(slot.key)
             if leases is None or lease_id not in leases:
                 continue  # gone: that slot may be someone else's by now
-            del leases[lease_id]
+            for held in members:
+                leases.pop(held, None)
             if not leases:
                 del self._slots[slot.key]
-            self._jobs.add(slot.key, member, job_expiry)
+            for job_held in lease_members(member):
+                self._jobs.add(slot.key, job_held, job_expiry)
             moved.append(slot.key)
         if not moved:
             return False
@@ -300,7 +458,9 @@ class MemoryStore:
         self._wake(entry.keys)
         return EndedJob(job_id, entry.owner)
 
-    async def usage(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> Usage:
+    async def usage(
+        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], quotas: Sequence[QuotaBucket] = ()
+    ) -> Usage:
         now = self._now()
         rate_counts = []
         for rate in rates:
@@ -315,10 +475,10 @@ class MemoryStore:
         for slot in slots:
             leases: Mapping[str, float] = self._slots.get(slot.key) or {}
             members = self._jobs.members.get(slot.key) or {}
-            live = [(m[2:], math.ceil(expiry - now)) for m, expiry in members.items() if expiry > now]
+            live = [(job_id_of(m), math.ceil(expiry - now)) for m, expiry in members.items() if expiry > now]
             slot_counts.append(sum(1 for expiry in leases.values() if expiry > now) + len(live))
-            jobs.append([ActiveJob(job_id, left) for job_id, left in live])
-        return Usage(rate_counts, slot_counts, jobs)
+            jobs.append([ActiveJob(job_id, left) for job_id, left in live if job_id is not None])
+        return Usage(rate_counts, slot_counts, jobs, [self._quota_usage(quota, now) for quota in quotas])
 
     async def flush(self) -> None:
         """Releases apply at once here; kept for parity with the Redis store."""
@@ -338,8 +498,10 @@ class MemoryStore:
                 self._held.discard(pair)
                 lost += 1
                 continue
-            leases[lease_id] = expiry
-            leases.move_to_end(lease_id)
+            for member in lease_members(lease_id):  # renew.lua: ZADD XX of every member
+                if member in leases:
+                    leases[member] = expiry
+                    leases.move_to_end(member)
             renewed = True
         if renewed:  # later than before, unless an injected clock stepped back
             self._earliest_expiry = min(self._earliest_expiry, expiry)
@@ -367,6 +529,13 @@ class MemoryStore:
             window.purge(now)
             if not window.times:
                 del self._windows[key]
+            elif window.owners:
+                horizon = now - window.window_ms
+                window.owners = {lease: owned for lease, owned in window.owners.items() if owned[0] > horizon}
+        for key in [key for key, held in self._quotas.items() if held[3] <= now]:
+            del self._quotas[key]
+        for lease_id in [lease for lease, until in self._settled.items() if until <= now]:
+            del self._settled[lease_id]
         for key in list(self._counters):
             state = self._counters[key]
             view = window_counter.seen_at(state, now, state.window_ms)
@@ -398,6 +567,9 @@ class MemoryStore:
         for slot in slots:
             if self._slots.get(slot.key) == {}:
                 del self._slots[slot.key]
+
+
+_REASONS = {0: None, 1: "rate", 2: "concurrency", 4: "quota"}
 
 
 def _purge_expired(leases: OrderedDict[str, float], now: float) -> int:

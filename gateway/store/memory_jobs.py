@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.store.base import lease_members
+
 
 class MemoryQueues:
     """slot key -> waiter id -> [arrival, entry expiry]."""
@@ -92,9 +94,15 @@ class MemoryJobBook:
         self.members.setdefault(key, {})[member] = expiry
 
     def remove(self, keys: tuple[str, ...] | list[str], member: str) -> None:
+        """job_drop.lua: every member of the job's lease (base.lease_members) leaves `keys`."""
+        held = lease_members(member)
         for key in keys:
             members = self.members.get(key)
-            if members is not None and members.pop(member, None) is not None and not members:
+            if members is None:
+                continue
+            for one in held:
+                members.pop(one, None)
+            if not members:
                 del self.members[key]
 
     def index(

@@ -181,9 +181,9 @@ class PipelinedRedis(Transport):
     def needs_reload(self, reply: object) -> bool:
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
-    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
+    def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
         for key in keys:
-            command = pack_command(("ZREM", key, member))
+            command = pack_command(("ZREM", key, *members))
             self.send(command, functools.partial(self._release_reply, command))
         for channel in channels:  # the same connection: published after the ZREMs have landed
             self.send(pack_command(("PUBLISH", channel, "1")), functools.partial(self._release_reply, None))

@@ -63,13 +63,19 @@ from typing import Any
 
 from gateway.store import scripts
 from gateway.store.base import (
+    ONE,
     AdmitResult,
+    Charge,
     NullObserver,
     QueueSpot,
+    QuotaBucket,
+    QuotaUsage,
     RateBucket,
+    Settlement,
     SlotBucket,
     StoreError,
     StoreObserver,
+    lease_members,
 )
 from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError
 from gateway.store.redis_client import FAILURES as REDIS_PY_FAILURES
@@ -103,7 +109,8 @@ class _PendingAdmit:
     future: asyncio.Future[AdmitResult]
     queued: bool = False  # the call carried a QueueSpot
     # The buckets, for undo.lua's call (built only if it is ever needed: off the hot path).
-    buckets: tuple[Sequence[RateBucket], Sequence[SlotBucket]] | None = None
+    buckets: tuple[Sequence[RateBucket], Sequence[SlotBucket], Sequence[QuotaBucket], int] | None = None
+    n_quota: int = 0
     resent: bool = False  # sent again after its connection was lost
     reloads: int = 0  # sent again after NOSCRIPT
     generation: int = 0  # the script generation it was (last) sent with
@@ -191,7 +198,10 @@ class RedisStore:
         self._admit_script = scripts.load("admit")
         self._renew_script = scripts.load("renew")
         self._undo_script = scripts.load("undo")
-        for script in (self._admit_script, self._renew_script, self._undo_script):
+        self._settle_script = scripts.load("settle")
+        self._quota_script = scripts.load("quota")
+        for script in (self._admit_script, self._renew_script, self._undo_script, self._settle_script,
+                       self._quota_script):
             self._transport.scripts.add(script)
         self._transport.on_release_error = functools.partial(self._observer.store_error, "release")
         # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
@@ -263,10 +273,13 @@ class RedisStore:
         slots: Sequence[SlotBucket],
         lease_id: str,
         queue: QueueSpot | None = None,
+        *,
+        quotas: Sequence[QuotaBucket] = (),
+        charge: Charge = ONE,
     ) -> AdmitResult:
-        if not rates and not slots:
+        if not rates and not slots and not quotas:
             return AdmitResult(True, None, 0, [], [], [])
-        return await self._submit(rates, slots, lease_id, "admit", queue=queue)
+        return await self._submit(rates, slots, lease_id, "admit", queue=queue, quotas=quotas, cost=charge.cost)
 
     async def check_ready(self) -> None:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
@@ -292,11 +305,13 @@ class RedisStore:
         *,
         hold: bool = True,
         queue: QueueSpot | None = None,
+        quotas: Sequence[QuotaBucket] = (),
+        cost: int = 1,
     ) -> AdmitResult:
         if self._closed:
             raise StoreError("store is closed")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue)
-        tags = set(map(scripts.hash_tag, keys[: len(rates) + len(slots)]))
+        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue, quotas, cost)
+        tags = set(map(scripts.hash_tag, keys[: len(rates) + len(quotas) + len(slots)]))
         if len(tags) > 1:
             # One script call touches one hash slot (Redis Cluster); a bug in key naming
             # must not reach Redis, where it would fail the whole pipelined batch.
@@ -304,7 +319,8 @@ class RedisStore:
         future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         slot_keys = [slot.key for slot in slots]
         pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
-                                buckets=(rates, slots), generation=self._transport.scripts.generation)
+                                buckets=(rates, slots, quotas, cost), n_quota=len(quotas),
+                                generation=self._transport.scripts.generation)
         self._send_admit(pending)
         try:
             result = await future
@@ -316,8 +332,10 @@ class RedisStore:
         if result.admitted and hold:
             # Registered only once the caller has its answer: a lease nobody knows about
             # must not be renewed forever.
+            refused = result.shadow_refused
             for key in slot_keys:
-                self._held[(key, lease_id)] = None
+                if not refused or key not in refused:  # a shadow refusal holds nothing there
+                    self._held[(key, lease_id)] = None
         return result
 
     def _send_admit(self, pending: _PendingAdmit) -> None:
@@ -346,7 +364,8 @@ class RedisStore:
             return
         try:
             result = scripts.decode_admit(
-                reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued
+                reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued,
+                pending.n_quota, pending.keys,
             )
         except StoreError as exc:
             self._fail(pending, exc)
@@ -407,8 +426,9 @@ class RedisStore:
         pending.undone = True
         for key in pending.slot_keys:
             self._held.pop((key, pending.lease_id), None)
-        rates, slots = pending.buckets
-        call = scripts.undo_call(rates, slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms)
+        rates, slots, quotas, cost = pending.buckets
+        call = scripts.undo_call(rates, slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms,
+                                 quotas, cost)
         self._undos[pending.lease_id] = (call, asyncio.get_running_loop().time() + self._lease)
         if now:
             self._flush_undos()
@@ -452,10 +472,51 @@ class RedisStore:
 
     # -- release -------------------------------------------------------------------------
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False) -> None:
+    def release(
+        self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
+        *, settlement: Settlement | None = None,
+    ) -> None:
         self.forget_leases(slots, lease_id)
-        if slots and not self._connection_closed:
-            self._transport.release([slot.key for slot in slots], lease_id, self._channels(slots) if wake else ())
+        if self._connection_closed:
+            return
+        if settlement is not None and settlement.settled != settlement.charged and (
+            settlement.rates or settlement.quotas
+        ):
+            # One settle.lua call frees the slots and re-prices, in the release's own flush.
+            keys, args = scripts.settle_call(slots, lease_id, settlement, self._now(), self._undone_ttl_ms,
+                                             self._channels(slots) if wake else ())
+            self._send_settle(keys, args, resent=False, reloads=0)
+        elif slots:
+            self._transport.release([slot.key for slot in slots], lease_members(lease_id),
+                                    self._channels(slots) if wake else ())
+
+    def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int) -> None:
+        generation = self._transport.scripts.generation
+        self._transport.send_eval(self._settle_script, keys, args,
+                                  functools.partial(self._settle_reply, keys, args, resent, reloads, generation))
+
+    def _settle_reply(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
+                      generation: int, reply: object) -> None:
+        """settle.lua is idempotent by lease id: a lost connection sends it once more."""
+        if not isinstance(reply, BaseException):
+            return
+        if reloads < 2 and self._transport.needs_reload(reply):
+            self._spawn(self._reload_and_settle(keys, args, resent, reloads + 1, generation))
+        elif isinstance(reply, ConnectionLost) and not resent and not self._connection_closed:
+            self._send_settle(keys, args, resent=True, reloads=reloads)
+        else:
+            self._observer.store_error("release")
+            log.warning("store settlement failed: %r", reply)
+
+    async def _reload_and_settle(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
+                                 generation: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._transport.scripts.reload(generation)
+        except FAILURES:
+            self._observer.store_error("release")
+            return
+        self._send_settle(keys, args, resent=resent, reloads=reloads)
 
     def forget_leases(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
         """Stop renewing `lease_id` in `slots` (released, or handed over to a job)."""
@@ -465,8 +526,8 @@ class RedisStore:
     def leave_queue(self, slots: Sequence[SlotBucket], waiter_id: str) -> None:
         if not slots or self._connection_closed:
             return
-        keys = [key for slot in slots for key in scripts.queue_keys(slot.key)]
-        self._transport.release(keys, waiter_id, self._channels(slots))
+        keys = [key for slot in slots if not slot.shadow for key in scripts.queue_keys(slot.key)]
+        self._transport.release(keys, lease_members(waiter_id), self._channels(slots))
 
     def _channels(self, slots: Sequence[SlotBucket]) -> list[str]:
         """The wake-up channels of `slots`' hash tags."""
@@ -482,6 +543,19 @@ class RedisStore:
     async def flush(self) -> None:
         """Wait until every release enqueued so far has been sent (or has failed)."""
         await self._transport.flush()
+
+    # -- quotas --------------------------------------------------------------------------
+
+    async def adjust_quota(self, quota: QuotaBucket, *, grant: int = 0, reset: bool = False) -> QuotaUsage:
+        """Grant extra units for the current period and/or reset it (quota.lua); the new usage."""
+        scripts.check_grant(grant)
+        (keys, args) = ([quota.key], [self._now(), quota.period, grant, 1 if reset else 0])
+        try:
+            reply = await self._eval(self._quota_script, [(keys, args)])
+        except FAILURES as exc:
+            self._observer.store_error("quota")
+            raise StoreError(f"quota adjustment failed: {exc!r}") from exc
+        return scripts.decode_quota(reply[0])
 
     # -- heartbeat -----------------------------------------------------------------------
 

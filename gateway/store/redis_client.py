@@ -209,11 +209,12 @@ class RedisPyTransport(Transport):
             self._release_task = asyncio.get_running_loop().create_task(
                 self._flush_releases(), name="redis-store-release")
 
-    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
+    def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
         if self._closed:
             return
         for key in keys:
-            self._releases[(key, member)] = None
+            for member in members:
+                self._releases[(key, member)] = None
         self._channels.update(channels)
         if self._release_task is None or self._release_task.done():
             try:

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 
 from gateway.store import scripts, window_counter
-from gateway.store.base import RateBucket, SlotBucket, StoreError, StoreObserver
+from gateway.store.base import QuotaBucket, RateBucket, SlotBucket, StoreError, StoreObserver, lease_members
 from gateway.store.jobs import (
     INDEX_SLACK_SECONDS,
     TOMBSTONE_SECONDS,
@@ -37,6 +37,7 @@ from gateway.store.jobs import (
     EndedJob,
     JobClaim,
     Usage,
+    job_id_of,
     job_member,
 )
 from gateway.store.names import short_hash
@@ -93,7 +94,7 @@ class RedisJobStore:
         if not slots:
             return False
         self._store.forget_leases(slots, lease_id)  # the heartbeat must not renew (or miss) it
-        member = job_member(claim.job_id)
+        member = job_member(claim.job_id, len(lease_members(lease_id)))
         keys = [slot.key for slot in slots]
         ended = await self._run(
             self._index, self._job_keys(claim.job_id),
@@ -143,13 +144,16 @@ class RedisJobStore:
             await self._drop(slot_keys, member)  # also after an earlier end: heals a failed drop
         return EndedJob(job_id, held_by) if int(reply[0]) == 1 else None
 
-    async def usage(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket]) -> Usage:
-        keys = [rate.key for rate in rates] + [slot.key for slot in slots]
+    async def usage(
+        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], quotas: Sequence[QuotaBucket] = ()
+    ) -> Usage:
+        keys = [rate.key for rate in rates] + [slot.key for slot in slots] + [quota.key for quota in quotas]
         if not keys:
-            return Usage([], [], [])
-        args: list[str | int] = [self._store.now_arg(), len(rates), *(rate.window_ms for rate in rates)]
+            return Usage([], [], [], [])
+        args: list[str | int] = [self._store.now_arg(), len(rates), len(quotas),
+                                 *(rate.window_ms for rate in rates), *(quota.period for quota in quotas)]
         reply = await self._run(self._usage, keys, args)
-        return decode_usage(reply, rates, len(slots))
+        return decode_usage(reply, rates, len(slots), len(quotas))
 
 
 def ended_set_key(slot_key: str) -> str:
@@ -161,9 +165,9 @@ def ended_set_key(slot_key: str) -> str:
     return f"{slot_key[: start + len(tag) + 2]}:jdone"
 
 
-def decode_usage(reply: object, rates: Sequence[RateBucket], n_slot: int) -> Usage:
+def decode_usage(reply: object, rates: Sequence[RateBucket], n_slot: int, n_quota: int = 0) -> Usage:
     n_rate = len(rates)
-    if not isinstance(reply, list) or len(reply) < 1 + 5 * n_rate + 2 * n_slot:
+    if not isinstance(reply, list) or len(reply) < 1 + 5 * n_rate + 2 * n_slot + 3 * n_quota:
         raise StoreError(f"malformed usage reply: {reply!r:.200}")
     try:
         now = float(_text(reply[0]))
@@ -180,10 +184,15 @@ def decode_usage(reply: object, rates: Sequence[RateBucket], n_slot: int) -> Usa
         bucket_jobs = []
         for _ in range(n_jobs):
             member, left = _text(reply[at]), int(reply[at + 1])
-            bucket_jobs.append(ActiveJob(member[2:], left))
+            job_id = job_id_of(member)
+            if job_id is not None:  # one entry per job, not per slot it holds
+                bucket_jobs.append(ActiveJob(job_id, left))
             at += 2
         jobs.append(bucket_jobs)
-    return Usage(rate_counts, slot_counts, jobs)
+    quotas = [scripts.decode_quota(reply[at + 3 * q : at + 3 * q + 3]) for q in range(n_quota)]
+    if at + 3 * n_quota != len(reply):
+        raise StoreError(f"malformed usage reply: {reply!r:.200}")
+    return Usage(rate_counts, slot_counts, jobs, quotas)
 
 
 def _rate_count(rate: RateBucket, values: list[object], now: float) -> int:

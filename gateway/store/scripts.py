@@ -10,9 +10,18 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from gateway.store.base import AdmitResult, QueueSpot, RateBucket, SlotBucket, StoreError
+from gateway.store.base import (
+    AdmitResult,
+    QueueSpot,
+    QuotaBucket,
+    QuotaUsage,
+    RateBucket,
+    Settlement,
+    SlotBucket,
+    StoreError,
+)
 
-_STATUS_REASON = {0: None, 1: "rate", 2: "concurrency"}
+_STATUS_REASON = {0: None, 1: "rate", 2: "concurrency", 4: "quota"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,7 @@ class Script:
 
 
 _NOW_DIRECTIVE = re.compile(rb"^--#now (ARGV\[\d+\])$", re.MULTILINE)
+_INCLUDE_DIRECTIVE = re.compile(rb"^--#include (\w+)$", re.MULTILINE)
 
 
 def _lua(name: str) -> bytes:
@@ -31,12 +41,14 @@ def _lua(name: str) -> bytes:
 
 def assemble(source: bytes) -> bytes:
     """A script's text as Redis runs it: each `--#now ARGV[n]` line becomes the one "now from
-    ARGV[n], else Redis TIME" preamble (lua/now.lua), so that rule is written once."""
+    ARGV[n], else Redis TIME" preamble (lua/now.lua), and each `--#include name` line the text
+    of lua/name.lua (periods.lua: quota periods and lease members), so each rule is written once."""
     preamble = b"\n".join(line for line in _lua("now").splitlines() if not line.startswith(b"--"))
 
     def expand(match: re.Match[bytes]) -> bytes:
         return preamble.replace(b"NOW_ARG", match.group(1))
 
+    source = _INCLUDE_DIRECTIVE.sub(lambda match: _lua(match.group(1).decode()), source)
     return _NOW_DIRECTIVE.sub(expand, source)
 
 
@@ -65,11 +77,14 @@ def admit_call(
     lease_ms: str,
     now: str,
     queue: QueueSpot | None = None,
+    quotas: Sequence[QuotaBucket] = (),
+    cost: int = 1,
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of admit.lua (see its header)."""
     keys = [bucket.key for bucket in rates]
+    keys.extend(bucket.key for bucket in quotas)
     keys.extend(bucket.key for bucket in slots)
-    args: list[str | int] = [lease_id, lease_ms, now, len(rates), "", ""]
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates), "", "", cost, len(quotas)]
     if queue is not None:
         args[4], args[5] = queue.ttl_ms, queue.arrival
         for bucket in slots:
@@ -78,9 +93,20 @@ def admit_call(
     for rate in rates:
         args.append(rate.limit)
         args.append(rate.window_ms)
-        args.append(0 if rate.exact else 1)
-    args.extend(slot.limit for slot in slots)
+        args.append(rate_flags(rate))
+    for quota in quotas:
+        args.append(quota.limit)
+        args.append(quota.period)
+        args.append((2 if quota.counts_cost else 0) + (4 if quota.shadow else 0))
+    for slot in slots:
+        args.append(slot.limit)
+        args.append(1 if slot.shadow else 0)
     return keys, args
+
+
+def rate_flags(rate: RateBucket) -> int:
+    """admit.lua's flags of a rate bucket: 1 counter, 2 counts cost, 4 shadow."""
+    return (0 if rate.exact else 1) + (2 if rate.counts_cost else 0) + (4 if rate.shadow else 0)
 
 
 def undo_call(
@@ -90,16 +116,54 @@ def undo_call(
     lease_ms: str,
     now: str,
     ttl_ms: str,
+    quotas: Sequence[QuotaBucket] = (),
+    cost: int = 1,
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of undo.lua: take back `lease_id`'s admission into these buckets."""
     keys = [bucket.key for bucket in rates]
+    keys.extend(bucket.key for bucket in quotas)
     keys.extend(bucket.key for bucket in slots)
     keys.append(undone_key(keys[0]))
-    args: list[str | int] = [lease_id, lease_ms, now, len(rates), ttl_ms]
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates), ttl_ms, cost, len(quotas)]
+    for rate in rates:
+        args.append(rate.window_ms)
+        args.append(rate_flags(rate))
+    for quota in quotas:
+        args.append(quota.period)
+        args.append((2 if quota.counts_cost else 0) + (4 if quota.shadow else 0))
+    return keys, args
+
+
+def settle_call(
+    slots: Sequence[SlotBucket],
+    lease_id: str,
+    settlement: Settlement | None,
+    now: str,
+    ttl_ms: str,
+    channels: Sequence[str] = (),
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of settle.lua: free `lease_id`'s slots and apply `settlement` (see its header)."""
+    rates = settlement.rates if settlement is not None else ()
+    quotas = settlement.quotas if settlement is not None else ()
+    keys = [bucket.key for bucket in rates]
+    keys.extend(bucket.key for bucket in quotas)
+    keys.extend(bucket.key for bucket in slots)
+    keys.append(settled_key(keys[0]))
+    if settlement is None:
+        args: list[str | int] = [lease_id, now, 0, 0, 0, 0, "0", ttl_ms, len(channels), *channels]
+        return keys, args
+    args = [lease_id, now, len(rates), len(quotas), settlement.charged, settlement.settled,
+            repr(float(settlement.admitted_at_ms)), ttl_ms, len(channels), *channels]
     for rate in rates:
         args.append(rate.window_ms)
         args.append(0 if rate.exact else 1)
+    args.extend(quota.period for quota in quotas)
     return keys, args
+
+
+def settled_key(any_key: str) -> str:
+    """The set of settled lease ids for the hash tag of `any_key` (settle.lua's memory)."""
+    return undone_key(any_key)[: -len(":undone")] + ":settled"
 
 
 def undone_key(any_key: str) -> str:
@@ -117,14 +181,19 @@ def queue_keys(slot_key: str) -> tuple[str, str]:
     return f"{slot_key}:q", f"{slot_key}:qx"
 
 
-def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int, queued: bool = False) -> AdmitResult:
+def decode_admit(
+    reply: object, lease_id: str, n_rate: int, n_slot: int, queued: bool = False,
+    n_quota: int = 0, keys: Sequence[str] = (),
+) -> AdmitResult:
     """Turn admit.lua's reply into an AdmitResult, refusing a reply meant for another call
     (a connection one reply out of step would otherwise hand out someone else's answer).
-    `queued`: the call carried a QueueSpot, so the reply ends with (queued, arrival)."""
+    `queued`: the call carried a QueueSpot, so the reply ends with (queued, arrival); `keys`:
+    the call's KEYS (shadow refusals come back as positions in them)."""
     extra = 2 if queued else 0
     if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
         raise StoreError("admission arrived after it was undone")
-    if not isinstance(reply, list) or len(reply) != 4 + 2 * n_rate + n_slot + extra:
+    fixed = 6 + 2 * n_rate + n_slot + 2 * n_quota  # up to and with n_shadow
+    if not isinstance(reply, list) or len(reply) < fixed + extra:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
     place = ""
     tail: list[object] = [0, ""]
@@ -138,27 +207,61 @@ def decode_admit(reply: object, lease_id: str, n_rate: int, n_slot: int, queued:
     if echoed != lease_id:
         raise StoreError("admit reply belongs to another call (lease id mismatch)")
     try:
+        now_ms = float(reply[4])
         # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
-        numbers = list(map(int, reply[1:]))
+        numbers = list(map(int, reply[1:4]))
+        numbers += map(int, reply[5:])
     except (TypeError, ValueError) as exc:
         raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
     status = numbers[0]
     if status not in _STATUS_REASON:
         raise StoreError(f"unknown admit status {status}")
-    # numbers: status, retry after, reclaimed, rate counts, rate resets, slot counts.
+    # numbers: status, retry after, reclaimed, rate counts, rate resets, slot counts, quota
+    # counts, quota resets, n_shadow, shadow positions.
     rate_end = 3 + n_rate
     slot_start = rate_end + n_rate
+    quota_start = slot_start + n_slot
+    shadow_at = quota_start + 2 * n_quota
+    if len(numbers) != shadow_at + 1 + numbers[shadow_at]:
+        raise StoreError(f"malformed admit reply: {reply!r:.200}")
+    shadow_refused = [keys[position - 1] for position in numbers[shadow_at + 1 :]] if numbers[shadow_at] else []
     return AdmitResult(
-        admitted=status == 0,
-        reason=_STATUS_REASON[status],
-        retry_after_ms=numbers[1],
-        rate_counts=numbers[3:rate_end],
-        rate_reset_ms=numbers[rate_end:slot_start],
-        slot_counts=numbers[slot_start:],
-        reclaimed=numbers[2],
-        queued=queued and str(tail[0]) == "1",
-        arrival=place,
+        status == 0,
+        _STATUS_REASON[status],
+        numbers[1],
+        numbers[3:rate_end],
+        numbers[rate_end:slot_start],
+        numbers[slot_start:quota_start],
+        numbers[2],
+        queued and str(tail[0]) == "1",
+        place,
+        numbers[quota_start : quota_start + n_quota],
+        numbers[quota_start + n_quota : shadow_at],
+        shadow_refused,
+        now_ms,
     )
+
+
+# Units one admin call may grant (bounded: a typo must not overflow a Lua double's integers).
+MAX_GRANT = 10**12
+
+
+def check_grant(grant: int) -> None:
+    if isinstance(grant, bool) or not isinstance(grant, int) or not 0 <= grant <= MAX_GRANT:
+        raise ValueError(f"grant must be an integer in 0..{MAX_GRANT}")
+
+
+def decode_quota(reply: object) -> QuotaUsage:
+    """quota.lua's (and usage.lua's per quota) {used, granted, reset_ms}."""
+    if isinstance(reply, BaseException):
+        raise StoreError(f"quota script failed: {reply!r}") from reply
+    if not isinstance(reply, list) or len(reply) != 3:
+        raise StoreError(f"malformed quota reply: {reply!r:.200}")
+    try:
+        used, granted, reset_ms = map(int, reply)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"malformed quota reply: {reply!r:.200}") from exc
+    return QuotaUsage(used, granted, reset_ms)
 
 
 def renew_call(

@@ -110,10 +110,11 @@ class Transport:
         caller waits for `scripts.reload` and sends it again (False: the transport did that)."""
         return False
 
-    def release(self, keys: Sequence[str], member: str, channels: Sequence[str]) -> None:
-        """Queue ZREM `member` from each key (idempotent: sent again if its connection was
-        lost), then PUBLISH "1" on `channels` once they have landed. Applied before any
-        `send_eval` queued after it. Failures go to `on_release_error`, never raised."""
+    def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
+        """Queue ZREM `members` (a lease's, base.lease_members) from each key (idempotent: sent
+        again if its connection was lost), then PUBLISH "1" on `channels` once they have landed.
+        Applied before any `send_eval` queued after it. Failures go to `on_release_error`,
+        never raised."""
         raise NotImplementedError
 
     async def flush(self) -> None:

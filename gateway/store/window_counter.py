@@ -81,9 +81,9 @@ def fits(view: CounterState, now: float, target: int) -> bool:
     return scaled_estimate(rolled, now) <= target * float(view.window_ms)
 
 
-def admits(view: CounterState, now: float, limit: int) -> bool:
-    """Room for one more request: estimate + 1 <= limit."""
-    return fits(view, now, limit - 1)
+def admits(view: CounterState, now: float, limit: int, units: int = 1) -> bool:
+    """Room for `units` more: estimate + units <= limit."""
+    return fits(view, now, limit - units)
 
 
 def whole_count(view: CounterState, now: float) -> int:
@@ -99,8 +99,8 @@ def whole_count(view: CounterState, now: float) -> int:
     return max(0, k)
 
 
-def after_admission(view: CounterState) -> CounterState:
-    return CounterState(view.window, view.count + 1, view.previous, view.window_ms)
+def after_admission(view: CounterState, units: int = 1) -> CounterState:
+    return CounterState(view.window, view.count + units, view.previous, view.window_ms)
 
 
 def wait_ms(view: CounterState, now: float, target: int) -> int:
@@ -124,11 +124,11 @@ def wait_ms(view: CounterState, now: float, target: int) -> int:
     return ms
 
 
-def retry_after_ms(view: CounterState, now: float, limit: int) -> int:
-    """For a refused request: ms until the bucket admits again (the window when it never can)."""
-    if limit <= 0:
+def retry_after_ms(view: CounterState, now: float, limit: int, units: int = 1) -> int:
+    """For a refused request: ms until the bucket admits `units` (the window when it never can)."""
+    if limit - units < 0:
         return view.window_ms
-    return wait_ms(view, now, limit - 1)
+    return wait_ms(view, now, limit - units)
 
 
 def reset_ms(view: CounterState, now: float) -> int:

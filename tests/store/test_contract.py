@@ -298,7 +298,8 @@ async def test_lease_released_in_one_bucket_stays_in_the_others(backend: Backend
 
 async def test_concurrent_admits_admit_exactly_the_limit(backend: Backend, clock: DrivenClock) -> None:
     # 600 calls in one tick: several pipelined batches in parallel, at most 4 at a time.
-    store = await backend.started(clock=clock, max_connections=4)
+    # (fakeredis runs 600 scripts in-process, interpreted: give it time under a loaded suite)
+    store = await backend.started(clock=clock, max_connections=4, timeout=5.0)
     narrow, wide, requests = rate("narrow", 50, 60_000), rate("wide", 80, 60_000), slot("requests", 40)
 
     async def burst(prefix: str) -> list[str]:

@@ -1,87 +1,114 @@
 --[[
 admit.lua: one admission decision over every bucket of one request, atomically.
 
-Either the request is admitted into every bucket or into none: a refused request writes
-nothing (expired entries are still purged, which changes no decision; a request that may
-wait joins the waiter queues, which takes no slot and no rate budget).
+Either the request is admitted into every enforced bucket or into none: a refused request
+writes nothing (expired entries are still purged, which changes no decision; a request that
+may wait joins the waiter queues, which takes no slot and no rate budget). A shadow bucket is
+checked like an enforced one but never refuses: when it would, nothing is written into it and
+its KEYS position is listed in the reply.
 
 Units: times and durations are milliseconds. Scores are floats (now has sub-ms precision);
 returned numbers are integers because Redis truncates Lua numbers in replies, so every
-duration is rounded up here (a Retry-After must never be early).
+duration is rounded up here (a Retry-After must never be early); now goes back as text.
 
-KEYS: the rate bucket keys (ARGV[4] of them), then the slot bucket keys, then, when the
-      request may wait (ARGV[5] set), each slot bucket's waiter queue and its expiry set,
-      and last the hash tag's set of undone leases (undo.lua).
+KEYS: the rate bucket keys (ARGV[4] of them), the quota keys (ARGV[8]), the slot bucket keys,
+      then, when the request may wait (ARGV[5] set), each slot bucket's waiter queue and its
+      expiry set, and last the hash tag's set of undone leases (undo.lua).
       Every key of one call shares one {hash tag}, so the script runs on Redis Cluster.
-ARGV[1]  lease id: the member written into every bucket when admitted, echoed back
+ARGV[1]  lease id (`id*K` holds K slots: periods.lua lease_members), echoed back
 ARGV[2]  lease_ms: a slot lease expires this long after it is taken (unless renewed)
 ARGV[3]  now_ms override; "" means the server clock (TIME). Tests drive time with it.
-ARGV[4]  n_rate: how many of KEYS are rate buckets
+ARGV[4]  n_rate
 ARGV[5]  waiter ttl_ms, or "" when the request does not wait (no queue is read or written)
 ARGV[6]  the waiter's arrival (its place in the queues), or "" for a newcomer
-ARGV[7..6+3*n_rate]  per rate bucket: limit, window_ms, counter (1: `exact: false`, else 0)
-ARGV[7+3*n_rate..]   per slot bucket: limit
+ARGV[7]  cost: units written into every bucket that counts cost (0..1000)
+ARGV[8]  n_quota
+then 3 per rate bucket: limit, window_ms, flags (1: counter `exact: false`, 2: counts cost,
+     4: shadow; summed); 3 per quota: limit, period (1d | 7d | month), flags (2, 4 as above);
+     2 per slot bucket: limit, shadow (0 | 1)
 
-Rate bucket: a sorted set of admitted lease ids scored by admission time. An admission
-counts while its time lies in (now - window, now].
+A bucket's units u: the cost when it counts cost, else 1; the request's slots K (its lease id).
+Rate bucket: a sorted set with one member per unit (id, id#2 .. id#u) scored by admission time.
+A unit counts while its time lies in (now - window, now]; it admits when count + u <= limit.
 Counter bucket (`exact: false`; its key differs from any rate bucket's): a hash w, c, p, l:
-the index of the current fixed window (floor(now / l)), the admissions counted in it, those
-of the window before, and the window length l. The estimate at now is p * (1 - f) + c, f the
-fraction of window w elapsed; it admits when estimate + 1 <= limit. The functions below
+the index of the current fixed window (floor(now / l)), the units counted in it, those of the
+window before, and the window length l. The estimate at now is p * (1 - f) + c, f the
+fraction of window w elapsed; it admits when estimate + u <= limit. The functions below
 mirror gateway/store/window_counter.py operation for operation (same decisions as the memory
 store); read that module for the reasoning and the error bound.
-Slot bucket: a sorted set of lease ids scored by lease expiry. A lease with expiry <= now
-is dead: it is purged and counted as reclaimed. Job members (job_handover.lua) live there
-too, with their own expiry.
-Waiter queue: a sorted set of waiting lease ids scored by arrival, and a twin sorted set
-scored by when each waiter's entry expires (it is refreshed by every check of that waiter).
-A newcomer counts every waiter as ahead of it; a waiter counts those before it. A slot
-bucket admits when count + ahead < limit.
+Quota: a hash p, u, g: the period index (periods.lua), units used and granted in it (a p
+other than the current period reads 0, 0); it admits when used + u <= limit + granted.
+Slot bucket: a sorted set of lease members scored by lease expiry (K per request). A member
+with expiry <= now is dead: it is purged and counted as reclaimed. Job members
+(job_handover.lua) live there too, with their own expiry.
+Waiter queue: a sorted set of waiting lease members (K per waiter) scored by arrival, and a
+twin sorted set scored by when each entry expires (refreshed by every check of that waiter).
+A newcomer counts every queued member as ahead of it; a waiter those before its first member.
+A slot bucket admits when count + ahead + K <= limit. Shadow slot buckets never queue.
 Every key written gets a TTL: a rate key lives one window past its newest entry; a counter
-key two windows (by then both its counts have aged out); a slot key lives one lease past its
-longest-lived member (so a dead lease is still there to be counted when the next request
-comes); a queue lives two waiter ttls past its last write.
+key two windows; a quota key to its period's end plus a day; a slot key one lease past its
+longest-lived member; a queue two waiter ttls past its last write.
 
 Safe to run twice for one lease id (a connection lost after the call was sent is re-sent
 once, gateway/store/redis.py): a lease id found admitted (its member in a sliding log or an
-unexpired member in a slot bucket) is a replay, answered "admitted" again with the counts
-seen without it, and nothing is written. A lease id in the undone set (the caller was told
-"error" and undo.lua removed what it held) admits nothing and answers {lease_id, 3}: an
-EVALSHA that reaches Redis after its own undo takes nothing.
+unexpired first member in a slot bucket) is a replay, answered "admitted" again with the
+counts seen without it, and nothing is written. A lease id in the undone set admits nothing
+and answers {lease_id, 3}. (A request with only counters and quotas leaves nothing to find.)
 
-Returns {lease_id, status, retry_after_ms, reclaimed,
-         rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot]}
+Returns {lease_id, status, retry_after_ms, reclaimed, now (text),
+         rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot],
+         quota_count[1..n_quota], quota_reset_ms[1..n_quota], n_shadow, shadow KEYS positions}
          and, when the request may wait, {queued, arrival} after them
-  status: 0 admitted, 1 refused by a rate bucket, 2 refused by concurrency only (3: undone,
-          the reply is then just {lease_id, 3})
-  retry_after_ms: ms until every refusing rate bucket would admit (0 unless status 1)
-  rate_count / slot_count: entries in the bucket before this request (after purging); for
-                 a request that may wait, slot_count includes the waiters ahead of it; for a
-                 counter bucket, the estimate rounded up
-  rate_reset_ms: ms until the bucket's oldest admission leaves the window, counting this
-                 request if admitted (the window when the bucket is empty); for a counter
-                 bucket, until its rounded-up estimate (this request counted) drops by one
-  retry_after_ms for a counter bucket: until estimate + 1 <= limit (window rollover counted)
+  status: 0 admitted, 1 refused by a rate bucket, 2 by concurrency only, 4 by a quota
+          (precedence quota, rate, concurrency; 3: undone, the reply is then {lease_id, 3})
+  retry_after_ms: ms until every refusing rate bucket would admit and every refusing quota's
+                 period has ended (0 when admitted or refused for concurrency only); a cost
+                 above a rate limit waits one window
+  rate_count / slot_count / quota_count: units in the bucket before this request (after
+                 purging); for a request that may wait, slot_count includes the waiters ahead
+  rate_reset_ms: ms until the bucket's oldest entry leaves the window, counting this request
+                 if admitted (the window when empty); for a counter bucket, until its
+                 rounded-up estimate (this request counted) drops by one
+  quota_reset_ms: ms until the quota's period ends
   queued: 1 when the request now waits in the queues; arrival: its place there
 ]]
 
+--#include periods
 local lease_id = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 --#now ARGV[3]
 local n_rate = tonumber(ARGV[4])
 local waiter_ttl = tonumber(ARGV[5])  -- nil: the request does not wait
 local arrival = ARGV[6]
-local n_slot = #ARGV - 6 - 3 * n_rate
+local cost = tonumber(ARGV[7])
+local n_quota = tonumber(ARGV[8])
+local quota_at = 8 + 3 * n_rate  -- ARGV offset before the first quota's triple
+local slot_at = quota_at + 3 * n_quota  -- before the first slot's pair
+local n_slot = (#ARGV - slot_at) / 2
+local slot_key0 = n_rate + n_quota  -- KEYS offset before the first slot key
 
 if redis.call('ZSCORE', KEYS[#KEYS], lease_id) then
   return {lease_id, 3}
 end
+local members = lease_members(lease_id)
+local weight = #members
+local first = members[1]
+
+-- Per rate bucket: units, counter?, shadow? (flags decoded once).
+local units, is_counter, is_shadow = {}, {}, {}
+for i = 1, n_rate do
+  local flags = tonumber(ARGV[8 + 3 * i])
+  is_counter[i] = flags % 2 == 1
+  if floor(flags / 2) % 2 == 1 then units[i] = cost else units[i] = 1 end
+  is_shadow[i] = flags >= 4
+end
+
 local replay = false
 for i = 1, n_rate do
-  if ARGV[6 + 3 * i] ~= '1' and redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
+  if not is_counter[i] and redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
 end
 for j = 1, n_slot do
-  local score = redis.call('ZSCORE', KEYS[n_rate + j], lease_id)
+  local score = redis.call('ZSCORE', KEYS[slot_key0 + j], first)
   if score and tonumber(score) > now then replay = true end
 end
 
@@ -89,6 +116,19 @@ local status = 0
 local retry_after = 0
 local reclaimed = 0
 local rate_counts, rate_resets, slot_counts = {}, {}, {}
+local quota_counts, quota_resets = {}, {}
+local skip = {}  -- KEYS position -> true: a shadow bucket that would refuse (written nothing)
+local shadow_refused = {}
+
+local function refuse(position, shadow, code, wait)
+  if shadow then
+    skip[position] = true
+    shadow_refused[#shadow_refused + 1] = position
+  elseif code then
+    if code == 4 or status ~= 4 then status = code end
+    retry_after = math.max(retry_after, wait)
+  end
+end
 
 local function score_at(key, index)
   return tonumber(redis.call('ZRANGE', key, index, index, 'WITHSCORES')[2])
@@ -161,10 +201,10 @@ end
 
 -- Each check fills rate_counts[i] (and rate_resets[i] for a log) and returns nil when the
 -- bucket admits, else the ms until it would.
-local function check_log(i, key, limit, window)
+local function check_log(i, key, limit, window, u)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
-  if replay and redis.call('ZSCORE', key, lease_id) then count = count - 1 end
+  if replay and redis.call('ZSCORE', key, lease_id) then count = math.max(0, count - u) end
   rate_counts[i] = count
   local oldest = nil
   if count > 0 then
@@ -173,67 +213,85 @@ local function check_log(i, key, limit, window)
   else
     rate_resets[i] = math.ceil(window)
   end
-  if count < limit or replay then return nil end
-  -- Admission needs count - limit + 1 entries gone: wait for the one at index count - limit.
-  local wait = window
-  if limit > 0 then
-    local at = oldest
-    if count > limit then
-      at = score_at(key, count - limit)
-    end
-    wait = at + window - now
-  end
-  return math.ceil(wait)
+  if replay or count + u <= limit then return nil end
+  if u > limit then return math.ceil(window) end  -- it never fits: one window
+  -- Admission needs count + u - limit entries gone: wait for the one at that index - 1.
+  local index = count + u - limit - 1
+  local at = oldest
+  if index > 0 then at = score_at(key, index) end
+  return math.ceil(at + window - now)
 end
 
 local counters = {}  -- rate bucket index -> counter view at now, for counter buckets
 
-local function check_counter(i, key, limit, window)
+local function check_counter(i, key, limit, window, u)
   local view = counter_view(key, window)
   counters[i] = view
   rate_counts[i] = whole_count(view, now)  -- rate_resets[i] once the decision is known
-  if replay then rate_counts[i] = math.max(0, rate_counts[i] - 1) end  -- it counted itself
-  if replay or fits(view, now, limit - 1) then return nil end
-  if limit <= 0 then return window end
-  return counter_wait(view, now, limit - 1)
+  if replay then rate_counts[i] = math.max(0, rate_counts[i] - u) end  -- it counted itself
+  if replay or fits(view, now, limit - u) then return nil end
+  if limit - u < 0 then return window end
+  return counter_wait(view, now, limit - u)
 end
 
 -- Over `maxmemory` with `noeviction`, Redis refuses only a script's *first* write (a later one
 -- must not stop it half-way). Make that first write this no-op (ZADD XX of a member that is
 -- never a lease id), so an admission is refused whole, before it purges or writes anything,
 -- and `on_error` decides, instead of being let through by a purge that happens to come first.
--- (A plan of counters only starts with HSET, which Redis refuses all the same.)
+-- (A plan of counters and quotas only starts with HSET, which Redis refuses all the same.)
 local oom_probe = nil
 if n_slot > 0 then
-  oom_probe = KEYS[n_rate + 1]
+  oom_probe = KEYS[slot_key0 + 1]
 else
   for i = 1, n_rate do
-    if ARGV[6 + 3 * i] ~= '1' then oom_probe = KEYS[i]; break end
+    if not is_counter[i] then oom_probe = KEYS[i]; break end
   end
 end
 if oom_probe then redis.call('ZADD', oom_probe, 'XX', 0, '') end
 
 for i = 1, n_rate do
   local check = check_log
-  if ARGV[6 + 3 * i] == '1' then check = check_counter end
-  local wait = check(i, KEYS[i], tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]))
-  if wait then
-    status = 1
-    retry_after = math.max(retry_after, wait)
+  if is_counter[i] then check = check_counter end
+  local wait = check(i, KEYS[i], tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i]), units[i])
+  if wait then refuse(i, is_shadow[i], 1, wait) end
+end
+
+local quota_views = {}  -- quota index -> {index, used, granted, end_ms, units}
+for q = 1, n_quota do
+  local key = KEYS[n_rate + q]
+  local limit = tonumber(ARGV[quota_at + 3 * q - 2])
+  local flags = tonumber(ARGV[quota_at + 3 * q])
+  local u = 1
+  if floor(flags / 2) % 2 == 1 then u = cost end
+  local index, end_ms = period_of(now, ARGV[quota_at + 3 * q - 1])
+  local f = redis.call('HMGET', key, 'p', 'u', 'g')
+  local used, granted = 0, 0
+  if tonumber(f[1]) == index then
+    used, granted = tonumber(f[2]) or 0, tonumber(f[3]) or 0
+  end
+  quota_views[q] = {index, used, granted, end_ms, u}
+  if replay then used = math.max(0, used - u) end
+  quota_counts[q] = used
+  quota_resets[q] = math.ceil(end_ms - now)
+  if not replay and used + u > limit + granted then
+    refuse(n_rate + q, flags >= 4, 4, quota_resets[q])
   end
 end
 
 local function queue_keys(j)
-  return KEYS[n_rate + n_slot + 2 * j - 1], KEYS[n_rate + n_slot + 2 * j]
+  local at = slot_key0 + n_slot + 2 * j
+  return KEYS[at - 1], KEYS[at]
 end
 
 for j = 1, n_slot do
-  local key = KEYS[n_rate + j]
-  local limit = tonumber(ARGV[6 + 3 * n_rate + j])
+  local position = slot_key0 + j
+  local key = KEYS[position]
+  local limit = tonumber(ARGV[slot_at + 2 * j - 1])
+  local shadow = ARGV[slot_at + 2 * j] == '1'
   reclaimed = reclaimed + redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local count = redis.call('ZCARD', key)
-  if replay and redis.call('ZSCORE', key, lease_id) then count = count - 1 end
-  if waiter_ttl then
+  if replay and redis.call('ZSCORE', key, first) then count = math.max(0, count - weight) end
+  if waiter_ttl and not shadow then
     local queue, expiries = queue_keys(j)
     local dead = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
     for d = 1, #dead do redis.call('ZREM', queue, dead[d]) end
@@ -242,39 +300,65 @@ for j = 1, n_slot do
       count = count + redis.call('ZCARD', queue)
     else
       -- (Re)placed at its arrival: a waiter purged during a stall keeps its place.
-      redis.call('ZADD', queue, arrival, lease_id)
-      count = count + redis.call('ZRANK', queue, lease_id)
+      for m = 1, weight do redis.call('ZADD', queue, arrival, members[m]) end
+      count = count + redis.call('ZRANK', queue, first)
     end
   end
   slot_counts[j] = count
-  if count >= limit and status == 0 and not replay then
-    status = 2
+  if count + weight > limit and not replay then
+    if shadow then
+      refuse(position, true)
+    elseif status == 0 then
+      status = 2
+    end
   end
 end
 
 if status == 0 and not replay then
   for i = 1, n_rate do
-    local window = tonumber(ARGV[5 + 3 * i])
-    local view = counters[i]
-    if view then
-      view = {w = view.w, c = view.c + 1, p = view.p, l = view.l}
-      counters[i] = view
-      redis.call('HSET', KEYS[i], 'w', view.w, 'c', view.c, 'p', view.p, 'l', view.l)
-      -- Both counts have aged out two windows from now.
-      redis.call('PEXPIRE', KEYS[i], math.ceil(2 * window))
-    else
-      redis.call('ZADD', KEYS[i], now, lease_id)
-      -- The newest entry leaves the window `window` ms from now: the key is useless after that.
-      redis.call('PEXPIRE', KEYS[i], math.ceil(window))
+    local u = units[i]
+    if u > 0 and not skip[i] then
+      local window = tonumber(ARGV[7 + 3 * i])
+      local view = counters[i]
+      if view then
+        view = {w = view.w, c = view.c + u, p = view.p, l = view.l}
+        counters[i] = view
+        redis.call('HSET', KEYS[i], 'w', view.w, 'c', view.c, 'p', view.p, 'l', view.l)
+        -- Both counts have aged out two windows from now.
+        redis.call('PEXPIRE', KEYS[i], math.ceil(2 * window))
+      else
+        if u == 1 then
+          redis.call('ZADD', KEYS[i], now, lease_id)
+        else
+          local pairs_ = {}
+          for n, member in ipairs(unit_members(lease_id, 1, u)) do
+            pairs_[2 * n - 1] = now
+            pairs_[2 * n] = member
+          end
+          redis.call('ZADD', KEYS[i], unpack(pairs_))
+        end
+        -- The newest entry leaves the window `window` ms from now: the key is useless after that.
+        redis.call('PEXPIRE', KEYS[i], math.ceil(window))
+      end
+    end
+  end
+  for q = 1, n_quota do
+    local view = quota_views[q]
+    if view[5] > 0 and not skip[n_rate + q] then
+      local key = KEYS[n_rate + q]
+      redis.call('HSET', key, 'p', view[1], 'u', view[2] + view[5], 'g', view[3])
+      redis.call('PEXPIRE', key, math.ceil(view[4] - now + DAY_MS))
     end
   end
   for j = 1, n_slot do
-    local key = KEYS[n_rate + j]
-    redis.call('ZADD', key, now + lease_ms, lease_id)
-    -- Cover the longest-lived member (a job slot may outlive a lease by far), plus one
-    -- lease so a dead holder's lease is still there to be purged and counted as reclaimed.
-    local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-    redis.call('PEXPIRE', key, math.ceil(last - now + lease_ms))
+    if not skip[slot_key0 + j] then
+      local key = KEYS[slot_key0 + j]
+      for m = 1, weight do redis.call('ZADD', key, now + lease_ms, members[m]) end
+      -- Cover the longest-lived member (a job slot may outlive a lease by far), plus one
+      -- lease so a dead holder's lease is still there to be purged and counted as reclaimed.
+      local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+      redis.call('PEXPIRE', key, math.ceil(last - now + lease_ms))
+    end
   end
 end
 
@@ -283,10 +367,14 @@ for i, view in pairs(counters) do
   rate_resets[i] = counter_wait(view, now, math.max(0, whole_count(view, now) - 1))
 end
 
-local reply = {lease_id, status, retry_after, reclaimed}
+local reply = {lease_id, status, retry_after, reclaimed, string.format('%.3f', now)}
 for i = 1, n_rate do reply[#reply + 1] = rate_counts[i] end
 for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
 for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
+for q = 1, n_quota do reply[#reply + 1] = quota_counts[q] end
+for q = 1, n_quota do reply[#reply + 1] = quota_resets[q] end
+reply[#reply + 1] = #shadow_refused
+for _, position in ipairs(shadow_refused) do reply[#reply + 1] = position end
 
 if waiter_ttl then
   local queued = 0
@@ -295,20 +383,26 @@ if waiter_ttl then
     if arrival == '' then arrival = string.format('%.3f', now) end
     local keep = math.ceil(2 * waiter_ttl)
     for j = 1, n_slot do
-      local queue, expiries = queue_keys(j)
-      redis.call('ZADD', queue, arrival, lease_id)
-      redis.call('ZADD', expiries, now + waiter_ttl, lease_id)
-      for _, k in ipairs({queue, expiries}) do
-        if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
+      if ARGV[slot_at + 2 * j] ~= '1' then
+        local queue, expiries = queue_keys(j)
+        for m = 1, weight do
+          redis.call('ZADD', queue, arrival, members[m])
+          redis.call('ZADD', expiries, now + waiter_ttl, members[m])
+        end
+        for _, k in ipairs({queue, expiries}) do
+          if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
+        end
       end
     end
     queued = 1
   elseif arrival ~= '' then
-    -- Admitted, or refused by a rate limit: a waiter leaves the queues either way.
+    -- Admitted, or refused by a rate limit or quota: a waiter leaves the queues either way.
     for j = 1, n_slot do
-      local queue, expiries = queue_keys(j)
-      redis.call('ZREM', queue, lease_id)
-      redis.call('ZREM', expiries, lease_id)
+      if ARGV[slot_at + 2 * j] ~= '1' then
+        local queue, expiries = queue_keys(j)
+        redis.call('ZREM', queue, unpack(members))
+        redis.call('ZREM', expiries, unpack(members))
+      end
     end
   end
   reply[#reply + 1] = queued

@@ -11,12 +11,14 @@ ARGV[3]  now_ms override; "" means the server clock (TIME)
 Returns: how many buckets held the member
 ]]
 
+--#include periods
 local member, ended_ms = ARGV[1], tonumber(ARGV[2])
+local members = lease_members(member)  -- a job holding K slots has K members
 --#now ARGV[3]
 
 local removed = 0
 for i = 1, #KEYS - 1 do
-  removed = removed + redis.call('ZREM', KEYS[i], member)
+  removed = removed + math.min(1, redis.call('ZREM', KEYS[i], unpack(members)))
 end
 local ended = KEYS[#KEYS]
 redis.call('ZREMRANGEBYSCORE', ended, '-inf', now)
