@@ -1,9 +1,11 @@
 """The public proxy as one plain ASGI callable: the hot path.
 
 Per request, in order: shutdown check → IP ban (403, from the local ban cache: no store call)
-→ API key (401) → route (404) → body cap by Content-Length (413) → the body, or its first
-64 KiB, within client_timeout (408 / 413) → one admission call (429 / 503) → stream the
-exchange → release. 401s, and 429s that came back before their told wait, count as ban
+→ API key (401) → the usage path, if this is a GET of it (answered here: gateway/usage.py) →
+route (404) → body cap by Content-Length (413) → the body, or its first 64 KiB, within
+client_timeout (408 / 413) → its price (the route's cost rules) → one admission call (429 /
+402 / 503) → stream the exchange, settling the charge when the upstream's headers arrive →
+release (which carries the settlement). 401s, and 429s that came back before their told wait, count as ban
 strikes, sent off the critical path (gateway/ban_guard.py).
 Everything else (parsing, route compilation, bucket names, header blocks) was done at config
 load. The slot is released exactly once, synchronously, in a `finally` whose `try` starts the
@@ -24,16 +26,19 @@ from gateway.admission import waiting
 from gateway.admission.bans import CONCURRENCY, RATE
 from gateway.admission.controller import StoreUnavailable
 from gateway.admission.headers import CONCURRENCY_RETRY_AFTER, refusal_message, retry_after_seconds
+from gateway.store.base import StoreError
 from gateway.admission.identity import IPAddress, client_ip, is_trusted, parse_ip
 from gateway.asgi import Receive, Scope, Send
 from gateway.ban_guard import DECIDING
-from gateway.config.model import Network
+from gateway.config.model import Key, Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
 from gateway.proxy.request_body import BodyRefused, declared_length, receive_body_start
-from gateway.responses import send_error
+from gateway.proxy.settlement import RequestBill
+from gateway.responses import send_error, send_json
 from gateway.state import GatewayState
+from gateway.usage import UsageAnswers
 
 Headers = list[tuple[bytes, bytes]]
 _CLOSE = [(b"connection", b"close")]
@@ -96,6 +101,7 @@ class GatewayApp:
     def __init__(self, state: GatewayState, access_log: AccessLog | None = None) -> None:
         self.state = state
         self.access_log = access_log
+        self.usage = UsageAnswers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -170,6 +176,9 @@ class GatewayApp:
             state.recent_clients.note(key.id, client)
 
         method: str = scope["method"]
+        if method == "GET" and scope["path"] == config.usage_path:
+            await self._usage(send, key, done)
+            return
         match = routing.routes.match(scope["path"], method)
         if match is None:
             await send_error(send, 404, "no_route", f"No route for {method} {scope['path']}.")
@@ -202,11 +211,12 @@ class GatewayApp:
             return
 
         plan = compiled.plan
+        charge = plan.pricing.charge(method, scope["query_string"], headers)
         admission = state.admission
         started = time.perf_counter()
         try:
             # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
-            ticket, receive = await waiting.admit(admission, plan, receive)
+            ticket, receive = await waiting.admit(admission, plan, receive, charge)
         except StoreUnavailable as exc:
             await send_error(send, 503, "store_unavailable", "Admission is unavailable right now; retry.",
                              retry_after=exc.retry_after)
@@ -219,20 +229,27 @@ class GatewayApp:
             done.admission_s = admitted_at - started
             state.metrics.admission_duration.observe(done.admission_s)
             result = ticket.result
-            extra = compiled.limit_headers(result) if result else []
+            extra = compiled.limit_headers(result, charge) if result else []
 
             if result is not None and not result.admitted:
+                # A refusal charges nothing, and says so.
+                extra = [*extra, routing.cost_policy.header(0)]
                 done.status = 429
-                if result.reason == "rate":
+                if result.reason == "quota":
+                    # No ban strike: a client may rightly retry early after a grant or a reset.
+                    done.status, done.outcome = plan.quota_status, "quota_exceeded"
+                    await send_error(send, plan.quota_status, "quota_exceeded", refusal_message(plan, result, charge),
+                                     retry_after=retry_after_seconds(result), extra_headers=extra)
+                elif result.reason == "rate":
                     done.outcome = "rate_limited"
                     wait = retry_after_seconds(result)
                     state.bans.refused(client, bans, key.id, compiled.route_label, RATE, wait)
-                    await send_error(send, 429, "rate_limited", refusal_message(plan, result),
+                    await send_error(send, 429, "rate_limited", refusal_message(plan, result, charge),
                                      retry_after=wait, extra_headers=extra)
                 else:
                     done.outcome = "concurrency_limited"
                     state.bans.refused(client, bans, key.id, compiled.route_label, CONCURRENCY, None)
-                    await send_error(send, 429, "concurrency_limited", refusal_message(plan, result),
+                    await send_error(send, 429, "concurrency_limited", refusal_message(plan, result, charge),
                                      retry_after=CONCURRENCY_RETRY_AFTER, extra_headers=extra)
                 return
 
@@ -245,6 +262,7 @@ class GatewayApp:
             in_flight.inc()
             state.active_requests += 1
             done.outcome = "admitted"
+            bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             try:
                 outcome = await forward(
                     scope, receive, send,
@@ -258,6 +276,7 @@ class GatewayApp:
                     client_timeout=config.client_timeout,
                     observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
                     on_complete=partial(admission.release, plan, ticket),
+                    bill=bill,
                 )
             except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
                 done.status, done.upstream = exc.status, "aborted"
@@ -266,8 +285,26 @@ class GatewayApp:
                 done.upstream_s = time.perf_counter() - admitted_at
                 state.active_requests -= 1
                 in_flight.dec()
+                state.metrics.units_charged_for(key.plan, compiled.route_label).add(bill.settled)
             done.upstream = outcome
             done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
             return
         finally:
             admission.release(plan, ticket)
+
+    async def _usage(self, send: Send, key: Key, done: _Done) -> None:
+        """The usage path: the caller's own plan, limits and usage; never forwarded, never
+        counted in a limit (gateway/usage.py)."""
+        state = self.state
+        done.key_id, done.plan, done.outcome = key.id, key.plan, "usage"
+        store = state.jobs.primary
+        try:
+            if store is None:
+                raise StoreError("no store reports usage")
+            body = await self.usage.body(state.routing, key, store)
+        except StoreError:
+            done.status, done.outcome = 503, "store_unavailable"
+            await send_error(send, 503, "store_unavailable", "Usage is unavailable right now; retry.", retry_after=1)
+            return
+        done.status = 200
+        await send_json(send, 200, body, [(b"cache-control", b"no-store")])

@@ -88,6 +88,13 @@ class BatchedCounter:
         if self._count == 1:
             self._batch.changed(self)
 
+    def add(self, amount: int) -> None:
+        """`amount` at once (units charged); 0 is nothing."""
+        if amount > 0:
+            if self._count == 0:
+                self._batch.changed(self)
+            self._count += amount
+
     def fold(self) -> None:
         count, self._count = self._count, 0
         self.metric.inc(count)
@@ -267,6 +274,16 @@ class Metrics:
             "Admitted exchanges the gateway ended because the client stalled: its request body "
             "(stage=body) or reading the response (stage=send).", ["stage"], registry=r,
         )
+        self.units_charged = Counter(
+            "gateway_units_charged_total",
+            "Units (request cost) charged to admitted requests, as settled, by plan and route.",
+            ["plan", "route"], registry=r,
+        )
+        self.shadow_refusals = Counter(
+            "gateway_shadow_refusals_total",
+            "Requests a shadow limit would have refused (it never refuses), by plan and limit.",
+            ["plan", "limit"], registry=r,
+        )
         for stage in ("body", "send"):
             self.client_timeouts.labels(stage)
         for result in ("success", "error"):  # both series exist from the start, so increase() sees the first
@@ -276,6 +293,8 @@ class Metrics:
         self.upstream_responses_for = Children(self.upstream_responses, BatchedCounter, self.batch)
         self.request_duration_for = Children(self.request_duration, BatchedHistogram, self.batch)
         self.in_flight_for = Children(self.in_flight, BatchedGauge, self.batch)
+        self.units_charged_for = Children(self.units_charged, BatchedCounter, self.batch)
+        self.shadow_refusals_for = Children(self.shadow_refusals, BatchedCounter, self.batch)
 
     def flush(self) -> None:
         """Fold the hot path's pending updates into prometheus_client now."""

@@ -47,3 +47,10 @@ async def send_error(
         {"type": "http.response.start", "status": status, "headers": error_headers(body, retry_after, extra_headers)}
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json(send: Send, status: int, body: bytes, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Send a complete JSON answer of the gateway's own (the usage path)."""
+    headers: Headers = [_JSON, (b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

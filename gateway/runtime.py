@@ -16,6 +16,7 @@ from gateway.admission.routes import RouteTable
 from gateway.config.model import Config, Key, Route
 from gateway.jobs.table import JobTable
 from gateway.proxy.headers import HeaderPolicy
+from gateway.proxy.settlement import CostPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Routing:
     families: frozenset[str]
     missing_key_message: str
     jobs: JobTable  # which requests start or report async jobs
+    cost_policy: CostPolicy  # how a request's charge is settled and told (gateway/proxy/settlement.py)
     _plans: dict[tuple[str, int], CompiledPlan] = field(default_factory=dict)
 
     @classmethod
@@ -50,6 +52,7 @@ class Routing:
             families=config.headers,
             missing_key_message=_missing_key_message(config),
             jobs=JobTable(config.routes),
+            cost_policy=CostPolicy.from_config(config),
         )
 
     def plan_for(self, key: Key, route_index: int, route: Route) -> CompiledPlan:

@@ -5,8 +5,10 @@ slots and active jobs). Off the hot path; every answer is JSON."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,9 +16,20 @@ from starlette.routing import Route
 
 from gateway.config.model import ConcurrencyLimit, Key, QuotaLimit, RateLimit
 from gateway.state import GatewayState
-from gateway.store.base import RateBucket, SlotBucket, StoreError
+from gateway.store.base import QuotaBucket, QuotaUsage, RateBucket, SlotBucket, StoreError
+from gateway.usage import key_buckets, quota_usages, usage_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+MAX_QUOTA_BODY = 1024  # bytes of a quota change: a few small fields
+MAX_GRANT = 1_000_000_000  # units one grant may add (a typo of a few digits is refused, not obeyed)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaChange:
+    grant: int  # units added to the current period (0 with reset)
+    reset: bool  # the period starts again: used and granted back to 0
+    limit: str | None  # the quota's name; None: every quota of the key's plan
 
 
 def _error(status: int, error: str, message: str) -> JSONResponse:
@@ -50,9 +63,20 @@ def job_routes(state: GatewayState, guarded: Callable[[Endpoint], Endpoint]) -> 
         except StoreError:
             return _store_unavailable()
 
+    async def quota_change(request: Request) -> Response:
+        key_id = request.path_params["key_id"]
+        key = next((k for k in state.routing.config.keys if k.id == key_id), None)
+        if key is None:
+            return _error(404, "unknown_key", f"No key with id {key_id!r}.")
+        change = await read_quota_change(request)
+        if isinstance(change, JSONResponse):
+            return change
+        return await change_quota(state, key, change)
+
     return [
         Route("/v1/jobs/{job_id}/done", guarded(job_done), methods=["POST"]),
         Route("/v1/keys/{key_id}", guarded(key_view), methods=["GET"]),
+        Route("/v1/keys/{key_id}/quota", guarded(quota_change), methods=["POST"]),
     ]
 
 
@@ -80,38 +104,36 @@ async def describe_key(state: GatewayState, key: Key) -> dict[str, Any]:
         limits[name] = item
 
     # Every bucket the key's requests use, once each (per-route buckets appear per route).
-    rates: dict[str, tuple[RateBucket, str, list[str]]] = {}
-    slots: dict[str, tuple[SlotBucket, str, list[str]]] = {}
-    for index, route in enumerate(config.routes):
-        compiled = routing.plan_for(key, index, route).plan
-        for rate, info in zip(compiled.rates, compiled.rate_info, strict=True):
-            rates.setdefault(rate.key, (rate, info.policy, []))[2].append(route.path)
-        for slot, info in zip(compiled.slots, compiled.slot_info, strict=True):
-            slots.setdefault(slot.key, (slot, info.policy, []))[2].append(route.path)
-    rate_list, slot_list = list(rates.values()), list(slots.values())
+    found = key_buckets(routing, key)
     store = state.jobs.primary
     usage = None
-    if store is not None and (rate_list or slot_list):
-        usage = await store.usage([r for r, _, _ in rate_list], [s for s, _, _ in slot_list])
+    if store is not None and (found.rates or found.slots or found.quotas):
+        usage = await usage_of(store, found)
 
     buckets: list[dict[str, Any]] = []
-    for n, (rate, policy, paths) in enumerate(rate_list):
+    for n, item in enumerate(found.rates):
+        rate, info = cast(RateBucket, item.bucket), item.info
         buckets.append({
-            "policy": policy, "kind": "rate", "limit": rate.limit, "window_seconds": rate.window_ms / 1000,
-            "routes": paths, "used": usage.rate_counts[n] if usage else None,
+            "policy": info.policy, "kind": "rate", "limit": rate.limit, "window_seconds": rate.window_ms / 1000,
+            "counts": "cost" if rate.counts_cost else "requests", "shadow": rate.shadow,
+            "routes": item.routes, "used": usage.rate_counts[n] if usage else None,
         })
     active_jobs: list[dict[str, Any]] = []
     active_slots: dict[str, int | None] = {}
-    for n, (slot, policy, paths) in enumerate(slot_list):
+    for n, item in enumerate(found.slots):
+        slot, policy, paths = cast(SlotBucket, item.bucket), item.info.policy, item.routes
         in_use = usage.slot_counts[n] if usage else None
         jobs = usage.jobs[n] if usage else []
         buckets.append({"policy": policy, "kind": "concurrency", "limit": slot.limit, "routes": paths,
-                        "in_use": in_use, "jobs": len(jobs)})
+                        "in_use": in_use, "jobs": len(jobs), "shadow": slot.shadow})
         name = policy if policy not in active_slots else f"{policy}@{paths[0]}"  # per-route buckets
         active_slots[name] = in_use
         active_jobs += [
             {"job_id": job.job_id, "limit": policy, "expires_in_seconds": job.expires_in_ms / 1000} for job in jobs
         ]
+    quotas = quota_usages(usage, len(found.quotas)) if usage else [None] * len(found.quotas)
+    for item, quota_usage in zip(found.quotas, quotas, strict=True):
+        buckets.append(quota_view(cast(QuotaBucket, item.bucket), item.info.policy, item.routes, quota_usage))
     bans = config.bans
     recent_clients = []
     for ip in state.recent_clients.of(key.id):
@@ -129,3 +151,65 @@ async def describe_key(state: GatewayState, key: Key) -> dict[str, Any]:
         # trusted_proxies are configured), and whether each is banned now
         "recent_clients": recent_clients,
     }
+
+
+def quota_view(quota: QuotaBucket, policy: str, routes: list[str], usage: QuotaUsage | None) -> dict[str, Any]:
+    """A quota bucket in the key view: its period's use, grants and what is left."""
+    view: dict[str, Any] = {
+        "policy": policy, "kind": "quota", "limit": quota.limit, "period": quota.period,
+        "counts": "cost" if quota.counts_cost else "requests", "shadow": quota.shadow, "routes": routes,
+        "used": None, "granted": None, "remaining": None, "reset_seconds": None,
+    }
+    if usage is not None:
+        view |= {"used": usage.used, "granted": usage.granted,
+                 "remaining": max(0, quota.limit + usage.granted - usage.used),
+                 "reset_seconds": -(-usage.reset_ms // 1000)}
+    return view
+
+
+async def read_quota_change(request: Request) -> QuotaChange | JSONResponse:
+    """The body of `POST /v1/keys/{id}/quota`: `{"grant": N}` or `{"reset": true}`, with an
+    optional `"limit": name`; at most MAX_QUOTA_BODY bytes. A 400 (or 413) says what is wrong."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_QUOTA_BODY:
+            return _error(413, "body_too_large", f"A quota change is at most {MAX_QUOTA_BODY} bytes of JSON.")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "bad_request", 'The body is not JSON: send {"grant": N} or {"reset": true}.')
+    if not isinstance(document, dict):
+        return _error(400, "bad_request", 'The body is a JSON object: {"grant": N} or {"reset": true}.')
+    unknown = set(document) - {"grant", "reset", "limit"}
+    if unknown:
+        return _error(400, "bad_request", f"Unknown fields {sorted(unknown)}: only grant, reset and limit.")
+    grant, reset, limit = document.get("grant"), document.get("reset"), document.get("limit")
+    if (grant is None) == (reset is None):
+        return _error(400, "bad_request", 'Send exactly one of {"grant": N} and {"reset": true}.')
+    if grant is not None and (type(grant) is not int or not 1 <= grant <= MAX_GRANT):
+        return _error(400, "bad_request", f"grant is a whole number of units from 1 to {MAX_GRANT}.")
+    if reset is not None and reset is not True:
+        return _error(400, "bad_request", 'reset is true (to start the period again) or absent.')
+    if limit is not None and (not isinstance(limit, str) or not limit or len(limit) > 200):
+        return _error(400, "bad_request", "limit is the name of one of the plan's quotas.")
+    return QuotaChange(grant or 0, reset is True, limit)
+
+
+async def change_quota(state: GatewayState, key: Key, change: QuotaChange) -> Response:
+    """Apply a grant or reset to the key's quota buckets (the named quota, or all of them), in
+    the shared store; answers the new usage of each."""
+    found = [item for item in key_buckets(state.routing, key).quotas
+             if change.limit is None or item.info.name == change.limit]
+    if not found:
+        what = f"no quota named {change.limit!r}" if change.limit else "no quota"
+        return _error(400, "not_a_quota", f"The {key.plan} plan of key {key.id!r} has {what}.")
+    views = []
+    try:
+        for item in found:
+            quota = cast(QuotaBucket, item.bucket)
+            usage = await state.store.adjust_quota(quota, grant=change.grant, reset=change.reset)  # type: ignore[attr-defined]
+            views.append(quota_view(quota, item.info.policy, item.routes, usage))
+    except StoreError:
+        return _store_unavailable()
+    return JSONResponse({"success": True, "key_id": key.id, "quotas": views})

@@ -15,12 +15,20 @@ decides, and every such decision is counted (and the first failure of a streak l
 The returned `Ticket` remembers which store holds the lease, so the release always goes
 where the slot was taken.
 
+Each request is priced once, before admission (`plan.pricing`: its `Charge`, units and slots);
+the slot count rides in the lease id (`weighted_lease`), the units are passed to the store, and
+the `Ticket` keeps both, so that `release` can settle the charge (`Ticket.settled`, set by the
+forwarder from the upstream's answer) in the same batched store call that frees the slots.
+
 Rate refusals of the shared store are remembered (`RefusalCache`): a refusal by a rate bucket
 with `retry_after_ms = t` stays true until t has passed, on every replica, since admissions only
-leave a window with time. Until then the same plan is refused here with no store call, its
-Retry-After counting down; such a refusal carries no slot counts (they may have changed since),
-so its headers leave the concurrency numbers out. Concurrency refusals are never cached (a slot can free any moment);
-nor are decisions of the local fallback store or of `on_error: allow`.
+leave a window with time, and for every request costing at least as much (a cheaper one may
+fit). Until then such a request is refused here with no store call, its Retry-After counting
+down; such a refusal carries no slot counts (they may have changed since), so its headers leave
+the concurrency numbers out. Quota refusals are remembered for `QUOTA_REFUSAL_TTL` at most: an
+admin grant on any replica takes effect here within that time. Concurrency refusals are never
+cached (a slot can free any moment); nor are decisions of the local fallback store or of
+`on_error: allow`.
 
 A plan with a `wait` admits through the waiter queues (one store call all the same): refused
 for concurrency alone, the ticket comes back `waiting_in` the store's queues, and
@@ -44,13 +52,18 @@ from gateway.admission.transitions import OutageBridge
 from gateway.config.model import OnError
 from gateway.metrics import Metrics
 from gateway.store.base import (
+    ONE,
     AdmissionStore,
     AdmitResult,
+    Charge,
     QueueSpot,
+    QuotaBucket,
     RateBucket,
+    Settlement,
     SlotBucket,
     StoreError,
     WaitingStore,
+    weighted_lease,
 )
 
 log = logging.getLogger("gateway.admission")
@@ -72,6 +85,12 @@ class Ticket:
     result: AdmitResult | None  # None when admitted blind (`on_error: allow`)
     store: AdmissionStore | None  # who holds the slots; None when nothing was taken
     waiting_in: AdmissionStore | None = None  # whose waiter queues hold it (plans with `wait`)
+    charge: Charge = ONE
+    # The store whose windows and quotas hold the admission's units (the settlement goes
+    # there); None when nothing was counted or the settlement was sent.
+    counted_in: AdmissionStore | None = None
+    # What the request is finally charged (the forwarder sets it from the upstream's answer).
+    settled: int | None = None
 
     @property
     def admitted(self) -> bool:
@@ -87,27 +106,40 @@ def new_lease_id() -> str:
     return f"{_LEASE_PREFIX}{next(_lease_counter):x}"
 
 
+# How long a quota refusal is repeated without asking the store: an admin grant or reset on
+# any replica is seen here within this time (a rate refusal holds until its window moves).
+QUOTA_REFUSAL_TTL = 1.0
+
+
 @dataclass(slots=True)
 class _Refusal:
     plan: AdmissionPlan  # held, so that no other plan can get its id while the entry lives
     asked_at: float  # the clock just before the store call that refused
-    deadline: float  # asked_at + retry_after: the refusal is exact at least until then
+    deadline: float  # the refusal is exact at least until then
     result: AdmitResult
+    cost: int  # the refused request's units: only requests costing as much are refused here
 
     def at(self, now: float) -> AdmitResult:
-        """The refusal as it stands at `now`: Retry-After and the rate resets count down. No
-        slot counts: slots may have been taken or freed since, so the headers omit them; nor
-        do they repeat the other rate limits' numbers (other routes may have spent them)."""
+        """The refusal as it stands at `now`: Retry-After and the resets count down. No slot
+        counts: slots may have been taken or freed since, so the headers omit them; nor do they
+        repeat the other limits' numbers (other routes may have spent them)."""
         elapsed_ms = int((now - self.asked_at) * 1000)  # rounded down: never earlier than the store's numbers
         result = self.result
         return AdmitResult(
-            False, "rate", max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
-            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [], from_cache=True,
+            False, result.reason, max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
+            [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [],
+            quota_counts=result.quota_counts,
+            quota_reset_ms=[max(0, reset_ms - elapsed_ms) for reset_ms in result.quota_reset_ms],
+            now_ms=result.now_ms + elapsed_ms, from_cache=True,
         )
 
 
 class RefusalCache:
-    """Rate refusals of the shared store, per plan, until the moment they could end.
+    """Rate and quota refusals of the shared store, per plan, until the moment they could end
+    (a quota's: `QUOTA_REFUSAL_TTL` at most, grants can end it sooner).
+
+    A refusal of a request costing `c` units is repeated only to requests costing `c` or more:
+    every bucket that refused it still lacks room for them, while a cheaper one may fit.
 
     Keyed by the plan object: plans are immutable and rebuilt on a config reload, so a reload
     (which may raise a limit) starts afresh. The deadline is counted from the clock read before
@@ -123,10 +155,10 @@ class RefusalCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, plan: AdmissionPlan) -> AdmitResult | None:
-        """The cached refusal of `plan`, counted down to now, or None."""
+    def get(self, plan: AdmissionPlan, cost: int = 1) -> AdmitResult | None:
+        """The cached refusal of `plan` for a request of `cost` units, counted down to now, or None."""
         entry = self._entries.get(id(plan))
-        if entry is None:
+        if entry is None or cost < entry.cost:
             return None
         now = self.clock()
         if now >= entry.deadline:
@@ -134,15 +166,22 @@ class RefusalCache:
             return None
         return entry.at(now)
 
-    def remember(self, plan: AdmissionPlan, asked_at: float, result: AdmitResult) -> None:
-        """Keep `result` if it is a rate refusal (the store was asked at `asked_at`)."""
-        if result.admitted or result.reason != "rate" or result.retry_after_ms <= 0:
+    def remember(self, plan: AdmissionPlan, asked_at: float, result: AdmitResult, cost: int = 1) -> None:
+        """Keep `result` if it is a rate or quota refusal of a request of `cost` units (the
+        store was asked at `asked_at`)."""
+        if result.admitted or result.retry_after_ms <= 0:
+            return
+        if result.reason == "rate":
+            lasts = result.retry_after_ms / 1000
+        elif result.reason == "quota":
+            lasts = min(QUOTA_REFUSAL_TTL, result.retry_after_ms / 1000)
+        else:
             return
         entries = self._entries
         entries.pop(id(plan), None)  # re-inserted last: the oldest entries are the first to go
         if len(entries) >= self._max_entries:
             self._make_room()
-        entries[id(plan)] = _Refusal(plan, asked_at, asked_at + result.retry_after_ms / 1000, result)
+        entries[id(plan)] = _Refusal(plan, asked_at, asked_at + lasts, result, cost)
 
     def _make_room(self) -> None:
         """Drop expired entries; if too many are still live, the oldest quarter (so this full
@@ -197,20 +236,21 @@ class Admission:
     def degraded(self) -> bool:
         return self.breaker.is_open
 
-    async def admit(self, plan: AdmissionPlan) -> Ticket:
-        lease_id = new_lease_id()
+    async def admit(self, plan: AdmissionPlan, charge: Charge = ONE) -> Ticket:
+        """One admission attempt for a request weighing `charge` (its price: `plan.pricing`)."""
+        lease_id = weighted_lease(new_lease_id(), charge.slots)
         if plan.empty:
-            return Ticket(lease_id, None, None)
-        cached = self.refusals.get(plan)
+            return Ticket(lease_id, None, None, charge=charge)
+        cached = self.refusals.get(plan, charge.cost)
         if cached is not None:
             self._metrics.cached_refusals.inc()
-            return Ticket(lease_id, cached, None)
+            return Ticket(lease_id, cached, None, charge=charge)
         if self.breaker.allow():
             asked_at = self.refusals.clock()
             try:
                 if plan.wait:
-                    return await self._admit_waiting(self.store, plan, lease_id)
-                result = await self.store.admit(plan.rates, plan.slots, lease_id)
+                    return await self._admit_waiting(self.store, plan, lease_id, charge)
+                result = await self.store.admit(plan.rates, plan.slots, lease_id, quotas=plan.quotas, charge=charge)
             except StoreError as exc:
                 self.breaker.failure()
                 self._store_failed(exc)
@@ -223,40 +263,46 @@ class Admission:
                     self._store_answers()
                 if self.bridge is not None:
                     self.bridge.to_shared()
+                if result.shadow_refused:
+                    self._count_shadow(plan, result)
                 if not result.admitted:
-                    self.refusals.remember(plan, asked_at, result)
-                    return Ticket(lease_id, result, None)
+                    self.refusals.remember(plan, asked_at, result, charge.cost)
+                    return Ticket(lease_id, result, None, charge=charge)
                 if plan.slots and self.bridge is not None:
                     self.bridge.admitted(self.store, plan, lease_id)
-                return Ticket(lease_id, result, self.store if plan.slots else None)
-        return await self._fallback(plan, lease_id)
+                return Ticket(lease_id, result, self.store if plan.slots else None, charge=charge,
+                              counted_in=self.store)
+        return await self._fallback(plan, lease_id, charge)
 
     async def _admit_waiting(
-        self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, arrival: str = ""
+        self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, charge: Charge, arrival: str = ""
     ) -> Ticket:
-        rates, slots = self._buckets(store, plan)
+        rates, slots, quotas = self._buckets(store, plan)
         spot = QueueSpot(lease_id, waiter_ttl_ms(plan.wait), arrival)
         asked_at = self.refusals.clock()
-        result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot)
+        result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot, quotas=quotas, charge=charge)
         if store is self.store:  # only the shared store's refusals hold everywhere
             self.breaker.success()
             if self._failing:
                 self._store_answers()
             if self.bridge is not None:
                 self.bridge.to_shared()
-            self.refusals.remember(plan, asked_at, result)
+            self.refusals.remember(plan, asked_at, result, charge.cost)
+        if result.shadow_refused:
+            self._count_shadow(plan, result)
         if result.admitted and plan.slots and self.bridge is not None:
             self.bridge.admitted(store, plan, lease_id)
         return Ticket(lease_id, result, store if result.admitted and plan.slots else None,
-                      store if result.queued else None)
+                      store if result.queued else None, charge=charge,
+                      counted_in=store if result.admitted else None)
 
     def _buckets(
         self, store: AdmissionStore, plan: AdmissionPlan
-    ) -> tuple[Sequence[RateBucket], Sequence[SlotBucket]]:
+    ) -> tuple[Sequence[RateBucket], Sequence[SlotBucket], Sequence[QuotaBucket]]:
         divisor = self._local_divisor
         if store is self.store or divisor == 1:
-            return plan.rates, plan.slots
-        return _divided(plan.rates, divisor), _divided(plan.slots, divisor)
+            return plan.rates, plan.slots, plan.quotas
+        return _divided(plan.rates, divisor), _divided(plan.slots, divisor), _divided(plan.quotas, divisor)
 
     async def recheck(self, plan: AdmissionPlan, ticket: Ticket) -> Ticket:
         """Try a waiting ticket again, keeping its place; the new ticket may wait on."""
@@ -264,13 +310,13 @@ class Admission:
         if store is None or ticket.result is None:
             return ticket
         try:
-            return await self._admit_waiting(store, plan, ticket.lease_id, ticket.result.arrival)
+            return await self._admit_waiting(store, plan, ticket.lease_id, ticket.charge, ticket.result.arrival)
         except StoreError as exc:
             if store is self.store:
                 self.breaker.failure()
                 self._store_failed(exc)
             self.leave_queue(plan, ticket)
-            return await self._fallback(plan, ticket.lease_id)
+            return await self._fallback(plan, ticket.lease_id, ticket.charge)
 
     def leave_queue(self, plan: AdmissionPlan, ticket: Ticket) -> None:
         """Stop waiting (synchronous, idempotent)."""
@@ -278,35 +324,50 @@ class Admission:
             store, ticket.waiting_in = ticket.waiting_in, None
             cast(WaitingStore, store).leave_queue(plan.slots, ticket.lease_id)
 
-    async def _fallback(self, plan: AdmissionPlan, lease_id: str) -> Ticket:
+    async def _fallback(self, plan: AdmissionPlan, lease_id: str, charge: Charge) -> Ticket:
         self._metrics.fallback_decisions.labels(self._on_error).inc()
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
+            local = self._local
             if self.bridge is not None:
                 await self.bridge.to_local()
             if plan.wait:
-                return await self._admit_waiting(self._local, plan, lease_id)
-            divisor = self._local_divisor
-            rates, slots = (plan.rates, plan.slots) if divisor == 1 else (
-                _divided(plan.rates, divisor), _divided(plan.slots, divisor))
-            result = await self._local.admit(rates, slots, lease_id)
+                return await self._admit_waiting(local, plan, lease_id, charge)
+            # Each bucket divided by the divisor, under the plan's bucket key (released and
+            # settled under it too).
+            rates, slots, quotas = self._buckets(local, plan)
+            result = await local.admit(rates, slots, lease_id, quotas=quotas, charge=charge)
+            if result.shadow_refused:
+                self._count_shadow(plan, result)
             if result.admitted and plan.slots and self.bridge is not None:
-                self.bridge.admitted(self._local, plan, lease_id)
-            # Released under the plan's bucket keys: a divided bucket keeps its key.
-            return Ticket(lease_id, result, self._local if result.admitted and plan.slots else None)
-        return Ticket(lease_id, None, None)
+                self.bridge.admitted(local, plan, lease_id)
+            return Ticket(lease_id, result, local if result.admitted and plan.slots else None, charge=charge,
+                          counted_in=local if result.admitted else None)
+        return Ticket(lease_id, None, None, charge=charge)
 
     def release(self, plan: AdmissionPlan, ticket: Ticket) -> None:
-        """Free the ticket's slots (synchronous, idempotent: safe in any `finally`)."""
-        if ticket.store is not None:
-            store, ticket.store = ticket.store, None
-            if self.bridge is not None:
-                self.bridge.released(store, plan, ticket.lease_id)
-            if plan.wait:  # someone may be waiting for this slot
-                cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True)
-            else:
-                store.release(plan.slots, ticket.lease_id)
+        """Free the ticket's slots and settle its charge (`ticket.settled`) in one batched store
+        call (synchronous, idempotent: safe in any `finally`; the settlement goes once)."""
+        settlement = settlement_of(plan, ticket)
+        counted, ticket.counted_in = ticket.counted_in, None  # the settlement is decided once
+        store = ticket.store
+        if store is None:
+            if settlement is not None and counted is not None:  # no slots held: the settlement alone
+                counted.release((), ticket.lease_id, settlement=settlement)
+            return
+        ticket.store = None
+        if self.bridge is not None:
+            self.bridge.released(store, plan, ticket.lease_id)
+        if plan.wait:  # someone may be waiting for this slot
+            cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True, settlement=settlement)
+        else:
+            store.release(plan.slots, ticket.lease_id, settlement=settlement)
+
+    def _count_shadow(self, plan: AdmissionPlan, result: AdmitResult) -> None:
+        """gateway_shadow_refusals_total: what each shadow limit would have refused."""
+        for key in result.shadow_refused:
+            self._metrics.shadow_refusals_for(plan.plan, limit_name(plan, key)).inc()
 
     def _store_failed(self, exc: StoreError) -> None:
         """One log line per failing streak (every failure is counted in the metrics)."""
@@ -320,7 +381,34 @@ class Admission:
         log.info("store answers admissions again")
 
 
-_Bucket = TypeVar("_Bucket", RateBucket, SlotBucket)
+_Bucket = TypeVar("_Bucket", RateBucket, SlotBucket, QuotaBucket)
+
+
+def settlement_of(plan: AdmissionPlan, ticket: Ticket) -> Settlement | None:
+    """The re-pricing a release must carry: None unless the ticket's units are still counted
+    somewhere and were settled to another amount. Only cost-counting buckets are re-priced,
+    and never a shadow bucket that would have refused (nothing was written into it)."""
+    if ticket.counted_in is None or ticket.result is None or ticket.settled is None:
+        return None
+    charged, settled = ticket.charge.cost, ticket.settled
+    if settled == charged:
+        return None
+    skipped = ticket.result.shadow_refused
+    rates = tuple(rate for rate in plan.rates if rate.counts_cost and rate.key not in skipped)
+    quotas = tuple(quota for quota in plan.quotas if quota.counts_cost and quota.key not in skipped)
+    if not rates and not quotas:
+        return None
+    return Settlement(rates, quotas, charged, settled, ticket.result.now_ms)
+
+
+def limit_name(plan: AdmissionPlan, key: str) -> str:
+    """The config name of the limit of the bucket stored under `key` (a metrics label)."""
+    for buckets, infos in ((plan.rates, plan.rate_info), (plan.slots, plan.slot_info),
+                           (plan.quotas, plan.quota_info)):
+        for bucket, info in zip(buckets, infos):
+            if bucket.key == key:
+                return info.name or info.policy.removesuffix(".key")
+    return "unknown"
 
 
 def _divided(buckets: Sequence[_Bucket], divisor: int) -> tuple[_Bucket, ...]:

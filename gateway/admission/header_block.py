@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 from gateway import trusted_headers
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.headers import LimitHeaders
-from gateway.store.base import AdmitResult
+from gateway.store.base import ONE, AdmitResult, Charge
 from gateway.trusted_headers import EncodedHeaders
 
 # The template's numbers, by name (bytes formatting with a mapping takes bytes keys).
@@ -33,8 +33,11 @@ def _fixed(text: bytes) -> bytes:
 def admitted_template(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> bytes | None:
     """The `name: value\\r\\n` lines `LimitHeaders` gives an admitted request, numbers as
     `%(left)d`, `%(current)d`, `%(remaining)d`, `%(reset)d`; None when the plan has another
-    shape, no header is on, or a fixed part would not pass the block check."""
-    if len(plan.rate_info) > 1 or len(plan.slot_info) > 1:
+    shape (more buckets of a kind, a quota, a shadow limit), no header is on, or a fixed part
+    would not pass the block check."""
+    if len(plan.rate_info) > 1 or len(plan.slot_info) > 1 or plan.quota_info:
+        return None
+    if any(info.shadow for info in (*plan.rate_info, *plan.slot_info)):
         return None
     rate = plan.rate_info[0] if plan.rate_info else None
     slot = plan.slot_info[0] if plan.slot_info else None
@@ -71,25 +74,26 @@ class EncodedLimitHeaders:
     """A compiled plan's limit headers from one admission result: an admitted request's as an
     `EncodedHeaders` block, anything else as `LimitHeaders` makes them."""
 
-    __slots__ = ("_headers", "_template", "_rate_limit", "_slot_limit")
+    __slots__ = ("_headers", "_template", "_rate_limit", "_slot_limit", "_rate_counts_cost")
 
     def __init__(self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> None:
         self._headers = LimitHeaders(plan, families, policy)
         self._template = admitted_template(plan, families, policy)
         self._rate_limit = plan.rate_info[0].limit if plan.rate_info else None
         self._slot_limit = plan.slot_info[0].limit if plan.slot_info else None
+        self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
 
-    def __call__(self, result: AdmitResult) -> Sequence[tuple[bytes, bytes]]:
+    def __call__(self, result: AdmitResult, charge: Charge = ONE) -> Sequence[tuple[bytes, bytes]]:
         template = self._template
         if template is None or not result.admitted:
-            return self._headers(result)
+            return self._headers(result, charge)
         left = current = remaining = reset = 0
         limit = self._slot_limit
         if limit is not None:
-            current = min(limit, result.slot_counts[0] + 1)  # this request included
+            current = min(limit, result.slot_counts[0] + charge.slots)  # this request's slots included
             left = limit - current
         limit = self._rate_limit
         if limit is not None:
-            remaining = max(0, limit - result.rate_counts[0] - 1)
+            remaining = max(0, limit - result.rate_counts[0] - (charge.cost if self._rate_counts_cost else 1))
             reset = max(0, math.ceil(result.rate_reset_ms[0] / 1000))
         return EncodedHeaders(template % {_LEFT: left, _CURRENT: current, _REMAINING: remaining, _RESET: reset})

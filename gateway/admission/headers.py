@@ -6,21 +6,30 @@ so the numbers describe the state that caused it. `in_flight` counts this reques
 it was admitted (a refused request holds no slot): 10 slots with 2 already held gives
 Concurrency-Remaining 7 on an admission, 8 on a rate refusal.
 
+Cost (issue 18): a limit that counts cost is described in units (its remaining drops by the
+request's cost when admitted), concurrency in slots (a request holding K slots takes K). Quotas
+join the IETF headers (`"credits";q=N;w=<seconds of the current period>`, `r=..;t=<seconds to
+the period's end>`) and are candidates for the X-RateLimit family. A bucket "refused" this
+request when fewer than its units were left. Shadow limits are never described.
+
 A refusal answered from the refusal cache (`result.from_cache`, gateway/admission/controller.py)
-knows only its refusing rate limits (full until their `t`): the concurrency families, the IETF
-concurrency items and the IETF items of rate limits that did not refuse are left out rather
-than repeated stale.
+knows only its refusing limits (full until their `t`): the concurrency families, the IETF
+concurrency items and the IETF items of limits that did not refuse are left out rather than
+repeated stale.
 IETF `w` is whole seconds (the draft's unit): a sub-second-fraction window is rounded up, so
 `5/1500ms` is announced as `q=5;w=2`, never a rate above the real one.
 """
 
 from __future__ import annotations
 
+import calendar
 import math
+import time
 from collections.abc import Collection
+from datetime import UTC, datetime
 
-from gateway.admission.buckets import AdmissionPlan
-from gateway.store.base import AdmitResult
+from gateway.admission.buckets import AdmissionPlan, BucketInfo
+from gateway.store.base import ONE, AdmitResult, Charge
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -39,22 +48,60 @@ def ietf_window(seconds: float) -> int:
 
 
 def policy_header(plan: AdmissionPlan) -> bytes | None:
-    """RateLimit-Policy: fixed per (plan, route), so computed once and cached with the plan."""
-    items = [f'"{info.policy}";q={info.limit};w={ietf_window(info.window)}' for info in plan.rate_info]
-    items += [f'"{info.policy}";q={info.limit};qu="concurrent-requests"' for info in plan.slot_info]
-    return ", ".join(items).encode() if items else None
+    """RateLimit-Policy's fixed part, cached with the plan: the rate and concurrency items (a
+    quota's `w` follows the calendar: `quota_policy` adds its items per response). b"" for a
+    plan with quotas only, None when no limit is described."""
+    items = [f'"{info.policy}";q={info.limit};w={ietf_window(info.window)}' for info in plan.rate_info
+             if not info.shadow]
+    items += [f'"{info.policy}";q={info.limit};qu="concurrent-requests"' for info in plan.slot_info
+              if not info.shadow]
+    if items:
+        return ", ".join(items).encode()
+    return b"" if any(not info.shadow for info in plan.quota_info) else None
 
 
-def rate_state(plan: AdmissionPlan, result: AdmitResult) -> list[tuple[int, int]]:
-    """(remaining after this request, ms until one more frees up) per rate bucket."""
-    states = []
-    for info, count, reset_ms in zip(plan.rate_info, result.rate_counts, result.rate_reset_ms, strict=True):
-        used = count + 1 if result.admitted else count
-        remaining = max(0, info.limit - used)
-        if not result.admitted and remaining == 0:
-            reset_ms = max(reset_ms, result.retry_after_ms)  # Retry-After is never earlier than t
-        states.append((remaining, reset_ms))
-    return states
+def period_seconds(period: str, now_ms: float) -> int:
+    """The length of the UTC period (`1d`, `7d`, `month`) that holds `now_ms`."""
+    if period == "1d":
+        return 86_400
+    if period == "7d":
+        return 7 * 86_400
+    now = datetime.fromtimestamp((now_ms or time.time() * 1000) / 1000, UTC)
+    return calendar.monthrange(now.year, now.month)[1] * 86_400
+
+
+def quota_policy(plan: AdmissionPlan, result: AdmitResult) -> list[str]:
+    """The quotas' RateLimit-Policy items (`w`: the current period's seconds)."""
+    return [f'"{info.policy}";q={info.limit};w={period_seconds(info.period, result.now_ms)}'
+            for info in plan.quota_info if not info.shadow]
+
+
+def units(info: BucketInfo, charge: Charge) -> int:
+    """What one request takes from a rate bucket or quota: its cost, or 1 if it counts requests."""
+    return charge.cost if info.counts_cost else 1
+
+
+def _state(info: BucketInfo, count: int, reset_ms: int, result: AdmitResult, charge: Charge) -> tuple[int, int]:
+    needed = units(info, charge)
+    used = count + needed if result.admitted else count
+    remaining = max(0, info.limit - used)
+    if not result.admitted and remaining < needed:
+        reset_ms = max(reset_ms, result.retry_after_ms)  # Retry-After is never earlier than t
+    return remaining, reset_ms
+
+
+def rate_state(plan: AdmissionPlan, result: AdmitResult, charge: Charge = ONE) -> list[tuple[int, int]]:
+    """(remaining after this request, ms until it frees up) per rate bucket, in its units."""
+    return [_state(info, count, reset_ms, result, charge)
+            for info, count, reset_ms in zip(plan.rate_info, result.rate_counts, result.rate_reset_ms, strict=True)]
+
+
+def quota_state(plan: AdmissionPlan, result: AdmitResult, charge: Charge = ONE) -> list[tuple[int, int]]:
+    """As `rate_state` per quota (reset: the period's end); empty when the result has none."""
+    if len(result.quota_counts) != len(plan.quota_info):
+        return []
+    return [_state(info, count, reset_ms, result, charge)
+            for info, count, reset_ms in zip(plan.quota_info, result.quota_counts, result.quota_reset_ms, strict=True)]
 
 
 def slots_known(plan: AdmissionPlan, result: AdmitResult) -> bool:
@@ -62,12 +109,12 @@ def slots_known(plan: AdmissionPlan, result: AdmitResult) -> bool:
     return not result.from_cache and len(result.slot_counts) == len(plan.slot_info)
 
 
-def slot_in_flight(plan: AdmissionPlan, result: AdmitResult) -> list[int]:
-    """Requests in flight per slot bucket, this request included only if admitted (capped at
-    the limit); empty when the result knows nothing about the slots."""
+def slot_in_flight(plan: AdmissionPlan, result: AdmitResult, charge: Charge = ONE) -> list[int]:
+    """Slots held per slot bucket, this request's `charge.slots` included only if admitted
+    (capped at the limit); empty when the result knows nothing about the slots."""
     if not slots_known(plan, result):
         return []
-    extra = 1 if result.admitted else 0
+    extra = charge.slots if result.admitted else 0
     return [min(info.limit, count + extra) for info, count in zip(plan.slot_info, result.slot_counts, strict=True)]
 
 
@@ -76,13 +123,13 @@ def limit_headers(
     result: AdmitResult,
     families: Collection[str],
     policy: bytes | None,
+    charge: Charge = ONE,
 ) -> Headers:
     headers: Headers = []
-    in_flight = slot_in_flight(plan, result)
-    if in_flight:
-        i = min(range(len(in_flight)), key=lambda j: plan.slot_info[j].limit - in_flight[j])
-        limit = plan.slot_info[i].limit
-        current = in_flight[i]
+    in_flight = slot_in_flight(plan, result, charge)
+    slots = [(info, current) for info, current in zip(plan.slot_info, in_flight) if not info.shadow]
+    if slots:
+        limit, current = min(((info.limit, current) for info, current in slots), key=lambda s: s[0] - s[1])
         if "concurrency" in families:
             headers.append((b"concurrency-limit", b"%d" % limit))
             headers.append((b"concurrency-remaining", b"%d" % (limit - current)))
@@ -90,21 +137,25 @@ def limit_headers(
             headers.append((b"x-concurrent-limit", b"%d" % limit))
             headers.append((b"x-concurrent-current", b"%d" % current))
             headers.append((b"x-concurrent-remaining", b"%d" % (limit - current)))
-    rates = rate_state(plan, result)
-    if rates and "x-ratelimit" in families:
-        i = min(range(len(rates)), key=lambda j: (rates[j][0], -rates[j][1]))
-        headers.append((b"x-ratelimit-limit", b"%d" % plan.rate_info[i].limit))
-        headers.append((b"x-ratelimit-remaining", b"%d" % rates[i][0]))
-        headers.append((b"x-ratelimit-reset", b"%d" % _seconds(rates[i][1])))
+    # (info, remaining, reset_ms) of every limit counted over time: rates, then quotas
+    counted = [(info, *state) for info, state in zip(plan.rate_info, rate_state(plan, result, charge))
+               if not info.shadow]
+    quotas = [(info, *state) for info, state in zip(plan.quota_info, quota_state(plan, result, charge))
+              if not info.shadow]
+    if (counted or quotas) and "x-ratelimit" in families:
+        info, remaining, reset_ms = min(counted + quotas, key=lambda c: (c[1], -c[2]))
+        headers.append((b"x-ratelimit-limit", b"%d" % info.limit))
+        headers.append((b"x-ratelimit-remaining", b"%d" % remaining))
+        headers.append((b"x-ratelimit-reset", b"%d" % _seconds(reset_ms)))
     if policy is not None and "ietf" in families:
-        items = [
-            f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}'
-            for info, (remaining, reset_ms) in zip(plan.rate_info, rates, strict=True)
-            if remaining == 0 or not result.from_cache  # a cached refusal knows its full limits only
-        ]
-        items += [
-            f'"{info.policy}";r={info.limit - current}' for info, current in zip(plan.slot_info, in_flight)
-        ]
+        # a cached refusal knows its refusing limits only (those with fewer units left than asked)
+        items = [f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}' for info, remaining, reset_ms in counted
+                 if remaining < units(info, charge) or not result.from_cache]
+        items += [f'"{info.policy}";r={info.limit - current}' for info, current in slots]
+        items += [f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}' for info, remaining, reset_ms in quotas
+                  if remaining < units(info, charge) or not result.from_cache]
+        if plan.quota_info:
+            policy = b", ".join([part for part in (policy,) if part] + [i.encode() for i in quota_policy(plan, result)])
         headers.append((b"ratelimit-policy", policy))
         if items:
             headers.append((b"ratelimit", ", ".join(items).encode()))
@@ -115,19 +166,23 @@ class LimitHeaders:
     """`limit_headers` for one (plan, families, policy), with everything fixed done once.
 
     Built with the compiled plan (gateway/runtime.py). Plans with at most one rate bucket and at
-    most one slot bucket (the common shape) take a fast path that only formats the numbers;
-    any other shape uses `limit_headers` itself. Both give byte-identical headers.
+    most one slot bucket, no quota and no shadow limit (the common shape) take a fast path that
+    only formats the numbers; any other shape uses `limit_headers` itself. Both give
+    byte-identical headers.
     """
 
     __slots__ = ("_plan", "_families", "_policy", "_simple", "_rate_limit", "_slot_limit", "_rate_limit_text",
                  "_slot_limit_text", "_concurrency", "_x_concurrent", "_x_ratelimit", "_ietf", "_rate_item",
-                 "_slot_item")
+                 "_slot_item", "_rate_counts_cost", "_given_policy")
 
     def __init__(self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> None:
         self._plan = plan
         self._families = families
         self._policy = policy or b""
-        self._simple = len(plan.rate_info) <= 1 and len(plan.slot_info) <= 1
+        self._given_policy = policy  # b"" (quotas only) is not None: limit_headers adds the quotas' items
+        self._simple = (len(plan.rate_info) <= 1 and len(plan.slot_info) <= 1 and not plan.quota_info
+                        and not any(info.shadow for info in (*plan.rate_info, *plan.slot_info)))
+        self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
         # The single bucket's limit of each kind, None when the plan has no bucket of that kind.
         self._rate_limit = plan.rate_info[0].limit if plan.rate_info else None
         self._slot_limit = plan.slot_info[0].limit if plan.slot_info else None
@@ -141,14 +196,17 @@ class LimitHeaders:
         self._rate_item = f'"{plan.rate_info[0].policy}";r='.encode() if plan.rate_info else b""
         self._slot_item = f'"{plan.slot_info[0].policy}";r='.encode() if plan.slot_info else b""
 
-    def __call__(self, result: AdmitResult) -> Headers:
+    def __call__(self, result: AdmitResult, charge: Charge = ONE) -> Headers:
         if not self._simple:
-            return limit_headers(self._plan, result, self._families, self._policy or None)
+            return limit_headers(self._plan, result, self._families, self._given_policy, charge)
         headers: Headers = []
         slot_item = None
         if self._slot_limit is not None and not result.from_cache and result.slot_counts:
-            slot_item = self._add_slot(headers, result, self._slot_limit)
-        rate_item = None if self._rate_limit is None else self._add_rate(headers, result, self._rate_limit)
+            slot_item = self._add_slot(headers, result, self._slot_limit, charge.slots)
+        rate_item = None
+        if self._rate_limit is not None:
+            needed = charge.cost if self._rate_counts_cost else 1
+            rate_item = self._add_rate(headers, result, self._rate_limit, needed)
         if self._ietf:
             items = [item for item in (rate_item, slot_item) if item is not None]  # rate items first
             headers.append((b"ratelimit-policy", self._policy))
@@ -156,9 +214,9 @@ class LimitHeaders:
                 headers.append((b"ratelimit", b", ".join(items)))
         return headers
 
-    def _add_slot(self, headers: Headers, result: AdmitResult, limit: int) -> bytes:
+    def _add_slot(self, headers: Headers, result: AdmitResult, limit: int, slots: int) -> bytes:
         """The concurrency families' headers; returns the slot bucket's IETF item."""
-        current = min(limit, result.slot_counts[0] + 1 if result.admitted else result.slot_counts[0])
+        current = min(limit, result.slot_counts[0] + slots if result.admitted else result.slot_counts[0])
         left = b"%d" % (limit - current)
         if self._concurrency:
             headers.append((b"concurrency-limit", self._slot_limit_text))
@@ -169,19 +227,19 @@ class LimitHeaders:
             headers.append((b"x-concurrent-remaining", left))
         return self._slot_item + left
 
-    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int) -> bytes | None:
+    def _add_rate(self, headers: Headers, result: AdmitResult, limit: int, needed: int) -> bytes | None:
         """The X-RateLimit headers (numbers as `rate_state` computes them); returns the rate bucket's IETF item."""
         count = result.rate_counts[0]
-        remaining = max(0, limit - (count + 1 if result.admitted else count))
+        remaining = max(0, limit - (count + needed if result.admitted else count))
         reset_ms = result.rate_reset_ms[0]
-        if not result.admitted and remaining == 0:
+        if not result.admitted and remaining < needed:
             reset_ms = max(reset_ms, result.retry_after_ms)  # Retry-After is never earlier than t
         reset = _seconds(reset_ms)
         if self._x_ratelimit:
             headers.append((b"x-ratelimit-limit", self._rate_limit_text))
             headers.append((b"x-ratelimit-remaining", b"%d" % remaining))
             headers.append((b"x-ratelimit-reset", b"%d" % reset))
-        if result.from_cache and remaining:  # not the refusing limit: its number may be stale
+        if result.from_cache and remaining >= needed:  # not the refusing limit: its number may be stale
             return None
         return self._rate_item + b"%d;t=%d" % (remaining, reset)
 
@@ -203,14 +261,35 @@ def human_window(seconds: float) -> str:
     return f"{_window(seconds)}s"
 
 
-def refusal_message(plan: AdmissionPlan, result: AdmitResult) -> str:
-    """The human sentence of a 429, naming the limit that refused."""
+_PERIOD_WORDS = {"1d": "daily", "7d": "weekly", "month": "monthly"}
+
+
+def refusal_message(plan: AdmissionPlan, result: AdmitResult, charge: Charge = ONE) -> str:
+    """The human sentence of a refusal, naming the limit that refused."""
+    if result.reason == "quota":
+        states = quota_state(plan, result, charge)
+        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.quota_info, states))
+                  if not info.shadow and remaining < units(info, charge)), 0)
+        info = plan.quota_info[i] if plan.quota_info else BucketInfo("quota", 0, 0.0)
+        what = "units" if info.counts_cost else "requests"
+        return (f"This request needs {units(info, charge)} {what}; the {_PERIOD_WORDS.get(info.period, info.period)}"
+                f" quota of {info.limit} {what} of the {plan.plan} plan is spent until the period ends.")
     if result.reason == "rate":
-        states = rate_state(plan, result)
-        i = next((j for j, (remaining, _) in enumerate(states) if remaining == 0), 0)
+        states = rate_state(plan, result, charge)
+        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.rate_info, states))
+                  if not info.shadow and remaining < units(info, charge)), 0)
         info = plan.rate_info[i]
+        if info.counts_cost:
+            if charge.cost > info.limit:
+                return (f"This request costs {charge.cost} units, more than the {info.limit} units per "
+                        f"{human_window(info.window)} of the {plan.plan} plan.")
+            return f"You have exceeded {info.limit} units per {human_window(info.window)} on the {plan.plan} plan."
         return f"You have exceeded {info.limit} requests per {human_window(info.window)} on the {plan.plan} plan."
-    in_flight = slot_in_flight(plan, result)
-    i = next((j for j, info in enumerate(plan.slot_info) if in_flight[j] >= info.limit), 0)
+    in_flight = slot_in_flight(plan, result, charge)
+    i = next((j for j, info in enumerate(plan.slot_info)
+              if not info.shadow and in_flight and in_flight[j] + charge.slots > info.limit), 0)
     info = plan.slot_info[i]
+    if charge.slots > 1:
+        return (f"This request needs {charge.slots} of the {info.limit} concurrent request slots of the "
+                f"{plan.plan} plan, and not enough are free.")
     return f"All {info.limit} concurrent request slots of the {plan.plan} plan are in use."

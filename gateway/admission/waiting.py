@@ -24,7 +24,7 @@ from typing import Any, cast
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.controller import Admission, Ticket, recheck_interval
 from gateway.asgi import Message, Receive
-from gateway.store.base import WaitingStore
+from gateway.store.base import ONE, Charge, WaitingStore
 
 BODY_LIMIT = 1 << 20
 
@@ -79,10 +79,13 @@ class WatchedReceive:
             woken.cancel()
 
 
-async def admit(admission: Admission, plan: AdmissionPlan, receive: Receive) -> tuple[Ticket, Receive]:
-    """Admission, waiting for a slot up to the plan's `wait`. Returns the ticket (admitted, or
-    the last refusal) and the `receive` the rest of the request must use."""
-    ticket = await admission.admit(plan)
+async def admit(
+    admission: Admission, plan: AdmissionPlan, receive: Receive, charge: Charge = ONE
+) -> tuple[Ticket, Receive]:
+    """Admission of a request weighing `charge`, waiting for a slot up to the plan's `wait`.
+    Returns the ticket (admitted, or the last refusal) and the `receive` the rest of the
+    request must use."""
+    ticket = await admission.admit(plan, charge)
     if ticket.waiting_in is None:
         return ticket, receive
     watched = WatchedReceive(receive)

@@ -35,6 +35,7 @@ from gateway.disconnects import DisconnectWatch, disconnect_watch
 from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
 from gateway.proxy.phase import Phase
 from gateway.proxy.request_body import PREFETCH, BodyStart, declared_length, send_request_timeout
+from gateway.proxy.settlement import RequestBill
 from gateway.proxy.upstream import (
     Headers,
     UpstreamBodyError,
@@ -106,7 +107,7 @@ class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
     __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
-                 "on_complete")
+                 "on_complete", "bill")
 
     def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
                  disconnects: DisconnectWatch | None) -> None:
@@ -120,6 +121,7 @@ class _Exchange:
         self.watcher: asyncio.Task[None] | None = None
         self.observer: ResponseObserver | None = None
         self.on_complete: Callable[[], None] | None = None
+        self.bill: RequestBill | None = None
 
     def stop(self, reason: Reason) -> bool:
         """Record why the exchange must end and cancel the running phase, if any."""
@@ -204,6 +206,12 @@ async def _stream_body(
     state.watch()
 
 
+def _answering(extra: Headers, bill: RequestBill | None) -> Headers:
+    """The headers of an answer the gateway makes itself instead of the upstream's: the limit
+    headers and, when billed, the charge (as settled with no upstream answer)."""
+    return extra if bill is None else bill.with_charge(extra)
+
+
 async def _too_large(send: Send, max_body: int, extra: Headers) -> Literal["body_too_large"]:
     # Closing: the rest of an oversized body is not worth reading.
     await send_error(
@@ -228,6 +236,7 @@ async def forward(
     client_timeout: float | None = None,
     observer: ResponseObserver | None = None,
     on_complete: Callable[[], None] | None = None,
+    bill: RequestBill | None = None,
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
@@ -238,6 +247,8 @@ async def forward(
     `body_start` is what was received before admission, if anything; `client_timeout` bounds
     the time the client may take for each further 64 KiB of its body (None: no bound).
     `observer`, if given, sees the response as it is relayed (see `ResponseObserver`).
+    `bill`, if given, is settled from the upstream's response headers (before `on_complete`),
+    and every answer, the upstream's or the gateway's own, carries the charge header.
     Returns the upstream status, or "timeout" (504 sent), "error" (502 sent), "disconnected"
     (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned),
     "client_timeout" (408 sent, or the upstream request abandoned), "send_timeout" (the client
@@ -250,7 +261,7 @@ async def forward(
         raise RuntimeError("forward() must run inside an asyncio task")
     declared = declared_length(scope["headers"])
     if declared is not None and declared > max_body:
-        return await _too_large(send, max_body, extra)
+        return await _too_large(send, max_body, _answering(extra, bill))
 
     if body_start is not None:
         first, more_body = body_start.data, not body_start.complete
@@ -259,17 +270,18 @@ async def forward(
             with Phase(task, client_timeout):
                 message = await receive()
         except TimeoutError:
-            await send_request_timeout(send, extra)
+            await send_request_timeout(send, _answering(extra, bill))
             return "client_timeout"
         if message["type"] != "http.request":
             return "disconnected"
         first, more_body = message.get("body", b""), message.get("more_body", False)
     if len(first) > max_body:
-        return await _too_large(send, max_body, extra)
+        return await _too_large(send, max_body, _answering(extra, bill))
 
     state = _Exchange(task, scope, receive, disconnect_watch(scope))
     state.observer = observer
     state.on_complete = on_complete
+    state.bill = bill
     body: bytes | AsyncIterator[bytes] | None
     if more_body:
         body = _stream_body(first, state, max_body, client_timeout)
@@ -309,17 +321,19 @@ async def _exchange(
     except TimeoutError:
         if state.reason is None:
             await send_error(
-                send, 504, "upstream_timeout", "The upstream did not answer in time.", extra_headers=extra
+                send, 504, "upstream_timeout", "The upstream did not answer in time.",
+                extra_headers=_answering(extra, state.bill),
             )
             return "timeout"
     except UpstreamError as exc:
         if state.reason is None:
             if isinstance(exc, UpstreamTimeout):
                 await send_error(
-                    send, 504, "upstream_timeout", "The upstream did not answer in time.", extra_headers=extra
+                    send, 504, "upstream_timeout", "The upstream did not answer in time.",
+                    extra_headers=_answering(extra, state.bill),
                 )
                 return "timeout"
-            return await _unavailable(send, extra)
+            return await _unavailable(send, _answering(extra, state.bill))
     except _BodyAborted:
         if state.reason is None:
             raise
@@ -330,9 +344,9 @@ async def _exchange(
         if response is not None:
             await response.aclose()
         if state.reason == "body_too_large":
-            return await _too_large(send, max_body, extra)
+            return await _too_large(send, max_body, _answering(extra, state.bill))
         if state.reason == "client_timeout":
-            await send_request_timeout(send, extra)
+            await send_request_timeout(send, _answering(extra, state.bill))
             return "client_timeout"
         return _CLIENT_GONE.get(state.reason, "disconnected")
     return await _relay(state, send, response, extra)
@@ -349,7 +363,9 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
         try:
             out = client_response_headers(response.headers)
         except InvalidUpstreamHeaders:
-            return await _unavailable(send, extra)
+            return await _unavailable(send, _answering(extra, state.bill))
+        if state.bill is not None:
+            out = state.bill.answered(status, out)
         start = {"type": "http.response.start", "status": status, "headers": out}
         if extra:  # the gateway's own headers, pre-encoded where the server allows
             trusted_headers.add(start, extra, state.scope)

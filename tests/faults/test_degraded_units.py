@@ -72,11 +72,11 @@ class DeadStore:
         pass
 
     async def admit(
-        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str
+        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str, **_: object
     ) -> AdmitResult:
         raise StoreError("down")
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+    def release(self, slots: Sequence[SlotBucket], lease_id: str, **_: object) -> None:
         pass
 
     async def check_ready(self) -> None:

@@ -35,11 +35,11 @@ class BrokenStore:
     async def aclose(self) -> None:
         pass
 
-    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str) -> AdmitResult:
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str, **_: object) -> AdmitResult:
         self.calls += 1
         raise StoreError("down")
 
-    def release(self, slots: Sequence[SlotBucket], lease_id: str) -> None:
+    def release(self, slots: Sequence[SlotBucket], lease_id: str, **_: object) -> None:
         self.released.append(lease_id)
 
     async def check_ready(self) -> None:
@@ -121,7 +121,7 @@ def test_release_goes_once_to_the_store_that_admitted() -> None:
 class HangingStore(BrokenStore):
     """A store whose calls never answer (the caller gets cancelled first)."""
 
-    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str) -> AdmitResult:
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str, **_: object) -> AdmitResult:
         self.calls += 1
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")

@@ -10,7 +10,7 @@ from pathlib import Path
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.headers import limit_headers, policy_header
 from gateway.cli import _parser
-from gateway.config.model import HEADER_FAMILIES
+from gateway.config.model import HEADER_FAMILIES, QuotaLimit
 from gateway.metrics import Metrics
 from gateway.store.base import AdmitResult, RateBucket, SlotBucket
 
@@ -50,6 +50,9 @@ def test_every_error_answer_of_the_code_is_in_the_contract_and_back() -> None:
     # send_error(send, STATUS, "error", ...) on the public port; the raw 408 of the header deadline
     calls = re.findall(r"send_error\(\s*send,\s*(\d{3}),\s*\"(\w+)\"", source)
     sent = {(int(status), error) for status, error in calls}
+    # the quota refusal's status is the quota's own (`status`, default 402)
+    if re.search(r"send_error\(send, plan\.quota_status, \"quota_exceeded\"", source):
+        sent.add((QuotaLimit("q", 1, "1d").status, "quota_exceeded"))
     deadline = (GATEWAY / "header_deadline.py").read_text()
     status = re.search(r"HTTP/1\.1 (\d{3})", deadline)
     error = re.search(r"error_body\(\"(\w+)\"", deadline)

@@ -4,17 +4,18 @@ for any plan shape, families and result; refusals and other shapes keep `LimitHe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 
 from gateway import trusted_headers
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.header_block import EncodedLimitHeaders, admitted_template
 from gateway.admission.headers import LimitHeaders, policy_header
-from gateway.store.base import AdmitResult, RateBucket, SlotBucket
+from gateway.store.base import AdmitResult, Charge, QuotaBucket, RateBucket, SlotBucket
 from gateway.trusted_headers import EncodedHeaders
-from tests.unit.test_limit_headers_fast_path import FAMILIES, cases
+from tests.unit.test_limit_headers_fast_path import FAMILIES, cases, charged_cases
 
 
 @given(cases())
@@ -89,3 +90,43 @@ def test_add_hands_the_block_on_only_to_a_server_that_takes_it() -> None:
     trusted_headers.add(without, block, {"extensions": {}})
     assert trusted_headers.MESSAGE_KEY not in without
     assert without["headers"] == [(b"a", b"b"), (b"x-ratelimit-limit", b"10"), (b"ratelimit", b'"rpm";r=6;t=5')]
+
+
+@settings(max_examples=400)
+@given(charged_cases())
+def test_the_same_headers_with_costs_slots_quotas_and_shadows(
+    case: tuple[AdmissionPlan, AdmitResult, frozenset[str], Charge],
+) -> None:
+    plan, result, families, charge = case
+    policy = policy_header(plan)
+    expected = LimitHeaders(plan, families, policy)(result, charge)
+    headers = EncodedLimitHeaders(plan, families, policy)(result, charge)
+    assert list(headers) == expected
+    if isinstance(headers, EncodedHeaders):
+        assert result.admitted and not plan.quota_info
+        assert headers.block == trusted_headers.encode(expected)
+    else:
+        assert headers == expected
+
+
+def test_a_weighted_costly_request_gets_its_block_in_units_and_slots() -> None:
+    plan = AdmissionPlan(
+        "pro", rates=(RateBucket("r", 100, 60_000, counts_cost=True),),
+        rate_info=(BucketInfo("credits", 100, 60.0, counts_cost=True),),
+        slots=(SlotBucket("c", 4),), slot_info=(BucketInfo("browsers", 4, 0.0),), wait=0.0,
+    )
+    headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy_header(plan))
+    admitted = headers(AdmitResult(True, None, 0, rate_counts=[10], rate_reset_ms=[60_000], slot_counts=[1]),
+                       Charge(25, 2))
+    assert isinstance(admitted, EncodedHeaders)
+    assert b"x-ratelimit-remaining: 65\r\n" in admitted.block and b"concurrency-remaining: 1\r\n" in admitted.block
+    assert b'ratelimit: "credits";r=65;t=60, "browsers";r=1\r\n' in admitted.block
+
+
+def test_quotas_and_shadows_take_the_list_path() -> None:
+    base = _plan()
+    shadowed = replace(base, rates=(RateBucket("r", 10, 60_000, shadow=True),),
+                       rate_info=(BucketInfo("rpm", 10, 60.0, shadow=True),))
+    quota = replace(base, quotas=(QuotaBucket("q", 5, "1d"),), quota_info=(BucketInfo("daily", 5, 0.0, True, period="1d"),))
+    for plan in (shadowed, quota):
+        assert admitted_template(plan, frozenset(FAMILIES), policy_header(plan)) is None

@@ -48,7 +48,7 @@ class CountingStore(MemoryStore):
 
     async def admit(
         self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str,
-        queue: QueueSpot | None = None,
+        queue: QueueSpot | None = None, **_: object,
     ) -> AdmitResult:
         self.admits += 1
         self._clock_ref.now += self._advance
@@ -193,7 +193,7 @@ def test_plans_with_wait_get_their_rate_refusals_cached() -> None:
 class FailingStore(CountingStore):
     async def admit(
         self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str,
-        queue: QueueSpot | None = None,
+        queue: QueueSpot | None = None, **_: object,
     ) -> AdmitResult:
         self.admits += 1
         raise StoreError("down")
