@@ -4,9 +4,12 @@ the upstream's cost header, `usage_path`, and the credits example. Failures are 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.admission.buckets import build_plan
 from gateway.config.loader import ConfigError, load_config, load_config_text
@@ -160,3 +163,63 @@ def test_every_new_field_is_documented() -> None:
         "shadow", "status", "slots", "when.query", "when.headers", "when.method", "credits.yaml",
     ):
         assert f"`{field}`" in docs or f"`{field}:" in docs, field
+
+
+# -- hostile values in every new field: located problems, never a traceback ------------------------
+
+FIELDS = """\
+upstream:
+  url: http://127.0.0.1:9000
+  cost_header: {cost_header}
+  charge: {charge}
+keys:
+  - id: alice
+    key: alice-demo-key
+    plan: free
+    limits: {{credits: {override}}}
+plans:
+  free:
+    limits:
+      credits: {{quota: {quota}, counts: {counts}, status: {status}, shadow: {shadow}}}
+      burn: {{rate: {rate}, counts: {counts}, shadow: {shadow}}}
+      slots: {{concurrency: {concurrency}}}
+routes:
+  - path: /v1/**
+    limits: [credits, burn, slots]
+    cost:
+      - when: {{query: {{{name}: {value}}}, headers: {{{header}: {value}}}, method: {method}}}
+        cost: {cost}
+        slots: {slots}
+      - {{cost: {cost}}}
+usage_path: {usage_path}
+cost_response_header: {header}
+"""
+SANE_FIELDS = {
+    "cost_header": "X-Upstream-Cost", "charge": "always", "override": "500", "quota": "1000/month", "counts": "cost",
+    "status": "402", "shadow": "false", "rate": "100/1m", "concurrency": "4", "name": "js", "value": '"true"',
+    "header": "X-Cost", "method": "GET", "cost": "5", "slots": "2", "usage_path": "/v1/usage",
+}
+HOSTILE = st.one_of(
+    st.sampled_from([
+        "9" * 5000, "-1", "0", "1e999", "nan", "~", "''", "[]", "{}", "true", "yes", "!!int 1", "${X:-9}",
+        "1000/24h", "0/month", "9" * 30 + "/1d", "100/1x", "/v1/{x}", "/v1/**", "v1", "Content-Length", "a b",
+        '"\\x00"', '"%zz"', "GTE", "1001", "65", "100001/1m",
+    ]),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r{}[],#:&*!|>'\"%@`"), max_size=12),
+)
+
+
+def test_the_sane_fields_template_loads() -> None:
+    config = load_config_text(FIELDS.format(**SANE_FIELDS), "t.yaml", env={})
+    assert config.routes[0].cost[0] == CostRule(5, 2, "GET", (("js", "true"),), (("x-cost", "true"),))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({name: st.one_of(st.just(value), HOSTILE) for name, value in SANE_FIELDS.items()}))
+def test_hostile_values_give_only_located_problems(fields: dict[str, str]) -> None:
+    try:
+        load_config_text(FIELDS.format(**fields), "t.yaml", env={})
+    except ConfigError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert re.match(r"t\.yaml:\d+: \S", problem) and "\n" not in problem, problem
