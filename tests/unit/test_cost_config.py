@@ -11,11 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.admission.buckets import build_plan
 from gateway.config.loader import ConfigError, load_config, load_config_text
 from gateway.config.model import ConcurrencyLimit, CostRule, QuotaLimit, RateLimit
 from gateway.config.summary import summarize
-from gateway.store.base import Charge
 
 ROOT = Path(__file__).resolve().parents[2]
 CREDITS = ROOT / "config" / "credits.yaml"
@@ -121,23 +119,6 @@ def test_a_requests_counting_limit_takes_any_cost() -> None:
 
 
 # -- the example ---------------------------------------------------------------------------------
-
-
-def test_credits_example_prices_like_the_issue_and_checks() -> None:
-    config = load_config(CREDITS, env={})
-    route = config.routes[0]
-    developer = config.plans["developer"].limits
-    assert developer["credits"] == QuotaLimit("credits", 250_000, "month")
-    assert developer["credit_burn"] == RateLimit("credit_burn", 2000, 60.0, counts="cost", shadow=True)
-    assert isinstance(developer["slots"], ConcurrencyLimit)
-    assert config.upstream.charge == "success_only" and config.usage_path == "/v1/usage"
-    key = next(key for key in config.keys if key.plan == "developer")
-    pricing = build_plan(config, key, route).pricing
-    price = {
-        b"": Charge(1, 1), b"js_render=true": Charge(5, 2), b"premium_proxy=true": Charge(10, 1),
-        b"premium_proxy=true&js_render=true&url=x": Charge(25, 2), b"js_render=false": Charge(1, 1),
-    }
-    assert {query: pricing.charge("GET", query, []) for query in price} == price
 
 
 def test_summary_shows_quotas_shadow_costs_and_charging() -> None:
