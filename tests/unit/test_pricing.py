@@ -153,3 +153,23 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
 def test_pricing_agrees_with_the_reference(rule_list: tuple[CostRule, ...], request: tuple) -> None:
     method, query, headers = request
     assert Pricing(rule_list).charge(method, query, headers) == reference(rule_list, method, query, headers)
+
+
+class Untouchable(bytes):
+    def split(self, *args: object, **kwargs: object) -> list[bytes]:  # type: ignore[override]
+        raise AssertionError("the query was parsed")
+
+
+class UntouchableHeaders(list):  # type: ignore[type-arg]
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the headers were read")
+
+
+def test_nothing_is_parsed_that_no_rule_tests() -> None:
+    query, headers = Untouchable(b"js_render=true"), UntouchableHeaders([(b"x-tier", b"gold")])
+    assert FLAT.charge("GET", query, headers) is ONE
+    assert Pricing((CostRule(3, method="POST"),)).charge("POST", query, headers) == Charge(3, 1)
+    by_header = Pricing((CostRule(4, headers=(("x-tier", "gold"),)),))
+    assert by_header.charge("GET", query, [(b"x-tier", b"gold")]) == Charge(4, 1)
+    by_query = Pricing((CostRule(5, query=(("js_render", "true"),)),))
+    assert by_query.charge("GET", b"js_render=true", headers) == Charge(5, 1)
