@@ -253,6 +253,8 @@ class GatewayApp:
                                      retry_after=CONCURRENCY_RETRY_AFTER, extra_headers=extra)
                 return
 
+            # From here the ticket is settled as an exchange with no answer until the upstream answers.
+            bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             upstream_headers = upstream_request_headers(
                 routing.header_policy, headers, key_id=key.id, plan=key.plan,
                 forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
@@ -262,7 +264,6 @@ class GatewayApp:
             in_flight.inc()
             state.active_requests += 1
             done.outcome = "admitted"
-            bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             try:
                 outcome = await forward(
                     scope, receive, send,

@@ -208,8 +208,11 @@ async def change_quota(state: GatewayState, key: Key, change: QuotaChange) -> Re
     try:
         for item in found:
             quota = cast(QuotaBucket, item.bucket)
-            usage = await state.store.adjust_quota(quota, grant=change.grant, reset=change.reset)  # type: ignore[attr-defined]
+            adjust = state.store.adjust_quota  # type: ignore[attr-defined]
+            usage = await adjust(quota, grant=change.grant, reset=change.reset)
             views.append(quota_view(quota, item.info.policy, item.routes, usage))
     except StoreError:
         return _store_unavailable()
+    finally:
+        state.admission.refusals.clear()  # this process honours the change at once, others within 1 s
     return JSONResponse({"success": True, "key_id": key.id, "quotas": views})

@@ -25,8 +25,9 @@ with `retry_after_ms = t` stays true until t has passed, on every replica, since
 leave a window with time, and for every request costing at least as much (a cheaper one may
 fit). Until then such a request is refused here with no store call, its Retry-After counting
 down; such a refusal carries no slot counts (they may have changed since), so its headers leave
-the concurrency numbers out. Quota refusals are remembered for `QUOTA_REFUSAL_TTL` at most: an
-admin grant on any replica takes effect here within that time. Concurrency refusals are never
+the concurrency numbers out. Refusals that another replica can undo are remembered for
+`QUOTA_REFUSAL_TTL` (1 s) at most: a quota's (an admin grant or reset takes effect here within
+that time) and a cost-counting window's (a settlement's refund). Concurrency refusals are never
 cached (a slot can free any moment); nor are decisions of the local fallback store or of
 `on_error: allow`.
 
@@ -106,8 +107,10 @@ def new_lease_id() -> str:
     return f"{_LEASE_PREFIX}{next(_lease_counter):x}"
 
 
-# How long a quota refusal is repeated without asking the store: an admin grant or reset on
-# any replica is seen here within this time (a rate refusal holds until its window moves).
+# How long a refusal that another replica can undo is repeated without asking the store: a
+# quota's (an admin grant or reset) and a cost-counting window's (a settlement refunds units
+# before they leave with time). A refusal of request-counting windows only holds until its
+# window moves.
 QUOTA_REFUSAL_TTL = 1.0
 
 
@@ -155,6 +158,10 @@ class RefusalCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every refusal (an admin changed a quota through this process)."""
+        self._entries.clear()
+
     def get(self, plan: AdmissionPlan, cost: int = 1) -> AdmitResult | None:
         """The cached refusal of `plan` for a request of `cost` units, counted down to now, or None."""
         entry = self._entries.get(id(plan))
@@ -173,6 +180,8 @@ class RefusalCache:
             return
         if result.reason == "rate":
             lasts = result.retry_after_ms / 1000
+            if any(rate.counts_cost for rate in plan.rates):  # a refund elsewhere may make room
+                lasts = min(QUOTA_REFUSAL_TTL, lasts)
         elif result.reason == "quota":
             lasts = min(QUOTA_REFUSAL_TTL, result.retry_after_ms / 1000)
         else:

@@ -22,13 +22,12 @@ IETF `w` is whole seconds (the draft's unit): a sub-second-fraction window is ro
 
 from __future__ import annotations
 
-import calendar
 import math
 import time
 from collections.abc import Collection
-from datetime import UTC, datetime
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
+from gateway.store import periods
 from gateway.store.base import ONE, AdmitResult, Charge
 
 Headers = list[tuple[bytes, bytes]]
@@ -60,19 +59,16 @@ def policy_header(plan: AdmissionPlan) -> bytes | None:
     return b"" if any(not info.shadow for info in plan.quota_info) else None
 
 
-def period_seconds(period: str, now_ms: float) -> int:
-    """The length of the UTC period (`1d`, `7d`, `month`) that holds `now_ms`."""
-    if period == "1d":
-        return 86_400
-    if period == "7d":
-        return 7 * 86_400
-    now = datetime.fromtimestamp((now_ms or time.time() * 1000) / 1000, UTC)
-    return calendar.monthrange(now.year, now.month)[1] * 86_400
+def period_seconds(period: str, wall_ms: float) -> int:
+    """The length of the UTC period (`1d`, `7d`, `month`) that holds the wall-clock instant
+    `wall_ms` (a result's `now_ms` may be a store's monotonic clock: not used here)."""
+    return periods.period_of(wall_ms, period)[2] // 1000
 
 
-def quota_policy(plan: AdmissionPlan, result: AdmitResult) -> list[str]:
+def quota_policy(plan: AdmissionPlan, wall_ms: float | None = None) -> list[str]:
     """The quotas' RateLimit-Policy items (`w`: the current period's seconds)."""
-    return [f'"{info.policy}";q={info.limit};w={period_seconds(info.period, result.now_ms)}'
+    now = time.time() * 1000 if wall_ms is None else wall_ms
+    return [f'"{info.policy}";q={info.limit};w={period_seconds(info.period, now)}'
             for info in plan.quota_info if not info.shadow]
 
 
@@ -155,7 +151,7 @@ def limit_headers(
         items += [f'"{info.policy}";r={remaining};t={_seconds(reset_ms)}' for info, remaining, reset_ms in quotas
                   if remaining < units(info, charge) or not result.from_cache]
         if plan.quota_info:
-            policy = b", ".join([part for part in (policy,) if part] + [i.encode() for i in quota_policy(plan, result)])
+            policy = b", ".join([part for part in (policy,) if part] + [i.encode() for i in quota_policy(plan)])
         headers.append((b"ratelimit-policy", policy))
         if items:
             headers.append((b"ratelimit", ", ".join(items).encode()))

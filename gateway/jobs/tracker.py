@@ -10,6 +10,10 @@ answer, or a 2xx without an id, hands nothing over: the request's `finally` free
 `status_field` is one of `done`, ends the job for the calling key only (a job id seen for
 another key is not theirs to end), before the answer reaches the client.
 
+A request of K slots (its cost rule's `slots`) hands all K to the job: the count rides in the
+lease id, so the store moves every member. Its units stay with the request: the request's own
+release, after the handover, still carries its settlement (gateway/admission/controller.py).
+
 Store calls made here are shielded: a client that disconnects mid-call cannot leave a
 handover half done. A store failure is logged and counted; the slot then heals by itself
 (the lease expires, or the job member at `max_duration`).

@@ -47,6 +47,9 @@ NO_SLOTS = AdmissionPlan("pro", (CREDITS,), (BucketInfo("credits", 100, 60.0, Tr
                          quotas=(MONTHLY,), quota_info=(BucketInfo("monthly", 1000, 0.0, True, period="month"),))
 
 
+REQUESTS_ONLY = AdmissionPlan("p", (RPM,), (BucketInfo("rpm", 10, 60.0),), (), (), 0.0)
+
+
 class Recorder:
     """A store that answers what it is told to and records every call."""
 
@@ -110,14 +113,14 @@ def test_a_cached_rate_refusal_never_refuses_a_cheaper_request() -> None:
 def test_a_lower_refused_cost_replaces_the_entry_and_the_cache_counts_down() -> None:
     now = [100.0]
     cache = RefusalCache(clock=lambda: now[0])
-    cache.remember(PLAN, 100.0, refusal("rate", 10_000), cost=8)
-    cache.remember(PLAN, 100.0, refusal("rate", 10_000), cost=3)
-    assert cache.get(PLAN, 2) is None and cache.get(PLAN, 3) is not None
+    cache.remember(REQUESTS_ONLY, 100.0, refusal("rate", 10_000), cost=8)
+    cache.remember(REQUESTS_ONLY, 100.0, refusal("rate", 10_000), cost=3)
+    assert cache.get(REQUESTS_ONLY, 2) is None and cache.get(REQUESTS_ONLY, 3) is not None
     now[0] = 104.0
-    cached = cache.get(PLAN, 3)
+    cached = cache.get(REQUESTS_ONLY, 3)
     assert cached is not None and cached.retry_after_ms == 6_000 and cached.reason == "rate"
     now[0] = 110.0
-    assert cache.get(PLAN, 50) is None
+    assert cache.get(REQUESTS_ONLY, 50) is None
 
 
 def test_a_quota_refusal_is_cached_one_second_at_most() -> None:
@@ -212,3 +215,39 @@ def test_the_local_fallback_divides_quotas_like_rates_and_settles_there() -> Non
     settle(admission, PLAN, ticket, 3)
     # the shadow bucket admitted this one (it holds its units): it is re-priced too
     assert local.releases[0][2] == Settlement((CREDITS, SHADOW), (MONTHLY,), 10, 3, 1_000.0)
+
+
+def test_a_refusal_by_a_cost_counting_window_is_cached_one_second_at_most() -> None:
+    # a settlement on another replica may refund units before they leave the window with time
+    now = [100.0]
+    cache = RefusalCache(clock=lambda: now[0])
+    requests_only = REQUESTS_ONLY
+    cache.remember(PLAN, 100.0, refusal("rate", 30_000), cost=5)
+    cache.remember(requests_only, 100.0, refusal("rate", 30_000), cost=1)
+    now[0] = 100.0 + QUOTA_REFUSAL_TTL
+    assert cache.get(PLAN, 5) is None
+    assert cache.get(requests_only, 1) is not None  # nothing refunds a request-counting window
+
+
+def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
+    from gateway.store.memory import MemoryStore
+
+    slots = SlotBucket("gw:{k:9}:c:browsers", 3)
+    plan = AdmissionPlan("p", (), (), (slots,), (BucketInfo("browsers", 3, 0.0),), 2.0)
+
+    async def scenario() -> None:
+        store = MemoryStore(30.0)
+        admission = Admission(store, on_error="deny", metrics=Metrics())
+        first = await admission.admit(plan, Charge(1, 2))
+        second = await admission.admit(plan, Charge(1, 2))  # 2 + 2 > 3: it waits
+        assert first.admitted and second.waiting_in is store and not second.admitted
+        again = await admission.recheck(plan, second)
+        assert again.waiting_in is store  # still no room
+        admission.release(plan, first)
+        admitted = await admission.recheck(plan, again)
+        assert admitted.admitted and admitted.charge == Charge(1, 2) and admitted.lease_id.endswith("*2")
+        assert (await store.usage([], [slots])).slot_counts == [2]
+        admission.release(plan, admitted)
+        assert (await store.usage([], [slots])).slot_counts == [0]
+
+    asyncio.run(scenario())

@@ -127,6 +127,7 @@ def test_quotas_and_shadows_take_the_list_path() -> None:
     base = _plan()
     shadowed = replace(base, rates=(RateBucket("r", 10, 60_000, shadow=True),),
                        rate_info=(BucketInfo("rpm", 10, 60.0, shadow=True),))
-    quota = replace(base, quotas=(QuotaBucket("q", 5, "1d"),), quota_info=(BucketInfo("daily", 5, 0.0, True, period="1d"),))
+    quota = replace(base, quotas=(QuotaBucket("q", 5, "1d"),),
+                    quota_info=(BucketInfo("daily", 5, 0.0, True, period="1d"),))
     for plan in (shadowed, quota):
         assert admitted_template(plan, frozenset(FAMILIES), policy_header(plan)) is None

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
-from gateway.admission.headers import LimitHeaders, limit_headers, policy_header, refusal_message
+from gateway.admission.headers import (
+    LimitHeaders,
+    limit_headers,
+    period_seconds,
+    policy_header,
+    quota_policy,
+    refusal_message,
+)
 from gateway.store.base import AdmitResult, Charge, QuotaBucket, RateBucket, SlotBucket
 
 FAMILIES = ("concurrency", "x-concurrent", "x-ratelimit", "ietf")
@@ -110,8 +117,10 @@ def charged_cases(draw: st.DrawFn) -> tuple[AdmissionPlan, AdmitResult, frozense
         rate_info=rate_info,
         slots=tuple(replace(bucket, shadow=info.shadow) for bucket, info in zip(base.slots, slot_info)),
         slot_info=slot_info, wait=0.0,
-        quotas=tuple(QuotaBucket(f"q{i}", info.limit, info.period, info.counts_cost, info.shadow)  # type: ignore[arg-type]
-                     for i, info in enumerate(quota_info)),
+        quotas=tuple(
+            QuotaBucket(f"q{i}", info.limit, info.period, info.counts_cost, info.shadow)  # type: ignore[arg-type]
+            for i, info in enumerate(quota_info)
+        ),
         quota_info=quota_info,
     )
     # counts near the limits, where a request's units and slots change the numbers
@@ -162,7 +171,9 @@ def test_units_slots_and_quotas_in_the_headers_and_shadows_never() -> None:
     assert h["x-concurrent-current"] == "3"
     # the quota has the fewest left: 1000 - 990 - 5
     assert (h["x-ratelimit-limit"], h["x-ratelimit-remaining"], h["x-ratelimit-reset"]) == ("1000", "5", "3600")
-    assert h["ratelimit-policy"] == '"credits";q=100;w=60, "browsers";q=4;qu="concurrent-requests", "daily";q=1000;w=86400'
+    assert h["ratelimit-policy"] == (
+        '"credits";q=100;w=60, "browsers";q=4;qu="concurrent-requests", "daily";q=1000;w=86400'
+    )
     assert h["ratelimit"] == '"credits";r=55;t=30, "browsers";r=1, "daily";r=5;t=3600'
     assert "tight" not in h["ratelimit"] + h["ratelimit-policy"] and "solo" not in h["ratelimit"]
 
@@ -180,11 +191,13 @@ def test_a_quota_refusal_describes_the_quota() -> None:
 def test_a_monthly_quota_announces_the_current_month() -> None:
     plan = replace(CREDIT_PLAN, quotas=(QuotaBucket("q", 9, "month"),),
                    quota_info=(BucketInfo("monthly", 9, 0.0, True, period="month"),))
-    february = 1_740_787_200_000  # 2025-03-01T00:00Z minus a day: February 2025, 28 days
-    result = AdmitResult(True, None, 0, [0, 0], [0, 0], [0, 0], quota_counts=[0], quota_reset_ms=[1],
-                         now_ms=february - 86_400_000)
+    march = 1_740_787_200_000  # 2025-03-01T00:00Z
+    assert quota_policy(plan, march - 1) == ['"monthly";q=9;w=2419200']  # February 2025: 28 days
+    assert quota_policy(plan, march) == ['"monthly";q=9;w=2678400']  # March: 31
+    assert period_seconds("7d", march) == 604_800 and period_seconds("1d", march) == 86_400
+    result = AdmitResult(True, None, 0, [0, 0], [0, 0], [0, 0], quota_counts=[0], quota_reset_ms=[1], now_ms=5.0)
     h = _as_dict(limit_headers(plan, result, FAMILIES, policy_header(plan)))
-    assert '"monthly";q=9;w=2419200' in h["ratelimit-policy"]
+    assert h["ratelimit-policy"].endswith(quota_policy(plan)[0])  # the wall clock's month, not now_ms's
 
 
 def test_a_cost_refusal_says_when_the_request_can_never_fit() -> None:
