@@ -192,15 +192,16 @@ def render(results: dict[str, Any]) -> str:
         "upstream on the load generator's CPU.",
         "",
         "| variant | rps | gateway CPU-µs/req | Δ vs no rules | Redis CPU-µs/req | EVALSHA per admission "
-        "| Redis commands/req | Redis µs per EVALSHA | charge header | non-2xx |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Redis reads/req | Redis commands/req | Redis µs per EVALSHA | charge header | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for vid, row in s.items():
         sut = row["cpu_us"]["sut"]
         delta = f"{sut - base['cpu_us']['sut']:+.0f}" if base and vid != "flat" else "—"
         lines.append(
             f"| `{vid}`: {row['label']} | {row['rps']:,.0f} | {sut:.0f} | {delta} | {row['cpu_us']['redis']:.1f} | "
-            f"{row['evalsha_per_counted']:.3f} | {row['redis_cmds']:.2f} | {row['redis_us_per_evalsha']:.1f} | "
+            f"{row['evalsha_per_counted']:.3f} | {row['reads']:.2f} | {row['redis_cmds']:.2f} | "
+            f"{row['redis_us_per_evalsha']:.1f} | "
             f"{row['answer'].get('x-request-cost') or '—'} | {row['non2xx']} |")
     counted = results.get("instructions")
     if counted:

@@ -54,13 +54,21 @@ class Pricing:
             return ONE
         params = _query_values(query, self._query_names) if self._query_names and query else _NOTHING
         fields = _header_values(headers, self._header_names) if self._header_names else _NOTHING
+        # Plain loops: generator expressions would cost more than the matching itself.
         for want_method, want_query, want_headers, charge in self._compiled:
             if want_method is not None and want_method != method:
                 continue
-            if all(value in params.get(name, ()) for name, value in want_query) and all(
-                value in fields.get(name, ()) for name, value in want_headers
-            ):
-                return charge
+            for name, value in want_query:
+                got = params.get(name)
+                if got is None or value not in got:
+                    break
+            else:
+                for name, value in want_headers:
+                    got = fields.get(name)
+                    if got is None or value not in got:
+                        break
+                else:
+                    return charge
         return ONE
 
 
@@ -72,9 +80,18 @@ def _query_values(query: bytes, names: frozenset[bytes]) -> dict[bytes, list[byt
     found: dict[bytes, list[bytes]] = {}
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
-        name = _decode(name)
-        if name in names:
-            found.setdefault(name, []).append(_decode(value))
+        if name not in names:
+            if b"%" not in name and b"+" not in name:
+                continue  # the common case: a plain name no rule tests
+            name = _decode(name)
+            if name not in names:
+                continue
+        value = _decode(value)
+        got = found.get(name)
+        if got is None:
+            found[name] = [value]
+        else:
+            got.append(value)
     return found
 
 

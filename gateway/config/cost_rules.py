@@ -136,9 +136,10 @@ def _conditions(r: NodeReader, node: Node | None, path: str, header: bool) -> tu
 
 
 def _value(r: NodeReader, node: Node, path: str, header: bool) -> str | None:
-    if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _YAML_LOOKALIKES:
-        shown = node.value or "nothing"
-        r.problem(node, path, f'{quote(shown)} must be quoted ("{node.value}"): values are text, compared exactly')
+    if isinstance(node, yaml.ScalarNode) and not node.style and node.tag in _YAML_LOOKALIKES:
+        what = "boolean" if node.tag.endswith("bool") else "null"
+        r.problem(node, path, f'a bare {node.value or "empty value"} is YAML\'s {what}: write "{node.value}" in quotes '
+                  "(values are text, compared exactly)")  # fmt: skip
         return None
     scalar = r.scalar(node, path)
     if scalar is None:
@@ -217,7 +218,7 @@ def check_route_costs(
 
 def _unpayable(rule: CostRule, plan: Plan, limit: Limit, override: tuple[int, str] | None) -> str | None:
     if isinstance(limit, ConcurrencyLimit):
-        amount, what, unit = rule.slots, "slots", "slots"
+        amount, what, unit = rule.slots, "slots", "slot" if limit.limit == 1 else "slots"
     elif _counts_cost(limit):
         amount, what, unit = rule.cost, "cost", "units"
     else:
@@ -230,6 +231,6 @@ def _unpayable(rule: CostRule, plan: Plan, limit: Limit, override: tuple[int, st
     if override is not None and amount > override[0]:
         return (
             f"{what} {amount} is more than key {quote(override[1])}'s override of limit {quote(limit.name)} "
-            f"allows ({override[0]} {unit}): its requests priced so could never be admitted"
+            f"allows ({override[0]}): its requests priced so could never be admitted"
         )
     return None

@@ -191,7 +191,7 @@ class NodeReader:
         result = self._interpolate(node, path, text)
         if result is None:
             return None
-        null = node.tag == NULL or (node.style is None and NULL_TEXT.fullmatch(result) is not None)
+        null = node.tag == NULL or (not node.style and NULL_TEXT.fullmatch(result) is not None)
         return Scalar(result, null)
 
     def _interpolate(self, node: Node, path: str, text: str) -> str | None:

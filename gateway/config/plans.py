@@ -112,7 +112,8 @@ def _limit(r: NodeReader, node: Node, path: str, name: str) -> Limit | None:
         if option in m and kind != applies:
             r.problem(m[option][0], f"{path}.{option}", f'"{option}" applies to {applies} limits only')
     if "counts" in m and kind == "concurrency":
-        r.problem(m["counts"][0], f"{path}.counts", '"counts" applies to rate and quota limits (concurrency counts slots)')
+        message = '"counts" applies to rate and quota limits (concurrency counts slots)'
+        r.problem(m["counts"][0], f"{path}.counts", message)
     scope: Scope = field(m, "scope", lambda n: r.choice(n, f"{path}.scope", SCOPES), "key")
     shadow = field(m, "shadow", lambda n: r.boolean(n, f"{path}.shadow"), False)
     if kind == "rate":

@@ -19,7 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config.loader import ConfigError, load_config, load_config_text
-from gateway.config.model import HEADER_FAMILIES, Bans, ConcurrencyLimit, Config, Identity, RateLimit, Store
+from gateway.admission.buckets import build_plan
+from gateway.config.model import (
+    HEADER_FAMILIES,
+    Bans,
+    ConcurrencyLimit,
+    Config,
+    Identity,
+    QuotaLimit,
+    RateLimit,
+    Store,
+)
+from gateway.store.base import Charge
 from gateway.config.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -491,6 +502,7 @@ def test_every_profile_has_an_example() -> None:
         "cloro-style.yaml",
         "reader-style.yaml",
         "zapfetch-style.yaml",
+        "credits.yaml",
     } <= names
 
 
@@ -588,6 +600,23 @@ def test_zapfetch_style_shares_one_budget_and_caps_crawls() -> None:
     assert crawl.limits == ("rps", "crawl_rps") and crawl.per_route == frozenset()
     assert crawl.job is not None and crawl.job.limit == "crawls"
     assert config.plans["starter"].limits["rps"] == RateLimit(name="rps", limit=50, window=1.0)
+
+
+def test_credits_example_prices_like_the_issue_and_checks() -> None:
+    config = load_config(EXAMPLES / "credits.yaml", env={})
+    route = config.routes[0]
+    developer = config.plans["developer"].limits
+    assert developer["credits"] == QuotaLimit("credits", 250_000, "month")
+    assert developer["credit_burn"] == RateLimit("credit_burn", 2000, 60.0, counts="cost", shadow=True)
+    assert isinstance(developer["slots"], ConcurrencyLimit)
+    assert config.upstream.charge == "success_only" and config.usage_path == "/v1/usage"
+    key = next(key for key in config.keys if key.plan == "developer")
+    pricing = build_plan(config, key, route).pricing
+    price = {
+        b"": Charge(1, 1), b"js_render=true": Charge(5, 2), b"premium_proxy=true": Charge(10, 1),
+        b"premium_proxy=true&js_render=true&url=x": Charge(25, 2), b"js_render=false": Charge(1, 1),
+    }
+    assert {query: pricing.charge("GET", query, []) for query in price} == price
 
 
 # -- summary -------------------------------------------------------------------------------------
