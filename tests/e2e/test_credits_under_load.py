@@ -96,6 +96,7 @@ def test_units_slots_and_quota_hold_across_two_gateways(
     # the day's quota: never more than QUOTA units, and it was really spent (a 1-unit request
     # always fits what is left, and the mix keeps sending them)
     assert QUOTA - MAX_COST < seen["units"] <= QUOTA
+    assert sum(seen["units_by_day"].values()) == seen["units"] and max(seen["units_by_day"].values()) <= QUOTA
     assert seen["max_slots_in_flight"] <= SLOTS
     for answer in hot.answers:
         assert answer.status == 200 or answer.body is not None
@@ -124,3 +125,23 @@ def test_units_slots_and_quota_hold_across_two_gateways(
     assert len(ledger_keys) == 1 and ledger_units == seen["units"]
     for _, ledger in views.values():
         assert ledger["used"] == seen["units"], ledger
+
+
+def test_weighted_waiters_never_overfill_the_slots(tmp_path: Path, redis_url: str, redis_sync: redis.Redis) -> None:
+    """Requests of 1 and 2 slots queue for four slots (`wait`) over two processes: the upstream
+    never holds more than four weighted slots, every waiter is served, nothing is left held."""
+    with mock_upstream() as upstream:
+        set_pricing(upstream)
+        config = write_config(tmp_path / "gw.yaml", credit_config(
+            upstream, redis_url, prefix=PREFIX, keys=[key_entry("patient", "queued")],
+            plans={"queued": {"limits": {"browsers": {"concurrency": SLOTS, "wait": "5s"}}}}, limits=["browsers"],
+        ))
+        with gateway(config) as a, gateway(config) as b:
+            traffic = asyncio.run(drive([a.url, b.url], secret("patient"), clients=12, duration=3.0, seed=3,
+                                        path="/hold", extra="ms=50", weights=(1, 2, 1, 2)))
+            seen = httpx.get(upstream + "/_stats").json()["keys"]["patient"]
+        assert_no_leaks(redis_sync, PREFIX)
+    assert Counter(answer.status for answer in traffic.answers) == {200: len(traffic.answers)}
+    assert seen["total"] == len(traffic.answers) and seen["units"] == traffic.units(200)
+    assert seen["max_slots_in_flight"] == SLOTS  # filled, never exceeded
+    assert 2 in seen["slots"]  # the weighted ones did queue too

@@ -29,6 +29,7 @@ COST_RULES: list[dict[str, Any]] = [
     {"when": {"query": {"js_render": "true", "premium_proxy": "true"}}, "cost": 25, "slots": 2},
     {"when": {"query": {"js_render": "true"}}, "cost": 5, "slots": 2},
     {"when": {"query": {"premium_proxy": "true"}}, "cost": 10},
+    {"when": {"query": {"free": "true"}}, "cost": 0},  # a status check: counted nowhere
     {"cost": 1},
 ]
 
@@ -41,8 +42,8 @@ PRICING: dict[str, Any] = {
 }
 
 # One query per price: cost -> the query that costs it.
-QUERIES = {1: "", 5: "js_render=true", 10: "premium_proxy=true", 25: "js_render=true&premium_proxy=true"}
-SLOTS_OF = {1: 1, 5: 2, 10: 1, 25: 2}
+QUERIES = {0: "free=true", 1: "", 5: "js_render=true", 10: "premium_proxy=true",
+           25: "js_render=true&premium_proxy=true"}
 
 
 def set_pricing(upstream: str, pricing: dict[str, Any] | None = None) -> None:
