@@ -178,6 +178,9 @@ class PipelinedRedis(Transport):
     def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
         self.send(pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)), on_reply)
 
+    def send_release_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        self.send_eval(script, keys, args, on_reply)  # one connection: in order with everything
+
     def needs_reload(self, reply: object) -> bool:
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 

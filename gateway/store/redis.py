@@ -499,8 +499,9 @@ class RedisStore:
 
     def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int) -> None:
         generation = self._transport.scripts.generation
-        self._transport.send_eval(self._settle_script, keys, args,
-                                  functools.partial(self._settle_reply, keys, args, resent, reloads, generation))
+        self._transport.send_release_eval(
+            self._settle_script, keys, args,
+            functools.partial(self._settle_reply, keys, args, resent, reloads, generation))
 
     def _settle_reply(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
                       generation: int, reply: object) -> None:

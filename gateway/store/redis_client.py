@@ -144,6 +144,7 @@ class RedisPyTransport(Transport):
         # Release pipelines on their way to Redis: calls issued meanwhile wait for them.
         self._releases_landing: set[asyncio.Future[None]] = set()
         self._release_task: asyncio.Task[None] | None = None
+        self._release_shas: set[str] = set()  # scripts sent by send_release_eval
         self._closed = False
 
     # -- the hot path ------------------------------------------------------------------
@@ -166,11 +167,21 @@ class RedisPyTransport(Transport):
         if len(queued) > BATCH:  # the rest goes out in parallel
             self._queued[script.sha] = (script, queued[BATCH:])
             self._spawn(self._send_queued(script))
-        if self._releases_landing:
+        # A release script's batch (settle.lua) is a release: later calls wait for it to land.
+        early = self._landing() if script.sha in self._release_shas else None
+        before = [landing for landing in self._releases_landing if landing is not early]
+        if before:
             # Release pipelines are on their way on other connections: let them land first.
-            await asyncio.wait(list(self._releases_landing), timeout=self._timeout)
+            try:
+                await asyncio.wait(before, timeout=self._timeout)
+            except BaseException:
+                if early is not None:
+                    self._landed(early)
+                raise
         releases = self._take_releases_for_piggyback()
-        landed = self._landing() if releases else None  # later calls wait for these ZREMs too
+        landed = early
+        if landed is None and releases:
+            landed = self._landing()  # later calls wait for these ZREMs too
         replies: list[object]
         try:
             replies = await self.eval_batch(script, [call for call, _ in batch], budget=self._timeout,
@@ -195,6 +206,10 @@ class RedisPyTransport(Transport):
                 self._landed(landed)
         for (_, on_reply), reply in zip(batch, replies, strict=True):
             on_reply(reply)
+
+    def send_release_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        self._release_shas.add(script.sha)
+        self.send_eval(script, keys, args, on_reply)
 
     def _requeue(self, releases: dict[str, list[str]]) -> None:
         pending = {(key, member): None for key, members in releases.items() for member in members}

@@ -205,7 +205,7 @@ def decode_admit(
     if echoed != lease_id:
         raise StoreError("admit reply belongs to another call (lease id mismatch)")
     try:
-        now_ms = float(reply[4])
+        now_ms = int(reply[4]) / 1000.0  # sent in whole µs
         reply[4] = 0  # (our own list) so one map() checks every other number
         # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
         numbers = list(map(int, reply[1:]))

@@ -105,6 +105,11 @@ class Transport:
         tells the caller to send again."""
         raise NotImplementedError
 
+    def send_release_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
+        """`send_eval` of a script that releases (settle.lua): ordered like `release`, before any
+        call queued after it. On one pipelined connection that is `send_eval` itself."""
+        raise NotImplementedError
+
     def needs_reload(self, reply: object) -> bool:
         """`send_eval`'s error reply says the scripts are gone and the call did not run: the
         caller waits for `scripts.reload` and sends it again (False: the transport did that)."""

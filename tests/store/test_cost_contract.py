@@ -290,3 +290,18 @@ async def test_charges_and_settlements_are_bounded(backend: Backend, clock: Driv
     store.release([], "b", settlement=Settlement((credits,), (), 5, -3, admitted.now_ms))
     await store.flush()
     assert (await store.admit([credits], [], "c", charge=Charge(0))).rate_counts == [1000]
+
+
+async def test_a_slot_freed_by_a_settling_release_is_free_for_the_next_admission(
+    backend: Backend, clock: DrivenClock
+) -> None:
+    """As for a plain release: an admission issued after it (same loop iteration) finds it applied."""
+    store = await backend.started(clock=clock)
+    credits, browsers = units("credits", 1_000, 60_000), [slot("browsers", 1)]
+    for n in range(30):
+        admitted = await store.admit([credits], browsers, f"a{n}", charge=Charge(3))
+        assert admitted.admitted, n
+        store.release(browsers, f"a{n}", settlement=Settlement((credits,), (), 3, 1, admitted.now_ms))
+        # No await in between: the next admission is queued right behind the release.
+        assert (await store.admit([credits], browsers, f"b{n}", charge=Charge(0))).admitted, n
+        store.release(browsers, f"b{n}")

@@ -9,7 +9,7 @@ its KEYS position is listed in the reply.
 
 Units: times and durations are milliseconds. Scores are floats (now has sub-ms precision);
 returned numbers are integers because Redis truncates Lua numbers in replies, so every
-duration is rounded up here (a Retry-After must never be early); now goes back as text.
+duration is rounded up here (a Retry-After must never be early); now goes back in whole µs.
 
 KEYS: the rate bucket keys (ARGV[4] of them), the quota keys (ARGV[8]), the slot bucket keys,
       then, when the request may wait (ARGV[5] set), each slot bucket's waiter queue and its
@@ -55,7 +55,7 @@ unexpired first member in a slot bucket) is a replay, answered "admitted" again 
 counts seen without it, and nothing is written. A lease id in the undone set admits nothing
 and answers {lease_id, 3}. (A request with only counters and quotas leaves nothing to find.)
 
-Returns {lease_id, status, retry_after_ms, reclaimed, now (text),
+Returns {lease_id, status, retry_after_ms, reclaimed, now (µs, integer),
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot],
          quota_count[1..n_quota], quota_reset_ms[1..n_quota], n_shadow, shadow KEYS positions}
          and, when the request may wait, {queued, arrival} after them
@@ -367,7 +367,8 @@ for i, view in pairs(counters) do
   rate_resets[i] = counter_wait(view, now, math.max(0, whole_count(view, now) - 1))
 end
 
-local reply = {lease_id, status, retry_after, reclaimed, string.format('%.3f', now)}
+-- now in whole µs: an integer survives the reply (a float would be truncated), no string.format.
+local reply = {lease_id, status, retry_after, reclaimed, floor(now * 1000 + 0.5)}
 for i = 1, n_rate do reply[#reply + 1] = rate_counts[i] end
 for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
 for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
