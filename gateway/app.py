@@ -5,8 +5,8 @@ Per request, in order: shutdown check → IP ban (403, from the local ban cache:
 route (404) → body cap by Content-Length (413) → the body, or its first 64 KiB, within
 client_timeout (408 / 413) → its price (the route's cost rules) → one admission call (429 /
 402 / 503) → stream the exchange, settling the charge when the upstream's headers arrive →
-release (which carries the settlement). 401s, and 429s that came back before their told wait, count as ban
-strikes, sent off the critical path (gateway/ban_guard.py).
+release (which carries the settlement). 401s, and 429s that came back before their told wait,
+count as ban strikes, sent off the critical path (gateway/ban_guard.py).
 Everything else (parsing, route compilation, bucket names, header blocks) was done at config
 load. The slot is released exactly once, synchronously, in a `finally` whose `try` starts the
 instant admission returns, however the request ends: completion, client disconnect, upstream
@@ -26,7 +26,6 @@ from gateway.admission import waiting
 from gateway.admission.bans import CONCURRENCY, RATE
 from gateway.admission.controller import StoreUnavailable
 from gateway.admission.headers import CONCURRENCY_RETRY_AFTER, refusal_message, retry_after_seconds
-from gateway.store.base import StoreError
 from gateway.admission.identity import IPAddress, client_ip, is_trusted, parse_ip
 from gateway.asgi import Receive, Scope, Send
 from gateway.ban_guard import DECIDING
@@ -37,7 +36,9 @@ from gateway.proxy.headers import strip_query_param, upstream_request_headers, u
 from gateway.proxy.request_body import BodyRefused, declared_length, receive_body_start
 from gateway.proxy.settlement import RequestBill
 from gateway.responses import send_error, send_json
+from gateway.runtime import Routing
 from gateway.state import GatewayState
+from gateway.store.base import StoreError
 from gateway.usage import UsageAnswers
 
 Headers = list[tuple[bytes, bytes]]
@@ -177,7 +178,7 @@ class GatewayApp:
 
         method: str = scope["method"]
         if method == "GET" and scope["path"] == config.usage_path:
-            await self._usage(send, key, done)
+            await self._usage(send, routing, key, done)
             return
         match = routing.routes.match(scope["path"], method)
         if match is None:
@@ -293,7 +294,7 @@ class GatewayApp:
         finally:
             admission.release(plan, ticket)
 
-    async def _usage(self, send: Send, key: Key, done: _Done) -> None:
+    async def _usage(self, send: Send, routing: Routing, key: Key, done: _Done) -> None:
         """The usage path: the caller's own plan, limits and usage; never forwarded, never
         counted in a limit (gateway/usage.py)."""
         state = self.state
@@ -302,7 +303,7 @@ class GatewayApp:
         try:
             if store is None:
                 raise StoreError("no store reports usage")
-            body = await self.usage.body(state.routing, key, store)
+            body = await self.usage.body(routing, key, store)
         except StoreError:
             done.status, done.outcome = 503, "store_unavailable"
             await send_error(send, 503, "store_unavailable", "Usage is unavailable right now; retry.", retry_after=1)

@@ -297,7 +297,7 @@ class Admission:
             if self.bridge is not None:
                 self.bridge.to_shared()
             self.refusals.remember(plan, asked_at, result, charge.cost)
-        if result.shadow_refused:
+        if result.shadow_refused and not result.queued:  # once per request: its decisive check
             self._count_shadow(plan, result)
         if result.admitted and plan.slots and self.bridge is not None:
             self.bridge.admitted(store, plan, lease_id)

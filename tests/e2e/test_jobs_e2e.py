@@ -117,7 +117,7 @@ def test_a_job_holds_its_slot_until_a_status_request_shows_it_done(
     listed = sorted(job["job_id"] for job in view["active_jobs"])
     assert listed == sorted([first.json()["id"], second.json()["id"]])
     assert view["limits"]["crawls"] == {"limit": 2, "plan_limit": 2, "override": None, "scope": "key",
-                                        "kind": "concurrency", "wait_seconds": 0.0}
+                                        "kind": "concurrency", "wait_seconds": 0.0, "shadow": False}
     assert view["active_slots"] == {"crawls": 2}
 
     job = first.json()["id"]

@@ -23,6 +23,7 @@ from gateway.store.base import (
     StoreError,
     lease_members,
 )
+from gateway.store.memory import MemoryStore
 
 RPM = RateBucket("gw:{k:1}:r:rpm", 10, 60_000)
 CREDITS = RateBucket("gw:{k:1}:r:credits", 100, 60_000, counts_cost=True)
@@ -230,8 +231,6 @@ def test_a_refusal_by_a_cost_counting_window_is_cached_one_second_at_most() -> N
 
 
 def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
-    from gateway.store.memory import MemoryStore
-
     slots = SlotBucket("gw:{k:9}:c:browsers", 3)
     plan = AdmissionPlan("p", (), (), (slots,), (BucketInfo("browsers", 3, 0.0),), 2.0)
 
@@ -251,3 +250,24 @@ def test_a_weighted_waiter_keeps_its_weight_through_rechecks() -> None:
         assert (await store.usage([], [slots])).slot_counts == [0]
 
     asyncio.run(scenario())
+
+
+def test_a_waiter_counts_its_shadow_refusal_once() -> None:
+    store = Recorder()
+    plan = AdmissionPlan("pro", PLAN.rates, PLAN.rate_info, PLAN.slots, PLAN.slot_info, 2.0)
+    queued = AdmitResult(False, "concurrency", 0, [0, 0, 5], [1] * 3, [4], queued=True, arrival="a",
+                         shadow_refused=[SHADOW.key])
+    store.answer = queued
+    metrics = Metrics()
+    admission = Admission(store, on_error="deny", metrics=metrics)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        ticket = await admission.admit(plan)
+        ticket = await admission.recheck(plan, ticket)
+        store.answer = AdmitResult(True, None, 0, [0, 0, 5], [1] * 3, [3], shadow_refused=[SHADOW.key])
+        ticket = await admission.recheck(plan, ticket)
+        assert ticket.admitted
+
+    asyncio.run(scenario())
+    metrics.flush()
+    assert metrics.shadow_refusals.labels("pro", "tight")._value.get() == 1
