@@ -170,9 +170,11 @@ async def drive(
     path: str = "/",
     extra: str = "",
     weights: Sequence[int] = (4, 3, 2, 1),
+    variants: Sequence[str] = ("",),
 ) -> Traffic:
     """`clients` concurrent closed loops for `duration` seconds, round-robin over `urls`, each
-    asking for a seeded random price (1/5/10/25) per request."""
+    asking for a seeded random price (1/5/10/25) per request, with one of `variants` (extra
+    query, e.g. `declare=2`) added."""
     traffic = Traffic()
     deadline = time.monotonic() + duration
     connector = aiohttp.TCPConnector(limit=0)
@@ -183,7 +185,8 @@ async def drive(
             i = n
             while time.monotonic() < deadline:
                 cost = rng.choices([1, 5, 10, 25], weights=weights)[0]
-                url = urls[i % len(urls)] + path_for(cost, path, extra)
+                more = "&".join(part for part in (extra, rng.choice(variants)) if part)
+                url = urls[i % len(urls)] + path_for(cost, path, more)
                 i += 1
                 started = time.monotonic()
                 async with session.get(url, headers={"X-API-Key": api_key}) as response:
