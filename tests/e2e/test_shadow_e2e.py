@@ -5,6 +5,7 @@ refusals the enforced limit makes, and the store holds the same units either way
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import httpx
 import pytest
 import redis
 
-from tests.support.credits import credit_config, ietf_items, key_entry, mix, path_for, set_pricing
+from tests.support.credits import credit_config, drive, ietf_items, key_entry, mix, path_for, set_pricing
+from tests.support.invariants import assert_no_leaks
 from tests.support.load import metric
 from tests.support.processes import gateway, mock_upstream, write_config
 from tests.support.secrets import secret
@@ -92,3 +94,33 @@ def test_shadow_counts_what_enforcement_refuses(
     assert stats["rollout"]["units"] == admitted_units
     # "counted exactly as if enforced": the store holds the same units either way
     assert shadow_units == enforced_units == admitted_units
+
+
+def test_a_shadow_concurrency_limit_never_refuses_under_load(
+    tmp_path: Path, redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """Two shadow slots under eight enforced ones, weighted requests over two processes: only
+    the enforced limit refuses, the upstream holds more than the shadow limit at once, the
+    shadow counter moves, and neither slot set keeps a member."""
+    with mock_upstream() as upstream:
+        set_pricing(upstream)
+        config = write_config(tmp_path / "gw.yaml", credit_config(
+            upstream, redis_url, prefix="gwshadowslots", keys=[key_entry("rollout", "rollout")],
+            plans={"rollout": {"limits": {"tight": {"concurrency": 2, "shadow": True},
+                                          "browsers": {"concurrency": 8}}}},
+            limits=["tight", "browsers"],
+        ))
+        with gateway(config) as a, gateway(config) as b:
+            traffic = asyncio.run(drive([a.url, b.url], secret("rollout"), clients=12, duration=3.0, seed=5,
+                                        path="/hold", extra="ms=40"))
+            counted = sum(metric(gw.admin_url, "gateway_shadow_refusals_total", plan="rollout", limit="tight")
+                          for gw in (a, b))
+            seen = httpx.get(upstream + "/_stats").json()["keys"]["rollout"]
+        assert_no_leaks(redis_sync, "gwshadowslots")
+    refused = [answer.body for answer in traffic.answers if answer.status != 200]
+    assert refused and all(body and body["error"] == "concurrency_limited" for body in refused)
+    assert 2 < seen["max_slots_in_flight"] <= 8
+    assert counted > 0
+    for answer in traffic.answers:
+        assert "tight" not in ietf_items(answer.headers.get("ratelimit-policy"))
+        assert answer.headers.get("concurrency-limit") == "8"

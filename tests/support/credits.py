@@ -29,6 +29,7 @@ COST_RULES: list[dict[str, Any]] = [
     {"when": {"query": {"js_render": "true", "premium_proxy": "true"}}, "cost": 25, "slots": 2},
     {"when": {"query": {"js_render": "true"}}, "cost": 5, "slots": 2},
     {"when": {"query": {"premium_proxy": "true"}}, "cost": 10},
+    {"when": {"query": {"free": "true"}}, "cost": 0},  # a status check: counted nowhere
     {"cost": 1},
 ]
 
@@ -41,8 +42,8 @@ PRICING: dict[str, Any] = {
 }
 
 # One query per price: cost -> the query that costs it.
-QUERIES = {1: "", 5: "js_render=true", 10: "premium_proxy=true", 25: "js_render=true&premium_proxy=true"}
-SLOTS_OF = {1: 1, 5: 2, 10: 1, 25: 2}
+QUERIES = {0: "free=true", 1: "", 5: "js_render=true", 10: "premium_proxy=true",
+           25: "js_render=true&premium_proxy=true"}
 
 
 def set_pricing(upstream: str, pricing: dict[str, Any] | None = None) -> None:
@@ -169,9 +170,11 @@ async def drive(
     path: str = "/",
     extra: str = "",
     weights: Sequence[int] = (4, 3, 2, 1),
+    variants: Sequence[str] = ("",),
 ) -> Traffic:
     """`clients` concurrent closed loops for `duration` seconds, round-robin over `urls`, each
-    asking for a seeded random price (1/5/10/25) per request."""
+    asking for a seeded random price (1/5/10/25) per request, with one of `variants` (extra
+    query, e.g. `declare=2`) added."""
     traffic = Traffic()
     deadline = time.monotonic() + duration
     connector = aiohttp.TCPConnector(limit=0)
@@ -182,7 +185,8 @@ async def drive(
             i = n
             while time.monotonic() < deadline:
                 cost = rng.choices([1, 5, 10, 25], weights=weights)[0]
-                url = urls[i % len(urls)] + path_for(cost, path, extra)
+                more = "&".join(part for part in (extra, rng.choice(variants)) if part)
+                url = urls[i % len(urls)] + path_for(cost, path, more)
                 i += 1
                 started = time.monotonic()
                 async with session.get(url, headers={"X-API-Key": api_key}) as response:

@@ -107,6 +107,14 @@ class KeyStats:
     slots_in_flight: int = 0
     max_slots_in_flight: int = 0
 
+    def units_by_day(self) -> dict[str, int]:
+        """Units received per UTC day (a `1d` quota's period), by ISO date."""
+        days: dict[str, int] = {}
+        for wall, cost in zip(self.arrivals_wall, self.costs, strict=False):
+            day = time.strftime("%Y-%m-%d", time.gmtime(wall))
+            days[day] = days.get(day, 0) + cost
+        return days
+
     def to_json(self) -> dict[str, Any]:
         return {
             "arrivals": list(self.arrivals),
@@ -125,6 +133,7 @@ class KeyStats:
             "slots": list(self.slots),
             "settled": list(self.settled),
             "units": sum(self.costs),
+            "units_by_day": self.units_by_day(),
             "settled_units": sum(self.settled),
             "slots_in_flight": self.slots_in_flight,
             "max_slots_in_flight": self.max_slots_in_flight,
