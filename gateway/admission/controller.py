@@ -131,7 +131,7 @@ class _Refusal:
         return AdmitResult(
             False, result.reason, max(1, result.retry_after_ms - elapsed_ms), result.rate_counts,
             [max(0, reset_ms - elapsed_ms) for reset_ms in result.rate_reset_ms], [],
-            quota_counts=result.quota_counts,
+            quota_counts=result.quota_counts, quota_granted=result.quota_granted,
             quota_reset_ms=[max(0, reset_ms - elapsed_ms) for reset_ms in result.quota_reset_ms],
             now_ms=result.now_ms + elapsed_ms, from_cache=True,
         )

@@ -77,10 +77,12 @@ def units(info: BucketInfo, charge: Charge) -> int:
     return charge.cost if info.counts_cost else 1
 
 
-def _state(info: BucketInfo, count: int, reset_ms: int, result: AdmitResult, charge: Charge) -> tuple[int, int]:
+def _state(
+    info: BucketInfo, count: int, reset_ms: int, result: AdmitResult, charge: Charge, granted: int = 0
+) -> tuple[int, int]:
     needed = units(info, charge)
     used = count + needed if result.admitted else count
-    remaining = max(0, info.limit - used)
+    remaining = max(0, info.limit + granted - used)  # a quota's grants for the period add to it
     if not result.admitted and remaining < needed:
         reset_ms = max(reset_ms, result.retry_after_ms)  # Retry-After is never earlier than t
     return remaining, reset_ms
@@ -96,8 +98,10 @@ def quota_state(plan: AdmissionPlan, result: AdmitResult, charge: Charge = ONE) 
     """As `rate_state` per quota (reset: the period's end); empty when the result has none."""
     if len(result.quota_counts) != len(plan.quota_info):
         return []
-    return [_state(info, count, reset_ms, result, charge)
-            for info, count, reset_ms in zip(plan.quota_info, result.quota_counts, result.quota_reset_ms, strict=True)]
+    granted = result.quota_granted if len(result.quota_granted) == len(plan.quota_info) else [0] * len(plan.quota_info)
+    return [_state(info, count, reset_ms, result, charge, extra)
+            for info, count, reset_ms, extra in zip(
+                plan.quota_info, result.quota_counts, result.quota_reset_ms, granted, strict=True)]
 
 
 def slots_known(plan: AdmissionPlan, result: AdmitResult) -> bool:

@@ -165,6 +165,8 @@ class AdmitResult:
     # and ms until the period ends.
     quota_counts: list[int] = field(default_factory=list)
     quota_reset_ms: list[int] = field(default_factory=list)
+    # Per quota bucket: units granted for its current period (admin), on top of its limit.
+    quota_granted: list[int] = field(default_factory=list)
     # Store keys of shadow buckets that would have refused this request.
     shadow_refused: list[str] = field(default_factory=list)
     # The store's clock at the decision, in ms (dates a later Settlement).

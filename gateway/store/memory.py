@@ -193,6 +193,7 @@ class MemoryStore:
 
         quota_counts: list[int] = []
         quota_resets: list[int] = []
+        quota_granted: list[int] = []
         quota_views: list[tuple[int, int, int, int]] = []  # (index, used, granted, end_ms)
         for quota in quotas or ():
             index, end_ms, _ = self._period(now, quota.period)
@@ -201,6 +202,7 @@ class MemoryStore:
             quota_views.append((index, used, granted, end_ms))
             quota_counts.append(used)
             quota_resets.append(math.ceil(end_ms - now))
+            quota_granted.append(granted)
             if used + (cost if quota.counts_cost else 1) > quota.limit + granted:
                 if quota.shadow:
                     shadow_refused.append(quota.key)
@@ -298,6 +300,7 @@ class MemoryStore:
             place,
             quota_counts,
             quota_resets,
+            quota_granted,
             shadow_refused,
             now,
         )

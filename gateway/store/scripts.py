@@ -206,7 +206,7 @@ def decode_admit(
     extra = 2 if queued else 0
     if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
         raise StoreError("admission arrived after it was undone")
-    fixed = 6 + 2 * n_rate + n_slot + 2 * n_quota  # up to and with n_shadow
+    fixed = 6 + 2 * n_rate + n_slot + 3 * n_quota  # up to and with n_shadow
     if not isinstance(reply, list) or len(reply) < fixed + extra:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
     place = ""
@@ -231,11 +231,11 @@ def decode_admit(
     if status not in _STATUS_REASON:
         raise StoreError(f"unknown admit status {status}")
     # numbers: status, retry after, reclaimed, (now), rate counts, rate resets, slot counts,
-    # quota counts, quota resets, n_shadow, shadow positions.
+    # quota counts, quota resets, quota grants, n_shadow, shadow positions.
     rate_end = 4 + n_rate
     slot_start = rate_end + n_rate
     quota_start = slot_start + n_slot
-    shadow_at = quota_start + 2 * n_quota
+    shadow_at = quota_start + 3 * n_quota
     n_shadow = numbers[shadow_at]
     if len(numbers) != shadow_at + 1 + n_shadow:
         raise StoreError(f"malformed admit reply: {reply!r:.200}")
@@ -251,7 +251,8 @@ def decode_admit(
         queued and str(tail[0]) == "1",
         place,
         numbers[quota_start : quota_start + n_quota],
-        numbers[quota_start + n_quota : shadow_at],
+        numbers[quota_start + n_quota : quota_start + 2 * n_quota],
+        numbers[quota_start + 2 * n_quota : shadow_at],
         [keys[position - 1] for position in numbers[shadow_at + 1 :]] if n_shadow else [],
         now_ms,
     )

@@ -130,7 +130,8 @@ async def test_quota_grants_and_resets(backend: Backend, clock: DrivenClock) -> 
     assert not (await store.admit([], [], "b", quotas=[credits])).admitted
     left = at(2026, 6, 1) - clock.ms
     assert await store.adjust_quota(credits, grant=3) == QuotaUsage(5, 3, left)
-    assert (await store.admit([], [], "c", quotas=[credits], charge=Charge(3))).quota_counts == [5]
+    granted = await store.admit([], [], "c", quotas=[credits], charge=Charge(3))
+    assert (granted.quota_counts, granted.quota_granted) == ([5], [3])
     assert not (await store.admit([], [], "d", quotas=[credits])).admitted
     assert (await jobs.usage([], [], [credits])).quotas == [QuotaUsage(8, 3, left)]
     assert await store.adjust_quota(credits, reset=True) == QuotaUsage(0, 0, left)

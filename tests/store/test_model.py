@@ -109,7 +109,7 @@ class Model:
     ) -> tuple[AdmitResult, set[str]]:
         """The decision, and the names of the buckets it took (all but shadow refusals)."""
         status, retry_after, reclaimed = 0, 0, 0
-        counts, resets, slot_counts, quota_counts, quota_resets = [], [], [], [], []
+        counts, resets, slot_counts, quota_counts, quota_resets, quota_granted = [], [], [], [], [], []
         shadow: list[str] = []
         members = members_of(lease_id)
         for key, limit in rates:
@@ -130,6 +130,7 @@ class Model:
             used, granted = self.quota_now(key)
             quota_counts.append(used)
             quota_resets.append(period_end_ms(self.now, period) - self.now)
+            quota_granted.append(granted)
             if used + cost > limit + granted:
                 if is_shadow:
                     shadow.append(key)
@@ -169,7 +170,7 @@ class Model:
                     self.held.add((key, lease_id))
         result = AdmitResult(
             status == 0, {0: None, 1: "rate", 2: "concurrency", 4: "quota"}[status], retry_after,
-            counts, resets, slot_counts, reclaimed, False, "", quota_counts, quota_resets,
+            counts, resets, slot_counts, reclaimed, False, "", quota_counts, quota_resets, quota_granted,
             [f"KEY:{key}" for key in shadow], float(self.now),
         )
         return result, written

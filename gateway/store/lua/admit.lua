@@ -60,7 +60,7 @@ is recorded by lease id in the trace set for two leases, where a replay and undo
 
 Returns {lease_id, status, retry_after_ms, reclaimed, now (µs, integer),
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot],
-         quota_count[1..n_quota], quota_reset_ms[1..n_quota], n_shadow, shadow KEYS positions}
+         quota_count[1..n_quota], quota_reset_ms[1..n_quota], quota_granted[1..n_quota], n_shadow, shadow KEYS positions}
          and, when the request may wait, {queued, arrival} after them
   status: 0 admitted, 1 refused by a rate bucket, 2 by concurrency only, 4 by a quota
           (precedence quota, rate, concurrency; 3: undone, the reply is then {lease_id, 3})
@@ -396,6 +396,7 @@ for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
 for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
 for q = 1, n_quota do reply[#reply + 1] = quota_counts[q] end
 for q = 1, n_quota do reply[#reply + 1] = quota_resets[q] end
+for q = 1, n_quota do reply[#reply + 1] = quota_views[q][3] end
 if shadow_refused then
   reply[#reply + 1] = #shadow_refused
   for _, position in ipairs(shadow_refused) do reply[#reply + 1] = position end
