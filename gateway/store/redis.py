@@ -38,8 +38,9 @@ Replays and undo: what a client is told is what Redis holds, under any single fa
 - NOSCRIPT means "not run": the call waits for the one shared reload (single flight, all
   scripts at once) and goes again once.
 - A connection lost after an admission was sent ("may have run"): the admission is sent once
-  more. admit.lua is idempotent by lease id: a replay finds the lease's own entry and answers
-  "admitted" again, writing nothing (on redis-py the batch's callers each send theirs again:
+  more. admit.lua is idempotent by lease id: a replay finds the lease's own entry (a log entry,
+  a slot member, or for counters and quotas alone its trace) and answers "admitted" again,
+  writing nothing (on redis-py the batch's callers each send theirs again:
   the next batch). ZREM is idempotent, so the transport sends releases again too (pipelined: once;
   redis-py: with the next pipeline, ahead of the resent admissions).
   Anything else (renew: the next heartbeat; job and ban scripts) is answered with the error.

@@ -90,6 +90,8 @@ def admit_call(
         args[4], args[5] = queue.ttl_ms, queue.arrival
         for bucket in slots:
             keys.extend(queue_keys(bucket.key))
+    if not slots and untraceable(rates):
+        keys.append(trace_key(keys[0]))
     keys.append(undone_key(keys[0]))
     for rate in rates:
         # Flags inline (no call per bucket): 1 counter, 2 counts cost, 4 shadow.
@@ -100,6 +102,17 @@ def admit_call(
     for slot in slots:
         args += (slot.limit, 1 if slot.shadow else 0)
     return keys, args
+
+
+def untraceable(rates: Sequence[RateBucket]) -> bool:
+    """No sliding log among `rates`: with no slot bucket either, an admission leaves no entry of
+    its lease id, so admit.lua records it in the tag's trace set (replays and undo find it)."""
+    return all(not rate.exact for rate in rates)
+
+
+def trace_key(any_key: str) -> str:
+    """The set of recent lease ids admitted with no log or slot to find them by (admit.lua)."""
+    return undone_key(any_key)[: -len(":undone")] + ":admitted"
 
 
 def rate_flags(rate: RateBucket) -> int:
@@ -121,8 +134,11 @@ def undo_call(
     keys = [bucket.key for bucket in rates]
     keys.extend(bucket.key for bucket in quotas)
     keys.extend(bucket.key for bucket in slots)
+    traced = not slots and untraceable(rates)
+    if traced:
+        keys.append(trace_key(keys[0]))
     keys.append(undone_key(keys[0]))
-    args: list[str | int] = [lease_id, lease_ms, now, len(rates), ttl_ms, cost, len(quotas)]
+    args: list[str | int] = [lease_id, lease_ms, now, len(rates), ttl_ms, cost, len(quotas), 1 if traced else 0]
     for rate in rates:
         args.append(rate.window_ms)
         args.append(rate_flags(rate))

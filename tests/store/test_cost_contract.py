@@ -5,6 +5,7 @@ resets, and weighted job slots. Decisions here are exact numbers the two stores 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from typing import Any
 
@@ -305,3 +306,31 @@ async def test_a_slot_freed_by_a_settling_release_is_free_for_the_next_admission
         # No await in between: the next admission is queued right behind the release.
         assert (await store.admit([credits], browsers, f"b{n}", charge=Charge(0))).admitted, n
         store.release(browsers, f"b{n}")
+
+
+async def test_concurrent_costly_weighted_admissions_stay_within_every_limit(
+    backend: Backend, clock: DrivenClock
+) -> None:
+    """300 admissions in one tick, costs 0..7 and weights 1..3: the units and slots admitted
+    never exceed a limit, and the store holds exactly what the callers were told."""
+    clock.ms = at(2026, 8, 14)
+    store = await backend.started(clock=clock, max_connections=4, timeout=5.0)
+    credits, monthly = units("credits", 120, 60_000), quota("monthly", 90)
+    browsers = [slot("browsers", 100)]
+    charges = [Charge(n % 8, 1 + n % 3) for n in range(300)]
+    leases = [weighted_lease(f"c{n}", charge.slots) for n, charge in enumerate(charges)]
+    results = await asyncio.gather(*(
+        store.admit([credits], browsers, lease, quotas=[monthly], charge=charge)
+        for lease, charge in zip(leases, charges, strict=True)))
+    admitted = [charge for charge, result in zip(charges, results, strict=True) if result.admitted]
+    used = sum(charge.cost for charge in admitted)
+    assert 0 < used <= 90 and sum(charge.slots for charge in admitted) <= 100
+    assert any(result.reason == "quota" for result in results)
+    probe = await store.admit([credits], [], "probe", quotas=[monthly], charge=Charge(0))
+    assert (probe.rate_counts, probe.quota_counts) == ([used], [used])
+    held = await store.admit([], browsers, "probe-slot")
+    assert held.slot_counts == [sum(charge.slots for charge in admitted)]
+    store.release(browsers, "probe-slot")
+    for lease, result in zip(leases, results, strict=True):
+        if result.admitted:
+            store.release(browsers, lease)

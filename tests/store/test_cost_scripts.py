@@ -94,3 +94,29 @@ def test_settle_applies_once(client: redis.Redis) -> None:
     assert settle(client, lease, refund) == 0
     assert state(client) == (1, 1, 1, 1, 0)
     assert admitted.now_ms == NOW
+
+
+def test_counters_and_quotas_alone_are_traced_for_replays_and_undo(client: redis.Redis) -> None:
+    """No log, no slot: nothing of the lease id would be found; the trace set finds it."""
+    rates, quotas = RATES[1:2], QUOTAS
+
+    def run_admit(lease_id: str, now: int = NOW) -> AdmitResult:
+        keys, args = scripts.admit_call(rates, (), lease_id, "30000", str(now), None, quotas, 4)
+        reply = client.eval(scripts.load("admit").source.decode(), len(keys), *keys, *args)
+        return scripts.decode_admit(reply, lease_id, 1, 0, False, 1, keys)
+
+    def counts() -> tuple[int, int]:
+        return int(client.hget(RATES[1].key, "c") or 0), int(client.hget(QUOTAS[0].key, "u") or 0)
+
+    first = run_admit("one")
+    again = run_admit("one", NOW + 2)
+    assert first.admitted and again.admitted
+    assert (again.rate_counts, again.quota_counts) == (first.rate_counts, first.quota_counts) == ([0], [0])
+    assert counts() == (4, 4)
+    assert run_admit("two").admitted
+    keys, args = scripts.undo_call(rates, (), "two", "30000", str(NOW + 5), "60000", quotas, 4)
+    undo_source = scripts.load("undo").source.decode()
+    assert client.eval(undo_source, len(keys), *keys, *args) == 1
+    assert client.eval(undo_source, len(keys), *keys, *args) == 0
+    assert counts() == (4, 4)
+    assert client.pttl(scripts.trace_key(RATES[1].key)) > 0

@@ -13,7 +13,9 @@ duration is rounded up here (a Retry-After must never be early); now goes back i
 
 KEYS: the rate bucket keys (ARGV[4] of them), the quota keys (ARGV[8]), the slot bucket keys,
       then, when the request may wait (ARGV[5] set), each slot bucket's waiter queue and its
-      expiry set, and last the hash tag's set of undone leases (undo.lua).
+      expiry set; when the request has neither a sliding log nor a slot bucket, the hash tag's
+      trace set of recent lease ids (scripts.trace_key); last the hash tag's set of undone
+      leases (undo.lua).
       Every key of one call shares one {hash tag}, so the script runs on Redis Cluster.
 ARGV[1]  lease id (`id*K` holds K slots: periods.lua lease_members), echoed back
 ARGV[2]  lease_ms: a slot lease expires this long after it is taken (unless renewed)
@@ -53,7 +55,8 @@ Safe to run twice for one lease id (a connection lost after the call was sent is
 once, gateway/store/redis.py): a lease id found admitted (its member in a sliding log or an
 unexpired first member in a slot bucket) is a replay, answered "admitted" again with the
 counts seen without it, and nothing is written. A lease id in the undone set admits nothing
-and answers {lease_id, 3}. (A request with only counters and quotas leaves nothing to find.)
+and answers {lease_id, 3}. A request with neither a log nor a slot (counters and quotas only)
+is recorded by lease id in the trace set for two leases, where a replay and undo.lua find it.
 
 Returns {lease_id, status, retry_after_ms, reclaimed, now (µs, integer),
          rate_count[1..n_rate], rate_reset_ms[1..n_rate], slot_count[1..n_slot],
@@ -104,8 +107,18 @@ for i = 1, n_rate do
 end
 
 local replay = false
+local traceable = n_slot > 0
 for i = 1, n_rate do
-  if not is_counter[i] and redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
+  if not is_counter[i] then
+    traceable = true
+    if redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
+  end
+end
+-- No log and no slot: the lease id is recorded in the trace set instead (scripts.trace_key).
+local trace = nil
+if not traceable then
+  trace = KEYS[#KEYS - 1]
+  if redis.call('ZSCORE', trace, lease_id) then replay = true end
 end
 for j = 1, n_slot do
   local score = redis.call('ZSCORE', KEYS[slot_key0 + j], first)
@@ -349,6 +362,13 @@ if status == 0 and not replay then
       redis.call('HSET', key, 'p', view[1], 'u', view[2] + view[5], 'g', view[3])
       redis.call('PEXPIRE', key, math.ceil(view[4] - now + DAY_MS))
     end
+  end
+  if trace then
+    -- Kept two leases: the resend comes within a timeout, the undo within a lease.
+    local keep = math.ceil(2 * lease_ms)
+    redis.call('ZREMRANGEBYSCORE', trace, '-inf', now - keep)
+    redis.call('ZADD', trace, now, lease_id)
+    if redis.call('PTTL', trace) < keep then redis.call('PEXPIRE', trace, keep) end
   end
   for j = 1, n_slot do
     if not skip[slot_key0 + j] then

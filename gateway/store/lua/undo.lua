@@ -10,14 +10,16 @@ id found there, so an EVALSHA that was sent before the undo but reaches Redis af
 in a socket buffer while Redis stalled) takes nothing. Idempotent: running it again changes
 nothing more.
 
-A request with only counters and quotas and no slot leaves no trace of its lease id to date it
-by: its count stays too high until it ages out (fewer admissions, never more). Shadow counters
-and quotas are left alone (a shadow bucket that would have refused holds nothing of it).
+A request with only counters and quotas and no slot is found (and dated) in the trace set
+admit.lua recorded it in (ARGV[8] = 1). Shadow counters and quotas are left alone (a shadow
+bucket that would have refused holds nothing of it).
 
 KEYS: the rate bucket keys (ARGV[4] of them), the quota keys (ARGV[7]), the slot bucket keys,
-      then the undone set (one {hash tag}, as admit.lua's KEYS without the waiter queues)
+      the trace set when ARGV[8] is 1, then the undone set (one {hash tag}, as admit.lua's KEYS
+      without the waiter queues)
 ARGV[1]  lease id   ARGV[2] lease_ms   ARGV[3] now_ms override ("" means TIME)
 ARGV[4]  n_rate     ARGV[5] ttl_ms of the undone record   ARGV[6] cost   ARGV[7] n_quota
+ARGV[8]  1 when KEYS holds the trace set (no log, no slot: scripts.untraceable), else 0
 then 2 per rate bucket: window_ms, flags (admit.lua's); 2 per quota: period, flags
 Returns: 1 when the admission had run (and was taken back), 0 when it had not
 ]]
@@ -30,9 +32,11 @@ local n_rate = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local n_quota = tonumber(ARGV[7])
-local quota_at = 7 + 2 * n_rate
+local traced = ARGV[8] == '1'
+local quota_at = 8 + 2 * n_rate
 local undone = KEYS[#KEYS]
 local n_slot = #KEYS - 1 - n_rate - n_quota
+if traced then n_slot = n_slot - 1 end
 
 local function units_of(flags)
   if floor(flags / 2) % 2 == 1 then return cost end
@@ -40,8 +44,16 @@ local function units_of(flags)
 end
 
 local admitted_at = nil
+if traced then
+  local trace = KEYS[#KEYS - 1]
+  local score = redis.call('ZSCORE', trace, lease_id)
+  if score then
+    admitted_at = tonumber(score)
+    redis.call('ZREM', trace, lease_id)
+  end
+end
 for i = 1, n_rate do
-  local flags = tonumber(ARGV[7 + 2 * i])
+  local flags = tonumber(ARGV[8 + 2 * i])
   if flags % 2 == 0 then
     local score = redis.call('ZSCORE', KEYS[i], lease_id)
     if score then
@@ -63,7 +75,7 @@ end
 
 if admitted_at then
   for i = 1, n_rate do
-    local flags = tonumber(ARGV[7 + 2 * i])
+    local flags = tonumber(ARGV[8 + 2 * i])
     if flags % 2 == 1 and flags < 4 then
       local u = units_of(flags)
       local f = redis.call('HMGET', KEYS[i], 'w', 'c', 'p', 'l')
