@@ -16,12 +16,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gateway.admission.buckets import BucketInfo
 from gateway.config.model import Key
 from gateway.runtime import Routing
-from gateway.store.base import QuotaBucket, QuotaUsage, RateBucket, SlotBucket
+from gateway.store.base import QuotaBucket, QuotaUsage, RateBucket, SlotBucket, StoreError
 from gateway.store.jobs import JobStore, Usage
 
 USAGE_TTL = 1.0
@@ -58,17 +58,17 @@ def key_buckets(routing: Routing, key: Key) -> KeyBuckets:
 
 async def usage_of(store: JobStore, buckets: KeyBuckets) -> Usage:
     """The buckets' counts in one store call. Raises StoreError."""
-    rates = [b.bucket for b in buckets.rates]
-    slots = [b.bucket for b in buckets.slots]
-    if buckets.quotas:
-        quotas = [b.bucket for b in buckets.quotas]
-        return await store.usage(rates, slots, quotas)  # type: ignore[arg-type,call-arg]
-    return await store.usage(rates, slots)  # type: ignore[arg-type]
+    rates = [cast(RateBucket, b.bucket) for b in buckets.rates]
+    slots = [cast(SlotBucket, b.bucket) for b in buckets.slots]
+    quotas = [cast(QuotaBucket, b.bucket) for b in buckets.quotas]
+    return await store.usage(rates, slots, quotas)
 
 
 def quota_usages(usage: Usage, count: int) -> list[QuotaUsage]:
-    quotas: list[QuotaUsage] = list(getattr(usage, "quotas", None) or [])
-    return quotas if len(quotas) == count else [QuotaUsage(0, 0, 0)] * count
+    """The usage of each of `count` quotas (a store answer of another length is a bug: StoreError)."""
+    if len(usage.quotas) != count:
+        raise StoreError(f"usage answered {len(usage.quotas)} quotas for {count}")
+    return usage.quotas
 
 
 def _number(seconds: float) -> int | float:

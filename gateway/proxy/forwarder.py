@@ -209,7 +209,7 @@ async def _stream_body(
 def _answering(extra: Headers, bill: RequestBill | None) -> Headers:
     """The headers of an answer the gateway makes itself instead of the upstream's: the limit
     headers and, when billed, the charge (as settled with no upstream answer)."""
-    return extra if bill is None else bill.with_charge(extra)
+    return extra if bill is None else list(bill.with_charge(extra))
 
 
 async def _too_large(send: Send, max_body: int, extra: Headers) -> Literal["body_too_large"]:
@@ -366,6 +366,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             return await _unavailable(send, _answering(extra, state.bill))
         if state.bill is not None:
             out = state.bill.answered(status, out)
+            extra = state.bill.with_charge(extra)
         start = {"type": "http.response.start", "status": status, "headers": out}
         if extra:  # the gateway's own headers, pre-encoded where the server allows
             trusted_headers.add(start, extra, state.scope)

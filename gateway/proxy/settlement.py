@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway import trusted_headers
 from gateway.config.model import Config
 from gateway.store.base import MAX_COST
+from gateway.trusted_headers import EncodedHeaders
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -41,14 +43,19 @@ class CostPolicy:
     declared: bytes | None  # the upstream's cost header, lower-case (None: not read)
     response: bytes  # the header telling the client its charge, lower-case
     success_only: bool
+    # `response` passes the pre-encoded block's check with any number (gateway/trusted_headers.py):
+    # the charge line can join an EncodedHeaders block unchecked.
+    encodable: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> CostPolicy:
         declared = config.upstream.cost_header
+        response = config.cost_response_header.lower().encode("latin-1")
         return cls(
             declared.lower().encode("latin-1") if declared else None,
-            config.cost_response_header.lower().encode("latin-1"),
+            response,
             config.upstream.charge == "success_only",
+            trusted_headers.encode([(response, b"0")]) is not None,  # only digits vary
         )
 
     def unanswered(self, price: int) -> int:
@@ -81,6 +88,13 @@ class CostPolicy:
     def header(self, settled: int) -> tuple[bytes, bytes]:
         return (self.response, b"%d" % settled)
 
+    def with_header(self, extra: Sequence[tuple[bytes, bytes]], settled: int) -> Sequence[tuple[bytes, bytes]]:
+        """`extra` (the gateway's own response headers) and the charge header: one block still
+        when `extra` is one (the charge line joins it without a check), else a list."""
+        if self.encodable and isinstance(extra, EncodedHeaders):
+            return EncodedHeaders(b"%s%s: %d\r\n" % (extra.block, self.response, settled))
+        return [*extra, self.header(settled)]
+
 
 class Settles(Protocol):
     settled: int | None  # an admission ticket's (gateway/admission/controller.py)
@@ -103,12 +117,12 @@ class RequestBill:
         return self._price if self._ticket.settled is None else self._ticket.settled
 
     def answered(self, status: int, headers: Headers) -> Headers:
-        """Settle by the upstream's answer; the client's headers, the charge header added."""
+        """Settle by the upstream's answer; the client's headers (the upstream's cost header
+        gone). The charge header goes with the gateway's own: `with_charge`."""
         settled, headers = self._policy.settle(self._price, status, headers)
         self._ticket.settled = settled
-        headers.append(self._policy.header(settled))
         return headers
 
-    def with_charge(self, extra: Sequence[tuple[bytes, bytes]]) -> Headers:
-        """`extra` and the charge header, for an answer the gateway makes itself."""
-        return [*extra, self._policy.header(self.settled)]
+    def with_charge(self, extra: Sequence[tuple[bytes, bytes]]) -> Sequence[tuple[bytes, bytes]]:
+        """`extra` (the gateway's own headers) and the charge header as settled so far."""
+        return self._policy.with_header(extra, self.settled)

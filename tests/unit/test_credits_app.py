@@ -22,6 +22,7 @@ from gateway.asgi import Message
 from gateway.config.loader import load_config_text
 from gateway.proxy.upstream import Body, Headers
 from gateway.state import GatewayState
+from gateway.store.base import StoreError
 from tests.support.secrets import secret
 
 pytestmark = pytest.mark.anyio
@@ -274,3 +275,22 @@ async def test_the_usage_path_costs_one_store_call_per_key_and_second(rig: Rig) 
     assert (await rig.get("/v1/usage", OTHER))[0] == 200 and len(calls) == 2  # per key
     rig.app.usage.clock = lambda: 1e12  # a second later
     assert (await rig.get("/v1/usage"))[0] == 200 and len(calls) == 3
+
+
+async def test_a_failed_usage_read_is_a_503_and_is_not_kept(rig: Rig) -> None:
+    store = rig.state.jobs.primary
+    assert store is not None
+    real = store.usage
+    failing = [True]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failing[0]:
+            raise StoreError("down")
+        return await real(*args, **kwargs)
+
+    store.usage = flaky  # type: ignore[method-assign]
+    status, headers, body = await rig.get("/v1/usage")
+    assert status == 503 and body["error"] == "store_unavailable" and headers["retry-after"] == "1"
+    failing[0] = False
+    status, _, body = await rig.get("/v1/usage")  # asked again at once: the failure was not kept
+    assert status == 200 and body["key"] == "k"

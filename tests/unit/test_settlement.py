@@ -6,15 +6,18 @@ never reaches the client and the gateway's charge header is on every answer, its
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from gateway import trusted_headers
 from gateway.config.model import Config, Upstream
 from gateway.proxy.forwarder import forward
 from gateway.proxy.settlement import CostPolicy, RequestBill, declared_cost
 from gateway.proxy.upstream import Body, Headers, UpstreamUnavailable
 from gateway.store.base import MAX_COST
+from gateway.trusted_headers import EncodedHeaders
 
 
 @pytest.mark.parametrize(("value", "cost"), [
@@ -115,3 +118,13 @@ def test_an_upstream_failure_is_charged_as_no_answer() -> None:
         status, headers, _ = asyncio.run(exchange(Upstreamish(None), RequestBill(policy(success_only), 5, ticket)))
         assert status == 502 and headers[b"x-request-cost"] == charged
         assert ticket.settled == int(charged)
+
+
+def test_the_charge_joins_a_pre_encoded_block_byte_for_byte() -> None:
+    block = EncodedHeaders(b"x-ratelimit-limit: 9\r\n")
+    joined = policy().with_header(block, 7)
+    assert isinstance(joined, EncodedHeaders)
+    assert joined.block == trusted_headers.encode([(b"x-ratelimit-limit", b"9"), (b"x-request-cost", b"7")])
+    assert policy().with_header([(b"a", b"1")], 7) == [(b"a", b"1"), (b"x-request-cost", b"7")]
+    unchecked = replace(policy(), encodable=False)
+    assert unchecked.with_header(block, 7) == [(b"x-ratelimit-limit", b"9"), (b"x-request-cost", b"7")]
