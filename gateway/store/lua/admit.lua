@@ -97,19 +97,19 @@ local members = lease_members(lease_id)
 local weight = #members
 local first = members[1]
 
--- Per rate bucket: units, counter?, shadow? (flags decoded once).
-local units, is_counter, is_shadow = {}, {}, {}
-for i = 1, n_rate do
-  local flags = tonumber(ARGV[8 + 3 * i])
-  is_counter[i] = flags % 2 == 1
-  if floor(flags / 2) % 2 == 1 then units[i] = cost else units[i] = 1 end
-  is_shadow[i] = flags >= 4
+-- Per rate bucket flags (1 counter, 2 counts cost, 4 shadow): "0" is the common case.
+local flags = {}
+for i = 1, n_rate do flags[i] = tonumber(ARGV[8 + 3 * i]) end
+local function is_counter(i) return flags[i] % 2 == 1 end
+local function units_of(i)
+  if flags[i] >= 2 and floor(flags[i] / 2) % 2 == 1 then return cost end
+  return 1
 end
 
 local replay = false
 local traceable = n_slot > 0
 for i = 1, n_rate do
-  if not is_counter[i] then
+  if not is_counter(i) then
     traceable = true
     if redis.call('ZSCORE', KEYS[i], lease_id) then replay = true end
   end
@@ -129,12 +129,13 @@ local status = 0
 local retry_after = 0
 local reclaimed = 0
 local rate_counts, rate_resets, slot_counts = {}, {}, {}
-local quota_counts, quota_resets = {}, {}
-local skip = {}  -- KEYS position -> true: a shadow bucket that would refuse (written nothing)
-local shadow_refused = {}
+local quota_counts, quota_resets  -- tables only when there are quotas
+local skip = nil  -- KEYS position -> true: a shadow bucket that would refuse (written nothing)
+local shadow_refused = nil  -- their positions, in check order
 
 local function refuse(position, shadow, code, wait)
   if shadow then
+    if skip == nil then skip, shadow_refused = {}, {} end
     skip[position] = true
     shadow_refused[#shadow_refused + 1] = position
   elseif code then
@@ -257,19 +258,20 @@ if n_slot > 0 then
   oom_probe = KEYS[slot_key0 + 1]
 else
   for i = 1, n_rate do
-    if not is_counter[i] then oom_probe = KEYS[i]; break end
+    if not is_counter(i) then oom_probe = KEYS[i]; break end
   end
 end
 if oom_probe then redis.call('ZADD', oom_probe, 'XX', 0, '') end
 
 for i = 1, n_rate do
   local check = check_log
-  if is_counter[i] then check = check_counter end
-  local wait = check(i, KEYS[i], tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i]), units[i])
-  if wait then refuse(i, is_shadow[i], 1, wait) end
+  if is_counter(i) then check = check_counter end
+  local wait = check(i, KEYS[i], tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i]), units_of(i))
+  if wait then refuse(i, flags[i] >= 4, 1, wait) end
 end
 
-local quota_views = {}  -- quota index -> {index, used, granted, end_ms, units}
+local quota_views  -- quota index -> {index, used, granted, end_ms, units}
+if n_quota > 0 then quota_counts, quota_resets, quota_views = {}, {}, {} end
 for q = 1, n_quota do
   local key = KEYS[n_rate + q]
   local limit = tonumber(ARGV[quota_at + 3 * q - 2])
@@ -329,8 +331,8 @@ end
 
 if status == 0 and not replay then
   for i = 1, n_rate do
-    local u = units[i]
-    if u > 0 and not skip[i] then
+    local u = units_of(i)
+    if u > 0 and not (skip and skip[i]) then
       local window = tonumber(ARGV[7 + 3 * i])
       local view = counters[i]
       if view then
@@ -357,7 +359,7 @@ if status == 0 and not replay then
   end
   for q = 1, n_quota do
     local view = quota_views[q]
-    if view[5] > 0 and not skip[n_rate + q] then
+    if view[5] > 0 and not (skip and skip[n_rate + q]) then
       local key = KEYS[n_rate + q]
       redis.call('HSET', key, 'p', view[1], 'u', view[2] + view[5], 'g', view[3])
       redis.call('PEXPIRE', key, math.ceil(view[4] - now + DAY_MS))
@@ -371,7 +373,7 @@ if status == 0 and not replay then
     if redis.call('PTTL', trace) < keep then redis.call('PEXPIRE', trace, keep) end
   end
   for j = 1, n_slot do
-    if not skip[slot_key0 + j] then
+    if not (skip and skip[slot_key0 + j]) then
       local key = KEYS[slot_key0 + j]
       for m = 1, weight do redis.call('ZADD', key, now + lease_ms, members[m]) end
       -- Cover the longest-lived member (a job slot may outlive a lease by far), plus one
@@ -394,8 +396,12 @@ for i = 1, n_rate do reply[#reply + 1] = rate_resets[i] end
 for j = 1, n_slot do reply[#reply + 1] = slot_counts[j] end
 for q = 1, n_quota do reply[#reply + 1] = quota_counts[q] end
 for q = 1, n_quota do reply[#reply + 1] = quota_resets[q] end
-reply[#reply + 1] = #shadow_refused
-for _, position in ipairs(shadow_refused) do reply[#reply + 1] = position end
+if shadow_refused then
+  reply[#reply + 1] = #shadow_refused
+  for _, position in ipairs(shadow_refused) do reply[#reply + 1] = position end
+else
+  reply[#reply + 1] = 0
+end
 
 if waiter_ttl then
   local queued = 0
