@@ -35,7 +35,7 @@ PREFIX = "gwcredits"
 RATE, WINDOW, QUOTA, SLOTS = 100, 2.0, 300, 4
 LEDGER = 100_000  # an hour-long cost log that never binds: its ZCARD is every unit admitted
 JITTER = 0.1  # upstream arrivals lag the admission decision by a little scheduling noise
-MAX_COST = 25
+PRICIEST = 25  # the dearest request of the price list
 
 
 def _plans() -> dict[str, object]:
@@ -52,7 +52,7 @@ def _plans() -> dict[str, object]:
     }
 
 
-def _store_values(client: redis.Redis, suffix: str) -> list[bytes]:
+def _store_keys(client: redis.Redis, suffix: str) -> list[bytes]:
     return [name for name in client.scan_iter(match=f"{PREFIX}:*{suffix}", count=1000)]
 
 
@@ -80,7 +80,7 @@ def test_units_slots_and_quota_hold_across_two_gateways(
             stats = httpx.get(upstream + "/_stats").json()["keys"]
             views = {gw.admin_url: (admin_bucket(gw.admin_url, "hot", "daily"),
                                     admin_bucket(gw.admin_url, "busy", "ledger")) for gw in (a, b)}
-            ledger_keys = _store_values(redis_sync, ":r:ledger")
+            ledger_keys = _store_keys(redis_sync, ":r:ledger")
             ledger_units = sum(int(redis_sync.zcard(name)) for name in ledger_keys)
         assert_no_leaks(redis_sync, PREFIX)  # every weighted slot was given back
 
@@ -96,7 +96,7 @@ def test_units_slots_and_quota_hold_across_two_gateways(
     assert max_units_in_window(seen["arrivals"], seen["costs"], WINDOW - JITTER) <= RATE
     # the day's quota: never more than QUOTA units, and it was really spent (a 1-unit request
     # always fits what is left, and the mix keeps sending them)
-    assert QUOTA - MAX_COST < seen["units"] <= QUOTA
+    assert QUOTA - PRICIEST < seen["units"] <= QUOTA
     assert sum(seen["units_by_day"].values()) == seen["units"] and max(seen["units_by_day"].values()) <= QUOTA
     assert seen["max_slots_in_flight"] <= SLOTS
     for answer in hot.answers:
@@ -112,7 +112,7 @@ def test_units_slots_and_quota_hold_across_two_gateways(
     # every 402 came after the quota was spent: no 200 after the first 402 costs more than what
     # was left then (the refused ones did not consume anything)
     first_402 = min(answer.started for answer in hot.by_status(402))
-    assert sum(answer.cost for answer in admitted if answer.started < first_402) > QUOTA - MAX_COST
+    assert sum(answer.cost for answer in admitted if answer.started < first_402) > QUOTA - PRICIEST
     # Redis holds what was admitted, as both gateways' admin views say
     for daily, _ in views.values():
         assert (daily["used"], daily["limit"]) == (seen["units"], QUOTA), daily
@@ -178,7 +178,7 @@ def test_settlements_under_load_leave_exactly_what_clients_were_charged(
                 if views == [(told, told)] * 2 or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            (log,) = _store_values(redis_sync, ":r:ledger")
+            (log,) = _store_keys(redis_sync, ":r:ledger")
             logged = int(redis_sync.zcard(log))
         assert_no_leaks(redis_sync, PREFIX)
     statuses = Counter(answer.status for answer in traffic.answers)

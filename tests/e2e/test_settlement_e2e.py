@@ -100,6 +100,8 @@ def test_refund_extra_debit_success_only_and_overdraw(
             step(path_for(5, extra="declare=abc"), 200, 5)  # not a number: the price stands
             step(path_for(1, extra="declare=0"), 200, 0)  # declared free
             step(path_for(0), 200, 0)  # a free rule: nothing written
+            step(path_for(5, extra="declare=3%2C4"), 200, 3)  # a list: its first value
+            step(path_for(5, extra="declare=x&declare=4"), 200, 5)  # two lines: the first, not a number
             step(path_for(0, extra="declare=3"), 200, 3)  # a free rule the upstream bills after all
 
             # an overdraw: the window goes over its limit, the next request waits for it

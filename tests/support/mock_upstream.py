@@ -51,6 +51,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import signal
 import sys
 import threading
@@ -215,12 +216,14 @@ class Pricing:
         return 1, 1
 
     def settle(self, price: int, declared: list[str], status: int) -> int:
-        """The charge the gateway should settle: the first declared value when it is an integer
-        0..MAX_COST (above it: MAX_COST), else the price; 0 for a non-2xx under success_only."""
+        """The charge the gateway should settle: the first declared value (of the first line,
+        before any comma) when it is an integer 0..MAX_COST (above it: MAX_COST), else the price;
+        0 for a non-2xx under success_only."""
         if self.success_only and not 200 <= status < 300:
             return 0
-        if declared and declared[0].isdigit():
-            return min(int(declared[0]), MAX_COST)
+        first = declared[0].split(",", 1)[0].strip(" \t") if declared else ""  # a header's first value
+        if re.fullmatch(r"[0-9]+", first):
+            return min(int(first), MAX_COST)
         return price
 
 

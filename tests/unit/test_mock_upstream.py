@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def test_pricing_first_match_declared_cost_and_failures(subprocess_upstream: str
         assert stats["slots"] == [2, 1, 2, 1, 1, 2, 1, 1, 1]
         assert stats["settled"] == [25, 10, 3, 1000, 1, 0, 0, 1, 7]
         assert (stats["units"], stats["settled_units"]) == (49, 1047)
+        days = {time.strftime("%Y-%m-%d", time.gmtime(t)) for t in stats["arrivals_wall"]}
+        assert sum(stats["units_by_day"].values()) == 49 and set(stats["units_by_day"]) == days
         client.post("/_reset")  # the pricing outlives a reset of the counters
         client.get("/?js_render=true")
         assert client.get("/_stats").json()["keys"]["p"]["costs"] == [5]
