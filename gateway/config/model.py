@@ -61,6 +61,11 @@ class QuotaLimit:
 Limit = RateLimit | ConcurrencyLimit | QuotaLimit
 
 
+# Upper bounds of one request's charge: a cost rule's `cost` and `slots`, an upstream's declared cost.
+MAX_COST = 1000
+MAX_SLOTS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class CostRule:
     """`routes[].cost[]`: the first rule whose every condition holds prices the request.

@@ -49,6 +49,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+# Upper bounds of one request's charge, re-exported: defined with the config model, which the
+# config loader's child process imports without the store package.
+from gateway.config.model import MAX_COST as MAX_COST
+from gateway.config.model import MAX_SLOTS as MAX_SLOTS
+
 
 @dataclass(frozen=True, slots=True)
 class RateBucket:
@@ -92,9 +97,6 @@ class QuotaBucket:
     shadow: bool = False  # as RateBucket.shadow
 
 
-# Upper bounds of one request's charge (config and an upstream's declared cost are held to them).
-MAX_COST = 1000
-MAX_SLOTS = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,14 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# strict: once gateway.config stops importing gateway.store, this XPASSes and fails: drop the mark.
-@pytest.mark.xfail(strict=True, reason="i18-config: gateway/config/cost_rules.py imports gateway.store.base "
-                   "(MAX_COST, MAX_SLOTS), which imports the store package and redis")
 def test_the_config_child_imports_no_store_and_no_redis_client() -> None:
     probe = ("import sys, gateway.config.isolated; "
              "print(sorted(m for m in ('redis', 'gateway.store', 'aiohttp', 'httpx') if m in sys.modules))")
