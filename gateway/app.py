@@ -177,8 +177,13 @@ class GatewayApp:
             state.recent_clients.note(key.id, client)
 
         method: str = scope["method"]
-        if method == "GET" and scope["path"] == config.usage_path:
-            await self._usage(send, routing, key, done)
+        if scope["path"] == config.usage_path:  # the gateway's own path: never forwarded
+            if method == "GET":
+                await self._usage(send, routing, key, done)
+            else:
+                await send_error(send, 405, "method_not_allowed", f"{config.usage_path} answers GET only.",
+                                 extra_headers=[(b"allow", b"GET")])
+                done.status, done.outcome, done.key_id, done.plan = 405, "no_route", key.id, key.plan
             return
         match = routing.routes.match(scope["path"], method)
         if match is None:

@@ -254,10 +254,14 @@ async def test_the_usage_path(rig: Rig) -> None:
     assert abs(limits["daily"]["reset"] - int(items["daily"]["t"])) <= 1
     assert (limits["browsers"]["used"], limits["browsers"]["remaining"]) == (0, 4)
     assert rig.upstream.calls == [rig.upstream.calls[0]]  # never forwarded
-    # never counted: the numbers stay, and a POST there is an ordinary proxied request
+    # never counted: the numbers stay; the path is the gateway's for every method (never billed)
     assert (await rig.get("/v1/usage"))[2] == body
-    status, headers, _ = await rig.get("/v1/usage", method="POST")
-    assert status == 200 and headers["x-request-cost"] == "1" and len(rig.upstream.calls) == 2
+    for method in ("POST", "HEAD", "DELETE", "PUT"):
+        status, headers, answer = await rig.get("/v1/usage", method=method)
+        assert (status, headers["allow"]) == (405, "GET") and answer["error"] == "method_not_allowed"
+    assert (await rig.get("/v1/usage", None, method="POST"))[0] == 401  # the key is checked first
+    assert len(rig.upstream.calls) == 1
+    assert (await rig.get("/v1/usage"))[2] == body
 
 
 async def test_the_usage_path_costs_one_store_call_per_key_and_second(rig: Rig) -> None:
