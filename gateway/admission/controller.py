@@ -414,7 +414,7 @@ def limit_name(plan: AdmissionPlan, key: str) -> str:
     """The config name of the limit of the bucket stored under `key` (a metrics label)."""
     for buckets, infos in ((plan.rates, plan.rate_info), (plan.slots, plan.slot_info),
                            (plan.quotas, plan.quota_info)):
-        for bucket, info in zip(buckets, infos):
+        for bucket, info in zip(buckets, infos, strict=False):
             if bucket.key == key:
                 return info.name or info.policy.removesuffix(".key")
     return "unknown"

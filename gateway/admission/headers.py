@@ -127,7 +127,7 @@ def limit_headers(
 ) -> Headers:
     headers: Headers = []
     in_flight = slot_in_flight(plan, result, charge)
-    slots = [(info, current) for info, current in zip(plan.slot_info, in_flight) if not info.shadow]
+    slots = [(info, current) for info, current in zip(plan.slot_info, in_flight, strict=False) if not info.shadow]
     if slots:
         limit, current = min(((info.limit, current) for info, current in slots), key=lambda s: s[0] - s[1])
         if "concurrency" in families:
@@ -138,9 +138,9 @@ def limit_headers(
             headers.append((b"x-concurrent-current", b"%d" % current))
             headers.append((b"x-concurrent-remaining", b"%d" % (limit - current)))
     # (info, remaining, reset_ms) of every limit counted over time: rates, then quotas
-    counted = [(info, *state) for info, state in zip(plan.rate_info, rate_state(plan, result, charge))
+    counted = [(info, *state) for info, state in zip(plan.rate_info, rate_state(plan, result, charge), strict=False)
                if not info.shadow]
-    quotas = [(info, *state) for info, state in zip(plan.quota_info, quota_state(plan, result, charge))
+    quotas = [(info, *state) for info, state in zip(plan.quota_info, quota_state(plan, result, charge), strict=False)
               if not info.shadow]
     if (counted or quotas) and "x-ratelimit" in families:
         info, remaining, reset_ms = min(counted + quotas, key=lambda c: (c[1], -c[2]))
@@ -268,7 +268,7 @@ def refusal_message(plan: AdmissionPlan, result: AdmitResult, charge: Charge = O
     """The human sentence of a refusal, naming the limit that refused."""
     if result.reason == "quota":
         states = quota_state(plan, result, charge)
-        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.quota_info, states))
+        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.quota_info, states, strict=False))
                   if not info.shadow and remaining < units(info, charge)), 0)
         info = plan.quota_info[i] if plan.quota_info else BucketInfo("quota", 0, 0.0)
         what = "units" if info.counts_cost else "requests"
@@ -276,7 +276,7 @@ def refusal_message(plan: AdmissionPlan, result: AdmitResult, charge: Charge = O
                 f" quota of {info.limit} {what} of the {plan.plan} plan is spent until the period ends.")
     if result.reason == "rate":
         states = rate_state(plan, result, charge)
-        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.rate_info, states))
+        i = next((j for j, (info, (remaining, _)) in enumerate(zip(plan.rate_info, states, strict=False))
                   if not info.shadow and remaining < units(info, charge)), 0)
         info = plan.rate_info[i]
         if info.counts_cost:

@@ -23,10 +23,20 @@ from dataclasses import dataclass
 
 import yaml
 
-from gateway.config.model import ConcurrencyLimit, CostRule, Key, Limit, Plan, QuotaLimit, RateLimit, Route
+from gateway.config.model import (
+    MAX_COST,
+    MAX_SLOTS,
+    ConcurrencyLimit,
+    CostRule,
+    Key,
+    Limit,
+    Plan,
+    QuotaLimit,
+    RateLimit,
+    Route,
+)
 from gateway.config.nodes import STD, TOKEN, Node, NodeReader, field, get
 from gateway.config.units import quote
-from gateway.config.model import MAX_COST, MAX_SLOTS
 
 MAX_RULES = 64
 MAX_CONDITIONS = 16  # query parameters and headers of one rule, together

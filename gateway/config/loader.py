@@ -56,8 +56,7 @@ from gateway.config.nodes import (
     get,
 )
 from gateway.config.plans import PlanIndex, read_plans
-from gateway.config.routes import read_routes
-from gateway.config.routes import pattern_problem
+from gateway.config.routes import pattern_problem, read_routes
 from gateway.config.settings import header_name, read_bans, read_headers, read_identity, read_store, read_upstream
 from gateway.config.units import UnitError, parse_host_port, parse_size, quote, split_host
 from gateway.config.workspaces import check_workspace_limits
