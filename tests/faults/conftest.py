@@ -37,6 +37,25 @@ BIG_KEY = secret("faults-big")  # limits that never refuse: every request exerci
 SMALL_KEY = secret("faults-small")  # rate 6/10s, 2 slots: refusals are predictable
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def server() -> Iterator[PrivateRedis]:
+    """A private redis-server for one test (replay tests cut its connections)."""
+    with private_redis() as started:
+        yield started
+
+
+@pytest.fixture
+def proxy(server: PrivateRedis) -> Iterator[FaultProxy]:
+    """`server` behind a fault proxy that can cut a connection after an EVALSHA or ZREM ran."""
+    with FaultProxy(server.port, markers=(b"EVALSHA", b"ZREM")) as started:
+        yield started
+
+
 def fault_config(upstream: str, store_url: str, *, on_error: str = "local", **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "upstream": {"url": upstream, "timeout": "5s", "max_connections": 64},

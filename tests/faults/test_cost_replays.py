@@ -7,7 +7,6 @@ again by the caller as well, applies once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,26 +14,9 @@ from gateway.store.base import Charge, QuotaBucket, RateBucket, Settlement, Slot
 from gateway.store.redis import RedisStore
 from tests.faults.test_replays import LEASE, TIMEOUT, TRANSPORTS, store_url
 from tests.support.fault_proxy import FaultProxy
-from tests.support.redis_server import PrivateRedis, private_redis
+from tests.support.redis_server import PrivateRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[PrivateRedis]:
-    with private_redis() as started:
-        yield started
-
-
-@pytest.fixture
-def proxy(server: PrivateRedis) -> Iterator[FaultProxy]:
-    with FaultProxy(server.port, markers=(b"EVALSHA", b"ZREM")) as started:
-        yield started
 
 
 def plan(tag: str) -> tuple[list[RateBucket], list[SlotBucket], list[QuotaBucket]]:

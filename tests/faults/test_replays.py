@@ -21,7 +21,6 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -32,7 +31,7 @@ from gateway.store.base import RateBucket, SlotBucket, StoreError
 from gateway.store.redis import RedisStore
 from gateway.store.redis_jobs import RedisJobStore
 from tests.support.fault_proxy import FaultProxy
-from tests.support.redis_server import PrivateRedis, private_redis
+from tests.support.redis_server import PrivateRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -41,23 +40,6 @@ LEASE = 2.0
 SLOTS = 4  # N
 RATE = 1000  # L per minute: the load below reaches it midway, so both kinds of refusal happen
 TRANSPORTS = ["pipelined", "redis-py"]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[PrivateRedis]:
-    with private_redis() as started:
-        yield started
-
-
-@pytest.fixture
-def proxy(server: PrivateRedis) -> Iterator[FaultProxy]:
-    with FaultProxy(server.port, markers=(b"EVALSHA", b"ZREM")) as started:
-        yield started
 
 
 def store_url(port: int, transport: str) -> str:
