@@ -144,6 +144,83 @@ class MemoryStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        # Most plans' shape takes a shorter way to the same decision (`_admit_plain`).
+        if charge is ONE and queue is None and not quotas and len(rates) == 1 and len(slots) == 1:
+            rate, slot = rates[0], slots[0]
+            if rate.exact and not rate.shadow and not slot.shadow and "*" not in lease_id:
+                return self._admit_plain(rate, slot, lease_id)
+        return self._admit(rates, slots, lease_id, queue, quotas, charge)
+
+    def _admit_plain(self, rate: RateBucket, slot: SlotBucket, lease_id: str) -> AdmitResult:
+        """`_admit` for one exact, enforced rate bucket and one enforced slot bucket, a request
+        of one unit and one slot (a lease of one member), no quota, no queue: the same rule and
+        the same writes with the general path's lists, loops and shadow checks left out.
+        tests/store/test_memory_plain_path.py runs both on the same calls and compares them."""
+        now = _round_to_us(self._clock() * 1000.0)  # self._now(), one call less
+        window_ms = rate.window_ms
+        window = self._windows.get(rate.key)
+        count = 0
+        reset = window_ms
+        if window is not None:
+            window.window_ms = window_ms
+            times = window.times
+            horizon = now - window_ms  # as _Window.purge, inline
+            while times and times[0] <= horizon:
+                times.popleft()
+            count = len(times)
+            if count:
+                reset = math.ceil(times[0] + window_ms - now)
+        status = 0
+        retry_after = 0
+        if count >= rate.limit:  # count + 1 > limit
+            limit = rate.limit
+            wait = window_ms if limit < 1 else math.ceil(times[count - limit] + window_ms - now)
+            status = 1
+            retry_after = max(0, math.ceil(wait))
+
+        reclaimed = self._reclaim((slot,), now) if now >= self._earliest_expiry else 0
+        key = slot.key
+        leases = self._slots.get(key)
+        jobs = self._jobs.members.get(key)
+        taken = len(leases) if leases else 0
+        if jobs:
+            taken += len(jobs)
+        if taken >= slot.limit and status == 0:  # taken + 1 > limit
+            status = 2
+
+        if status == 0:
+            if window is None:
+                window = self._windows[rate.key] = _Window(window_ms)
+            window.times.append(now)
+            if rate.counts_cost:
+                window.owners[lease_id] = (now, 1)
+            expiry = now + self._lease_ms
+            if leases is None:
+                leases = self._slots[key] = OrderedDict()
+            leases[lease_id] = expiry
+            leases.move_to_end(lease_id)
+            self._held.add((key, lease_id))
+            if expiry < self._earliest_expiry:
+                self._earliest_expiry = expiry
+        else:
+            self._drop_empty((rate,), (slot,))
+        if reclaimed:
+            self._observer.slots_reclaimed(reclaimed)
+        return AdmitResult(
+            status == 0, _REASONS[status], retry_after, [count], [reset], [taken], reclaimed,
+            False, "", [], [], [], [], now,
+        )
+
+    def _admit(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+        queue: QueueSpot | None,
+        quotas: Sequence[QuotaBucket],
+        charge: Charge,
+    ) -> AdmitResult:
+        """The decision for any shape (admit.lua, step for step)."""
         if charge is not ONE:
             check_charge(charge)
         now = self._now()
