@@ -24,7 +24,7 @@ one workspace (gateway/config/workspaces.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.admission.cost import FLAT, Pricing, pricing_for
 from gateway.config.model import Config, Key, Limit, QuotaLimit, RateLimit, Route
@@ -57,10 +57,19 @@ class AdmissionPlan:
     quota_info: tuple[BucketInfo, ...] = ()
     quota_status: int = 402  # the status of a quota refusal (the refusing quota's `status`)
     pricing: Pricing = FLAT  # the route's cost rules
+    # Derived from the buckets once, here, rather than on every request (see __post_init__).
+    empty: bool = field(init=False, repr=False, compare=False)  # no bucket at all: nothing to ask
+    settles: bool = field(init=False, repr=False, compare=False)  # a settlement can re-price it
 
-    @property
-    def empty(self) -> bool:
-        return not self.rates and not self.slots and not self.quotas
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "empty", not self.rates and not self.slots and not self.quotas)
+        object.__setattr__(self, "settles", plan_settles(self.rates, self.quotas))
+
+
+def plan_settles(rates: tuple[RateBucket, ...], quotas: tuple[QuotaBucket, ...]) -> bool:
+    """Whether a settlement can ever re-price an admission of these buckets: only buckets that
+    count cost are re-priced (gateway/admission/controller.py `settlement_of`)."""
+    return any(rate.counts_cost for rate in rates) or any(quota.counts_cost for quota in quotas)
 
 
 def hash_tag(prefix: str, key: Key) -> str:
