@@ -239,6 +239,9 @@ class Admission:
         # switch (gateway/admission/transitions.py).
         self.bridge = OutageBridge(store, local) if on_error == "local" and local is not None else None
         self._failing = False  # the last admission call to the store failed (logged once per streak)
+        # The store's synchronous `admit`, if it has one (memory): the same decision without
+        # creating and running a coroutine per request.
+        self._admit_now: Callable[..., AdmitResult] | None = getattr(store, "synchronous_admit", None)
 
     @property
     def on_error(self) -> OnError:
@@ -264,7 +267,12 @@ class Admission:
             try:
                 if plan.wait:
                     return await self._admit_waiting(self.store, plan, lease_id, charge)
-                result = await self.store.admit(plan.rates, plan.slots, lease_id, quotas=plan.quotas, charge=charge)
+                admit_now = self._admit_now
+                if admit_now is not None:
+                    result = admit_now(plan.rates, plan.slots, lease_id, quotas=plan.quotas, charge=charge)
+                else:
+                    result = await self.store.admit(plan.rates, plan.slots, lease_id, quotas=plan.quotas,
+                                                    charge=charge)
             except StoreError as exc:
                 self.breaker.failure()
                 self._store_failed(exc)
@@ -363,10 +371,12 @@ class Admission:
     def release(self, plan: AdmissionPlan, ticket: Ticket) -> None:
         """Free the ticket's slots and settle its charge (`ticket.settled`) in one batched store
         call (synchronous, idempotent: safe in any `finally`; the settlement goes once)."""
+        store = ticket.store
+        if store is None and ticket.counted_in is None:
+            return  # nothing held, nothing to settle: released already (the app's second call)
         # Without a cost-counting bucket nothing can be re-priced (decided once, at plan build).
         settlement = settlement_of(plan, ticket) if plan.settles else None
         counted, ticket.counted_in = ticket.counted_in, None  # the settlement is decided once
-        store = ticket.store
         if store is None:
             if settlement is not None and counted is not None:  # no slots held: the settlement alone
                 counted.release((), ticket.lease_id, settlement=settlement)

@@ -144,6 +144,25 @@ class MemoryStore:
         quotas: Sequence[QuotaBucket] = (),
         charge: Charge = ONE,
     ) -> AdmitResult:
+        return self.admit_now(rates, slots, lease_id, queue, quotas=quotas, charge=charge)
+
+    @property
+    def synchronous_admit(self) -> Callable[..., AdmitResult] | None:
+        """`admit_now` for a caller that can spare the coroutine (the admission controller);
+        None when a subclass redefines `admit`, so that its `admit` is the one called."""
+        return self.admit_now if type(self).admit is MemoryStore.admit else None
+
+    def admit_now(
+        self,
+        rates: Sequence[RateBucket],
+        slots: Sequence[SlotBucket],
+        lease_id: str,
+        queue: QueueSpot | None = None,
+        *,
+        quotas: Sequence[QuotaBucket] = (),
+        charge: Charge = ONE,
+    ) -> AdmitResult:
+        """`admit`, synchronously: it never awaits (one event loop, nothing to wait for)."""
         # Most plans' shape takes a shorter way to the same decision (`_admit_plain`).
         if charge is ONE and queue is None and not quotas and len(rates) == 1 and len(slots) == 1:
             rate, slot = rates[0], slots[0]
@@ -700,11 +719,9 @@ def _round_to_us(ms: float) -> float:
     nearest that decimal, which is what round() returns.
     """
     us = ms * 1000.0
-    if 1.0 <= us < _HALF_INTEGERS_EXACT_BELOW:
+    if 1.0 <= us < 2.0**52:  # half-integers are exact below 2**52 (folded to a constant)
         whole = round(us)
         if abs(us - whole) != 0.5:
             return whole / 1000.0
     return round(ms, 3)
 
-
-_HALF_INTEGERS_EXACT_BELOW = 2.0**52

@@ -112,3 +112,23 @@ def test_a_one_slot_charge_keeps_the_plain_lease_id() -> None:
         plain = lease_id.rpartition("*")[0] or lease_id
         assert lease_id == weighted_lease(plain, charge.slots)
         assert ("*" in lease_id) == (charge.slots > 1)
+
+
+def test_the_controller_admits_through_the_memory_store_synchronously_unless_admit_is_redefined() -> None:
+    from gateway.store.memory import MemoryStore
+
+    class Redefined(MemoryStore):
+        async def admit(self, *args: Any, **kwargs: Any) -> AdmitResult:
+            return await super().admit(*args, **kwargs)
+
+    assert MemoryStore(1.0).synchronous_admit is not None
+    assert Redefined(1.0).synchronous_admit is None
+    assert getattr(RecordingStore(), "synchronous_admit", None) is None
+    plan = AdmissionPlan("p", (RateBucket("r:a", 1, 1_000),), (BucketInfo("r", 1, 1.0),),
+                         (SlotBucket("s:a", 1),), (BucketInfo("s", 1, 0.0),), 0.0)
+    for store in (MemoryStore(1.0), Redefined(1.0)):
+        admission = Admission(store, on_error="deny", metrics=Metrics())
+        first = asyncio.run(admission.admit(plan))
+        second = asyncio.run(admission.admit(plan))
+        assert first.admitted and first.store is store and first.counted_in is store
+        assert (second.admitted, second.result.reason if second.result else None) == (False, "rate")
