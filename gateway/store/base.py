@@ -134,7 +134,7 @@ class QuotaUsage:
     reset_ms: int  # ms until the period ends
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AdmitResult:
     """What one admission decision saw, enough to build every limit header.
 
@@ -176,6 +176,44 @@ class AdmitResult:
     # A refusal repeated from the refusal cache (gateway/admission/controller.py), not a store
     # answer: only the refusing limits' numbers are still known (headers say nothing else).
     from_cache: bool = False
+
+    # Written out rather than generated, so that a caller can pass None for an empty list (the
+    # memory store's common shape: no quota, no shadow) instead of building one to be kept.
+    # The same parameters as the generated one, in the fields' order (a test checks it).
+    def __init__(
+        self,
+        admitted: bool,
+        reason: str | None,
+        retry_after_ms: int,
+        rate_counts: list[int],
+        rate_reset_ms: list[int],
+        slot_counts: list[int],
+        reclaimed: int = 0,
+        queued: bool = False,
+        arrival: str = "",
+        quota_counts: list[int] | None = None,
+        quota_reset_ms: list[int] | None = None,
+        quota_granted: list[int] | None = None,
+        shadow_refused: list[str] | None = None,
+        now_ms: float = 0.0,
+        from_cache: bool = False,
+    ) -> None:
+        self.admitted = admitted
+        self.reason = reason
+        self.retry_after_ms = retry_after_ms
+        self.rate_counts = rate_counts
+        self.rate_reset_ms = rate_reset_ms
+        self.slot_counts = slot_counts
+        self.reclaimed = reclaimed
+        self.queued = queued
+        self.arrival = arrival
+        # None (left out): a fresh empty list, as a default factory would give.
+        self.quota_counts = [] if quota_counts is None else quota_counts
+        self.quota_reset_ms = [] if quota_reset_ms is None else quota_reset_ms
+        self.quota_granted = [] if quota_granted is None else quota_granted
+        self.shadow_refused = [] if shadow_refused is None else shadow_refused
+        self.now_ms = now_ms
+        self.from_cache = from_cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,7 +227,7 @@ class MemoryStore:
             self._observer.slots_reclaimed(reclaimed)
         return AdmitResult(
             status == 0, _REASONS[status], retry_after, [count], [reset], [taken], reclaimed,
-            False, "", [], [], [], [], now,
+            False, "", None, None, None, None, now,  # None: an empty list (no quota, no shadow)
         )
 
     def _admit(

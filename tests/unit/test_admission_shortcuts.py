@@ -114,6 +114,27 @@ def test_a_one_slot_charge_keeps_the_plain_lease_id() -> None:
         assert ("*" in lease_id) == (charge.slots > 1)
 
 
+def test_admit_result_init_takes_the_fields_in_order_with_their_defaults() -> None:
+    """AdmitResult's written-out __init__ keeps the dataclass's signature (stores construct it
+    positionally); a list field left out (None) is a fresh empty list, as its factory gave."""
+    import dataclasses
+    import inspect
+
+    parameters = list(inspect.signature(AdmitResult.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(AdmitResult)
+    assert [p.name for p in parameters] == [f.name for f in fields]
+    for parameter, field in zip(parameters, fields, strict=True):
+        if field.default_factory is not dataclasses.MISSING:
+            assert parameter.default is None
+        elif field.default is not dataclasses.MISSING:
+            assert parameter.default == field.default
+        else:
+            assert parameter.default is inspect.Parameter.empty
+    one, other = AdmitResult(True, None, 0, [], [], []), AdmitResult(True, None, 0, [], [], [])
+    assert one == other and one.quota_counts == [] and one.quota_counts is not other.quota_counts
+    assert one.shadow_refused is not other.shadow_refused
+
+
 def test_the_controller_admits_through_the_memory_store_synchronously_unless_admit_is_redefined() -> None:
     from gateway.store.memory import MemoryStore
 
