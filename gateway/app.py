@@ -235,11 +235,9 @@ class GatewayApp:
             done.admission_s = admitted_at - started
             state.metrics.admission_duration.observe(done.admission_s)
             result = ticket.result
-            extra = compiled.limit_headers(result, charge) if result else []
-
             if result is not None and not result.admitted:
                 # A refusal charges nothing, and says so.
-                extra = [*extra, routing.cost_policy.header(0)]
+                extra = [*compiled.limit_headers(result, charge), routing.cost_policy.header(0)]
                 done.status = 429
                 if result.reason == "quota":
                     # No ban strike: a client may rightly retry early after a grant or a reset.
@@ -259,8 +257,15 @@ class GatewayApp:
                                      retry_after=CONCURRENCY_RETRY_AFTER, extra_headers=extra)
                 return
 
-            # From here the ticket is settled as an exchange with no answer until the upstream answers.
-            bill = RequestBill(routing.cost_policy, charge.cost, ticket)
+            bill: RequestBill | None = None
+            if routing.cost_policy.flat:
+                # The charge is the price whatever the upstream answers: its line is in the headers
+                # already, and the ticket is never re-priced (`settled` stays None).
+                extra = compiled.limit_headers.charged(result, charge)
+            else:
+                extra = compiled.limit_headers(result, charge) if result else []
+                # From here the ticket is settled as an exchange with no answer until the upstream answers.
+                bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             upstream_headers = upstream_request_headers(
                 routing.header_policy, headers, key_id=key.id, plan=key.plan,
                 forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
@@ -292,7 +297,8 @@ class GatewayApp:
                 done.upstream_s = time.perf_counter() - admitted_at
                 state.active_requests -= 1
                 in_flight.dec()
-                state.metrics.units_charged_for(key.plan, compiled.route_label).add(bill.settled)
+                state.metrics.units_charged_for(key.plan, compiled.route_label).add(
+                    charge.cost if bill is None else bill.settled)
             done.upstream = outcome
             done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
             return

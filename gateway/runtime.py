@@ -24,7 +24,8 @@ class CompiledPlan:
     plan: AdmissionPlan
     route_label: str
     # this plan's limit headers (RateLimit-Policy fixed) from one admission result; an admitted
-    # request's come pre-encoded (gateway/admission/header_block.py)
+    # request's come pre-encoded (gateway/admission/header_block.py), with the charge line
+    # under a flat cost policy (`limit_headers.charged`)
     limit_headers: EncodedLimitHeaders
 
 
@@ -61,7 +62,8 @@ class Routing:
         compiled = self._plans.get(cache_key)
         if compiled is None:
             plan = build_plan(self.config, key, route)
-            compiled = CompiledPlan(plan, route.path, EncodedLimitHeaders(plan, self.families, policy_header(plan)))
+            headers = EncodedLimitHeaders(plan, self.families, policy_header(plan), self.cost_policy)
+            compiled = CompiledPlan(plan, route.path, headers)
             self._plans[cache_key] = compiled
         return compiled
 

@@ -18,11 +18,14 @@ from collections.abc import Collection, Sequence
 from gateway import trusted_headers
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.headers import LimitHeaders
+from gateway.proxy.settlement import CostPolicy
 from gateway.store.base import ONE, AdmitResult, Charge
 from gateway.trusted_headers import EncodedHeaders
 
 # The template's numbers, by name (bytes formatting with a mapping takes bytes keys).
-_LEFT, _CURRENT, _REMAINING, _RESET = b"left", b"current", b"remaining", b"reset"
+_LEFT, _CURRENT, _REMAINING, _RESET, _COST = b"left", b"current", b"remaining", b"reset", b"cost"
+
+Lines = list[tuple[bytes, bytes]]
 
 
 def _fixed(text: bytes) -> bytes:
@@ -30,18 +33,17 @@ def _fixed(text: bytes) -> bytes:
     return text.replace(b"%", b"%%")
 
 
-def admitted_template(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> bytes | None:
-    """The `name: value\\r\\n` lines `LimitHeaders` gives an admitted request, numbers as
+def _admitted_lines(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> Lines | None:
+    """The (name, value template) pairs `LimitHeaders` gives an admitted request, numbers as
     `%(left)d`, `%(current)d`, `%(remaining)d`, `%(reset)d`; None when the plan has another
-    shape (more buckets of a kind, a quota, a shadow limit), no header is on, or a fixed part
-    would not pass the block check."""
+    shape (more buckets of a kind, a quota, a shadow limit)."""
     if len(plan.rate_info) > 1 or len(plan.slot_info) > 1 or plan.quota_info:
         return None
     if any(info.shadow for info in (*plan.rate_info, *plan.slot_info)):
         return None
     rate = plan.rate_info[0] if plan.rate_info else None
     slot = plan.slot_info[0] if plan.slot_info else None
-    lines: list[tuple[bytes, bytes]] = []
+    lines: Lines = []
     if slot is not None:
         limit = b"%d" % slot.limit
         if "concurrency" in families:
@@ -59,26 +61,57 @@ def admitted_template(plan: AdmissionPlan, families: Collection[str], policy: by
         if slot is not None:
             items.append(_fixed(f'"{slot.policy}";r='.encode()) + b"%(left)d")
         lines += [(b"ratelimit-policy", _fixed(policy)), (b"ratelimit", b", ".join(items))]
+    return lines
+
+
+def _template(lines: Lines | None) -> bytes | None:
+    """`lines` as one `name: value\r\n` %-template, or None (no lines, or a fixed part that
+    would not pass the block check)."""
     if not lines:
         return None
-    template = b"".join(b"%s: %s\r\n" % line for line in lines)
+    template = b"".join(b"%s: %s\r\n" % (_fixed(name), value) for name, value in lines)
     # Only digits vary between requests: if one filling passes the check, every filling does.
-    numbers = {_LEFT: 0, _CURRENT: 0, _REMAINING: 0, _RESET: 0}
+    numbers = {_LEFT: 0, _CURRENT: 0, _REMAINING: 0, _RESET: 0, _COST: 0}
     sample = trusted_headers.encode([(name, value % numbers) for name, value in lines])
     if sample is None or sample != template % numbers:
         return None
     return template
 
 
+def admitted_template(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> bytes | None:
+    """The `name: value\r\n` lines `LimitHeaders` gives an admitted request as one %-template
+    (see `_admitted_lines`); None when the plan has another shape, no header is on, or a fixed
+    part would not pass the block check."""
+    return _template(_admitted_lines(plan, families, policy))
+
+
+def charged_template(
+    plan: AdmissionPlan, families: Collection[str], policy: bytes | None, cost: CostPolicy
+) -> bytes | None:
+    """`admitted_template` followed by the charge line (`cost.response: %(cost)d`), for a flat
+    cost policy: its charge is the price whatever the upstream answers, so the line is known
+    at admission. None for any other policy or plan shape."""
+    lines = _admitted_lines(plan, families, policy)
+    if lines is None or not cost.flat:
+        return None
+    return _template([*lines, (cost.response, b"%(cost)d")])
+
+
 class EncodedLimitHeaders:
     """A compiled plan's limit headers from one admission result: an admitted request's as an
-    `EncodedHeaders` block, anything else as `LimitHeaders` makes them."""
+    `EncodedHeaders` block, anything else as `LimitHeaders` makes them. With a flat cost policy,
+    `charged` gives an admitted request's with its charge line."""
 
-    __slots__ = ("_headers", "_template", "_rate_limit", "_slot_limit", "_rate_counts_cost")
+    __slots__ = ("_headers", "_template", "_charged_template", "_cost", "_rate_limit", "_slot_limit",
+                 "_rate_counts_cost")
 
-    def __init__(self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> None:
+    def __init__(
+        self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None, cost: CostPolicy | None = None
+    ) -> None:
         self._headers = LimitHeaders(plan, families, policy)
         self._template = admitted_template(plan, families, policy)
+        self._cost = cost
+        self._charged_template = None if cost is None else charged_template(plan, families, policy, cost)
         self._rate_limit = plan.rate_info[0].limit if plan.rate_info else None
         self._slot_limit = plan.slot_info[0].limit if plan.slot_info else None
         self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
@@ -87,6 +120,21 @@ class EncodedLimitHeaders:
         template = self._template
         if template is None or not result.admitted:
             return self._headers(result, charge)
+        return EncodedHeaders(template % self._numbers(result, charge))
+
+    def charged(self, result: AdmitResult | None, charge: Charge) -> Sequence[tuple[bytes, bytes]]:
+        """An admitted request's headers (limits, if it has a result, then the charge line) under
+        the flat cost policy this was built with: the bytes `CostPolicy.with_header` gives the
+        limit headers and `charge.cost`, as one block when the plan has a template."""
+        template = self._charged_template
+        if template is None or result is None or not result.admitted:
+            cost = self._cost
+            assert cost is not None and cost.flat, "charged() is for a flat cost policy"
+            return cost.with_header(self(result, charge) if result is not None else [], charge.cost)
+        return EncodedHeaders(template % self._numbers(result, charge))
+
+    def _numbers(self, result: AdmitResult, charge: Charge) -> dict[bytes, int]:
+        """The numbers of an admitted request's templates (a template ignores those it lacks)."""
         left = current = remaining = reset = 0
         limit = self._slot_limit
         if limit is not None:
@@ -96,4 +144,4 @@ class EncodedLimitHeaders:
         if limit is not None:
             remaining = max(0, limit - result.rate_counts[0] - (charge.cost if self._rate_counts_cost else 1))
             reset = max(0, math.ceil(result.rate_reset_ms[0] / 1000))
-        return EncodedHeaders(template % {_LEFT: left, _CURRENT: current, _REMAINING: remaining, _RESET: reset})
+        return {_LEFT: left, _CURRENT: current, _REMAINING: remaining, _RESET: reset, _COST: charge.cost}
