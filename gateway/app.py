@@ -33,7 +33,7 @@ from gateway.config.model import Key, Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
-from gateway.proxy.request_body import BodyRefused, declared_length, receive_body_start
+from gateway.proxy.request_body import BodyRefused, receive_body_start, request_framing
 from gateway.proxy.settlement import RequestBill
 from gateway.responses import send_error, send_json
 from gateway.runtime import Routing
@@ -194,7 +194,8 @@ class GatewayApp:
         compiled = routing.plan_for(key, index, route)
         done.key_id, done.plan, done.route = key.id, key.plan, compiled.route_label
 
-        length = declared_length(headers)
+        framing = request_framing(headers)
+        length = framing[0]
         if length is not None and length > config.max_request_body:
             await send_error(send, 413, "body_too_large",
                              f"The request body is larger than {config.max_request_body} bytes.", extra_headers=_CLOSE)
@@ -210,7 +211,7 @@ class GatewayApp:
             return
 
         # The body (or its first 64 KiB) first: a slow client costs no store call and no slot.
-        body_start = await receive_body_start(headers, receive, send, max_body=config.max_request_body,
+        body_start = await receive_body_start(framing, receive, send, max_body=config.max_request_body,
                                               timeout=config.client_timeout)
         if isinstance(body_start, BodyRefused):
             done.status, done.outcome = body_start.status, body_start.outcome
