@@ -55,6 +55,7 @@ def declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
 
 # (Content-Length as `declared_length` reads it, declares a body, expects 100-continue)
 Framing = tuple[int | None, bool, bool]
+_UNFRAMED: Framing = (None, False, False)
 
 
 def request_framing(headers: Sequence[tuple[bytes, bytes]]) -> Framing:
@@ -62,6 +63,9 @@ def request_framing(headers: Sequence[tuple[bytes, bytes]]) -> Framing:
     (as `declared_length` reads it), whether it has one (Content-Length or Transfer-Encoding;
     without either the parser has already ended the message, so the first `receive()` cannot
     wait), and whether the client waits for `100 Continue` before sending it."""
+    names = dict(headers)  # built in C: most requests (a GET) have none of the three, and leave here
+    if b"content-length" not in names and b"transfer-encoding" not in names and b"expect" not in names:
+        return _UNFRAMED
     length = None
     expects_continue = framed = seen_length = False
     for name, value in headers:
