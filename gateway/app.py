@@ -119,16 +119,16 @@ class GatewayApp:
 
     def _finish(self, scope: Scope, done: _Done, elapsed: float) -> None:
         metrics = self.state.metrics
-        metrics.requests_for(done.plan, done.route, done.outcome).inc()
+        metrics.requests_for[done.plan, done.route, done.outcome].inc()
         outcome = done.outcome
         if done.upstream is not None:
             code = _upstream_code(done.upstream)
             if code not in _NOT_UPSTREAM:
-                metrics.upstream_responses_for(done.route, code).inc()
+                metrics.upstream_responses_for[done.route, code].inc()
             elif code in _CLIENT_STALLS:
                 metrics.client_timeouts.labels(_CLIENT_STALLS[code]).inc()
                 outcome = code
-            metrics.request_duration_for(done.route).observe(elapsed)
+            metrics.request_duration_for[(done.route,)].observe(elapsed)
         if self.access_log is not None:
             self.access_log.write(scope, done.status, outcome, done.key_id, done.plan, done.route,
                                   done.admission_s, done.upstream_s,
@@ -272,7 +272,7 @@ class GatewayApp:
                 forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
                 forwarded_proto=scope.get("scheme", "http"),
             )
-            in_flight = state.metrics.in_flight_for(key.plan)
+            in_flight = state.metrics.in_flight_for[(key.plan,)]
             in_flight.inc()
             state.active_requests += 1
             done.outcome = "admitted"
@@ -298,7 +298,7 @@ class GatewayApp:
                 done.upstream_s = time.perf_counter() - admitted_at
                 state.active_requests -= 1
                 in_flight.dec()
-                state.metrics.units_charged_for(key.plan, compiled.route_label).add(
+                state.metrics.units_charged_for[key.plan, compiled.route_label].add(
                     charge.cost if bill is None else bill.settled)
             done.upstream = outcome
             done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
