@@ -16,10 +16,10 @@ the path, `_finish` counts the request and writes its one access-log line.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from time import perf_counter
 
 from gateway.accesslog import AccessLog
 from gateway.admission import waiting
@@ -75,6 +75,11 @@ def _upstream_code(outcome: Outcome) -> str:
     return f"{outcome // 100}xx" if isinstance(outcome, int) else outcome
 
 
+# `_upstream_code` of every status an upstream can send, made once (the failure words stay out:
+# `_STATUS_CODES.get(outcome) or _upstream_code(outcome)`).
+_STATUS_CODES = {status: _upstream_code(status) for status in range(100, 1000)}
+
+
 def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
     if not trusted or not peer:
         return False
@@ -82,16 +87,10 @@ def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
     return peer_ip is not None and is_trusted(peer_ip, trusted)
 
 
-def _peer(scope: Scope) -> str | None:
-    """The socket peer's address, as uvicorn gives it."""
-    client = scope.get("client")
-    return client[0] if client else None
-
-
-def _forwarded_for(peer: str | None, headers: Headers, from_proxy: bool) -> str:
+def _forwarded_for(peer: str | None, headers: Headers, trusted: Sequence[Network]) -> str:
     """The X-Forwarded-For chain sent upstream: a trusted proxy's chain is kept and the peer
     appended; from anyone else, only the peer."""
-    if not from_proxy:
+    if not _from_trusted_proxy(peer, trusted):
         return peer or ""
     chain = [value.decode("latin-1").strip() for name, value in headers if name == b"x-forwarded-for"]
     chain.append(peer or "")
@@ -106,12 +105,12 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            started = time.perf_counter()
+            started = perf_counter()
             done = _Done(500, "error")
             try:
                 await self._http(scope, receive, send, done)
             finally:
-                self._finish(scope, done, time.perf_counter() - started)
+                self._finish(scope, done, perf_counter() - started)
         elif scope["type"] == "lifespan":  # resources are owned by the server runner
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
@@ -122,7 +121,7 @@ class GatewayApp:
         metrics.requests_for[done.plan, done.route, done.outcome].inc()
         outcome = done.outcome
         if done.upstream is not None:
-            code = _upstream_code(done.upstream)
+            code = _STATUS_CODES.get(done.upstream) or _upstream_code(done.upstream)
             if code not in _NOT_UPSTREAM:
                 metrics.upstream_responses_for[done.route, code].inc()
             elif code in _CLIENT_STALLS:
@@ -148,7 +147,8 @@ class GatewayApp:
         headers: Headers = scope["headers"]
         bans = config.bans
         trusted = config.identity.trusted_proxies
-        peer = _peer(scope)
+        socket_peer = scope.get("client")
+        peer: str | None = socket_peer[0] if socket_peer else None  # the socket peer's address, as uvicorn gives it
         client = None
         if bans is not None or trusted:
             client = done.client = client_ip(peer, headers, trusted)
@@ -220,7 +220,7 @@ class GatewayApp:
         plan = compiled.plan
         charge = plan.pricing.charge(method, scope["query_string"], headers)
         admission = state.admission
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
             ticket, receive = await waiting.admit(admission, plan, receive, charge)
@@ -232,7 +232,7 @@ class GatewayApp:
         # From here the slot is released whatever happens (headers, metrics, the exchange):
         # nothing may stand between the admission's return and this `try`.
         try:
-            admitted_at = time.perf_counter()
+            admitted_at = perf_counter()
             done.admission_s = admitted_at - started
             state.metrics.admission_duration.observe(done.admission_s)
             result = ticket.result
@@ -269,7 +269,7 @@ class GatewayApp:
                 bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             upstream_headers = upstream_request_headers(
                 routing.header_policy, headers, key_id=key.id, plan=key.plan,
-                forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
+                forwarded_for=_forwarded_for(peer, headers, trusted) if trusted else (peer or ""),
                 forwarded_proto=scope.get("scheme", "http"),
             )
             in_flight = state.metrics.in_flight_for[(key.plan,)]
@@ -287,7 +287,8 @@ class GatewayApp:
                     timeout=config.upstream.timeout,
                     body_start=body_start,
                     client_timeout=config.client_timeout,
-                    observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
+                    observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket)
+                    if routing.has_jobs else None,
                     on_complete=partial(admission.release, plan, ticket),
                     bill=bill,
                 )
@@ -295,7 +296,7 @@ class GatewayApp:
                 done.status, done.upstream = exc.status, "aborted"
                 raise
             finally:
-                done.upstream_s = time.perf_counter() - admitted_at
+                done.upstream_s = perf_counter() - admitted_at
                 state.active_requests -= 1
                 in_flight.dec()
                 state.metrics.units_charged_for[key.plan, compiled.route_label].add(
