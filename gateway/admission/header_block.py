@@ -97,12 +97,31 @@ def charged_template(
     return _template([*lines, (cost.response, b"%(cost)d")])
 
 
+# Every header name `limit_headers` gives.
+_NAMES = (b"concurrency-limit", b"concurrency-remaining", b"x-concurrent-limit", b"x-concurrent-current",
+          b"x-concurrent-remaining", b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
+          b"ratelimit-policy", b"ratelimit")
+# What the values add to the plan's texts: numbers and the IETF items' syntax.
+_SYNTAX = b'"name";q=0123456789;w=-1, "name";r=2;t=3'
+
+
+def fixed_parts_pass(plan: AdmissionPlan, policy: bytes | None) -> bool:
+    """Whether every part of the plan's limit headers that is not a number passes the block
+    check: the header names, the policy names, the RateLimit-Policy fixed part. The check is
+    per line and its value part is a class of bytes, so then any headers `limit_headers` makes
+    for this plan pass it too, whatever its shape (quotas, shadows, several buckets of a kind)."""
+    texts = [info.policy.encode() for info in (*plan.rate_info, *plan.slot_info, *plan.quota_info)]
+    sample = [(name, _SYNTAX) for name in _NAMES] + [(b"ratelimit", text) for text in (*texts, policy or b"")]
+    return trusted_headers.encode(sample) is not None
+
+
 class EncodedLimitHeaders:
     """A compiled plan's limit headers from one admission result: an admitted request's as an
-    `EncodedHeaders` block, anything else as `LimitHeaders` makes them. With a flat cost policy,
+    `EncodedHeaders` block (from the plan's template when it has one, else joined from
+    `LimitHeaders`' list), a refused one's as `LimitHeaders` makes them. With a flat cost policy,
     `charged` gives an admitted request's with its charge line."""
 
-    __slots__ = ("_headers", "_template", "_charged_template", "_cost", "_rate_limit", "_slot_limit",
+    __slots__ = ("_headers", "_template", "_charged_template", "_cost", "_checked", "_rate_limit", "_slot_limit",
                  "_rate_counts_cost")
 
     def __init__(
@@ -112,15 +131,21 @@ class EncodedLimitHeaders:
         self._template = admitted_template(plan, families, policy)
         self._cost = cost
         self._charged_template = None if cost is None else charged_template(plan, families, policy, cost)
+        self._checked = fixed_parts_pass(plan, policy)
         self._rate_limit = plan.rate_info[0].limit if plan.rate_info else None
         self._slot_limit = plan.slot_info[0].limit if plan.slot_info else None
         self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
 
     def __call__(self, result: AdmitResult, charge: Charge = ONE) -> Sequence[tuple[bytes, bytes]]:
         template = self._template
-        if template is None or not result.admitted:
-            return self._headers(result, charge)
-        return EncodedHeaders(template % self._numbers(result, charge))
+        if template is not None and result.admitted:
+            return EncodedHeaders(template % self._numbers(result, charge))
+        headers = self._headers(result, charge)
+        if headers and self._checked and result.admitted:
+            # Any other shape: `LimitHeaders`' own list, joined as `trusted_headers.encode` joins
+            # it, without its check per response (`fixed_parts_pass`).
+            return EncodedHeaders(b"\r\n".join(map(b": ".join, headers)) + b"\r\n")
+        return headers
 
     def charged(self, result: AdmitResult | None, charge: Charge) -> Sequence[tuple[bytes, bytes]]:
         """An admitted request's headers (limits, if it has a result, then the charge line) under
