@@ -33,16 +33,29 @@ def _fixed(text: bytes) -> bytes:
     return text.replace(b"%", b"%%")
 
 
+def described_buckets(plan: AdmissionPlan) -> tuple[int | None, int | None] | None:
+    """The indices of the plan's one described (not shadow) rate bucket and slot bucket, each
+    None when it has none: the shapes a template covers. None for any other shape (more than
+    one described bucket of a kind, a quota). Shadow limits are never described, so they may
+    be anywhere."""
+    if plan.quota_info:
+        return None
+    rates = [index for index, info in enumerate(plan.rate_info) if not info.shadow]
+    slots = [index for index, info in enumerate(plan.slot_info) if not info.shadow]
+    if len(rates) > 1 or len(slots) > 1:
+        return None
+    return (rates[0] if rates else None), (slots[0] if slots else None)
+
+
 def _admitted_lines(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> Lines | None:
     """The (name, value template) pairs `LimitHeaders` gives an admitted request, numbers as
     `%(left)d`, `%(current)d`, `%(remaining)d`, `%(reset)d`; None when the plan has another
-    shape (more buckets of a kind, a quota, a shadow limit)."""
-    if len(plan.rate_info) > 1 or len(plan.slot_info) > 1 or plan.quota_info:
+    shape (see `described_buckets`)."""
+    described = described_buckets(plan)
+    if described is None:
         return None
-    if any(info.shadow for info in (*plan.rate_info, *plan.slot_info)):
-        return None
-    rate = plan.rate_info[0] if plan.rate_info else None
-    slot = plan.slot_info[0] if plan.slot_info else None
+    rate = None if described[0] is None else plan.rate_info[described[0]]
+    slot = None if described[1] is None else plan.slot_info[described[1]]
     lines: Lines = []
     if slot is not None:
         limit = b"%d" % slot.limit
@@ -65,7 +78,7 @@ def _admitted_lines(plan: AdmissionPlan, families: Collection[str], policy: byte
 
 
 def _template(lines: Lines | None) -> bytes | None:
-    """`lines` as one `name: value\r\n` %-template, or None (no lines, or a fixed part that
+    """`lines` as one `name: value\\r\\n` %-template, or None (no lines, or a fixed part that
     would not pass the block check)."""
     if not lines:
         return None
@@ -79,7 +92,7 @@ def _template(lines: Lines | None) -> bytes | None:
 
 
 def admitted_template(plan: AdmissionPlan, families: Collection[str], policy: bytes | None) -> bytes | None:
-    """The `name: value\r\n` lines `LimitHeaders` gives an admitted request as one %-template
+    """The `name: value\\r\\n` lines `LimitHeaders` gives an admitted request as one %-template
     (see `_admitted_lines`); None when the plan has another shape, no header is on, or a fixed
     part would not pass the block check."""
     return _template(_admitted_lines(plan, families, policy))
@@ -121,8 +134,8 @@ class EncodedLimitHeaders:
     `LimitHeaders`' list), a refused one's as `LimitHeaders` makes them. With a flat cost policy,
     `charged` gives an admitted request's with its charge line."""
 
-    __slots__ = ("_headers", "_template", "_charged_template", "_cost", "_checked", "_rate_limit", "_slot_limit",
-                 "_rate_counts_cost")
+    __slots__ = ("_headers", "_template", "_charged_template", "_cost", "_checked", "_rate_index", "_slot_index",
+                 "_rate_limit", "_slot_limit", "_rate_counts_cost")
 
     def __init__(
         self, plan: AdmissionPlan, families: Collection[str], policy: bytes | None, cost: CostPolicy | None = None
@@ -132,9 +145,14 @@ class EncodedLimitHeaders:
         self._cost = cost
         self._charged_template = None if cost is None else charged_template(plan, families, policy, cost)
         self._checked = fixed_parts_pass(plan, policy)
-        self._rate_limit = plan.rate_info[0].limit if plan.rate_info else None
-        self._slot_limit = plan.slot_info[0].limit if plan.slot_info else None
-        self._rate_counts_cost = bool(plan.rate_info) and plan.rate_info[0].counts_cost
+        # The template's buckets (limits None when the plan has no such described bucket).
+        rate_index, slot_index = described_buckets(plan) or (None, None)
+        self._rate_index = rate_index or 0
+        self._slot_index = slot_index or 0
+        rate = None if rate_index is None else plan.rate_info[rate_index]
+        self._rate_limit = None if rate is None else rate.limit
+        self._slot_limit = None if slot_index is None else plan.slot_info[slot_index].limit
+        self._rate_counts_cost = rate is not None and rate.counts_cost
 
     def __call__(self, result: AdmitResult, charge: Charge = ONE) -> Sequence[tuple[bytes, bytes]]:
         template = self._template
@@ -163,10 +181,11 @@ class EncodedLimitHeaders:
         left = current = remaining = reset = 0
         limit = self._slot_limit
         if limit is not None:
-            current = min(limit, result.slot_counts[0] + charge.slots)  # this request's slots included
+            current = min(limit, result.slot_counts[self._slot_index] + charge.slots)  # this request's slots included
             left = limit - current
         limit = self._rate_limit
         if limit is not None:
-            remaining = max(0, limit - result.rate_counts[0] - (charge.cost if self._rate_counts_cost else 1))
-            reset = max(0, math.ceil(result.rate_reset_ms[0] / 1000))
+            index = self._rate_index
+            remaining = max(0, limit - result.rate_counts[index] - (charge.cost if self._rate_counts_cost else 1))
+            reset = max(0, math.ceil(result.rate_reset_ms[index] / 1000))
         return {_LEFT: left, _CURRENT: current, _REMAINING: remaining, _RESET: reset, _COST: charge.cost}

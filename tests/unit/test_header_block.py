@@ -126,21 +126,30 @@ def test_a_weighted_costly_request_gets_its_block_in_units_and_slots() -> None:
     assert b'ratelimit: "credits";r=65;t=60, "browsers";r=1\r\n' in admitted.block
 
 
-def test_quotas_and_shadows_have_no_template_but_an_admitted_block() -> None:
+def test_a_shadow_limit_anywhere_keeps_the_template_a_quota_gets_the_joined_block() -> None:
     base = _plan()
-    shadowed = replace(base, rates=(RateBucket("r", 10, 60_000, shadow=True),),
-                       rate_info=(BucketInfo("rpm", 10, 60.0, shadow=True),))
+    shadowed = replace(base, rates=(RateBucket("s", 5, 1_000, shadow=True), RateBucket("r", 10, 60_000)),
+                       rate_info=(BucketInfo("shadow", 5, 1.0, shadow=True), BucketInfo("rpm", 10, 60.0)),
+                       slots=(SlotBucket("cs", 1, shadow=True), SlotBucket("c", 2)),
+                       slot_info=(BucketInfo("one", 1, 0.0, shadow=True), BucketInfo("requests", 2, 0.0)))
     quota = replace(base, quotas=(QuotaBucket("q", 5, "1d"),),
                     quota_info=(BucketInfo("daily", 5, 0.0, True, period="1d"),))
-    for plan in (shadowed, quota):
-        assert admitted_template(plan, frozenset(FAMILIES), policy_header(plan)) is None
-    result = AdmitResult(True, None, 0, rate_counts=[0], rate_reset_ms=[1_000], slot_counts=[0],
+    assert admitted_template(shadowed, frozenset(FAMILIES), policy_header(shadowed)) is not None
+    assert admitted_template(quota, frozenset(FAMILIES), policy_header(quota)) is None
+    result = AdmitResult(True, None, 0, rate_counts=[4, 3], rate_reset_ms=[900, 4_001], slot_counts=[1, 0],
                          quota_counts=[1], quota_reset_ms=[5_000])
     for plan in (shadowed, quota):
         policy = policy_header(plan)
-        headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy)(result)
+        plan_result = replace(result, rate_counts=result.rate_counts[-len(plan.rates):],
+                              rate_reset_ms=result.rate_reset_ms[-len(plan.rates):],
+                              slot_counts=result.slot_counts[-len(plan.slots):],
+                              quota_counts=result.quota_counts[:len(plan.quotas)],
+                              quota_reset_ms=result.quota_reset_ms[:len(plan.quotas)])
+        headers = EncodedLimitHeaders(plan, frozenset(FAMILIES), policy)(plan_result)
         assert isinstance(headers, EncodedHeaders)
-        assert headers.block == trusted_headers.encode(LimitHeaders(plan, frozenset(FAMILIES), policy)(result))
+        assert headers.block == trusted_headers.encode(LimitHeaders(plan, frozenset(FAMILIES), policy)(plan_result))
+    block = EncodedLimitHeaders(shadowed, frozenset(FAMILIES), policy_header(shadowed))(result)
+    assert b"x-ratelimit-remaining: 6\r\n" in block.block and b"concurrency-remaining: 1\r\n" in block.block
 
 
 def test_a_quota_name_the_block_check_refuses_keeps_the_checked_path() -> None:
