@@ -28,14 +28,6 @@ from gateway.asgi import Scope
 _json = encode_basestring_ascii  # a str as a JSON string, exactly as json.dumps writes it
 
 
-def _string(value: str | None) -> str:
-    return "null" if value is None else _json(value)
-
-
-def _milliseconds(seconds: float | None) -> str:
-    return "null" if seconds is None else "%.3f" % (seconds * 1000)
-
-
 def format_line(
     scope: Scope,
     status: int,
@@ -48,12 +40,17 @@ def format_line(
     client: str | None,
     now: float,
 ) -> str:
-    """One access-log line, without its newline."""
+    """One access-log line, without its newline. Each optional field is written in place
+    (`null`, or the value): a helper function per field cost more than the field."""
+    method, path = scope.get("method"), scope.get("path")
     return (
-        f'{{"time":{now:.3f},"key":{_string(key_id)},"plan":{_json(plan)},"route":{_json(route)},'
-        f'"method":{_string(scope.get("method"))},"path":{_string(scope.get("path"))},"status":{status:d},'
-        f'"outcome":{_json(outcome)},"admission_ms":{_milliseconds(admission_s)},'
-        f'"upstream_ms":{_milliseconds(upstream_s)},"client":{_string(client)}}}'
+        f'{{"time":{now:.3f},"key":{"null" if key_id is None else _json(key_id)},'
+        f'"plan":{_json(plan)},"route":{_json(route)},'
+        f'"method":{"null" if method is None else _json(method)},"path":{"null" if path is None else _json(path)},'
+        f'"status":{status:d},"outcome":{_json(outcome)},'
+        f'"admission_ms":{"null" if admission_s is None else "%.3f" % (admission_s * 1000)},'
+        f'"upstream_ms":{"null" if upstream_s is None else "%.3f" % (upstream_s * 1000)},'
+        f'"client":{"null" if client is None else _json(client)}}}'
     )
 
 

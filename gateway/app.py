@@ -16,10 +16,10 @@ the path, `_finish` counts the request and writes its one access-log line.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from time import perf_counter
 
 from gateway.accesslog import AccessLog
 from gateway.admission import waiting
@@ -33,7 +33,7 @@ from gateway.config.model import Key, Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
-from gateway.proxy.request_body import BodyRefused, declared_length, receive_body_start
+from gateway.proxy.request_body import BodyRefused, receive_body_start, request_framing
 from gateway.proxy.settlement import RequestBill
 from gateway.responses import send_error, send_json
 from gateway.runtime import Routing
@@ -75,6 +75,11 @@ def _upstream_code(outcome: Outcome) -> str:
     return f"{outcome // 100}xx" if isinstance(outcome, int) else outcome
 
 
+# `_upstream_code` of every status an upstream can send, made once (the failure words stay out:
+# `_STATUS_CODES.get(outcome) or _upstream_code(outcome)`).
+_STATUS_CODES = {status: _upstream_code(status) for status in range(100, 1000)}
+
+
 def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
     if not trusted or not peer:
         return False
@@ -82,16 +87,10 @@ def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
     return peer_ip is not None and is_trusted(peer_ip, trusted)
 
 
-def _peer(scope: Scope) -> str | None:
-    """The socket peer's address, as uvicorn gives it."""
-    client = scope.get("client")
-    return client[0] if client else None
-
-
-def _forwarded_for(peer: str | None, headers: Headers, from_proxy: bool) -> str:
+def _forwarded_for(peer: str | None, headers: Headers, trusted: Sequence[Network]) -> str:
     """The X-Forwarded-For chain sent upstream: a trusted proxy's chain is kept and the peer
     appended; from anyone else, only the peer."""
-    if not from_proxy:
+    if not _from_trusted_proxy(peer, trusted):
         return peer or ""
     chain = [value.decode("latin-1").strip() for name, value in headers if name == b"x-forwarded-for"]
     chain.append(peer or "")
@@ -106,12 +105,12 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            started = time.perf_counter()
+            started = perf_counter()
             done = _Done(500, "error")
             try:
                 await self._http(scope, receive, send, done)
             finally:
-                self._finish(scope, done, time.perf_counter() - started)
+                self._finish(scope, done, perf_counter() - started)
         elif scope["type"] == "lifespan":  # resources are owned by the server runner
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
@@ -119,16 +118,16 @@ class GatewayApp:
 
     def _finish(self, scope: Scope, done: _Done, elapsed: float) -> None:
         metrics = self.state.metrics
-        metrics.requests_for(done.plan, done.route, done.outcome).inc()
+        metrics.requests_for[done.plan, done.route, done.outcome].inc()
         outcome = done.outcome
         if done.upstream is not None:
-            code = _upstream_code(done.upstream)
+            code = _STATUS_CODES.get(done.upstream) or _upstream_code(done.upstream)
             if code not in _NOT_UPSTREAM:
-                metrics.upstream_responses_for(done.route, code).inc()
+                metrics.upstream_responses_for[done.route, code].inc()
             elif code in _CLIENT_STALLS:
                 metrics.client_timeouts.labels(_CLIENT_STALLS[code]).inc()
                 outcome = code
-            metrics.request_duration_for(done.route).observe(elapsed)
+            metrics.request_duration_for[(done.route,)].observe(elapsed)
         if self.access_log is not None:
             self.access_log.write(scope, done.status, outcome, done.key_id, done.plan, done.route,
                                   done.admission_s, done.upstream_s,
@@ -148,7 +147,8 @@ class GatewayApp:
         headers: Headers = scope["headers"]
         bans = config.bans
         trusted = config.identity.trusted_proxies
-        peer = _peer(scope)
+        socket_peer = scope.get("client")
+        peer: str | None = socket_peer[0] if socket_peer else None  # the socket peer's address, as uvicorn gives it
         client = None
         if bans is not None or trusted:
             client = done.client = client_ip(peer, headers, trusted)
@@ -194,7 +194,8 @@ class GatewayApp:
         compiled = routing.plan_for(key, index, route)
         done.key_id, done.plan, done.route = key.id, key.plan, compiled.route_label
 
-        length = declared_length(headers)
+        framing = request_framing(headers)
+        length = framing[0]
         if length is not None and length > config.max_request_body:
             await send_error(send, 413, "body_too_large",
                              f"The request body is larger than {config.max_request_body} bytes.", extra_headers=_CLOSE)
@@ -210,7 +211,7 @@ class GatewayApp:
             return
 
         # The body (or its first 64 KiB) first: a slow client costs no store call and no slot.
-        body_start = await receive_body_start(headers, receive, send, max_body=config.max_request_body,
+        body_start = await receive_body_start(framing, receive, send, max_body=config.max_request_body,
                                               timeout=config.client_timeout)
         if isinstance(body_start, BodyRefused):
             done.status, done.outcome = body_start.status, body_start.outcome
@@ -219,7 +220,7 @@ class GatewayApp:
         plan = compiled.plan
         charge = plan.pricing.charge(method, scope["query_string"], headers)
         admission = state.admission
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
             ticket, receive = await waiting.admit(admission, plan, receive, charge)
@@ -231,15 +232,13 @@ class GatewayApp:
         # From here the slot is released whatever happens (headers, metrics, the exchange):
         # nothing may stand between the admission's return and this `try`.
         try:
-            admitted_at = time.perf_counter()
+            admitted_at = perf_counter()
             done.admission_s = admitted_at - started
             state.metrics.admission_duration.observe(done.admission_s)
             result = ticket.result
-            extra = compiled.limit_headers(result, charge) if result else []
-
             if result is not None and not result.admitted:
                 # A refusal charges nothing, and says so.
-                extra = [*extra, routing.cost_policy.header(0)]
+                extra = [*compiled.limit_headers(result, charge), routing.cost_policy.header(0)]
                 done.status = 429
                 if result.reason == "quota":
                     # No ban strike: a client may rightly retry early after a grant or a reset.
@@ -259,14 +258,21 @@ class GatewayApp:
                                      retry_after=CONCURRENCY_RETRY_AFTER, extra_headers=extra)
                 return
 
-            # From here the ticket is settled as an exchange with no answer until the upstream answers.
-            bill = RequestBill(routing.cost_policy, charge.cost, ticket)
+            bill: RequestBill | None = None
+            if routing.cost_policy.flat:
+                # The charge is the price whatever the upstream answers: its line is in the headers
+                # already, and the ticket is never re-priced (`settled` stays None).
+                extra = compiled.limit_headers.charged(result, charge)
+            else:
+                extra = compiled.limit_headers(result, charge) if result else []
+                # From here the ticket is settled as an exchange with no answer until the upstream answers.
+                bill = RequestBill(routing.cost_policy, charge.cost, ticket)
             upstream_headers = upstream_request_headers(
                 routing.header_policy, headers, key_id=key.id, plan=key.plan,
-                forwarded_for=_forwarded_for(peer, headers, _from_trusted_proxy(peer, trusted)),
+                forwarded_for=_forwarded_for(peer, headers, trusted) if trusted else (peer or ""),
                 forwarded_proto=scope.get("scheme", "http"),
             )
-            in_flight = state.metrics.in_flight_for(key.plan)
+            in_flight = state.metrics.in_flight_for[(key.plan,)]
             in_flight.inc()
             state.active_requests += 1
             done.outcome = "admitted"
@@ -281,7 +287,8 @@ class GatewayApp:
                     timeout=config.upstream.timeout,
                     body_start=body_start,
                     client_timeout=config.client_timeout,
-                    observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket),
+                    observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket)
+                    if routing.has_jobs else None,
                     on_complete=partial(admission.release, plan, ticket),
                     bill=bill,
                 )
@@ -289,10 +296,11 @@ class GatewayApp:
                 done.status, done.upstream = exc.status, "aborted"
                 raise
             finally:
-                done.upstream_s = time.perf_counter() - admitted_at
+                done.upstream_s = perf_counter() - admitted_at
                 state.active_requests -= 1
                 in_flight.dec()
-                state.metrics.units_charged_for(key.plan, compiled.route_label).add(bill.settled)
+                state.metrics.units_charged_for[key.plan, compiled.route_label].add(
+                    charge.cost if bill is None else bill.settled)
             done.upstream = outcome
             done.status = outcome if isinstance(outcome, int) else _OUTCOME_STATUS[outcome]
             return

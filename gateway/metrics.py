@@ -17,6 +17,10 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections.abc import Callable
+from functools import reduce
+from itertools import repeat
+from math import isnan
+from operator import add
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -157,52 +161,52 @@ def observe_all(histogram: Histogram, amounts: list[float]) -> None:
     the result with real `observe()` calls and fails if they change): `_upper_bounds`, the
     sorted bucket bounds ending in +Inf; `_buckets`, one value per bound counting the amounts
     that fall in it (not cumulative); `_sum`; each value with `get`, `set` and `inc`.
+    The per-amount work (the sum, the bucket search and count) runs in C: `reduce` adds one
+    amount at a time, in order, as observe() does (`sum()` compensates from 3.12, so it is not used).
     """
     sum_value, bounds, buckets = histogram._sum, histogram._upper_bounds, histogram._buckets
     if len(amounts) == 1:  # common at low load: one lock, where get() and set() take two
         sum_value.inc(amounts[0])
     else:
-        total = sum_value.get()
-        for amount in amounts:  # one at a time, as observe() adds them (sum() compensates from 3.12)
-            total += amount
-        sum_value.set(total)
-    counts: dict[int, int] = {}  # bucket index -> amounts in it
-    for amount in amounts:
-        index = bisect_left(bounds, amount)  # the first bound >= amount; +Inf is last, so one exists
-        if amount <= bounds[index]:  # false only for NaN, which observe() counts in no bucket
-            counts[index] = counts.get(index, 0) + 1
-    for index, count in counts.items():
-        buckets[index].inc(count)
+        sum_value.set(reduce(add, amounts, sum_value.get()))
+    if any(map(isnan, amounts)):  # observe() counts a NaN in no bucket (bisect would put it first)
+        amounts = [amount for amount in amounts if not isnan(amount)]
+    # each amount's bucket: the first bound >= amount (+Inf is last, so one exists)
+    indices = list(map(bisect_left, repeat(bounds), amounts))
+    for index in set(indices):  # a few distinct buckets: counting each is cheaper than a Counter
+        buckets[index].inc(indices.count(index))
 
 
 _Batched = TypeVar("_Batched", BatchedCounter, BatchedGauge, BatchedHistogram)
 _Metric = TypeVar("_Metric", bound=MetricWrapperBase)
 
 
-class Children(Generic[_Metric, _Batched]):
+class Children(dict[tuple[str, ...], _Batched], Generic[_Metric, _Batched]):
     """`metric.labels(*values)`, looked up once per distinct label tuple, batched.
 
     prometheus_client's `labels()` validates and converts the values and takes a lock on every
-    call; the hot path calls this instead: one dict lookup, giving the child's batched metric.
+    call; the hot path looks the child's batched metric up here instead: `children[values]`,
+    one dict subscript in C (`__missing__` makes a child the first time), or `children(*values)`.
     The registry keeps every child it made for ever, so keeping them here too bounds this dict
     by the same label values (bounded by configuration); a reload that brings new plans or
     routes only adds entries, and a child once made stays the right one (labels are never
     removed).
     """
 
-    __slots__ = ("_metric", "_batched", "_batch", "_children")
+    __slots__ = ("_metric", "_batched", "_batch")
 
     def __init__(self, metric: _Metric, batched: Callable[[_Metric, Batch], _Batched], batch: Batch) -> None:
+        super().__init__()
         self._metric = metric
         self._batched: Callable[[_Metric, Batch], _Batched] = batched
         self._batch = batch
-        self._children: dict[tuple[str, ...], _Batched] = {}
+
+    def __missing__(self, values: tuple[str, ...]) -> _Batched:
+        child = self[values] = self._batched(self._metric.labels(*values), self._batch)
+        return child
 
     def __call__(self, *values: str) -> _Batched:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._batched(self._metric.labels(*values), self._batch)
-        return child
+        return self[values]
 
 
 class Metrics:

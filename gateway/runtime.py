@@ -24,7 +24,8 @@ class CompiledPlan:
     plan: AdmissionPlan
     route_label: str
     # this plan's limit headers (RateLimit-Policy fixed) from one admission result; an admitted
-    # request's come pre-encoded (gateway/admission/header_block.py)
+    # request's come pre-encoded (gateway/admission/header_block.py), with the charge line
+    # under a flat cost policy (`limit_headers.charged`)
     limit_headers: EncodedLimitHeaders
 
 
@@ -39,10 +40,13 @@ class Routing:
     missing_key_message: str
     jobs: JobTable  # which requests start or report async jobs
     cost_policy: CostPolicy  # how a request's charge is settled and told (gateway/proxy/settlement.py)
+    # Some route has a job (`jobs` not empty): only then can an answer start or report one.
+    has_jobs: bool = True
     _plans: dict[tuple[str, int], CompiledPlan] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config) -> Routing:
+        jobs = JobTable(config.routes)
         return cls(
             config=config,
             keys=KeyTable(config.keys),
@@ -51,8 +55,9 @@ class Routing:
             header_policy=HeaderPolicy.from_config(config.upstream, config.identity),
             families=config.headers,
             missing_key_message=_missing_key_message(config),
-            jobs=JobTable(config.routes),
+            jobs=jobs,
             cost_policy=CostPolicy.from_config(config),
+            has_jobs=not jobs.empty,
         )
 
     def plan_for(self, key: Key, route_index: int, route: Route) -> CompiledPlan:
@@ -61,7 +66,8 @@ class Routing:
         compiled = self._plans.get(cache_key)
         if compiled is None:
             plan = build_plan(self.config, key, route)
-            compiled = CompiledPlan(plan, route.path, EncodedLimitHeaders(plan, self.families, policy_header(plan)))
+            headers = EncodedLimitHeaders(plan, self.families, policy_header(plan), self.cost_policy)
+            compiled = CompiledPlan(plan, route.path, headers)
             self._plans[cache_key] = compiled
         return compiled
 

@@ -244,7 +244,8 @@ async def forward(
     (empty) body message goes to the client: the caller frees the slot there, so a client that
     sends its next request the moment this one ends never races its own release.
 
-    `body_start` is what was received before admission, if anything; `client_timeout` bounds
+    `body_start` is what was received before admission, if anything (its caller checked its
+    `declared` Content-Length against `max_body` already); `client_timeout` bounds
     the time the client may take for each further 64 KiB of its body (None: no bound).
     `observer`, if given, sees the response as it is relayed (see `ResponseObserver`).
     `bill`, if given, is settled from the upstream's response headers (before `on_complete`),
@@ -259,13 +260,12 @@ async def forward(
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError("forward() must run inside an asyncio task")
-    declared = declared_length(scope["headers"])
-    if declared is not None and declared > max_body:
-        return await _too_large(send, max_body, _answering(extra, bill))
-
-    if body_start is not None:
-        first, more_body = body_start.data, not body_start.complete
+    if body_start is not None:  # its Content-Length was read, and checked against the cap, with it
+        first, more_body, declared = body_start.data, not body_start.complete, body_start.declared
     else:
+        declared = declared_length(scope["headers"])
+        if declared is not None and declared > max_body:
+            return await _too_large(send, max_body, _answering(extra, bill))
         try:
             with Phase(task, client_timeout):
                 message = await receive()

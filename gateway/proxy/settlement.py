@@ -46,16 +46,21 @@ class CostPolicy:
     # `response` passes the pre-encoded block's check with any number (gateway/trusted_headers.py):
     # the charge line can join an EncodedHeaders block unchecked.
     encodable: bool = False
+    # Nothing in the upstream's answer changes the charge (no cost header read, no
+    # `success_only`): every exchange is charged its price, known at admission.
+    flat: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> CostPolicy:
         declared = config.upstream.cost_header
         response = config.cost_response_header.lower().encode("latin-1")
+        success_only = config.upstream.charge == "success_only"
         return cls(
             declared.lower().encode("latin-1") if declared else None,
             response,
-            config.upstream.charge == "success_only",
+            success_only,
             trusted_headers.encode([(response, b"0")]) is not None,  # only digits vary
+            flat=not declared and not success_only,
         )
 
     def unanswered(self, price: int) -> int:

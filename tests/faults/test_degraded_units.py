@@ -13,7 +13,7 @@ from gateway.admin.readiness import decide
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission
 from gateway.metrics import Metrics
-from gateway.proxy.request_body import BodyRefused, BodyStart, receive_body_start
+from gateway.proxy.request_body import BodyRefused, BodyStart, receive_body_start, request_framing
 from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
 from gateway.store.memory import MemoryStore
 
@@ -138,7 +138,7 @@ CHUNKED = ((b"transfer-encoding", b"chunked"),)
 
 def read(script: Script, headers: Sequence[tuple[bytes, bytes]] = CHUNKED, **kwargs: Any) -> Any:
     options = {"max_body": 1000, "timeout": 0.2, "prefetch": 100, **kwargs}
-    return asyncio.run(receive_body_start(headers, script.receive, script.send, **options))
+    return asyncio.run(receive_body_start(request_framing(headers), script.receive, script.send, **options))
 
 
 def test_a_whole_small_body_is_read_before_admission() -> None:

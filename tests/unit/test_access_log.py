@@ -7,6 +7,9 @@ import asyncio
 import io
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.accesslog import AccessLog, format_line
 from gateway.asgi import Scope
 
@@ -106,3 +109,41 @@ def test_a_broken_stdout_never_fails_a_request() -> None:
         log.flush()
 
     asyncio.run(requests())  # no exception
+
+
+def _reference_line(scope: Scope, status: int, outcome: str, key_id: str | None, plan: str, route: str,
+                    admission_s: float | None, upstream_s: float | None, client: str | None, now: float) -> str:
+    """The line as the earlier helper-per-field version of format_line built it."""
+    def string(value: str | None) -> str:
+        return "null" if value is None else json.dumps(value)
+
+    def milliseconds(seconds: float | None) -> str:
+        return "null" if seconds is None else "%.3f" % (seconds * 1000)
+
+    return (
+        f'{{"time":{now:.3f},"key":{string(key_id)},"plan":{json.dumps(plan)},"route":{json.dumps(route)},'
+        f'"method":{string(scope.get("method"))},"path":{string(scope.get("path"))},"status":{status:d},'
+        f'"outcome":{json.dumps(outcome)},"admission_ms":{milliseconds(admission_s)},'
+        f'"upstream_ms":{milliseconds(upstream_s)},"client":{string(client)}}}'
+    )
+
+
+_TEXT = st.text(max_size=12)
+_SECONDS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 100))
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.none(), _TEXT), st.one_of(st.none(), _TEXT), st.integers(100, 599), _TEXT,
+       st.one_of(st.none(), _TEXT), _TEXT, _TEXT, _SECONDS, _SECONDS, st.one_of(st.none(), _TEXT),
+       st.floats(0, 4e9))
+def test_the_line_is_byte_for_byte_the_reference(
+    method: str | None, path: str | None, status: int, outcome: str, key_id: str | None, plan: str, route: str,
+    admission_s: float | None, upstream_s: float | None, client: str | None, now: float,
+) -> None:
+    request: Scope = {"type": "http", "headers": []}
+    if method is not None:
+        request["method"] = method
+    if path is not None:
+        request["path"] = path
+    args = (request, status, outcome, key_id, plan, route, admission_s, upstream_s, client, now)
+    assert format_line(*args) == _reference_line(*args)

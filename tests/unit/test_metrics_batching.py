@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.metrics import Metrics
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
+
+from gateway.metrics import Metrics, observe_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -275,3 +279,17 @@ def test_direct_and_batched_updates_of_one_series_add_up() -> None:
     assert sample(metrics, "gateway_request_duration_seconds_count", route="/v1/**") == 2.0
     assert sample(metrics, "gateway_request_duration_seconds_sum", route="/v1/**") == 0.75
 
+
+
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.001, 0.1, 300.0, 0.0])),
+                min_size=1, max_size=12))
+def test_observe_all_leaves_a_histogram_as_observe_would(amounts: list[float]) -> None:
+    """NaNs mixed with numbers in one fold, amounts on a bound, past the last bound."""
+    folded = Histogram("h", "h", buckets=(0.001, 0.1, 1, 300), registry=CollectorRegistry())
+    direct = Histogram("h", "h", buckets=(0.001, 0.1, 1, 300), registry=CollectorRegistry())
+    observe_all(folded, list(amounts))
+    for amount in amounts:
+        direct.observe(amount)
+    assert [bucket.get() for bucket in folded._buckets] == [bucket.get() for bucket in direct._buckets]
+    total, expected = folded._sum.get(), direct._sum.get()
+    assert total == expected or (math.isnan(total) and math.isnan(expected))
