@@ -54,6 +54,32 @@ def pack_command(args: tuple[Arg, ...]) -> bytes:
     return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub declares a 1-tuple
 
 
+# A hole's bulk string in a command format: its length, then its bytes.
+_HOLE = b"$%d\r\n%b\r\n"
+
+
+def command_format(args: tuple[Arg, ...], holes: Sequence[str]) -> bytes:
+    """`pack_command(args)` as a bytes %-format with each of `holes` (marker arguments, each
+    in `args` once, in this order) left open: `format % (len(v1), v1, len(v2), v2, ...)`, each
+    vi bytes, equals pack_command of `args` with the holes replaced by the vi. Packed once per
+    command shape, so a hot command that varies in a few arguments costs one % (fill)."""
+    packed = pack_command(args).replace(b"%", b"%%")
+    start = 0
+    for hole in holes:
+        bulk = pack_command((hole,)).partition(b"\r\n")[2]  # "$<len>\r\n<hole>\r\n"
+        at = packed.find(bulk, start)
+        if at < 0 or packed.find(bulk, at + len(bulk)) >= 0:
+            raise ValueError(f"hole {hole!r} is not in the command exactly once, after the previous one")
+        packed = packed[:at] + _HOLE + packed[at + len(bulk):]
+        start = at + len(_HOLE)
+    return packed
+
+
+def fill(command: bytes, *values: bytes) -> bytes:
+    """A `command_format` with its holes filled (the admission hot path inlines this %)."""
+    return command % tuple(part for value in values for part in (len(value), value))
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where a standalone Redis listens and how to log in: parsed from the store URL."""
@@ -180,6 +206,11 @@ class PipelinedRedis(Transport):
 
     def send_release_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
         self.send_eval(script, keys, args, on_reply)  # one connection: in order with everything
+
+    def eval_format(self, script: Script, keys: list[str], args: list[str | int], holes: Sequence[str]) -> bytes:
+        return command_format(("EVALSHA", script.sha, len(keys), *keys, *args), holes)
+
+    send_packed = send
 
     def needs_reload(self, reply: object) -> bool:
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
