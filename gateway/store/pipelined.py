@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -53,6 +52,10 @@ def pack_command(args: tuple[Arg, ...]) -> bytes:
     """One command in RESP, packed by hiredis (C)."""
     return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub declares a 1-tuple
 
+
+# ZREM formats kept per slot key (PipelinedRedis._zrem_formats), and the member's marker.
+MAX_ZREM_FORMATS = 4096
+_MEMBER = "\x00member\x00"
 
 # A hole's bulk string in a command format: its length, then its bytes.
 _HOLE = b"$%d\r\n%b\r\n"
@@ -167,6 +170,10 @@ class PipelinedRedis(Transport):
         self._closed = False
         self.on_release_error = ignore
         self._release_failures_logged = False
+        # ZREMs sent (by `release`) and not yet answered, oldest first (see _zrem_reply), and
+        # each slot key's ZREM packed once (command_format), the member left open.
+        self._zrems: collections.deque[bytes] = collections.deque()
+        self._zrem_formats: dict[str, bytes] = {}
 
     # -- sending -----------------------------------------------------------------------
 
@@ -216,20 +223,44 @@ class PipelinedRedis(Transport):
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
     def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
+        single = len(members) == 1  # the common case: ZREM packed once per key, filled with the member
         for key in keys:
-            command = pack_command(("ZREM", key, *members))
-            self.send(command, functools.partial(self._release_reply, command))
+            zrem = (self._zrem_formats.get(key) or self._zrem_format(key)) if single else None
+            if zrem is not None:
+                member = members[0].encode()
+                command = zrem % (len(member), member)
+            else:
+                command = pack_command(("ZREM", key, *members))
+            self._zrems.append(command)
+            self.send(command, self._zrem_reply)
         for channel in channels:  # the same connection: published after the ZREMs have landed
-            self.send(pack_command(("PUBLISH", channel, "1")), functools.partial(self._release_reply, None))
+            self.send(pack_command(("PUBLISH", channel, "1")), self._release_reply)
 
-    def _release_reply(self, resend: bytes | None, reply: object) -> None:
-        if not isinstance(reply, BaseException):
-            self._release_failures_logged = False
-            return
-        if resend is not None and isinstance(reply, ConnectionLost):
+    def _zrem_format(self, key: str) -> bytes | None:
+        try:
+            zrem = command_format(("ZREM", key, _MEMBER), (_MEMBER,))
+        except ValueError:  # the key holds the marker's bulk string: packed whole each time
+            return None
+        if len(self._zrem_formats) >= MAX_ZREM_FORMATS:
+            del self._zrem_formats[next(iter(self._zrem_formats))]  # the oldest (FIFO)
+        self._zrem_formats[key] = zrem
+        return zrem
+
+    def _zrem_reply(self, reply: object) -> None:
+        # Callbacks run once each, in the order their commands were queued (one connection
+        # answers in order; a failure answers everything waiting in order): this reply's
+        # command is the oldest in _zrems.
+        command = self._zrems.popleft()
+        if isinstance(reply, ConnectionLost):
             # ZREM is idempotent: once more on the next connection, rather than a slot held
             # until its lease runs out.
-            self.send(resend, functools.partial(self._release_reply, None))
+            self.send(command, self._release_reply)
+            return
+        self._release_reply(reply)
+
+    def _release_reply(self, reply: object) -> None:
+        if not isinstance(reply, BaseException):
+            self._release_failures_logged = False
             return
         self.on_release_error()
         if not self._release_failures_logged:  # once per outage, not once per lease

@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -102,6 +103,8 @@ RENEW_CHUNK = 256
 
 __all__ = ["Call", "RedisStore"]  # Call: what run_script takes (bans, jobs)
 
+
+_KEY = operator.attrgetter("key")  # (map: no Python frame per call)
 
 # Admission shapes kept per store (RedisStore._shapes): one per plan's buckets in use.
 MAX_SHAPES = 4096
@@ -541,7 +544,7 @@ class RedisStore:
                                              self._channels(slots) if wake else ())
             self._send_settle(keys, args, resent=False, reloads=0)
         elif slots:
-            self._transport.release([slot.key for slot in slots], lease_members(lease_id),
+            self._transport.release(list(map(_KEY, slots)), lease_members(lease_id),
                                     self._channels(slots) if wake else ())
 
     def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int) -> None:

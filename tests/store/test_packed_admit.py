@@ -131,3 +131,30 @@ def test_keys_across_hash_tags_are_refused_before_anything_is_kept() -> None:
         assert sent == [] and store._shapes == {}
 
     asyncio.run(main())
+
+
+def test_releases_pack_like_hiredis_and_a_lost_connection_resends_each_zrem_once() -> None:
+    from gateway.store.pipelined import Endpoint, PipelinedRedis
+    from gateway.store.transport import ConnectionLost
+
+    client = PipelinedRedis(Endpoint("127.0.0.1", 1, None, 0, None, None), timeout=1.0)
+    sent: list[tuple[bytes, object]] = []
+    client.send = lambda command, on_reply: sent.append((command, on_reply))  # type: ignore[method-assign]
+    failures: list[None] = []
+    client.on_release_error = lambda: failures.append(None)
+    client.release(["{t}a%", "{t}é"], ["lease"], ["ch"])
+    client.release(["{t}a%"], ["lease*2", "lease*2#2"], [])
+    client.release(["{t}a%"], ["other€"], [])
+    expected = [pack_command(("ZREM", "{t}a%", "lease")), pack_command(("ZREM", "{t}é", "lease")),
+                pack_command(("PUBLISH", "ch", "1")), pack_command(("ZREM", "{t}a%", "lease*2", "lease*2#2")),
+                pack_command(("ZREM", "{t}a%", "other€"))]
+    assert [command for command, _ in sent] == expected
+    first, sent[:] = list(sent), []
+    for _, on_reply in first:  # the connection is lost: everything waiting fails, in order
+        on_reply(ConnectionLost("lost"))  # type: ignore[operator]
+    # Every ZREM once more (idempotent), the PUBLISH not; its failure is counted.
+    assert [command for command, _ in sent] == [expected[0], expected[1], expected[3], expected[4]]
+    assert len(failures) == 1
+    for _, on_reply in sent:  # lost again: not sent a third time, counted
+        on_reply(ConnectionLost("lost"))  # type: ignore[operator]
+    assert len(sent) == 4 and len(failures) == 5 and not client._zrems
