@@ -115,8 +115,8 @@ class _PendingAdmit:
     NOSCRIPT: the same bytes, so the same lease id), its caller's future, and `answer`, the
     transport's callback for its reply (a bound method: no partial per admission)."""
 
-    __slots__ = ("store", "shape", "lease_id", "operation", "queue", "cost", "future", "command", "keys_argv",
-                 "resent", "reloads", "generation", "undone")
+    __slots__ = ("store", "shape", "lease_id", "operation", "queue", "cost", "future", "sent", "resent", "reloads",
+                 "generation", "undone")
 
     def __init__(self, store: RedisStore, shape: scripts.AdmitShape, lease_id: str, operation: str,
                  queue: QueueSpot | None, cost: int) -> None:
@@ -127,12 +127,12 @@ class _PendingAdmit:
         self.queue = queue
         self.cost = cost
         self.future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
-        self.command: bytes | None = None  # the EVALSHA packed (send_packed), or
-        self.keys_argv: Call | None = None  # its KEYS and ARGV (send_eval)
+        # What it sends: the EVALSHA packed (send_packed), or its KEYS and ARGV (send_eval).
+        self.sent: bytes | Call = b""
         self.resent = False  # sent again after its connection was lost
         self.reloads = 0  # sent again after NOSCRIPT
-        self.generation = 0  # the script generation it was (last) sent with
         self.undone = False
+        # (generation: the script generation it was last sent with, set by every send.)
 
     def answer(self, reply: object) -> None:
         """Hand one admit.lua reply (or the error in its place) to the caller."""
@@ -386,16 +386,18 @@ class RedisStore:
         if shape is None:
             shape = self._shape(rates, slots, quotas)
         pending = _PendingAdmit(self, shape, lease_id, operation, queue, cost)
-        command = shape.command
-        if command is not None and queue is None:
-            # The shape's packed call with this admission's lease id, "now" and cost filled in
-            # (pipelined.fill, inlined): byte for byte what admit_call would pack.
+        # The shape's packed call with this admission's lease id (and "now" and cost) filled in
+        # (pipelined.fill, inlined): byte for byte what admit_call would pack.
+        if cost == 1 and shape.common_command is not None and queue is None:
             lease = lease_id.encode()
-            now = b"" if self._clock is None else self._now().encode()
+            pending.sent = shape.common_command % (len(lease), lease)
+        elif shape.command is not None and queue is None:
+            lease = lease_id.encode()
+            now = self._now().encode()
             units = b"%d" % cost
-            pending.command = command % (len(lease), lease, len(now), now, len(units), units)
+            pending.sent = shape.command % (len(lease), lease, len(now), now, len(units), units)
         else:
-            pending.keys_argv = shape.admit_call(lease_id, self._lease_ms, self._now(), queue, cost)
+            pending.sent = shape.admit_call(lease_id, self._lease_ms, self._now(), queue, cost)
         self._send_admit(pending)
         return pending
 
@@ -407,6 +409,9 @@ class RedisStore:
         with contextlib.suppress(ValueError):  # a key holding a hole's marker: sent as lists
             shape.command = self._transport.eval_format(
                 self._admit_script, *shape.holed_call(self._lease_ms), scripts.ADMIT_HOLES)
+            if self._clock is None:  # "now" is always "" (Redis TIME): the common cost 1 needs one hole
+                shape.common_command = self._transport.eval_format(
+                    self._admit_script, *shape.holed_call(self._lease_ms, "", 1), scripts.ADMIT_HOLES[:1])
         if type(rates) is tuple and type(slots) is tuple and type(quotas) is tuple:
             # Kept by identity (a plan's buckets are immutable tuples, rebuilt on a config
             # reload): the entry holds them, so no other object can take their ids meanwhile.
@@ -419,10 +424,11 @@ class RedisStore:
         if pending.undone:
             return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
         pending.generation = self._transport.scripts.generation
-        if pending.command is not None:
-            self._transport.send_packed(pending.command, pending.answer)
+        sent = pending.sent
+        if isinstance(sent, bytes):
+            self._transport.send_packed(sent, pending.answer)
         else:
-            keys, args = pending.keys_argv  # type: ignore[misc]
+            keys, args = sent
             self._transport.send_eval(self._admit_script, keys, args, pending.answer)
 
     def _admit_error(self, pending: _PendingAdmit, reply: BaseException) -> None:

@@ -289,13 +289,18 @@ def decode_admit(
     return admit_layout(n_rate, n_slot, n_quota, queued).decode(reply, lease_id, keys)
 
 
+# Markers that stand for the lease id, "now" and the cost in a packed admit.lua call.
+ADMIT_HOLES = ("\x00lease\x00", "\x00now\x00", "\x00cost\x00")
+
+
 class AdmitShape:
     """What every admit.lua call into one set of buckets shares: its KEYS (those of a call with
     no QueueSpot: a queued call's add the queues after them), its reply layouts, and (set by the
     store, when its transport packs) the whole EVALSHA packed once with the lease id, "now" and
     the cost left open (ADMIT_HOLES). Built once per plan's buckets, from admit_call itself."""
 
-    __slots__ = ("rates", "slots", "quotas", "keys", "slot_keys", "layout", "queued_layout", "command")
+    __slots__ = ("rates", "slots", "quotas", "keys", "slot_keys", "layout", "queued_layout", "command",
+                 "common_command")
 
     def __init__(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket],
                  quotas: Sequence[QuotaBucket]) -> None:
@@ -310,19 +315,16 @@ class AdmitShape:
         self.layout = admit_layout(len(rates), len(slots), len(quotas), False)
         self.queued_layout = admit_layout(len(rates), len(slots), len(quotas), True)
         self.command: bytes | None = None
+        self.common_command: bytes | None = None  # the same with "now" "" and cost 1: the lease id open
 
     def admit_call(self, lease_id: str, lease_ms: str, now: str, queue: QueueSpot | None = None,
              cost: int = 1) -> tuple[list[str], list[str | int]]:
         return admit_call(self.rates, self.slots, lease_id, lease_ms, now, queue, self.quotas, cost)
 
-    def holed_call(self, lease_ms: str) -> tuple[list[str], list[str | int]]:
-        """The call with ADMIT_HOLES in place of the lease id, "now" and the cost."""
-        lease, now, cost = ADMIT_HOLES
-        return admit_call(self.rates, self.slots, lease, lease_ms, now, None, self.quotas, cost)  # type: ignore[arg-type]
-
-
-# Markers that stand for the lease id, "now" and the cost in a packed admit.lua call.
-ADMIT_HOLES = ("\x00lease\x00", "\x00now\x00", "\x00cost\x00")
+    def holed_call(self, lease_ms: str, now: str = ADMIT_HOLES[1], cost: int | str = ADMIT_HOLES[2],
+                   ) -> tuple[list[str], list[str | int]]:
+        """The call with ADMIT_HOLES in place of the lease id (and of "now" and the cost)."""
+        return admit_call(self.rates, self.slots, ADMIT_HOLES[0], lease_ms, now, None, self.quotas, cost)  # type: ignore[arg-type]
 
 
 # Units one admin call may grant (bounded: a typo must not overflow a Lua double's integers).

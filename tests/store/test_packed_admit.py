@@ -44,7 +44,7 @@ def captured(clock: float | None) -> tuple[RedisStore, list[bytes]]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(rates, slots, quotas, lease_ids, clocks, st.integers(0, 1000))
+@given(rates, slots, quotas, lease_ids, clocks, st.just(1) | st.integers(0, 1000))
 def test_the_packed_call_is_what_hiredis_packs_from_admit_call(
     rate_list: list[RateBucket], slot_list: list[SlotBucket], quota_list: list[QuotaBucket],
     lease_id: str, clock: float | None, cost: int,
