@@ -115,14 +115,15 @@ class _PendingAdmit:
     NOSCRIPT: the same bytes, so the same lease id), its caller's future, and `answer`, the
     transport's callback for its reply (a bound method: no partial per admission)."""
 
-    __slots__ = ("store", "shape", "lease_id", "operation", "queue", "cost", "future", "sent", "resent", "reloads",
-                 "generation", "undone")
+    __slots__ = ("store", "shape", "lease_id", "echo", "operation", "queue", "cost", "future", "sent", "resent",
+                 "reloads", "generation", "undone")
 
     def __init__(self, store: RedisStore, shape: scripts.AdmitShape, lease_id: str, operation: str,
                  queue: QueueSpot | None, cost: int) -> None:
         self.store = store
         self.shape = shape  # the buckets (also for undo.lua's call, built only if ever needed)
         self.lease_id = lease_id
+        self.echo: bytes | None = None  # the lease id as packed, what Redis echoes (else: decoded)
         self.operation = operation
         self.queue = queue
         self.cost = cost
@@ -143,7 +144,7 @@ class _PendingAdmit:
         shape = self.shape
         try:
             result = (shape.layout if self.queue is None else shape.queued_layout).decode(
-                reply, self.lease_id, shape.keys)
+                reply, self.lease_id, shape.keys, self.echo)
         except StoreError as exc:
             store._fail(self, exc)
             return
@@ -389,10 +390,10 @@ class RedisStore:
         # The shape's packed call with this admission's lease id (and "now" and cost) filled in
         # (pipelined.fill, inlined): byte for byte what admit_call would pack.
         if cost == 1 and shape.common_command is not None and queue is None:
-            lease = lease_id.encode()
+            lease = pending.echo = lease_id.encode()
             pending.sent = shape.common_command % (len(lease), lease)
         elif shape.command is not None and queue is None:
-            lease = lease_id.encode()
+            lease = pending.echo = lease_id.encode()
             now = self._now().encode()
             units = b"%d" % cost
             pending.sent = shape.command % (len(lease), lease, len(now), now, len(units), units)

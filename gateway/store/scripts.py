@@ -222,8 +222,10 @@ class AdmitLayout:
         self.shadow_at = quota_start + 3 * n_quota
         self.length = self.shadow_at + 1  # numbers with no shadow position
 
-    def decode(self, reply: object, lease_id: str, keys: Sequence[str] = ()) -> AdmitResult:
-        """decode_admit for this layout (see there)."""
+    def decode(self, reply: object, lease_id: str, keys: Sequence[str] = (), echo: bytes | None = None,
+               ) -> AdmitResult:
+        """decode_admit for this layout (see there); `echo`: the lease id as sent, when known
+        (what Redis echoes: compared as is, no decoding)."""
         if not isinstance(reply, list) or len(reply) < self.min_length:
             if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
                 raise StoreError("admission arrived after it was undone")
@@ -236,10 +238,11 @@ class AdmitLayout:
             place = arrival.decode() if isinstance(arrival, bytes) else str(arrival)
             queued = str(flag) == "1"
         echoed = reply[0]
-        if isinstance(echoed, bytes):
-            echoed = echoed.decode("utf-8", "replace")
-        if echoed != lease_id:
-            raise StoreError("admit reply belongs to another call (lease id mismatch)")
+        if echoed != echo:
+            if isinstance(echoed, bytes):
+                echoed = echoed.decode("utf-8", "replace")
+            if echoed != lease_id:
+                raise StoreError("admit reply belongs to another call (lease id mismatch)")
         try:
             now_ms = int(reply[4]) / 1000.0  # sent in whole µs
             reply[4] = 0  # (our own list) so one map() checks every other number
