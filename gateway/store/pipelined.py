@@ -223,28 +223,26 @@ class PipelinedRedis(Transport):
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
     def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
-        single = len(members) == 1  # the common case: ZREM packed once per key, filled with the member
+        # The common case, one member: each key's ZREM packed once, filled with the member.
+        member = members[0].encode() if len(members) == 1 else None
         for key in keys:
-            zrem = (self._zrem_formats.get(key) or self._zrem_format(key)) if single else None
-            if zrem is not None:
-                member = members[0].encode()
-                command = zrem % (len(member), member)
-            else:
-                command = pack_command(("ZREM", key, *members))
+            zrem = self._zrem_formats.get(key) if member is not None else None
+            command = zrem % (len(member), member) if zrem is not None else self._pack_zrem(key, members)
             self._zrems.append(command)
             self.send(command, self._zrem_reply)
         for channel in channels:  # the same connection: published after the ZREMs have landed
             self.send(pack_command(("PUBLISH", channel, "1")), self._release_reply)
 
-    def _zrem_format(self, key: str) -> bytes | None:
-        try:
-            zrem = command_format(("ZREM", key, _MEMBER), (_MEMBER,))
-        except ValueError:  # the key holds the marker's bulk string: packed whole each time
-            return None
-        if len(self._zrem_formats) >= MAX_ZREM_FORMATS:
-            del self._zrem_formats[next(iter(self._zrem_formats))]  # the oldest (FIFO)
-        self._zrem_formats[key] = zrem
-        return zrem
+    def _pack_zrem(self, key: str, members: Sequence[str]) -> bytes:
+        """ZREM `members` from `key`, packed whole; a key's first single-member ZREM also keeps
+        its format for the next ones."""
+        if len(members) == 1:
+            with contextlib.suppress(ValueError):  # (the key holds the marker's bulk string: not kept)
+                zrem = command_format(("ZREM", key, _MEMBER), (_MEMBER,))
+                if len(self._zrem_formats) >= MAX_ZREM_FORMATS:
+                    del self._zrem_formats[next(iter(self._zrem_formats))]  # the oldest (FIFO)
+                self._zrem_formats[key] = zrem
+        return pack_command(("ZREM", key, *members))
 
     def _zrem_reply(self, reply: object) -> None:
         # Callbacks run once each, in the order their commands were queued (one connection

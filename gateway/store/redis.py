@@ -399,7 +399,11 @@ class RedisStore:
             pending.sent = shape.command % (len(lease), lease, len(now), now, len(units), units)
         else:
             pending.sent = shape.admit_call(lease_id, self._lease_ms, self._now(), queue, cost)
-        self._send_admit(pending)
+            self._send_admit(pending)
+            return pending
+        # (_send_admit of a packed call, inlined: nothing has been undone yet.)
+        pending.generation = self._transport.scripts.generation
+        self._transport.send_packed(pending.sent, pending.answer)
         return pending
 
     def _shape(
