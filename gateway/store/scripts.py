@@ -204,15 +204,15 @@ class AdmitLayout:
                  "shadow_at", "length")
 
     def __init__(self, n_rate: int, n_slot: int, n_quota: int, queued: bool) -> None:
-        # numbers (the reply after the lease id): status, retry after, reclaimed, (now), rate
-        # counts, rate resets, slot counts, quota counts, quota resets, quota grants, n_shadow,
-        # shadow positions.
-        rate_end = 4 + n_rate
+        # The reply: lease id, status, retry after, reclaimed, now, rate counts, rate resets,
+        # slot counts, quota counts, quota resets, quota grants, n_shadow, shadow positions
+        # (then, queued, the queued flag and the arrival).
+        rate_end = 5 + n_rate
         slot_start = rate_end + n_rate
         quota_start = slot_start + n_slot
         self.queued = queued
         self.min_length = 6 + 2 * n_rate + n_slot + 3 * n_quota + (2 if queued else 0)
-        self.rate_counts = slice(4, rate_end)
+        self.rate_counts = slice(5, rate_end)
         self.rate_resets = slice(rate_end, slot_start)
         self.slot_counts = slice(slot_start, quota_start)
         # None without quotas: three empty lists, no slicing.
@@ -220,7 +220,7 @@ class AdmitLayout:
                        slice(quota_start + n_quota, quota_start + 2 * n_quota),
                        slice(quota_start + 2 * n_quota, quota_start + 3 * n_quota)) if n_quota else None
         self.shadow_at = quota_start + 3 * n_quota
-        self.length = self.shadow_at + 1  # numbers with no shadow position
+        self.length = self.shadow_at + 1  # the reply with no shadow position (and not queued)
 
     def decode(self, reply: object, lease_id: str, keys: Sequence[str] = (), echo: bytes | None = None,
                ) -> AdmitResult:
@@ -244,35 +244,34 @@ class AdmitLayout:
             if echoed != lease_id:
                 raise StoreError("admit reply belongs to another call (lease id mismatch)")
         try:
-            now_ms = int(reply[4]) / 1000.0  # sent in whole µs
-            reply[4] = 0  # (our own list) so one map() checks every other number
-            # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
-            numbers = list(map(int, reply[1:]))
-        except (TypeError, ValueError, IndexError) as exc:
+            # Lua numbers arrive as ints: one sum() (C, no int() per number) checks that every
+            # one is a number (a string or nil raises TypeError).
+            sum(reply[1:])
+        except TypeError as exc:
             raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
-        status = numbers[0]
+        status = reply[1]
         if status not in _STATUS_REASON:
             raise StoreError(f"unknown admit status {status}")
-        n_shadow = numbers[self.shadow_at]
-        if len(numbers) != self.length + n_shadow:
+        n_shadow = reply[self.shadow_at]
+        if len(reply) != self.length + n_shadow:
             raise StoreError(f"malformed admit reply: {reply!r:.200}")
         quotas = self.quotas
         # Positional: cheaper than keywords on this path (fields in AdmitResult's order).
         return AdmitResult(
             status == 0,
             _STATUS_REASON[status],
-            numbers[1],
-            numbers[self.rate_counts],
-            numbers[self.rate_resets],
-            numbers[self.slot_counts],
-            numbers[2],
+            reply[2],
+            reply[self.rate_counts],
+            reply[self.rate_resets],
+            reply[self.slot_counts],
+            reply[3],
             queued,
             place,
-            numbers[quotas[0]] if quotas else [],
-            numbers[quotas[1]] if quotas else [],
-            numbers[quotas[2]] if quotas else [],
-            [keys[position - 1] for position in numbers[self.length :]] if n_shadow else [],
-            now_ms,
+            reply[quotas[0]] if quotas else [],
+            reply[quotas[1]] if quotas else [],
+            reply[quotas[2]] if quotas else [],
+            [keys[position - 1] for position in reply[self.length :]] if n_shadow else [],
+            reply[4] / 1000.0,  # now, sent in whole µs
         )
 
 

@@ -158,3 +158,30 @@ def test_releases_pack_like_hiredis_and_a_lost_connection_resends_each_zrem_once
     for _, on_reply in sent:  # lost again: not sent a third time, counted
         on_reply(ConnectionLost("lost"))  # type: ignore[operator]
     assert len(sent) == 4 and len(failures) == 5 and not client._zrems
+
+
+def test_admit_replies_that_are_not_what_the_call_asked_for_are_refused() -> None:
+    from gateway.store.base import StoreError
+
+    good = [b"lease", 0, 0, 2, 1_700_000_000_123_456, 4, 900, 1, 0]  # 1 rate, 1 slot, no shadow
+    result = scripts.decode_admit(list(good), "lease", 1, 1)
+    assert (result.admitted, result.rate_counts, result.rate_reset_ms, result.slot_counts, result.reclaimed,
+            result.now_ms) == (True, [4], [900], [1], 2, 1_700_000_000_123.456)
+    assert scripts.admit_layout(1, 1, 0, False).decode(list(good), "lease", (), b"lease") == result
+    bad = {
+        "undone": [b"lease", 3],
+        "short": good[:-1],
+        "long": [*good, 7],
+        "a string": [*good[:5], b"4", *good[6:]],
+        "a nil": [*good[:5], None, *good[6:]],
+        "another lease": [b"other", *good[1:]],
+        "unknown status": [b"lease", 5, *good[2:]],
+        "not a list": b"OK",
+    }
+    for reply in bad.values():
+        with pytest.raises(StoreError):
+            scripts.decode_admit(reply, "lease", 1, 1)
+        with pytest.raises(StoreError):
+            scripts.admit_layout(1, 1, 0, False).decode(reply, "lease", (), b"lease")
+    shadow = [b"lease", 0, 0, 0, 5_000, 4, 900, 1, 1, 2]  # position 2: the slot key
+    assert scripts.decode_admit(shadow, "lease", 1, 1, keys=["r", "s"]).shadow_refused == ["s"]
