@@ -128,24 +128,14 @@ def _secret(text: str | None) -> str | None:
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: PipelinedRedis) -> None:
         self._owner = owner
-        self._reader = hiredis.Reader()
+        self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        owner = self._owner
-        while True:
-            try:
-                reply = self._reader.gets()
-            except hiredis.ProtocolError as exc:
-                owner._connection_failed(self, ConnectionLost(f"Redis protocol error: {exc}"))
-                return
-            if reply is False:
-                return
-            owner._answer(self, reply)
+        self._owner._received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._connection_failed(self, ConnectionLost(f"Redis connection lost: {exc!r}" if exc else
@@ -312,14 +302,26 @@ class PipelinedRedis(Transport):
 
     # -- replies -----------------------------------------------------------------------
 
-    def _answer(self, protocol: _Protocol, reply: object) -> None:
-        if protocol is not self._protocol or not self._waiting:
-            return  # a late reply on a connection already given up
-        _, on_reply = self._waiting.popleft()
-        try:
-            on_reply(reply)
-        except Exception:  # a bug in one caller must not desynchronise everyone else's replies
-            log.exception("a Redis reply callback failed")
+    def _received(self, protocol: _Protocol, data: bytes) -> None:
+        """Parse what arrived and hand each reply to its command's callback, in order (one
+        call per read, not per reply)."""
+        reader = protocol.reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._connection_failed(protocol, ConnectionLost(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if protocol is not self._protocol or not self._waiting:
+                continue  # a late reply on a connection already given up
+            _, on_reply = self._waiting.popleft()
+            try:
+                on_reply(reply)
+            except Exception:  # a bug in one caller must not desynchronise everyone else's replies
+                log.exception("a Redis reply callback failed")
 
     def _fail_all(self, error: StoreError) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
