@@ -113,27 +113,24 @@ MAX_SHAPES = 4096
 class _PendingAdmit:
     """One admission in flight: what it sends (and sends again after a lost connection or a
     NOSCRIPT: the same bytes, so the same lease id), its caller's future, and `answer`, the
-    transport's callback for its reply (a bound method: no partial per admission)."""
+    transport's callback for its reply (a bound method: no partial per admission). Made by
+    `_pending_admit`: a class with a Python __init__ costs a slow type call per admission."""
 
     __slots__ = ("store", "shape", "lease_id", "echo", "operation", "queue", "cost", "future", "sent", "resent",
                  "reloads", "generation", "undone")
-
-    def __init__(self, store: RedisStore, shape: scripts.AdmitShape, lease_id: str, operation: str,
-                 queue: QueueSpot | None, cost: int) -> None:
-        self.store = store
-        self.shape = shape  # the buckets (also for undo.lua's call, built only if ever needed)
-        self.lease_id = lease_id
-        self.echo: bytes | None = None  # the lease id as packed, what Redis echoes (else: decoded)
-        self.operation = operation
-        self.queue = queue
-        self.cost = cost
-        self.future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
-        # What it sends: the EVALSHA packed (send_packed), or its KEYS and ARGV (send_eval).
-        self.sent: bytes | Call = b""
-        self.resent = False  # sent again after its connection was lost
-        self.reloads = 0  # sent again after NOSCRIPT
-        self.undone = False
-        # (generation: the script generation it was last sent with, set by every send.)
+    store: RedisStore
+    shape: scripts.AdmitShape  # the buckets (also for undo.lua's call, built only if ever needed)
+    lease_id: str
+    echo: bytes | None  # the lease id as packed, what Redis echoes (else: decoded)
+    operation: str
+    queue: QueueSpot | None
+    cost: int
+    future: asyncio.Future[AdmitResult]
+    sent: bytes | Call  # the EVALSHA packed (send_packed), or its KEYS and ARGV (send_eval)
+    resent: bool  # sent again after its connection was lost
+    reloads: int  # sent again after NOSCRIPT
+    generation: int  # the script generation it was last sent with (set by every send)
+    undone: bool
 
     def answer(self, reply: object) -> None:
         """Hand one admit.lua reply (or the error in its place) to the caller."""
@@ -158,6 +155,23 @@ class _PendingAdmit:
                 store._undo(self)
             return
         self.future.set_result(result)
+
+
+def _pending_admit(store: RedisStore, shape: scripts.AdmitShape, lease_id: str, operation: str,
+                   queue: QueueSpot | None, cost: int) -> _PendingAdmit:
+    pending = _PendingAdmit()
+    pending.store = store
+    pending.shape = shape
+    pending.lease_id = lease_id
+    pending.echo = None
+    pending.operation = operation
+    pending.queue = queue
+    pending.cost = cost
+    pending.future = asyncio.get_running_loop().create_future()
+    pending.resent = False
+    pending.reloads = 0
+    pending.undone = False
+    return pending  # (sent and generation: set by _start_admit)
 
 
 def open_transport(url: str | None, connection: RedisConnection, *, timeout: float,
@@ -386,7 +400,7 @@ class RedisStore:
         shape = self._shapes.get((id(rates), id(slots), id(quotas)))
         if shape is None:
             shape = self._shape(rates, slots, quotas)
-        pending = _PendingAdmit(self, shape, lease_id, operation, queue, cost)
+        pending = _pending_admit(self, shape, lease_id, operation, queue, cost)
         # The shape's packed call with this admission's lease id (and "now" and cost) filled in
         # (pipelined.fill, inlined): byte for byte what admit_call would pack.
         if cost == 1 and shape.common_command is not None and queue is None:
