@@ -349,8 +349,13 @@ class RedisStore:
             # take it back by its lease id now (undo.lua, which also stops a late landing).
             self._undo(pending)
             raise
-        if result.admitted and pending.shape.slot_keys:
-            self._hold(pending, result)
+        if result.admitted:
+            # Renewed from now on: registered only once the caller has its answer (a lease
+            # nobody knows about must not be renewed forever).
+            refused = result.shadow_refused
+            for key in pending.shape.slot_keys:
+                if not refused or key not in refused:  # a shadow refusal holds nothing there
+                    self._held[(key, lease_id)] = None
         return result
 
     async def check_ready(self) -> None:
@@ -375,14 +380,6 @@ class RedisStore:
         except asyncio.CancelledError:
             self._undo(pending)  # (as in admit)
             raise
-
-    def _hold(self, pending: _PendingAdmit, result: AdmitResult) -> None:
-        """Renew `pending`'s slots from now on. Registered only once the caller has its answer:
-        a lease nobody knows about must not be renewed forever."""
-        refused = result.shadow_refused
-        for key in pending.shape.slot_keys:
-            if not refused or key not in refused:  # a shadow refusal holds nothing there
-                self._held[(key, pending.lease_id)] = None
 
     def _start_admit(
         self,
