@@ -55,12 +55,11 @@ class OutageBridge:
         (self._shared if store is self._shared_store else self._local).held[lease_id] = plan
 
     def released(self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str) -> None:
-        side, other = (
-            (self._shared, self._local_store) if store is self._shared_store else (self._local, self._shared_store)
-        )
+        side = self._shared if store is self._shared_store else self._local  # (no tuple per release)
         side.held.pop(lease_id, None)
         if lease_id in side.mirrored:
             side.mirrored.discard(lease_id)
+            other = self._local_store if side is self._shared else self._shared_store
             other.release(plan.slots, lease_id)
 
     async def to_local(self) -> None:

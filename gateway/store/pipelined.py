@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -52,6 +51,36 @@ Arg = str | bytes | int | float
 def pack_command(args: tuple[Arg, ...]) -> bytes:
     """One command in RESP, packed by hiredis (C)."""
     return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub declares a 1-tuple
+
+
+# ZREM formats kept per slot key (PipelinedRedis._zrem_formats), and the member's marker.
+MAX_ZREM_FORMATS = 4096
+_MEMBER = "\x00member\x00"
+
+# A hole's bulk string in a command format: its length, then its bytes.
+_HOLE = b"$%d\r\n%b\r\n"
+
+
+def command_format(args: tuple[Arg, ...], holes: Sequence[str]) -> bytes:
+    """`pack_command(args)` as a bytes %-format with each of `holes` (marker arguments, each
+    in `args` once, in this order) left open: `format % (len(v1), v1, len(v2), v2, ...)`, each
+    vi bytes, equals pack_command of `args` with the holes replaced by the vi. Packed once per
+    command shape, so a hot command that varies in a few arguments costs one % (fill)."""
+    packed = pack_command(args).replace(b"%", b"%%")
+    start = 0
+    for hole in holes:
+        bulk = pack_command((hole,)).partition(b"\r\n")[2]  # "$<len>\r\n<hole>\r\n"
+        at = packed.find(bulk, start)
+        if at < 0 or packed.find(bulk, at + len(bulk)) >= 0:
+            raise ValueError(f"hole {hole!r} is not in the command exactly once, after the previous one")
+        packed = packed[:at] + _HOLE + packed[at + len(bulk):]
+        start = at + len(_HOLE)
+    return packed
+
+
+def fill(command: bytes, *values: bytes) -> bytes:
+    """A `command_format` with its holes filled (the admission hot path inlines this %)."""
+    return command % tuple(part for value in values for part in (len(value), value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,24 +128,14 @@ def _secret(text: str | None) -> str | None:
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: PipelinedRedis) -> None:
         self._owner = owner
-        self._reader = hiredis.Reader()
+        self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        owner = self._owner
-        while True:
-            try:
-                reply = self._reader.gets()
-            except hiredis.ProtocolError as exc:
-                owner._connection_failed(self, ConnectionLost(f"Redis protocol error: {exc}"))
-                return
-            if reply is False:
-                return
-            owner._answer(self, reply)
+        self._owner._received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._connection_failed(self, ConnectionLost(f"Redis connection lost: {exc!r}" if exc else
@@ -141,6 +160,10 @@ class PipelinedRedis(Transport):
         self._closed = False
         self.on_release_error = ignore
         self._release_failures_logged = False
+        # ZREMs sent (by `release`) and not yet answered, oldest first (see _zrem_reply), and
+        # each slot key's ZREM packed once (command_format), the member left open.
+        self._zrems: collections.deque[bytes] = collections.deque()
+        self._zrem_formats: dict[str, bytes] = {}
 
     # -- sending -----------------------------------------------------------------------
 
@@ -181,24 +204,51 @@ class PipelinedRedis(Transport):
     def send_release_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
         self.send_eval(script, keys, args, on_reply)  # one connection: in order with everything
 
+    def eval_format(self, script: Script, keys: list[str], args: list[str | int], holes: Sequence[str]) -> bytes:
+        return command_format(("EVALSHA", script.sha, len(keys), *keys, *args), holes)
+
+    send_packed = send
+
     def needs_reload(self, reply: object) -> bool:
         return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
     def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
+        # The common case, one member: each key's ZREM packed once, filled with the member.
+        member = members[0].encode() if len(members) == 1 else None
         for key in keys:
-            command = pack_command(("ZREM", key, *members))
-            self.send(command, functools.partial(self._release_reply, command))
+            zrem = self._zrem_formats.get(key) if member is not None else None
+            command = zrem % (len(member), member) if zrem is not None else self._pack_zrem(key, members)
+            self._zrems.append(command)
+            self.send(command, self._zrem_reply)
         for channel in channels:  # the same connection: published after the ZREMs have landed
-            self.send(pack_command(("PUBLISH", channel, "1")), functools.partial(self._release_reply, None))
+            self.send(pack_command(("PUBLISH", channel, "1")), self._release_reply)
 
-    def _release_reply(self, resend: bytes | None, reply: object) -> None:
-        if not isinstance(reply, BaseException):
-            self._release_failures_logged = False
-            return
-        if resend is not None and isinstance(reply, ConnectionLost):
+    def _pack_zrem(self, key: str, members: Sequence[str]) -> bytes:
+        """ZREM `members` from `key`, packed whole; a key's first single-member ZREM also keeps
+        its format for the next ones."""
+        if len(members) == 1:
+            with contextlib.suppress(ValueError):  # (the key holds the marker's bulk string: not kept)
+                zrem = command_format(("ZREM", key, _MEMBER), (_MEMBER,))
+                if len(self._zrem_formats) >= MAX_ZREM_FORMATS:
+                    del self._zrem_formats[next(iter(self._zrem_formats))]  # the oldest (FIFO)
+                self._zrem_formats[key] = zrem
+        return pack_command(("ZREM", key, *members))
+
+    def _zrem_reply(self, reply: object) -> None:
+        # Callbacks run once each, in the order their commands were queued (one connection
+        # answers in order; a failure answers everything waiting in order): this reply's
+        # command is the oldest in _zrems.
+        command = self._zrems.popleft()
+        if isinstance(reply, ConnectionLost):
             # ZREM is idempotent: once more on the next connection, rather than a slot held
             # until its lease runs out.
-            self.send(resend, functools.partial(self._release_reply, None))
+            self.send(command, self._release_reply)
+            return
+        self._release_reply(reply)
+
+    def _release_reply(self, reply: object) -> None:
+        if not isinstance(reply, BaseException):
+            self._release_failures_logged = False
             return
         self.on_release_error()
         if not self._release_failures_logged:  # once per outage, not once per lease
@@ -252,14 +302,26 @@ class PipelinedRedis(Transport):
 
     # -- replies -----------------------------------------------------------------------
 
-    def _answer(self, protocol: _Protocol, reply: object) -> None:
-        if protocol is not self._protocol or not self._waiting:
-            return  # a late reply on a connection already given up
-        _, on_reply = self._waiting.popleft()
-        try:
-            on_reply(reply)
-        except Exception:  # a bug in one caller must not desynchronise everyone else's replies
-            log.exception("a Redis reply callback failed")
+    def _received(self, protocol: _Protocol, data: bytes) -> None:
+        """Parse what arrived and hand each reply to its command's callback, in order (one
+        call per read, not per reply)."""
+        reader = protocol.reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._connection_failed(protocol, ConnectionLost(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if protocol is not self._protocol or not self._waiting:
+                continue  # a late reply on a connection already given up
+            _, on_reply = self._waiting.popleft()
+            try:
+                on_reply(reply)
+            except Exception:  # a bug in one caller must not desynchronise everyone else's replies
+                log.exception("a Redis reply callback failed")
 
     def _fail_all(self, error: StoreError) -> None:
         waiting, self._waiting = self._waiting, collections.deque()

@@ -60,9 +60,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.store import scripts
@@ -104,23 +104,74 @@ RENEW_CHUNK = 256
 __all__ = ["Call", "RedisStore"]  # Call: what run_script takes (bans, jobs)
 
 
-@dataclass(slots=True)
+_KEY = operator.attrgetter("key")  # (map: no Python frame per call)
+
+# Admission shapes kept per store (RedisStore._shapes): one per plan's buckets in use.
+MAX_SHAPES = 4096
+
+
 class _PendingAdmit:
-    keys: list[str]
-    args: list[str | int]
+    """One admission in flight: what it sends (and sends again after a lost connection or a
+    NOSCRIPT: the same bytes, so the same lease id), its caller's future, and `answer`, the
+    transport's callback for its reply (a bound method: no partial per admission). Made by
+    `_pending_admit`: a class with a Python __init__ costs a slow type call per admission."""
+
+    __slots__ = ("store", "shape", "lease_id", "echo", "operation", "queue", "cost", "future", "sent", "resent",
+                 "reloads", "generation", "undone")
+    store: RedisStore
+    shape: scripts.AdmitShape  # the buckets (also for undo.lua's call, built only if ever needed)
     lease_id: str
-    slot_keys: list[str]
-    n_rate: int
+    echo: bytes | None  # the lease id as packed, what Redis echoes (else: decoded)
     operation: str
+    queue: QueueSpot | None
+    cost: int
     future: asyncio.Future[AdmitResult]
-    queued: bool = False  # the call carried a QueueSpot
-    # The buckets, for undo.lua's call (built only if it is ever needed: off the hot path).
-    buckets: tuple[Sequence[RateBucket], Sequence[SlotBucket], Sequence[QuotaBucket], int] | None = None
-    n_quota: int = 0
-    resent: bool = False  # sent again after its connection was lost
-    reloads: int = 0  # sent again after NOSCRIPT
-    generation: int = 0  # the script generation it was (last) sent with
-    undone: bool = False
+    sent: bytes | Call  # the EVALSHA packed (send_packed), or its KEYS and ARGV (send_eval)
+    resent: bool  # sent again after its connection was lost
+    reloads: int  # sent again after NOSCRIPT
+    generation: int  # the script generation it was last sent with (set by every send)
+    undone: bool
+
+    def answer(self, reply: object) -> None:
+        """Hand one admit.lua reply (or the error in its place) to the caller."""
+        store = self.store
+        if isinstance(reply, BaseException):
+            store._admit_error(self, reply)
+            return
+        shape = self.shape
+        try:
+            result = (shape.layout if self.queue is None else shape.queued_layout).decode(
+                reply, self.lease_id, shape.keys, self.echo)
+        except StoreError as exc:
+            store._fail(self, exc)
+            return
+        if store._undos:  # Redis answers again: what could not be undone before can be now
+            store._flush_undos()
+        if result.reclaimed:
+            store._observer.slots_reclaimed(result.reclaimed)
+        if self.future.done():
+            # The caller gave up (cancelled): nobody will release what was taken.
+            if result.admitted:
+                store._undo(self)
+            return
+        self.future.set_result(result)
+
+
+def _pending_admit(store: RedisStore, shape: scripts.AdmitShape, lease_id: str, operation: str,
+                   queue: QueueSpot | None, cost: int) -> _PendingAdmit:
+    pending = _PendingAdmit()
+    pending.store = store
+    pending.shape = shape
+    pending.lease_id = lease_id
+    pending.echo = None
+    pending.operation = operation
+    pending.queue = queue
+    pending.cost = cost
+    pending.future = asyncio.get_running_loop().create_future()
+    pending.resent = False
+    pending.reloads = 0
+    pending.undone = False
+    return pending  # (sent and generation: set by _start_admit)
 
 
 def open_transport(url: str | None, connection: RedisConnection, *, timeout: float,
@@ -219,6 +270,8 @@ class RedisStore:
         # expire within a lease, unrenewed. Two leases plus the retries cover both.
         self._undone_ttl_ms = scripts.ms_arg(2 * lease + 10 * timeout)
         self._held: dict[tuple[str, str], None] = {}
+        # Admission shapes by the identity of their buckets (see _shape).
+        self._shapes: dict[tuple[int, int, int], scripts.AdmitShape] = {}
         self._wakeups = RedisWakeups(self._client, f"{prefix}:wake:")
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -287,7 +340,23 @@ class RedisStore:
             check_charge(charge)
         if not rates and not slots and not quotas:
             return AdmitResult(True, None, 0, [], [], [])
-        return await self._submit(rates, slots, lease_id, "admit", queue=queue, quotas=quotas, cost=charge.cost)
+        pending = self._start_admit(rates, slots, lease_id, "admit", queue, quotas, charge.cost)
+        # (_await_admit inlined: one coroutine layer less per admission.)
+        try:
+            result = await pending.future
+        except asyncio.CancelledError:
+            # The caller will never see this admission (whether or not it ran, or will run):
+            # take it back by its lease id now (undo.lua, which also stops a late landing).
+            self._undo(pending)
+            raise
+        if result.admitted:
+            # Renewed from now on: registered only once the caller has its answer (a lease
+            # nobody knows about must not be renewed forever).
+            refused = result.shadow_refused
+            for key in pending.shape.slot_keys:
+                if not refused or key not in refused:  # a shadow refusal holds nothing there
+                    self._held[(key, lease_id)] = None
+        return result
 
     async def check_ready(self) -> None:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
@@ -297,88 +366,102 @@ class RedisStore:
         rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1000)
         slot = SlotBucket(f"{tag}:probe:s", 1 << 30)
         lease_id = f"ready:{uuid.uuid4().hex}"
-        await self._submit((rate,), (slot,), lease_id, "ready", hold=False)
+        await self._await_admit(self._start_admit((rate,), (slot,), lease_id, "ready", None, (), 1))
         try:
             await self._transport.zrem(slot.key, lease_id, budget=self._timeout)
         except FAILURES as exc:
             self._observer.store_error("ready")
             raise StoreError(f"readiness probe release failed: {exc!r}") from exc
 
-    async def _submit(
+    async def _await_admit(self, pending: _PendingAdmit) -> AdmitResult:
+        """`pending`'s result (holding nothing: the caller releases what it took)."""
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._undo(pending)  # (as in admit)
+            raise
+
+    def _start_admit(
         self,
         rates: Sequence[RateBucket],
         slots: Sequence[SlotBucket],
         lease_id: str,
         operation: str,
-        *,
-        hold: bool = True,
-        queue: QueueSpot | None = None,
-        quotas: Sequence[QuotaBucket] = (),
-        cost: int = 1,
-    ) -> AdmitResult:
+        queue: QueueSpot | None,
+        quotas: Sequence[QuotaBucket],
+        cost: int,
+    ) -> _PendingAdmit:
+        """Send one admit.lua call; its reply reaches the returned admission's future."""
         if self._closed:
             raise StoreError("store is closed")
-        keys, args = scripts.admit_call(rates, slots, lease_id, self._lease_ms, self._now(), queue, quotas, cost)
-        tags = set(map(scripts.hash_tag, keys[: len(rates) + len(quotas) + len(slots)]))
-        if len(tags) > 1:
-            # One script call touches one hash slot (Redis Cluster); a bug in key naming
-            # must not reach Redis, where it would fail the whole pipelined batch.
-            raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
-        future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
-        slot_keys = [slot.key for slot in slots]
-        pending = _PendingAdmit(keys, args, lease_id, slot_keys, len(rates), operation, future, queue is not None,
-                                buckets=(rates, slots, quotas, cost), n_quota=len(quotas),
-                                generation=self._transport.scripts.generation)
-        self._send_admit(pending)
-        try:
-            result = await future
-        except asyncio.CancelledError:
-            # The caller will never see this admission (whether or not it ran, or will run):
-            # take it back by its lease id now (undo.lua, which also stops a late landing).
-            self._undo(pending)
-            raise
-        if result.admitted and hold:
-            # Registered only once the caller has its answer: a lease nobody knows about
-            # must not be renewed forever.
-            refused = result.shadow_refused
-            for key in slot_keys:
-                if not refused or key not in refused:  # a shadow refusal holds nothing there
-                    self._held[(key, lease_id)] = None
-        return result
+        shape = self._shapes.get((id(rates), id(slots), id(quotas)))
+        if shape is None:
+            shape = self._shape(rates, slots, quotas)
+        pending = _pending_admit(self, shape, lease_id, operation, queue, cost)
+        # The shape's packed call with this admission's lease id (and "now" and cost) filled in
+        # (pipelined.fill, inlined): byte for byte what admit_call would pack.
+        if cost == 1 and shape.common_command is not None and queue is None:
+            lease = pending.echo = lease_id.encode()
+            pending.sent = shape.common_command % (len(lease), lease)
+        elif shape.command is not None and queue is None:
+            lease = pending.echo = lease_id.encode()
+            now = self._now().encode()
+            units = b"%d" % cost
+            pending.sent = shape.command % (len(lease), lease, len(now), now, len(units), units)
+        else:
+            pending.sent = shape.admit_call(lease_id, self._lease_ms, self._now(), queue, cost)
+            self._send_admit(pending)
+            return pending
+        # (_send_admit of a packed call, inlined: nothing has been undone yet.)
+        pending.generation = self._transport.scripts.generation
+        self._transport.send_packed(pending.sent, pending.answer)
+        return pending
+
+    def _shape(
+        self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], quotas: Sequence[QuotaBucket]
+    ) -> scripts.AdmitShape:
+        """The admission shape of these buckets (built on a plan's first admission, then kept)."""
+        shape = scripts.AdmitShape(rates, slots, quotas)
+        with contextlib.suppress(ValueError):  # a key holding a hole's marker: sent as lists
+            shape.command = self._transport.eval_format(
+                self._admit_script, *shape.holed_call(self._lease_ms), scripts.ADMIT_HOLES)
+            if self._clock is None:  # "now" is always "" (Redis TIME): the common cost 1 needs one hole
+                shape.common_command = self._transport.eval_format(
+                    self._admit_script, *shape.holed_call(self._lease_ms, "", 1), scripts.ADMIT_HOLES[:1])
+        if type(rates) is tuple and type(slots) is tuple and type(quotas) is tuple:
+            # Kept by identity (a plan's buckets are immutable tuples, rebuilt on a config
+            # reload): the entry holds them, so no other object can take their ids meanwhile.
+            if len(self._shapes) >= MAX_SHAPES:
+                del self._shapes[next(iter(self._shapes))]  # the oldest (FIFO)
+            self._shapes[(id(rates), id(slots), id(quotas))] = shape
+        return shape
 
     def _send_admit(self, pending: _PendingAdmit) -> None:
         if pending.undone:
             return  # given up (cancelled): undo.lua is on its way, a late admission would take nothing
         pending.generation = self._transport.scripts.generation
-        self._transport.send_eval(self._admit_script, pending.keys, pending.args,
-                                  functools.partial(self._admit_reply, pending))
+        sent = pending.sent
+        if isinstance(sent, bytes):
+            self._transport.send_packed(sent, pending.answer)
+        else:
+            keys, args = sent
+            self._transport.send_eval(self._admit_script, keys, args, pending.answer)
 
-    def _admit_reply(self, pending: _PendingAdmit, reply: object) -> None:
-        """Hand one admit.lua reply (or the error in its place) to its caller."""
-        if isinstance(reply, BaseException):
-            if pending.reloads < 2 and self._transport.needs_reload(reply):
-                # (Twice at most: the scripts may be flushed again meanwhile.)
-                pending.reloads += 1
-                # Not run: safe to send again once the scripts are back (one reload for everyone).
-                self._spawn(self._reload_and_resend(pending))
-                return
-            if isinstance(reply, ConnectionLost) and not pending.resent:
-                # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
-                # decision, so one resend on the next connection is safe.
-                pending.resent = True
-                self._send_admit(pending)
-                return
-            self._fail(pending, reply)
+    def _admit_error(self, pending: _PendingAdmit, reply: BaseException) -> None:
+        """An error in place of `pending`'s reply: send again if that is safe, else fail it."""
+        if pending.reloads < 2 and self._transport.needs_reload(reply):
+            # (Twice at most: the scripts may be flushed again meanwhile.)
+            pending.reloads += 1
+            # Not run: safe to send again once the scripts are back (one reload for everyone).
+            self._spawn(self._reload_and_resend(pending))
             return
-        try:
-            result = scripts.decode_admit(
-                reply, pending.lease_id, pending.n_rate, len(pending.slot_keys), pending.queued,
-                pending.n_quota, pending.keys,
-            )
-        except StoreError as exc:
-            self._fail(pending, exc)
+        if isinstance(reply, ConnectionLost) and not pending.resent:
+            # Perhaps run, reply lost: admit.lua answers a replayed lease id with its first
+            # decision, so one resend on the next connection is safe.
+            pending.resent = True
+            self._send_admit(pending)
             return
-        self._deliver(pending, result)
+        self._fail(pending, reply)
 
     async def _reload_and_resend(self, pending: _PendingAdmit) -> None:
         """Redis lost the scripts (SCRIPT FLUSH, restart, failover): wait for the one shared
@@ -393,18 +476,6 @@ class RedisStore:
             self._fail(pending, StoreError("admission abandoned while reloading scripts"))
             return
         self._send_admit(pending)
-
-    def _deliver(self, pending: _PendingAdmit, result: AdmitResult) -> None:
-        if self._undos:  # Redis answers again: what could not be undone before can be now
-            self._flush_undos()
-        if result.reclaimed:
-            self._observer.slots_reclaimed(result.reclaimed)
-        if pending.future.done():
-            # The caller gave up (cancelled): nobody will release what was taken.
-            if result.admitted:
-                self._undo(pending)
-            return
-        pending.future.set_result(result)
 
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
         # The script may have run (reply lost, timeout after sending), or may still run (its
@@ -429,14 +500,14 @@ class RedisStore:
         successful admission, or the heartbeat's PING), so an outage is not fed undos that
         cannot land. Kept until it lands or one lease has passed: by then the slot, never
         renewed, has expired anyway."""
-        if pending.undone or pending.buckets is None or self._connection_closed:
+        if pending.undone or self._connection_closed:
             return
         pending.undone = True
-        for key in pending.slot_keys:
+        shape = pending.shape
+        for key in shape.slot_keys:
             self._held.pop((key, pending.lease_id), None)
-        rates, slots, quotas, cost = pending.buckets
-        call = scripts.undo_call(rates, slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms,
-                                 quotas, cost)
+        call = scripts.undo_call(shape.rates, shape.slots, pending.lease_id, self._lease_ms, "", self._undone_ttl_ms,
+                                 shape.quotas, pending.cost)
         self._undos[pending.lease_id] = (call, asyncio.get_running_loop().time() + self._lease)
         if now:
             self._flush_undos()
@@ -484,7 +555,8 @@ class RedisStore:
         self, slots: Sequence[SlotBucket], lease_id: str, wake: bool = False,
         *, settlement: Settlement | None = None,
     ) -> None:
-        self.forget_leases(slots, lease_id)
+        for slot in slots:  # (forget_leases, inlined: on every release)
+            self._held.pop((slot.key, lease_id), None)
         if self._connection_closed:
             return
         if settlement is not None and settlement.settled != settlement.charged and (
@@ -495,7 +567,7 @@ class RedisStore:
                                              self._channels(slots) if wake else ())
             self._send_settle(keys, args, resent=False, reloads=0)
         elif slots:
-            self._transport.release([slot.key for slot in slots], lease_members(lease_id),
+            self._transport.release(list(map(_KEY, slots)), lease_members(lease_id),
                                     self._channels(slots) if wake else ())
 
     def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int) -> None:

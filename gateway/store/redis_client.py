@@ -149,6 +149,9 @@ class RedisPyTransport(Transport):
 
     # -- the hot path ------------------------------------------------------------------
 
+    def eval_format(self, script: Script, keys: list[str], args: list[str | int], holes: Sequence[str]) -> None:
+        return None  # redis-py packs each pipeline itself: calls come as lists (send_eval)
+
     def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
         if self._closed:
             on_reply(StoreError("store is closed"))

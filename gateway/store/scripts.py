@@ -7,7 +7,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 from gateway.store.base import (
@@ -195,6 +195,91 @@ def queue_keys(slot_key: str) -> tuple[str, str]:
     return f"{slot_key}:q", f"{slot_key}:qx"
 
 
+class AdmitLayout:
+    """Where each number sits in admit.lua's reply for a call with `n_rate` rate buckets,
+    `n_slot` slot buckets and `n_quota` quotas (`queued`: it carried a QueueSpot, so the reply
+    ends with (queued, arrival)); computed once per shape, not per reply."""
+
+    __slots__ = ("queued", "min_length", "rate_counts", "rate_resets", "slot_counts", "quotas",
+                 "shadow_at", "length")
+
+    def __init__(self, n_rate: int, n_slot: int, n_quota: int, queued: bool) -> None:
+        # The reply: lease id, status, retry after, reclaimed, now, rate counts, rate resets,
+        # slot counts, quota counts, quota resets, quota grants, n_shadow, shadow positions
+        # (then, queued, the queued flag and the arrival).
+        rate_end = 5 + n_rate
+        slot_start = rate_end + n_rate
+        quota_start = slot_start + n_slot
+        self.queued = queued
+        self.min_length = 6 + 2 * n_rate + n_slot + 3 * n_quota + (2 if queued else 0)
+        self.rate_counts = slice(5, rate_end)
+        self.rate_resets = slice(rate_end, slot_start)
+        self.slot_counts = slice(slot_start, quota_start)
+        # None without quotas: three empty lists, no slicing.
+        self.quotas = (slice(quota_start, quota_start + n_quota),
+                       slice(quota_start + n_quota, quota_start + 2 * n_quota),
+                       slice(quota_start + 2 * n_quota, quota_start + 3 * n_quota)) if n_quota else None
+        self.shadow_at = quota_start + 3 * n_quota
+        self.length = self.shadow_at + 1  # the reply with no shadow position (and not queued)
+
+    def decode(self, reply: object, lease_id: str, keys: Sequence[str] = (), echo: bytes | None = None,
+               ) -> AdmitResult:
+        """decode_admit for this layout (see there); `echo`: the lease id as sent, when known
+        (what Redis echoes: compared as is, no decoding)."""
+        if not isinstance(reply, list) or len(reply) < self.min_length:
+            if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
+                raise StoreError("admission arrived after it was undone")
+            raise StoreError(f"malformed admit reply: {reply!r:.200}")
+        place = ""
+        queued = False
+        if self.queued:
+            flag, arrival = reply[-2:]
+            reply = reply[:-2]
+            place = arrival.decode() if isinstance(arrival, bytes) else str(arrival)
+            queued = str(flag) == "1"
+        echoed = reply[0]
+        if echoed != echo:
+            if isinstance(echoed, bytes):
+                echoed = echoed.decode("utf-8", "replace")
+            if echoed != lease_id:
+                raise StoreError("admit reply belongs to another call (lease id mismatch)")
+        try:
+            # Lua numbers arrive as ints: one sum() (C, no int() per number) checks that every
+            # one is a number (a string or nil raises TypeError).
+            sum(reply[1:])
+        except TypeError as exc:
+            raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
+        status = reply[1]
+        if status not in _STATUS_REASON:
+            raise StoreError(f"unknown admit status {status}")
+        n_shadow = reply[self.shadow_at]
+        if len(reply) != self.length + n_shadow:
+            raise StoreError(f"malformed admit reply: {reply!r:.200}")
+        quotas = self.quotas
+        # Positional: cheaper than keywords on this path (fields in AdmitResult's order).
+        return AdmitResult(
+            status == 0,
+            _STATUS_REASON[status],
+            reply[2],
+            reply[self.rate_counts],
+            reply[self.rate_resets],
+            reply[self.slot_counts],
+            reply[3],
+            queued,
+            place,
+            reply[quotas[0]] if quotas else [],
+            reply[quotas[1]] if quotas else [],
+            reply[quotas[2]] if quotas else [],
+            [keys[position - 1] for position in reply[self.length :]] if n_shadow else [],
+            reply[4] / 1000.0,  # now, sent in whole µs
+        )
+
+
+@lru_cache(maxsize=256)
+def admit_layout(n_rate: int, n_slot: int, n_quota: int, queued: bool) -> AdmitLayout:
+    return AdmitLayout(n_rate, n_slot, n_quota, queued)
+
+
 def decode_admit(
     reply: object, lease_id: str, n_rate: int, n_slot: int, queued: bool = False,
     n_quota: int = 0, keys: Sequence[str] = (),
@@ -203,59 +288,45 @@ def decode_admit(
     (a connection one reply out of step would otherwise hand out someone else's answer).
     `queued`: the call carried a QueueSpot, so the reply ends with (queued, arrival); `keys`:
     the call's KEYS (shadow refusals come back as positions in them)."""
-    extra = 2 if queued else 0
-    if isinstance(reply, list) and len(reply) == 2 and str(reply[1]) == "3":
-        raise StoreError("admission arrived after it was undone")
-    fixed = 6 + 2 * n_rate + n_slot + 3 * n_quota  # up to and with n_shadow
-    if not isinstance(reply, list) or len(reply) < fixed + extra:
-        raise StoreError(f"malformed admit reply: {reply!r:.200}")
-    place = ""
-    tail: list[object] = [0, ""]
-    if queued:
-        tail, reply = reply[-2:], reply[:-2]
-        arrival = tail[1]
-        place = arrival.decode() if isinstance(arrival, bytes) else str(arrival)
-    echoed = reply[0]
-    if isinstance(echoed, bytes):
-        echoed = echoed.decode("utf-8", "replace")
-    if echoed != lease_id:
-        raise StoreError("admit reply belongs to another call (lease id mismatch)")
-    try:
-        now_ms = int(reply[4]) / 1000.0  # sent in whole µs
-        reply[4] = 0  # (our own list) so one map() checks every other number
-        # Lua integers arrive as ints already: int() only checks them (map: no Python frame).
-        numbers = list(map(int, reply[1:]))
-    except (TypeError, ValueError, IndexError) as exc:
-        raise StoreError(f"malformed admit reply: {reply!r:.200}") from exc
-    status = numbers[0]
-    if status not in _STATUS_REASON:
-        raise StoreError(f"unknown admit status {status}")
-    # numbers: status, retry after, reclaimed, (now), rate counts, rate resets, slot counts,
-    # quota counts, quota resets, quota grants, n_shadow, shadow positions.
-    rate_end = 4 + n_rate
-    slot_start = rate_end + n_rate
-    quota_start = slot_start + n_slot
-    shadow_at = quota_start + 3 * n_quota
-    n_shadow = numbers[shadow_at]
-    if len(numbers) != shadow_at + 1 + n_shadow:
-        raise StoreError(f"malformed admit reply: {reply!r:.200}")
-    # Positional: cheaper than keywords on this path (fields in AdmitResult's order).
-    return AdmitResult(
-        status == 0,
-        _STATUS_REASON[status],
-        numbers[1],
-        numbers[4:rate_end],
-        numbers[rate_end:slot_start],
-        numbers[slot_start:quota_start],
-        numbers[2],
-        queued and str(tail[0]) == "1",
-        place,
-        numbers[quota_start : quota_start + n_quota],
-        numbers[quota_start + n_quota : quota_start + 2 * n_quota],
-        numbers[quota_start + 2 * n_quota : shadow_at],
-        [keys[position - 1] for position in numbers[shadow_at + 1 :]] if n_shadow else [],
-        now_ms,
-    )
+    return admit_layout(n_rate, n_slot, n_quota, queued).decode(reply, lease_id, keys)
+
+
+# Markers that stand for the lease id, "now" and the cost in a packed admit.lua call.
+ADMIT_HOLES = ("\x00lease\x00", "\x00now\x00", "\x00cost\x00")
+
+
+class AdmitShape:
+    """What every admit.lua call into one set of buckets shares: its KEYS (those of a call with
+    no QueueSpot: a queued call's add the queues after them), its reply layouts, and (set by the
+    store, when its transport packs) the whole EVALSHA packed once with the lease id, "now" and
+    the cost left open (ADMIT_HOLES). Built once per plan's buckets, from admit_call itself."""
+
+    __slots__ = ("rates", "slots", "quotas", "keys", "slot_keys", "layout", "queued_layout", "command",
+                 "common_command")
+
+    def __init__(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket],
+                 quotas: Sequence[QuotaBucket]) -> None:
+        self.rates, self.slots, self.quotas = rates, slots, quotas
+        self.keys = admit_call(rates, slots, "", "", "", None, quotas)[0] if rates or slots or quotas else []
+        tags = set(map(hash_tag, self.keys[: len(rates) + len(quotas) + len(slots)]))
+        if len(tags) > 1:
+            # One script call touches one hash slot (Redis Cluster); a bug in key naming
+            # must not reach Redis, where it would fail the whole pipelined batch.
+            raise ValueError(f"admission keys span several hash tags: {sorted(tags)}")
+        self.slot_keys = tuple(slot.key for slot in slots)
+        self.layout = admit_layout(len(rates), len(slots), len(quotas), False)
+        self.queued_layout = admit_layout(len(rates), len(slots), len(quotas), True)
+        self.command: bytes | None = None
+        self.common_command: bytes | None = None  # the same with "now" "" and cost 1: the lease id open
+
+    def admit_call(self, lease_id: str, lease_ms: str, now: str, queue: QueueSpot | None = None,
+             cost: int = 1) -> tuple[list[str], list[str | int]]:
+        return admit_call(self.rates, self.slots, lease_id, lease_ms, now, queue, self.quotas, cost)
+
+    def holed_call(self, lease_ms: str, now: str = ADMIT_HOLES[1], cost: int | str = ADMIT_HOLES[2],
+                   ) -> tuple[list[str], list[str | int]]:
+        """The call with ADMIT_HOLES in place of the lease id (and of "now" and the cost)."""
+        return admit_call(self.rates, self.slots, ADMIT_HOLES[0], lease_ms, now, None, self.quotas, cost)  # type: ignore[arg-type]
 
 
 # Units one admin call may grant (bounded: a typo must not overflow a Lua double's integers).

@@ -110,6 +110,16 @@ class Transport:
         call queued after it. On one pipelined connection that is `send_eval` itself."""
         raise NotImplementedError
 
+    def eval_format(self, script: Script, keys: list[str], args: list[str | int], holes: Sequence[str]) -> bytes | None:
+        """The EVALSHA of `script` packed once as a bytes %-format with `holes` (marker
+        arguments) left open (pipelined.command_format), for `send_packed`; None when this
+        transport takes calls as lists only (redis-py: `send_eval`)."""
+        return None
+
+    def send_packed(self, command: bytes, on_reply: OnReply) -> None:
+        """`send_eval` of an `eval_format` filled in (only on a transport that gave one)."""
+        raise NotImplementedError
+
     def needs_reload(self, reply: object) -> bool:
         """`send_eval`'s error reply says the scripts are gone and the call did not run: the
         caller waits for `scripts.reload` and sends it again (False: the transport did that)."""
