@@ -8,7 +8,7 @@ segments match nothing: upstreams may normalise them, and a route must not be es
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Route
@@ -20,13 +20,8 @@ _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 class _Compiled:
     route: Route
     index: int
-    exact: str | None  # plain paths compare as strings; patterns use the regex
-    regex: re.Pattern[str] | None
-
-    def matches_path(self, path: str) -> bool:
-        if self.exact is not None:
-            return path == self.exact
-        return self.regex is not None and self.regex.fullmatch(path) is not None
+    matches: Callable[[str], object]  # path -> truthy when the route's pattern matches it
+    found: tuple[int, Route]  # what `match` returns for this route
 
 
 def _segments_regex(pattern: str) -> str:
@@ -35,13 +30,38 @@ def _segments_regex(pattern: str) -> str:
     )
 
 
-def _compile(route: Route, index: int) -> _Compiled:
-    path = route.path
+def _pattern_regex(path: str) -> re.Pattern[str] | None:
+    """The regex of a pattern with `{name}` segments or a final `/**`; None for a plain path."""
     if path.endswith("/**"):
-        return _Compiled(route, index, None, re.compile(_segments_regex(path[:-3]) + "(?:/.*)?"))
+        return re.compile(_segments_regex(path[:-3]) + "(?:/.*)?")
     if "{" in path:
-        return _Compiled(route, index, None, re.compile(_segments_regex(path)))
-    return _Compiled(route, index, path, None)
+        return re.compile(_segments_regex(path))
+    return None
+
+
+def _below(prefix: str) -> Callable[[str], bool]:
+    """`prefix/**` with a plain prefix, without the regex: the prefix itself, or the prefix, a
+    `/` and a suffix without a newline (the regex's `.` matches any character but a newline)."""
+    below = prefix + "/"
+
+    def matches(path: str) -> bool:
+        return path == prefix or (path.startswith(below) and "\n" not in path)
+
+    return matches
+
+
+def _matcher(path: str) -> Callable[[str], object]:
+    regex = _pattern_regex(path)
+    if regex is None:
+        return path.__eq__  # plain paths compare as strings
+    prefix = path[:-3]
+    if path.endswith("/**") and "{" not in prefix and "\n" not in prefix:
+        return _below(prefix)  # the common catch-all: the same answers as the regex, in a fraction of its time
+    return regex.fullmatch
+
+
+def _compile(route: Route, index: int) -> _Compiled:
+    return _Compiled(route, index, _matcher(route.path), (index, route))
 
 
 class RouteTable:
@@ -54,6 +74,6 @@ class RouteTable:
             return None
         for compiled in self._routes:
             methods = compiled.route.methods
-            if (methods is None or method in methods) and compiled.matches_path(path):
-                return compiled.index, compiled.route
+            if (methods is None or method in methods) and compiled.matches(path):
+                return compiled.found
         return None
