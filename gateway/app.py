@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from time import perf_counter
 
 from gateway.accesslog import AccessLog
@@ -289,7 +288,7 @@ class GatewayApp:
                     client_timeout=config.client_timeout,
                     observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket)
                     if routing.has_jobs else None,
-                    on_complete=partial(admission.release, plan, ticket),
+                    on_complete=admission.release, on_complete_args=(plan, ticket),
                     bill=bill,
                 )
             except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete

@@ -19,6 +19,9 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until = 0.0
         self._probing = False
+        # No failure since the last success: the hot path's one check (`allow` is True, and
+        # `success` would change nothing).
+        self.clean = True
 
     @property
     def is_open(self) -> bool:
@@ -39,6 +42,7 @@ class CircuitBreaker:
     def success(self) -> None:
         self._failures = 0
         self._probing = False
+        self.clean = True
 
     def abandon(self) -> None:
         """A call that never finished (its caller was cancelled): it proves nothing either
@@ -47,6 +51,7 @@ class CircuitBreaker:
         self._probing = False
 
     def failure(self) -> None:
+        self.clean = False
         self._failures += 1
         self._probing = False
         if self._failures >= self._threshold:

@@ -262,7 +262,8 @@ class Admission:
         if cached is not None:
             self._metrics.cached_refusals.inc()
             return Ticket(lease_id, cached, None, charge=charge)
-        if self.breaker.allow():
+        breaker = self.breaker
+        if breaker.clean or breaker.allow():  # closed with no failure: one flag check
             asked_at = self.refusals.clock()
             try:
                 if plan.wait:
@@ -274,24 +275,26 @@ class Admission:
                     result = await self.store.admit(plan.rates, plan.slots, lease_id, quotas=plan.quotas,
                                                     charge=charge)
             except StoreError as exc:
-                self.breaker.failure()
+                breaker.failure()
                 self._store_failed(exc)
             except BaseException:  # cancelled (client gone): says nothing about the store
-                self.breaker.abandon()
+                breaker.abandon()
                 raise
             else:
-                self.breaker.success()
+                if not breaker.clean:
+                    breaker.success()
                 if self._failing:
                     self._store_answers()
-                if self.bridge is not None:
-                    self.bridge.to_shared()
+                bridge = self.bridge
+                if bridge is not None and bridge.degraded:  # the first answer after an outage
+                    bridge.to_shared()
                 if result.shadow_refused:
                     self._count_shadow(plan, result)
                 if not result.admitted:
                     self.refusals.remember(plan, asked_at, result, charge.cost)
                     return Ticket(lease_id, result, None, charge=charge)
-                if plan.slots and self.bridge is not None:
-                    self.bridge.admitted(self.store, plan, lease_id)
+                if plan.slots and bridge is not None:
+                    bridge.note_shared(lease_id, plan)  # bridge.admitted(self.store, plan, lease_id)
                 # Positional (fields in order): cheaper than keywords on this path.
                 return Ticket(lease_id, result, self.store if plan.slots else None, None, charge, self.store)
         return await self._fallback(plan, lease_id, charge)
@@ -382,8 +385,12 @@ class Admission:
                 counted.release((), ticket.lease_id, settlement=settlement)
             return
         ticket.store = None
-        if self.bridge is not None:
-            self.bridge.released(store, plan, ticket.lease_id)
+        bridge = self.bridge
+        if bridge is not None:
+            if store is self.store and not bridge.shared_mirrored:  # the usual case, no frame
+                bridge.forget_shared(ticket.lease_id, None)
+            else:
+                bridge.released(store, plan, ticket.lease_id)
         if plan.wait:  # someone may be waiting for this slot
             cast(WaitingStore, store).release(plan.slots, ticket.lease_id, wake=True, settlement=settlement)
         else:

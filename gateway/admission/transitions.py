@@ -47,8 +47,15 @@ class OutageBridge:
         self._local_store = local
         self._shared = _Side()
         self._local = _Side()
-        self._degraded = False  # local decisions since the store last answered
+        self.degraded = False  # local decisions since the store last answered (read-only outside)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The shared store's common case, for the admission's hot path (no Python frame):
+        # `admitted(shared, plan, lease_id)` is `note_shared(lease_id, plan)`, and while
+        # `shared_mirrored` is empty, `released(shared, plan, lease_id)` is
+        # `forget_shared(lease_id, None)` (tests/unit/test_outage_bridge_fast_path.py).
+        self.note_shared = self._shared.held.__setitem__
+        self.forget_shared = self._shared.held.pop
+        self.shared_mirrored = self._shared.mirrored  # (the same set: never rebound)
 
     def admitted(self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str) -> None:
         """A request holds slots of `store` (called for admissions with slots only)."""
@@ -64,9 +71,9 @@ class OutageBridge:
 
     async def to_local(self) -> None:
         """Before a local decision: on the first of an outage, seed the shared slots held."""
-        if self._degraded:
+        if self.degraded:
             return
-        self._degraded = True
+        self.degraded = True
         side = self._shared
         for lease_id, plan in list(side.held.items()):
             if lease_id not in side.mirrored and lease_id in side.held:
@@ -75,9 +82,9 @@ class OutageBridge:
 
     def to_shared(self) -> None:
         """The store answered: after an outage, mirror the local slots still held into it."""
-        if not self._degraded:
+        if not self.degraded:  # (callers check it first: the usual case costs no call)
             return
-        self._degraded = False
+        self.degraded = False
         pending = [(lease_id, plan) for lease_id, plan in self._local.held.items()
                    if lease_id not in self._local.mirrored]
         if pending:

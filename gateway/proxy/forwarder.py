@@ -107,7 +107,7 @@ class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
     __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
-                 "on_complete", "bill")
+                 "on_complete", "on_complete_args", "bill")
 
     def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
                  disconnects: DisconnectWatch | None) -> None:
@@ -120,7 +120,8 @@ class _Exchange:
         self.disconnects = disconnects  # the server's own notice of a disconnect, when it offers one
         self.watcher: asyncio.Task[None] | None = None
         self.observer: ResponseObserver | None = None
-        self.on_complete: Callable[[], None] | None = None
+        self.on_complete: Callable[..., None] | None = None
+        self.on_complete_args: tuple[object, ...] = ()
         self.bill: RequestBill | None = None
 
     def stop(self, reason: Reason) -> bool:
@@ -235,14 +236,16 @@ async def forward(
     body_start: BodyStart | None = None,
     client_timeout: float | None = None,
     observer: ResponseObserver | None = None,
-    on_complete: Callable[[], None] | None = None,
+    on_complete: Callable[..., None] | None = None,
     bill: RequestBill | None = None,
+    on_complete_args: tuple[object, ...] = (),
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
-    `on_complete` is called once the upstream's whole answer is in hand, just before the last
-    (empty) body message goes to the client: the caller frees the slot there, so a client that
-    sends its next request the moment this one ends never races its own release.
+    `on_complete(*on_complete_args)` is called once the upstream's whole answer is in hand, just
+    before the last (empty) body message goes to the client: the caller frees the slot there, so
+    a client that sends its next request the moment this one ends never races its own release.
+    (Its arguments ride apart so that the caller builds no `partial` per request.)
 
     `body_start` is what was received before admission, if anything (its caller checked its
     `declared` Content-Length against `max_body` already); `client_timeout` bounds
@@ -281,6 +284,7 @@ async def forward(
     state = _Exchange(task, scope, receive, disconnect_watch(scope))
     state.observer = observer
     state.on_complete = on_complete
+    state.on_complete_args = on_complete_args
     state.bill = bill
     body: bytes | AsyncIterator[bytes] | None
     if more_body:
@@ -385,7 +389,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
                     await observer.end()
                 state.finished = True  # the end of the response wakes the watcher: not a disconnect
                 if state.on_complete is not None:
-                    state.on_complete()
+                    state.on_complete(*state.on_complete_args)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
     except TimeoutError:
         if state.reason is None:

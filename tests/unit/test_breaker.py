@@ -47,3 +47,26 @@ def test_an_abandoned_probe_lets_the_next_one_through() -> None:
     assert breaker.allow()  # the probe; its caller is then cancelled
     breaker.abandon()
     assert breaker.allow()  # without abandon() this would be refused for ever
+
+
+def test_clean_flag_agrees_with_allow_and_success() -> None:
+    """`clean` is the hot path's shortcut: while it is True, `allow()` must be True and
+    `success()` must change nothing (any sequence of events, any threshold)."""
+    import random
+
+    rng = random.Random(19)
+    for threshold in (1, 2, 3):
+        clock = Clock()
+        breaker = CircuitBreaker(threshold=threshold, cooldown=1.0, clock=clock)
+        for _ in range(2000):
+            event = rng.choice(("allow", "success", "failure", "abandon", "tick"))
+            if event == "tick":
+                clock.now += rng.choice((0.3, 1.01))
+            else:
+                getattr(breaker, event)()
+            if breaker.clean:
+                state = (breaker._failures, breaker._probing, breaker._open_until)
+                assert state[:2] == (0, False)
+                assert breaker.allow()
+                breaker.success()
+                assert (breaker._failures, breaker._probing, breaker._open_until) == state

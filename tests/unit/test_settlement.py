@@ -97,7 +97,8 @@ async def exchange(upstream: Upstreamish, bill: RequestBill) -> tuple[int, dict[
     ticket = bill._ticket  # type: ignore[attr-defined]
     await forward(scope, receive, send, client=upstream, url="http://u/x", headers=[],  # type: ignore[arg-type]
                   extra_response_headers=[(b"x-ratelimit-limit", b"9")], max_body=1024, timeout=5.0,
-                  body_start=None, on_complete=lambda: released.append(ticket.settled), bill=bill)
+                  body_start=None, on_complete=lambda done: released.append(done.settled), on_complete_args=(ticket,),
+                  bill=bill)
     start = sent[0]
     return start["status"], dict(start["headers"]), released
 
