@@ -7,7 +7,8 @@ before anything else sees them:
 
 - the request target past `max_request_line` → 414 `uri_too_long`;
 - the head (request line and header fields) past `max_request_headers`, or more than
-  `max_request_header_count` fields → 431 `headers_too_large`.
+  `max_request_header_count` fields → 431 `headers_too_large`;
+- and what the parser cannot read at all → 400 `bad_request` (`NOT_HTTP`).
 
 An incomplete head is measured by the bytes received since it began, after each read (one read
 is at most the event loop's buffer, 256 KiB), so the parser never holds more than the limit plus
@@ -64,6 +65,11 @@ def _refusal(status: int, reason: str, error: str, message: str) -> bytes:
 HEADERS_TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "headers_too_large",
                              "The request headers are too large or too many.")
 URI_TOO_LONG = _refusal(414, "URI Too Long", "uri_too_long", "The request target is too long.")
+# What the parser cannot read (a bad request line, header or chunk, conflicting framing): the
+# same JSON body as every other gateway error, where uvicorn would answer in plain text, log a
+# warning per request (a hostile client's flood would flood the log) and write at once, even in
+# the middle of a response to an earlier pipelined request.
+NOT_HTTP = _refusal(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
 
 
 class _HeadRefused(Exception):
@@ -83,13 +89,20 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     url: bytes = b""  # uvicorn sets it when a message begins
     _head_open = True  # between the end of one message and the end of the next head
     _head_received = 0  # bytes read while the head was open (with any body bytes of that read)
+    # Of those, the bytes of the read in which the previous message ended (a pipelined head began
+    # somewhere in it, at an offset the parser does not tell): they make `_head_received` an upper
+    # bound, which may call for the exact size at the head's end, but never prove an incomplete
+    # head too large (they may be the previous message's body).
+    _head_carried = 0
+    _read_size = 0  # the read being parsed
     _refusal: bytes | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             return
+        size = self._read_size = len(data)
         if self._head_open:
-            self._head_received += len(data)
+            self._head_received += size
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -99,12 +112,8 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             else:
                 self._unsupported_upgrade_warning()
         except httptools.HttpParserError:
-            if self._refusal is not None:  # raised by on_headers_complete below
-                self._refuse(self._refusal)
-                return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            # `_refusal` is set when on_headers_complete below stopped the parser
+            self._refuse(self._refusal if self._refusal is not None else NOT_HTTP)
             return
         # A head still incomplete after this read (under 4 KiB there is nothing to bound yet: the
         # complete head is checked when it ends).
@@ -112,7 +121,7 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             limits = self.head_limits()
             if len(self.url) > limits.max_request_line:
                 self._refuse(URI_TOO_LONG)
-            elif self._head_received > limits.max_request_headers:
+            elif self._head_received - self._head_carried > limits.max_request_headers:
                 self._refuse(HEADERS_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
@@ -126,11 +135,13 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         if self._refusal is not None:
             raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False
-        self._head_received = 0
+        self._head_received = self._head_carried = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._head_open = True
+        # The next head may begin in this same read (pipelining): all of it counts as maybe its.
+        self._head_received = self._head_carried = self._read_size
         super().on_message_complete()
 
     def _head_size(self) -> int:
@@ -138,14 +149,28 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _refuse(self, response: bytes) -> None:
-        self._refusal = response
+        self._refusal = response  # from now on nothing more is read
         transport = self.transport
         if transport.is_closing():
             return
-        # debug: a flood of oversized heads must not flood the log as well
-        log.debug("refusing a request head from %s: %s", self.client[0] if self.client else "?",
+        # debug: a flood of oversized or unreadable heads must not flood the log as well
+        log.debug("refusing a request from %s: %s", self.client[0] if self.client else "?",
                   response.split(b"\r\n", 1)[0].decode())
-        if self.cycle is None or self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not (self._head_open or cycle.response_started):
+            # No response in progress; or the refused bytes are the current request's own (its
+            # body) and its answer has not begun: the refusal is its answer.
             transport.write(response)
-        # else a pipelined head behind a response in progress: nothing can be written in between
-        transport.close()
+            transport.close()
+        elif not self._head_open:
+            transport.close()  # the current request's own bytes, mid-response: nothing fits in between
+        # else a head pipelined behind a response in progress: refused after it (on_response_complete)
+
+    def on_response_complete(self) -> None:
+        if self._refusal is not None and not self.pipeline and not self.transport.is_closing():
+            # The responses before a refused pipelined head are complete: now its refusal.
+            self.server_state.total_requests += 1
+            self.transport.write(self._refusal)
+            self.transport.close()
+            return
+        super().on_response_complete()

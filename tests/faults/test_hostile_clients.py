@@ -343,6 +343,7 @@ def test_smuggling_shapes_get_400_and_reach_nothing(shape: str, clean: Setup) ->
     calls = clean.evalsha()
     response, closed = exchange(clean.small.port, SMUGGLING[shape])
     assert status_of(response) == 400 and closed
+    assert b'"success":false,"error":"bad_request"' in response  # the gateway's JSON, not uvicorn's text
     assert response.count(b"HTTP/1.1 ") == 1  # one answer: nothing parsed out of a body
     assert clean.upstream_total() == 0  # the upstream saw nothing, not even a truncated request
     assert clean.evalsha() == calls

@@ -138,6 +138,59 @@ def test_a_long_request_target_gets_414(clean: Setup) -> None:
     assert upstream_stats(clean.upstream, "edge").get("total", 0) == 0
 
 
+_NOT_HTTP = {
+    "two_content_lengths": request("/", "Content-Length: 3", "Content-Length: 5") + b"abcde",
+    "content_length_and_chunked": request("/", "Content-Length: 3", "Transfer-Encoding: chunked")
+    + b"3\r\nabc\r\n0\r\n\r\n",
+    "negative_length": request("/", "Content-Length: -1"),
+    "length_past_2_to_the_64": request("/", "Content-Length: 99999999999999999999999"),
+    "bad_chunk_size": request("/", "Transfer-Encoding: chunked") + b"zz\r\nabc\r\n0\r\n\r\n",
+    "unknown_transfer_coding": request("/", "Transfer-Encoding: gzip"),
+    "control_byte_in_a_value": request("/", b"X-Odd: a\x7fb"),
+    "unknown_method": request("/").replace(b"GET", b"FOO", 1),
+    "bad_version": request("/").replace(b"HTTP/1.1", b"HTTP/1.x", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_HTTP))
+def test_a_request_the_parser_cannot_read_gets_the_json_400_and_a_close(name: str, clean: Setup) -> None:
+    calls = clean.evalsha()
+    received, closed = exchange(clean.gateway.port, _NOT_HTTP[name])
+    assert status_of(received) == 400 and closed, received[:300]
+    assert b"content-type: application/json" in received
+    assert b'"success":false,"error":"bad_request"' in received
+    assert clean.evalsha() == calls and upstream_stats(clean.upstream, "edge").get("total", 0) == 0
+    # Not a warning per request (uvicorn's own answer logged one): a flood must not flood the log.
+    assert "Invalid HTTP request received" not in clean.gateway.log()
+
+
+@pytest.mark.parametrize("refused", [b"FOO / HTTP/1.1\r\n\r\n", request("/", b"X-Big: " + b"a" * 70_000)])
+def test_a_refused_head_pipelined_behind_a_valid_request_is_answered_after_it(refused: bytes, clean: Setup) -> None:
+    # uvicorn wrote its 400 the moment the parser failed, before the first request's response
+    # (the client read it as the answer to its valid request); a 431 used to cut that response.
+    received, closed = exchange(clean.gateway.port, request("/") + refused)
+    assert closed
+    assert status_of(received) == 200, received[:300]
+    second = received[received.index(b"HTTP/1.1 ", 1):]
+    assert status_of(second) in (400, 431) and b'"success":false' in second, second[:300]
+    assert upstream_stats(clean.upstream, "edge").get("total", 0) == 1
+
+
+def test_a_chunked_body_that_turns_unreadable_gets_the_400_and_holds_nothing(clean: Setup) -> None:
+    # The head was good (the request is in the app, reading its body before admission); then the
+    # body's framing breaks. uvicorn's answer was a plain-text 400; `clean` checks nothing is held.
+    head = request("/", "Transfer-Encoding: chunked")
+    with socket.create_connection(("127.0.0.1", clean.gateway.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(head + b"3\r\nabc\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"zz\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert status_of(received) == 400 and b'"error":"bad_request"' in received, received[:300]
+
+
 def test_a_head_just_under_the_limits_is_served(clean: Setup) -> None:
     lines = [f"X-H{i}: {'c' * 500}" for i in range(90)]  # 93 fields, ~48 KiB
     received, _ = exchange(clean.gateway.port, request("/" + "y" * 15_000, "Connection: close", *lines))
