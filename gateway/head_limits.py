@@ -100,7 +100,7 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             return
-        size = self._read_size = len(data)
+        self._read_size = size = len(data)
         if self._head_open:
             self._head_received += size
         self._unset_keepalive_if_required()
@@ -135,7 +135,7 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         if self._refusal is not None:
             raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False
-        self._head_received = self._head_carried = 0
+        self._head_received = 0  # (`_head_carried` matters only while a head is open: set when one opens)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -164,13 +164,16 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             transport.close()
         elif not self._head_open:
             transport.close()  # the current request's own bytes, mid-response: nothing fits in between
-        # else a head pipelined behind a response in progress: refused after it (on_response_complete)
+        else:
+            # A head pipelined behind a response in progress: refused once the last response
+            # before it is complete (the newest queued request's, else the current one's). Only
+            # that cycle's callback changes: the hot path has no hook for this.
+            last = self.pipeline[0][0] if self.pipeline else cycle
+            last.on_response = self._refuse_after_response
 
-    def on_response_complete(self) -> None:
-        if self._refusal is not None and not self.pipeline and not self.transport.is_closing():
-            # The responses before a refused pipelined head are complete: now its refusal.
-            self.server_state.total_requests += 1
-            self.transport.write(self._refusal)
-            self.transport.close()
-            return
-        super().on_response_complete()
+    def _refuse_after_response(self) -> None:
+        self.server_state.total_requests += 1  # as uvicorn's on_response_complete counts
+        transport = self.transport
+        if not transport.is_closing() and self._refusal is not None:
+            transport.write(self._refusal)
+            transport.close()
