@@ -1,4 +1,4 @@
-"""Request head limits enforced while parsing, which uvicorn does not have (huge headers).
+"""What the request parser accepts: bounded heads, readable HTTP/1.1, no protocol switch.
 
 uvicorn's httptools protocol accepts a request head of any size: httptools gathers a header
 field by concatenating every fragment (a 40 MB header costs seconds of CPU, growing faster than
@@ -9,6 +9,14 @@ before anything else sees them:
 - the head (request line and header fields) past `max_request_headers`, or more than
   `max_request_header_count` fields → 431 `headers_too_large`;
 - and what the parser cannot read at all → 400 `bad_request` (`NOT_HTTP`).
+
+The gateway serves HTTP/1.1 only and never switches protocols (`Upgrade: websocket`, `h2c`;
+`CONNECT`): uvicorn handed a WebSocket handshake to an app that has none (500) and, for any
+other upgrade, left the bytes after the head unread, and the parser skips an upgrading
+request's body, so a body declared with it would be lost (the upstream waiting for it) or, read
+as the next request, smuggled. Here an upgrade request without a body is served as the plain
+request it also is (`Upgrade` is hop-by-hop: the upstream never sees it) and the bytes after its
+head are the next request; one with a body gets 400 `bad_request` (`UPGRADE_WITH_BODY`).
 
 An incomplete head is measured by the bytes received since it began, after each read (one read
 is at most the event loop's buffer, 256 KiB), so the parser never holds more than the limit plus
@@ -65,11 +73,19 @@ def _refusal(status: int, reason: str, error: str, message: str) -> bytes:
 HEADERS_TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "headers_too_large",
                              "The request headers are too large or too many.")
 URI_TOO_LONG = _refusal(414, "URI Too Long", "uri_too_long", "The request target is too long.")
+UPGRADE_WITH_BODY = _refusal(400, "Bad Request", "bad_request",
+                             "The gateway does not switch protocols; a request asking it to cannot have a body.")
 # What the parser cannot read (a bad request line, header or chunk, conflicting framing): the
 # same JSON body as every other gateway error, where uvicorn would answer in plain text, log a
 # warning per request (a hostile client's flood would flood the log) and write at once, even in
 # the middle of a response to an earlier pipelined request.
 NOT_HTTP = _refusal(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head declares a body: a Transfer-Encoding, or a Content-Length but 0."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+               for name, value in headers)
 
 
 class _HeadRefused(Exception):
@@ -104,17 +120,21 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         if self._head_open:
             self._head_received += size
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-        except httptools.HttpParserError:
-            # `_refusal` is set when on_headers_complete below stopped the parser
-            self._refuse(self._refusal if self._refusal is not None else NOT_HTTP)
-            return
+        parser = self.parser
+        while True:
+            try:
+                parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as upgrade:
+                # Not switched: the request (without a body: on_headers_complete) was served as
+                # plain HTTP, and the parser stopped at its head's end; what follows is the next.
+                data = data[upgrade.args[0]:]
+                if not data:
+                    break
+            except httptools.HttpParserError:
+                # `_refusal` is set when on_headers_complete below stopped the parser
+                self._refuse(self._refusal if self._refusal is not None else NOT_HTTP)
+                return
         # A head still incomplete after this read (under 4 KiB there is nothing to bound yet: the
         # complete head is checked when it ends).
         if self._head_open and self._head_received > 4096:
@@ -143,6 +163,16 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         # The next head may begin in this same read (pipelining): all of it counts as maybe its.
         self._head_received = self._head_carried = self._read_size
         super().on_message_complete()
+
+    def _should_upgrade(self) -> bool:
+        """Never (see the module's doc): uvicorn then serves the request as plain HTTP. It asks
+        only when the parser saw an upgrade, from its on_headers_complete before the request
+        reaches the app: where a body it would skip (lost, or smuggled) is refused."""
+        if _declares_body(self.headers):
+            self._refusal = UPGRADE_WITH_BODY
+            self._head_open = True  # the head was not accepted after all (for `_refuse`)
+            raise _HeadRefused
+        return False
 
     def _head_size(self) -> int:
         """The head's size as parsed: its target and fields, each with its separators."""

@@ -180,6 +180,55 @@ def test_a_refused_head_pipelined_behind_valid_requests_is_answered_after_them(
     assert upstream_stats(clean.upstream, "edge").get("total", 0) == valid
 
 
+def _responses(received: bytes) -> list[bytes]:
+    return [b"HTTP/1.1 " + part for part in received.split(b"HTTP/1.1 ")[1:]]
+
+
+@pytest.mark.parametrize("upgrade", [
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13",
+    "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__",
+])
+def test_an_upgrade_request_is_served_as_plain_http_and_the_next_request_follows(upgrade: str, clean: Setup) -> None:
+    # uvicorn answered a WebSocket handshake with a plain-text 500 (the app has no WebSocket) and
+    # left the bytes after any other upgrade's head unread: a request pipelined behind it hung.
+    received, closed = exchange(clean.gateway.port, request("/first", upgrade) + request("/second", "Connection: close"))
+    assert closed
+    first, second = _responses(received)
+    assert status_of(first) == 200 and status_of(second) == 200, received[:400]
+    echoed = json.loads(first.split(b"\r\n\r\n", 1)[1])
+    assert echoed["path"] == "/first" and json.loads(second.split(b"\r\n\r\n", 1)[1])["path"] == "/second"
+    sent = {name.lower() for name, _ in echoed["headers"]}
+    assert not sent & {"upgrade", "connection", "http2-settings"}, sent  # hop-by-hop (or Connection-named)
+    assert "Traceback" not in clean.gateway.log() and "Unsupported upgrade" not in clean.gateway.log()
+
+
+_INNER = request("/smuggled")
+
+
+@pytest.mark.parametrize("before", [0, 1])
+@pytest.mark.parametrize("framing", [f"Content-Length: {len(_INNER)}", "Transfer-Encoding: chunked"])
+def test_an_upgrade_request_with_a_body_gets_400_and_its_body_is_never_a_request(
+    framing: str, before: int, clean: Setup
+) -> None:
+    # The parser skips an upgrading request's body: forwarded with its Content-Length it left the
+    # upstream waiting for the body (and the slot held); read as the next request, smuggled.
+    body = _INNER if framing.startswith("Content-Length") else b"%x\r\n%s\r\n0\r\n\r\n" % (len(_INNER), _INNER)
+    head = request("/outer", "Upgrade: h2c", "Connection: Upgrade", framing).replace(b"GET", b"POST", 1)
+    received, closed = exchange(clean.gateway.port, request("/") * before + head + body)
+    assert closed and [status_of(r) for r in _responses(received)] == [200] * before + [400], received[:400]
+    assert b'"error":"bad_request"' in received
+    assert upstream_stats(clean.upstream, "edge").get("total", 0) == before  # never /outer, never /smuggled
+
+
+def test_connect_gets_400(clean: Setup) -> None:
+    head = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n"
+    received, closed = exchange(clean.gateway.port, head + b"\x16\x03\x01\x00\x05hello")
+    assert closed and [status_of(r) for r in _responses(received)] == [400], received[:400]
+    assert b'"error":"bad_request"' in received
+    assert upstream_stats(clean.upstream, "edge").get("total", 0) == 0
+
+
 def test_a_chunked_body_that_turns_unreadable_gets_the_400_and_holds_nothing(clean: Setup) -> None:
     # The head was good (the request is in the app, reading its body before admission); then the
     # body's framing breaks. uvicorn's answer was a plain-text 400; `clean` checks nothing is held.
