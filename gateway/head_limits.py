@@ -10,13 +10,12 @@ before anything else sees them:
   `max_request_header_count` fields → 431 `headers_too_large`;
 - and what the parser cannot read at all → 400 `bad_request` (`NOT_HTTP`).
 
-The gateway serves HTTP/1.1 only and never switches protocols (`Upgrade: websocket`, `h2c`;
-`CONNECT`): uvicorn handed a WebSocket handshake to an app that has none (500) and, for any
-other upgrade, left the bytes after the head unread, and the parser skips an upgrading
-request's body, so a body declared with it would be lost (the upstream waiting for it) or, read
-as the next request, smuggled. Here an upgrade request without a body is served as the plain
-request it also is (`Upgrade` is hop-by-hop: the upstream never sees it) and the bytes after its
-head are the next request; one with a body gets 400 `bad_request` (`UPGRADE_WITH_BODY`).
+The gateway serves HTTP/1.1 only and never switches protocols (`Upgrade: websocket`, `h2c`):
+uvicorn handed a WebSocket handshake to an app that has none (500) and, for any other upgrade,
+left the bytes after the head unread. Here an upgrade request is served as the plain request it
+also is (`Upgrade` is hop-by-hop: the upstream never sees it): its body, which the parser skips
+for an upgrading request, is read by a parser of its own (gateway/declined_upgrades.py), and
+the bytes after it are the next request. (`CONNECT` has no origin-form target: 400.)
 
 An incomplete head is measured by the bytes received since it began, after each read (one read
 is at most the event loop's buffer, 256 KiB), so the parser never holds more than the limit plus
@@ -35,6 +34,7 @@ from typing import Protocol
 
 import httptools
 
+from gateway.declined_upgrades import body_framing, body_parser
 from gateway.disconnects import DisconnectNotifyingProtocol
 from gateway.responses import error_body
 
@@ -73,19 +73,11 @@ def _refusal(status: int, reason: str, error: str, message: str) -> bytes:
 HEADERS_TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "headers_too_large",
                              "The request headers are too large or too many.")
 URI_TOO_LONG = _refusal(414, "URI Too Long", "uri_too_long", "The request target is too long.")
-UPGRADE_WITH_BODY = _refusal(400, "Bad Request", "bad_request",
-                             "The gateway does not switch protocols; a request asking it to cannot have a body.")
 # What the parser cannot read (a bad request line, header or chunk, conflicting framing): the
 # same JSON body as every other gateway error, where uvicorn would answer in plain text, log a
 # warning per request (a hostile client's flood would flood the log) and write at once, even in
 # the middle of a response to an earlier pipelined request.
 NOT_HTTP = _refusal(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
-
-
-def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a request head declares a body: a Transfer-Encoding, or a Content-Length but 0."""
-    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
-               for name, value in headers)
 
 
 class _HeadRefused(Exception):
@@ -112,6 +104,7 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     _head_carried = 0
     _read_size = 0  # the read being parsed
     _refusal: bytes | None = None
+    _declined_with_body: bytes | None = None  # an upgrade request's body framing (`_should_upgrade`)
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
@@ -126,9 +119,16 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
                 parser.feed_data(data)
                 break
             except httptools.HttpParserUpgrade as upgrade:
-                # Not switched: the request (without a body: on_headers_complete) was served as
-                # plain HTTP, and the parser stopped at its head's end; what follows is the next.
+                # Not switched: the request was served as plain HTTP, and the parser stopped at
+                # its head's end; what follows is its body, if it has one, then the next request.
                 data = data[upgrade.args[0]:]
+                framing = self._declined_with_body
+                if framing is not None:
+                    try:
+                        parser = self._read_declined_body(framing)
+                    except httptools.HttpParserError:  # framing no request may have
+                        self._refuse(NOT_HTTP)
+                        return
                 if not data:
                     break
             except httptools.HttpParserError:
@@ -166,13 +166,21 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
 
     def _should_upgrade(self) -> bool:
         """Never (see the module's doc): uvicorn then serves the request as plain HTTP. It asks
-        only when the parser saw an upgrade, from its on_headers_complete before the request
-        reaches the app: where a body it would skip (lost, or smuggled) is refused."""
-        if _declares_body(self.headers):
-            self._refusal = UPGRADE_WITH_BODY
-            self._head_open = True  # the head was not accepted after all (for `_refuse`)
-            raise _HeadRefused
+        only when the parser saw an upgrade (at the head's end, again at the message's): a
+        declared body, which the parser will skip, is noted for `_read_declined_body`."""
+        self._declined_with_body = body_framing(self.headers)
         return False
+
+    def _read_declined_body(self, framing: bytes) -> httptools.HttpRequestParser:
+        """The parser, which ended the upgrade request just served at its head, ended its
+        message too soon: undone, and its body read by a parser of its own from here on."""
+        self._declined_with_body = None
+        cycle = self.cycle  # the upgrade request's (a pipelined one's too: queued, not started)
+        cycle.more_body = True
+        cycle.message_event.clear()  # no task has run since: nobody saw the false end
+        self._head_open = False  # a body is being read, not a head
+        self.parser = parser = body_parser(self, framing)
+        return parser
 
     def _head_size(self) -> int:
         """The head's size as parsed: its target and fields, each with its separators."""
