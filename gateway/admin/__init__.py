@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -31,6 +32,18 @@ def _authorized(request: Request, token: str | None) -> bool:
         return True
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+_UNKNOWN = {404: ("not_found", "No such admin path."), 405: ("method_not_allowed", "The admin path does not take this method.")}
+
+
+async def _unknown_path(request: Request, exc: Exception) -> Response:
+    """An unknown path or method: the JSON body of every other admin error (Starlette's own is
+    plain text), with the `Allow` header of a 405."""
+    assert isinstance(exc, HTTPException)
+    error, message = _UNKNOWN[exc.status_code]
+    return JSONResponse({"success": False, "error": error, "message": message}, status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 def _unauthorized() -> JSONResponse:
@@ -99,6 +112,7 @@ def create_admin_app(state: GatewayState) -> ASGIApp:
             Route("/metrics", guarded(metrics)),
             *ban_routes(state.bans, guarded),
             *job_routes(state, guarded),
-        ]
+        ],
+        exception_handlers={404: _unknown_path, 405: _unknown_path},
     )
     return HostGuard(app, state)

@@ -152,3 +152,23 @@ def test_the_token_is_compared_with_hmac_compare_digest(monkeypatch: pytest.Monk
     right = asyncio.run(admin_get(config, "/metrics", "127.0.0.1:9464", {"Authorization": "Bearer right-token"}))
     assert (wrong.status_code, right.status_code) == (401, 200)
     assert calls == [(b"wrong-token", b"right-token"), (b"right-token", b"right-token")]
+
+
+async def admin_call(method: str, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=create_admin_app(GatewayState.create(admin_config())))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9464") as client:
+        return await client.request(method, path)
+
+
+@pytest.mark.parametrize(("method", "path", "status", "error"), [
+    ("GET", "/v1/nothing", 404, "not_found"),
+    ("GET", "/v1/jobs/x/done", 405, "method_not_allowed"),
+    ("PUT", "/metrics", 405, "method_not_allowed"),
+])
+def test_an_unknown_admin_path_or_method_gets_the_json_error_body(method: str, path: str, status: int, error: str) -> None:
+    # Starlette's own answers were plain text: a client parsing every admin error as JSON failed.
+    response = asyncio.run(admin_call(method, path))
+    assert response.status_code == status
+    assert response.json() == {"success": False, "error": error, "message": response.json()["message"]}
+    if status == 405:
+        assert response.headers["allow"]
