@@ -105,9 +105,13 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     _read_size = 0  # the read being parsed
     _refusal: bytes | None = None
     _declined_with_body: bytes | None = None  # an upgrade request's body framing (`_should_upgrade`)
+    # A refused connection's answer, written when its first bytes arrive (gateway/connection_limits.py)
+    _refusal_awaits_data = False
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
+            if self._refusal_awaits_data:
+                self._write_awaited_refusal()
             return
         self._read_size = size = len(data)
         if self._head_open:
@@ -208,6 +212,13 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             # that cycle's callback changes: the hot path has no hook for this.
             last = self.pipeline[0][0] if self.pipeline else cycle
             last.on_response = self._refuse_after_response
+
+    def _write_awaited_refusal(self) -> None:
+        self._refusal_awaits_data = False
+        transport = self.transport
+        if not transport.is_closing() and self._refusal is not None:
+            transport.write(self._refusal)
+            transport.close()
 
     def _refuse_after_response(self) -> None:
         self.server_state.total_requests += 1  # as uvicorn's on_response_complete counts

@@ -28,6 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.admission.bans import STRIKE_KINDS
+from gateway.connection_limits import LIMITS as CONNECTION_LIMITS
 
 NO_PLAN = "-"
 NO_ROUTE = "-"
@@ -288,6 +289,19 @@ class Metrics:
             "Requests a shadow limit would have refused (it never refuses), by plan and limit.",
             ["plan", "limit"], registry=r,
         )
+        self.client_connections = Gauge(
+            "gateway_client_connections", "Client connections open on the public port.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused_total",
+            "Client connections refused at the accept (503) by the bound they were over: per_client "
+            "(max_connections_per_client) or total (max_client_connections; the admin port's own).",
+            ["port", "limit"], registry=r,
+        )
+        for port in ("public", "admin"):
+            for limit in CONNECTION_LIMITS:
+                self.connections_refused.labels(port, limit)
         for stage in ("body", "send"):
             self.client_timeouts.labels(stage)
         for result in ("success", "error"):  # both series exist from the start, so increase() sees the first

@@ -34,6 +34,16 @@ from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config
 from gateway.config.units import parse_host_port
+from gateway.connection_limits import (
+    ADMIN_LIMITS,
+    ConnectionGuard,
+    ConnectionLimits,
+    default_total,
+    limits_following,
+    open_file_limit,
+    raise_open_file_limit,
+)
+from gateway.connection_limits import LIMITS as CONNECTION_LIMITS
 from gateway.edge import edge_protocol
 from gateway.gc_tuning import settle_heap
 from gateway.logs import configure_logging
@@ -78,13 +88,14 @@ class SignalFreeServer(uvicorn.Server):
 
 
 def uvicorn_config(
-    app: object, config: Config, *, public: bool, running: Callable[[], Config] | None = None
+    app: object, config: Config, *, public: bool, running: Callable[[], Config] | None = None,
+    connections: ConnectionGuard | None = None,
 ) -> uvicorn.Config:
     """`running` (the config in force, read per request head) turns on the gateway's guards:
-    head limits, head and send deadlines (gateway/edge.py)."""
+    head limits, head and send deadlines, and `connections`' bounds (gateway/edge.py)."""
     http: str | type[asyncio.Protocol] = "httptools"
     if running is not None:
-        http = edge_protocol(lambda: running().client_timeout, running)
+        http = edge_protocol(lambda: running().client_timeout, running, connections)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         lifespan="off",
@@ -104,18 +115,30 @@ class Worker:
     def __init__(self, config: Config, options: ServeOptions) -> None:
         self.options = options
         self.state = GatewayState.create(config)
+        # max_client_connections when unset: what this process's open-file limit leaves
+        self.default_connections = default_total(open_file_limit(), config.upstream.max_connections)
 
         def running() -> Config:
             return self.state.routing.config
 
         self.access_log = AccessLog()
         self.public = SignalFreeServer(uvicorn_config(
-            GatewayApp(self.state, self.access_log), config, public=True, running=running))
+            GatewayApp(self.state, self.access_log), config, public=True, running=running,
+            connections=self._connection_guard("public", limits_following(running, self.default_connections))))
         self.admin = SignalFreeServer(uvicorn_config(
-            create_admin_app(self.state), config, public=False, running=running))
+            create_admin_app(self.state), config, public=False, running=running,
+            connections=self._connection_guard("admin", lambda: ADMIN_LIMITS)))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
         self.reloader = Reloader(self.state, options.config_path, options.overrides)
+
+    def _connection_guard(self, port: str, limits: Callable[[], ConnectionLimits]) -> ConnectionGuard:
+        metrics = self.state.metrics
+        refused = {limit: metrics.connections_refused.labels(port, limit) for limit in CONNECTION_LIMITS}
+        return ConnectionGuard(
+            limits, name=port, on_refused=lambda limit: refused[limit].inc(),
+            on_open=metrics.client_connections.inc if port == "public" else None,
+        )
 
     async def run(self, public_sock: socket.socket, admin_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -177,11 +200,13 @@ def serve(options: ServeOptions) -> int:
             f"--workers {options.workers} with store.url memory:// would give every worker its own limits; "
             "use a Redis store.url to share limits between workers, or --workers 1"
         )
+    open_files = raise_open_file_limit()  # before the workers start: they inherit it
     public_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
     configure_logging()
     log.info("listening on %s (admin %s), %d worker(s), pid %d",
              _address(public_sock), _address(admin_sock), options.workers, os.getpid())
+    _log_connection_limits(config, open_files)
     if options.workers == 1:
         _run_worker(options, public_sock, admin_sock)
         code = 0
@@ -189,6 +214,18 @@ def serve(options: ServeOptions) -> int:
         code = _supervise(options, public_sock, admin_sock)
     log.info("stopped (exit code %d)", code)
     return code
+
+
+def _log_connection_limits(config: Config, open_files: int) -> None:
+    allowed = default_total(open_files, config.upstream.max_connections)
+    total = config.max_client_connections or allowed
+    log.info("client connections per worker: at most %d in all%s, %d per client address (open-file limit %d)",
+             total, "" if config.max_client_connections else " (max_client_connections unset: what the "
+             "open-file limit leaves)", config.max_connections_per_client, open_files)
+    if total > allowed:
+        log.warning("max_client_connections %d is more than the open-file limit %d leaves for clients (%d): "
+                    "past that, connections fail at the accept instead of getting a 503, and the gateway's "
+                    "own upstream and store connections with them", total, open_files, allowed)
 
 
 def _address(sock: socket.socket) -> str:

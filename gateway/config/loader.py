@@ -82,6 +82,8 @@ _TOP_KEYS = (
     "max_request_headers",
     "max_request_header_count",
     "client_keep_alive",
+    "max_connections_per_client",
+    "max_client_connections",
     "bans",
     "headers",
     "usage_path",
@@ -344,6 +346,15 @@ def _config(r: NodeReader, root: Node) -> Config:
         client_keep_alive=field(
             top, "client_keep_alive", lambda n: r.duration(n, "client_keep_alive"), defaults.client_keep_alive
         ),
+        max_connections_per_client=field(
+            top, "max_connections_per_client",
+            lambda n: r.integer(n, "max_connections_per_client", 1, MAX_CONNECTIONS),
+            defaults.max_connections_per_client,
+        ),
+        max_client_connections=field(
+            top, "max_client_connections",
+            lambda n: r.integer(n, "max_client_connections", 1, MAX_CONNECTIONS), defaults.max_client_connections,
+        ),
         bans=field(top, "bans", lambda n: read_bans(r, n), None),
         headers=field(top, "headers", lambda n: read_headers(r, n), defaults.headers),
         cost_response_header=field(
@@ -356,6 +367,7 @@ def _config(r: NodeReader, root: Node) -> Config:
 
 
 MAX_USAGE_PATH = 1024
+MAX_CONNECTIONS = 10_000_000  # above any open-file limit a kernel allows one process
 
 
 def _usage_path(r: NodeReader, node: Node | None, routes: tuple[Route, ...]) -> str | None:

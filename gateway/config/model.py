@@ -200,6 +200,10 @@ class Config:
     # Idle keep-alive connections from clients are closed after this; above the Retry-After of
     # the short windows clients sleep through, so a client that sleeps it finds its connection.
     client_keep_alive: float = 75.0
+    # Open client connections per worker (gateway/connection_limits.py): from one client address
+    # (an IPv6 client by its bans.ipv6_prefix), and in all (None: what the open-file limit allows).
+    max_connections_per_client: int = 512
+    max_client_connections: int | None = None
     bans: Bans | None = None
     headers: frozenset[str] = frozenset(HEADER_FAMILIES)
     # The response header telling the client what its request was charged (every proxied response).

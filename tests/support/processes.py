@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -91,7 +92,12 @@ def gateway(
     env: Mapping[str, str] | None = None,
     ready_path: str = "/healthz",
     listen_host: str = "127.0.0.1",  # "[::]": dual-stack, IPv4 clients seen as ::ffff:a.b.c.d
+    open_files: int | None = None,  # the process's open-file limit, soft and hard
 ) -> Iterator[Proc]:
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     for attempt in range(3):  # a free port can be taken by someone else before we bind it
         port, admin_port = free_port(), free_port()
         log_path = config_path.with_suffix(f".{port}.log")
@@ -102,6 +108,7 @@ def gateway(
                  "--listen", f"{listen_host}:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
                  "--workers", str(workers)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+                preexec_fn=limit_open_files if open_files is not None else None,
             )
         try:
             process.wait(0.3)

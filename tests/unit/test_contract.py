@@ -4,6 +4,7 @@ kinds the code produces is in the contract. The tables are parsed from the docum
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.headers import limit_headers, policy_header
 from gateway.cli import _parser
 from gateway.config.model import HEADER_FAMILIES, QuotaLimit
+from gateway.connection_limits import REFUSALS as CONNECTION_REFUSALS
 from gateway.metrics import Metrics
 from gateway.store.base import AdmitResult, RateBucket, SlotBucket
 
@@ -62,6 +64,9 @@ def test_every_error_answer_of_the_code_is_in_the_contract_and_back() -> None:
     limits = re.findall(r"_refusal\(\s*(\d{3}),\s*\"[^\"]*\",\s*\"(\w+)\"", (GATEWAY / "head_limits.py").read_text())
     assert len(limits) == 3, limits
     sent.update((int(status), error) for status, error in limits)
+    # a connection over its bounds, answered at the accept (gateway/connection_limits.py)
+    for answer in CONNECTION_REFUSALS.values():
+        sent.add((int(answer.split()[1]), json.loads(answer.partition(b"\r\n\r\n")[2])["error"]))
     assert len(sent) >= 14, sent  # the patterns still find the calls
     assert sent == documented, {"in code only": sent - documented, "in the contract only": documented - sent}
 
