@@ -302,6 +302,7 @@ def test_alerts_cover_the_operational_signals() -> None:
         'gateway_upstream_responses_total{code="timeout"}',
         'gateway_requests_total{outcome="concurrency_limited"}',
         "gateway_in_flight_requests",
+        'gateway_connections_refused_total{port="public", limit="total"}',
         'gateway_config_reloads_total{result="error"}',
         f'up{{job="{JOB}"}} == 0',
     ]:
@@ -380,6 +381,10 @@ FIRING: dict[str, tuple[list[dict[str, str]], str, dict[str, str]]] = {
          series("gateway_in_flight_requests", "10x20", instance=INSTANCE, plan="free")],
         "10m", {"severity": "warning", "job": JOB, "instance": INSTANCE},
     ),
+    "GatewayConnectionLimit": (
+        [series("gateway_connections_refused_total", "0+30x20", instance=INSTANCE, port="public", limit="total")],
+        "15m", {"severity": "warning", "job": JOB, "instance": INSTANCE},
+    ),
 }
 
 # A busy, healthy gateway: traffic, some 429s and 5xx, fast admission, one successful reload.
@@ -402,6 +407,10 @@ HEALTHY = [
     series("gateway_admission_duration_seconds_bucket", "0+600x40", instance=INSTANCE, le="+Inf"),
     series("gateway_config_reloads_total", "0x10 1x30", instance=INSTANCE, result="success"),
     series("gateway_config_reloads_total", "0x40", instance=INSTANCE, result="error"),
+    # a client over its own connection bound now and then, the admin port's bound once
+    series("gateway_connections_refused_total", "0x10 0+2x30", instance=INSTANCE, port="public", limit="per_client"),
+    series("gateway_connections_refused_total", "0x40", instance=INSTANCE, port="public", limit="total"),
+    series("gateway_connections_refused_total", "0x10 1x30", instance=INSTANCE, port="admin", limit="total"),
 ]
 
 
