@@ -8,7 +8,16 @@ the first byte of the request (keep-alive reuse), to arrive complete. Past it th
 closed, with a 408 when part of a request had arrived. The ASGI app only runs once the head is
 complete, so a slow client never reaches admission: no store call, no slot.
 
-The body has its own deadline in the app (gateway/proxy/request_body.py). The class builds on
+The body has its own deadline in the app (gateway/proxy/request_body.py), while the app reads
+it. A body the app never reads (the request was answered first: a 401, a 429, an upstream that
+answered early) is read and thrown away by the server so that the connection can serve the next
+request, and that had no deadline at all: uvicorn's keep-alive timer, armed when the answer
+completes, is cancelled by the next bytes and never armed again, so a client trickling such a
+body (or going silent once it ended) held its connection for ever. Here it keeps the pace a read
+body must keep, each further `BODY_PACE` bytes within `client_timeout`, or the connection is
+closed; once it ends, the keep-alive timer runs as after any answer.
+
+The class builds on
 `HeadLimitsProtocol` (gateway/head_limits.py: bounded request heads) and so on
 `DisconnectNotifyingProtocol` (gateway/disconnects.py), which tells the forwarder of a
 disconnect without a task per request; gateway/edge.py assembles the protocol that `gateway
@@ -22,6 +31,7 @@ from asyncio import TimerHandle, Transport
 from collections.abc import Callable
 
 from gateway.head_limits import HeadLimitsProtocol
+from gateway.proxy.request_body import PREFETCH
 from gateway.responses import error_body
 
 log = logging.getLogger("gateway.client")
@@ -33,14 +43,19 @@ REQUEST_TIMEOUT_RESPONSE = (
 )
 
 
+BODY_PACE = PREFETCH  # bytes of an answered request's body that must arrive per client_timeout
+
+
 class HeaderDeadlineProtocol(HeadLimitsProtocol):
     """Set `client_timeout` on a subclass (see gateway/edge.py)."""
 
     # Read at every arming, so a config reload applies to the next request head.
     client_timeout: Callable[[], float] = staticmethod(lambda: 30.0)
 
-    _head_timer: TimerHandle | None = None
+    _head_timer: TimerHandle | None = None  # the head's deadline, or an answered body's (`_discarding`)
     _head_started = False
+    _discarding: object | None = None  # the cycle whose body arrives after its answer, thrown away
+    _discarded = 0  # bytes of that body since its deadline was last armed
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,10 +67,41 @@ class HeaderDeadlineProtocol(HeadLimitsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        # A head left incomplete by this read gets its deadline now (on a fresh connection it
-        # runs from the accept already). A head that arrived whole never needs a timer.
-        if self._head_started and self._head_timer is None and not self.transport.is_closing():
-            self._arm()
+        if self._discarding is not None:
+            self._discard(len(data))
+        if self._head_timer is None:
+            if self._head_started:
+                # A head left incomplete by this read gets its deadline now (on a fresh connection
+                # it runs from the accept already). A head that arrived whole never needs a timer.
+                if not self.transport.is_closing():
+                    self._arm()
+                return
+            cycle = self.cycle
+            if cycle is None or not cycle.response_complete or self.transport.is_closing():
+                return  # a request in progress: the app's deadlines hold
+            if not self._head_open:
+                # A body arriving after its request was answered: thrown away, at a body's pace.
+                self._discarding = cycle
+                self._discarded = 0
+                self._arm()
+            elif self.timeout_keep_alive_task is None and not self.pipeline:
+                # Idle after such a body ended (each read cancels uvicorn's keep-alive timer, and
+                # only an answer arms it): the keep-alive timer, as after any answer.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def _discard(self, size: int) -> None:
+        """The answered body took `size` more bytes: its deadline moves on every BODY_PACE bytes.
+        Once it has ended, its deadline goes (the connection is idle, or reading the next head)."""
+        if self.cycle is self._discarding and not self._head_open:
+            self._discarded += size
+            if self._discarded >= BODY_PACE:
+                self._discarded = 0
+                self._disarm()
+                self._arm()
+            return
+        self._discarding = None
+        self._disarm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -88,5 +134,8 @@ class HeaderDeadlineProtocol(HeadLimitsProtocol):
             log.debug("closing a connection from %s: request headers incomplete after the deadline",
                       self.client[0] if self.client else "?")
             self.transport.write(REQUEST_TIMEOUT_RESPONSE)
+        elif self._discarding is not None:
+            log.debug("closing a connection from %s: the body of a request already answered stalled",
+                      self.client[0] if self.client else "?")
         self.transport.close()
 

@@ -9,11 +9,13 @@ slot while it dawdles.
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -294,6 +296,94 @@ def test_body_stalling_after_the_first_64KiB_is_cut_and_frees_its_slot(clean: Se
     stats = upstream_settled(clean)
     assert stats["total"] == 1 and stats["completed"] == 0 and stats["incomplete_bodies"] == 1
     assert get(clean.large, KEY).status_code == 200  # the one slot is free again
+
+
+# --- bodies of requests answered before their body was read --------------------------------------
+# The server reads such a body and throws it away (so the connection can serve the next request);
+# it must keep a body's pace, and the connection gets its keep-alive timeout once it has ended.
+
+ANSWERED_EARLY = {
+    # (path, key): a 401 before anything of the body is read; an upstream answering before reading
+    "unauthorized": ("/upload", "not-a-key"),
+    "upstream_answered_early": ("/early_response?status=200", KEY),
+}
+
+
+def _answer(sock: socket.socket) -> int:
+    """Read one whole answer (head and Content-Length body); its status."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head_bytes, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head_bytes).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return status_of(head_bytes)
+
+
+def _answered_early(port: int, case: str, length: int) -> socket.socket:
+    path, key = ANSWERED_EARLY[case]
+    sock = socket.create_connection(("127.0.0.1", port))
+    text = f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\nContent-Length: {length}\r\n\r\n"
+    sock.sendall(text.encode() + b"x" * 70_000)
+    sock.settimeout(5)
+    assert _answer(sock) == (401 if case == "unauthorized" else 200)
+    return sock
+
+
+@pytest.mark.parametrize("case", list(ANSWERED_EARLY))
+def test_an_answered_body_trickled_on_is_cut_at_a_bodys_pace(case: str, clean: Setup) -> None:
+    """Before: a byte every 200 ms held the connection for ever (uvicorn's keep-alive timer is
+    cancelled by every read, and nothing else watched a body nobody reads)."""
+    with _answered_early(clean.large.port, case, 200_000) as sock:
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        closed = False
+        while not closed and time.monotonic() - started < CLIENT_TIMEOUT + 3:
+            try:
+                sock.send(b"x")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+        elapsed = time.monotonic() - started
+    assert closed, "the connection outlived its body's deadline"
+    assert CLIENT_TIMEOUT - 0.1 < elapsed < CLIENT_TIMEOUT + SLACK + 0.2
+
+
+@pytest.mark.parametrize("case", list(ANSWERED_EARLY))
+def test_an_answered_body_sent_at_a_bodys_pace_is_read_and_the_connection_goes_on(case: str, clean: Setup) -> None:
+    """64 KiB every 0.5 s, for longer than client_timeout in all: the pace holds, the body ends,
+    and the same connection serves the next request."""
+    length = 70_000 + 5 * 32_768  # under max_request_body (256 KiB)
+    with _answered_early(clean.large.port, case, length) as sock:
+        started = time.monotonic()
+        for _ in range(5):
+            time.sleep(0.25)
+            sock.sendall(b"x" * 32_768)
+        assert time.monotonic() - started > CLIENT_TIMEOUT
+        sock.sendall(head("GET", "/echo"))
+        assert _answer(sock) == 200
+
+
+def test_a_connection_idle_after_an_answered_body_ended_gets_its_keep_alive_timeout(
+    tmp_path: Path, clean: Setup
+) -> None:
+    """Before: once such a body had ended the connection had no timer at all (only an answer
+    arms uvicorn's keep-alive timer, and that had come before the body's last bytes)."""
+    config = fault_config(clean.upstream, clean.redis.url, client_keep_alive="1s", client_timeout="5s")
+    with gateway_for(tmp_path, config) as proc, socket.create_connection(("127.0.0.1", proc.port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: not-a-key\r\nContent-Length: 100000\r\n\r\n"
+                     + b"x" * 70_000)
+        sock.settimeout(5)
+        assert _answer(sock) == 401
+        time.sleep(0.1)
+        sock.sendall(b"x" * 30_000)  # the rest: the body has ended, the connection is idle
+        started = time.monotonic()
+        sock.settimeout(5)
+        assert _drain(sock) == b""
+        assert 0.9 < time.monotonic() - started < 1 + SLACK
 
 
 # --- smuggling and malformed requests -----------------------------------------------------------
