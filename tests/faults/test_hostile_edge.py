@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.admission.identity import hash_key
+from gateway.head_limits import MAX_PIPELINED
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, upstream_stats
 from tests.support.invariants import assert_no_leaks
 from tests.support.processes import Proc, mock_upstream
@@ -182,6 +183,41 @@ def test_a_refused_head_pipelined_behind_valid_requests_is_answered_after_them(
 
 def _responses(received: bytes) -> list[bytes]:
     return [b"HTTP/1.1 " + part for part in received.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_requests_pipelined_past_the_queue_bound_get_503_after_the_queued_answers(clean: Setup) -> None:
+    # uvicorn queued every pipelined request, reading on after each answer: no bound at all
+    received, closed = exchange(clean.gateway.port, request("/hold?ms=300") + request("/") * (MAX_PIPELINED + 8))
+    assert closed
+    statuses = [status_of(answer) for answer in _responses(received)]
+    assert statuses == [200] * (1 + MAX_PIPELINED) + [503], statuses
+    last = _responses(received)[-1]
+    assert b"retry-after" not in last.lower() and b"connection: close" in last
+    assert json.loads(last.split(b"\r\n\r\n", 1)[1])["error"] == "too_many_pipelined"
+    assert upstream_stats(clean.upstream, "edge")["total"] == 1 + MAX_PIPELINED
+
+
+def test_a_pipelining_flood_on_one_connection_costs_no_memory(clean: Setup) -> None:
+    """Before: 5 MB of `GET / HTTP/1.1` sent behind one slow request grew the gateway by 130 MB
+    (13 MB: 1.1 GB), every queued request held until the connection closed and the memory kept."""
+    pid = clean.gateway.process.pid
+    idle_kib = _rss_kib(pid)
+    flood = b"GET / HTTP/1.1\r\n\r\n" * (5_000_000 // 18)
+    with socket.create_connection(("127.0.0.1", clean.gateway.port)) as sock:
+        sock.sendall(request("/hold?ms=500"))
+        sock.settimeout(5)
+        try:
+            sock.sendall(flood)
+        except OSError:  # refused and closed: the rest is not read
+            pass
+        peak_kib = _rss_kib(pid)
+        try:
+            while sock.recv(65536):
+                peak_kib = max(peak_kib, _rss_kib(pid))
+        except OSError:
+            pass
+    assert peak_kib < idle_kib + 20 * 1024, (idle_kib, peak_kib)
+    assert upstream_stats(clean.upstream, "edge")["total"] <= 1 + MAX_PIPELINED
 
 
 @pytest.mark.parametrize("upgrade", [
