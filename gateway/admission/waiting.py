@@ -12,7 +12,9 @@ served per key across replicas, and then:
 
 A client that disconnects leaves the queue at once. While waiting, `receive()` is watched
 for the disconnect; request body messages read meanwhile are kept (up to `BODY_LIMIT`
-bytes; past that the watch pauses) and replayed to the forwarder, in order.
+bytes; past that the watch pauses, and a disconnect is seen when the wait ends) and replayed
+to the forwarder, in order. The bound is the server's own read buffer: with 1 MiB, 200 clients
+waiting with 2 MB uploads held 360 MB.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gateway.admission.controller import Admission, Ticket, recheck_interval
 from gateway.asgi import Message, Receive
 from gateway.store.base import ONE, Charge, WaitingStore
 
-BODY_LIMIT = 1 << 20
+BODY_LIMIT = 64 * 1024  # as uvicorn's buffer, past which it stops reading the socket
 
 
 class WatchedReceive:

@@ -11,6 +11,7 @@ lines, not one each; and every bound comes back once the flood closes (no count 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -24,8 +25,8 @@ import pytest
 import redis
 
 from gateway.connection_limits import ADMIN_CONNECTIONS
-from tests.faults.conftest import BIG_KEY, fault_config, gateway_for, upstream_stats
-from tests.support.processes import Proc
+from tests.faults.conftest import BIG_KEY, SMALL_KEY, fault_config, gateway_for, upstream_stats
+from tests.support.processes import Proc, wait_until_in_flight
 from tests.support.redis_server import private_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
@@ -224,6 +225,40 @@ def test_the_admin_port_has_its_own_bound_and_a_flood_of_it_leaves_the_public_po
         time.sleep(0.3)
         assert metric(proc, 'gateway_connections_refused_total{limit="total",port="admin"}') == 1
         assert refused(proc, "total") == refused(proc, "per_client") == 0
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_clients_waiting_for_a_slot_with_large_uploads_hold_little_memory_and_are_served_whole(
+    tmp_path: Path, upstream: str, redis_url: str
+) -> None:
+    """60 clients of a one-slot plan with `wait` upload 2 MB each while the slot is held. The
+    waiters keep at most the server's read buffer of each body (before: 1 MiB each, 1.8 MB with
+    uvicorn's buffer: 200 such waiters held 360 MB); once the slot frees each is served in turn
+    with its whole body."""
+    config = fault_config(upstream, redis_url, max_request_body="5MB")
+    config["plans"]["small"] = {"limits": {"requests": {"concurrency": 1, "wait": "30s"}}}
+    httpx.post(upstream + "/_reset")
+    bodies = [bytes([n]) * (2 << 20) for n in range(60)]
+    with gateway_for(tmp_path, config) as proc, ThreadPoolExecutor(61) as pool, \
+            httpx.Client(base_url=proc.url, headers={"X-API-Key": SMALL_KEY}, timeout=60) as client:
+        holder = pool.submit(client.get, "/hold?ms=30000")
+        wait_until_in_flight(upstream, "small", 1)
+        idle = _rss_mib(proc.process.pid)
+        uploads = [pool.submit(client.post, "/upload", content=body) for body in bodies]
+        time.sleep(2.5)  # every upload has sent what the gateway reads of it while it waits
+        waiting = _rss_mib(proc.process.pid) - idle
+        assert upstream_stats(upstream, "small")["total"] == 1  # all 60 still waiting
+        httpx.post(upstream + "/_release")
+        assert holder.result().status_code == 200
+        answers = [upload.result() for upload in uploads]
+    assert [answer.status_code for answer in answers] == [200] * 60
+    assert [answer.json()["sha256"] for answer in answers] == [hashlib.sha256(body).hexdigest() for body in bodies]
+    print(f"60 waiters with 2 MB uploads: +{waiting:.0f} MiB")
+    assert waiting < 70, f"60 waiters held {waiting:.0f} MiB"
 
 
 def redis_client(url: str) -> redis.Redis:
