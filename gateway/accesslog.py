@@ -17,12 +17,11 @@ shutdown).
 from __future__ import annotations
 
 import asyncio
-import io
-import sys
 import time
 from json.encoder import encode_basestring_ascii
 from typing import IO
 
+from gateway import log_writer
 from gateway.asgi import Scope
 
 _json = encode_basestring_ascii  # a str as a JSON string, exactly as json.dumps writes it
@@ -57,9 +56,10 @@ def format_line(
 class AccessLog:
     def __init__(self, stream: IO[str] | None = None) -> None:
         if stream is None:
-            stream = sys.stdout
-            if isinstance(stream, io.TextIOWrapper):
-                stream.reconfigure(line_buffering=True)  # each flush below reaches `docker logs` at once
+            # stdout, written by a thread of its own: a reader that stops reading must never
+            # block the event loop (gateway/log_writer.py); the thread flushes after each write,
+            # so the lines reach `docker logs` at once
+            stream = log_writer.stdout()
         self._stream = stream
         self._pending: list[str] = []
 

@@ -1,4 +1,4 @@
-"""Logging set-up: plain lines to stderr, and no traceback for aborts we cause on purpose.
+"""Logging set-up: plain lines to stderr (off the event loop), and no traceback for aborts we cause on purpose.
 
 Nothing secret is ever passed to a logger: keys are identified by their public id only.
 """
@@ -6,8 +6,8 @@ Nothing secret is ever passed to a logger: keys are identified by their public i
 from __future__ import annotations
 
 import logging
-import sys
 
+from gateway import log_writer
 from gateway.proxy.forwarder import ClientAbortedLogFilter
 
 # uvicorn's lifecycle lines, logged once per server: a worker runs two (public and admin), so
@@ -24,7 +24,8 @@ def _not_uvicorn_lifecycle(record: logging.LogRecord) -> bool:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # stderr written by a thread of its own: a stalled reader costs lines, never the event loop
+    handler = logging.StreamHandler(log_writer.stderr())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # uvicorn logs any exception escaping the app as a crash; the forwarder's deliberate abort
     # of a response whose upstream broke mid-body is an expected, counted event.

@@ -299,6 +299,14 @@ class Metrics:
             "(max_connections_per_client) or total (max_client_connections; the admin port's own).",
             ["port", "limit"], registry=r,
         )
+        self.log_lines_dropped = Counter(
+            "gateway_log_lines_dropped_total",
+            "Log lines dropped because their stream's reader took no writes while MAX_BACKLOG (8 Mi "
+            "characters) waited: stream=stdout (the access log) or stderr (the gateway's log).",
+            ["stream"], registry=r,
+        )
+        for stream in ("stdout", "stderr"):
+            self.log_lines_dropped.labels(stream)
         for port in ("public", "admin"):
             for limit in CONNECTION_LIMITS:
                 self.connections_refused.labels(port, limit)

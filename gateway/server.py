@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from gateway import log_writer
 from gateway.accesslog import AccessLog
 from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
@@ -122,6 +123,8 @@ class Worker:
             return self.state.routing.config
 
         self.access_log = AccessLog()
+        dropped = self.state.metrics.log_lines_dropped
+        log_writer.count_drops(lambda stream, lines: dropped.labels(stream).inc(lines))
         self.public = SignalFreeServer(uvicorn_config(
             GatewayApp(self.state, self.access_log), config, public=True, running=running,
             connections=self._connection_guard("public", limits_following(running, self.default_connections))))
@@ -157,6 +160,7 @@ class Worker:
             self.access_log.flush()  # the last requests' lines, before anything else can fail
             self.state.metrics.flush()  # and their metric updates (multiprocess files outlive the worker)
             await self.state.aclose()
+            log_writer.drain()  # what the writer threads hold, boundedly (a stalled reader cannot hold the exit)
 
     def stop(self) -> None:
         if not self._stopping:  # repeated signals (Ctrl+C reaches every worker too) change nothing
@@ -213,6 +217,7 @@ def serve(options: ServeOptions) -> int:
     else:
         code = _supervise(options, public_sock, admin_sock)
     log.info("stopped (exit code %d)", code)
+    log_writer.drain()
     return code
 
 
