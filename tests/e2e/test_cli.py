@@ -82,3 +82,15 @@ def test_serve_says_where_it_listens_once_and_stops_in_one_line(tmp_path: Path) 
     assert f"listening on {gw.url} (admin {gw.admin_url})" in listening[0]
     assert sum("stopped (exit code 0)" in line for line in lines) == 1
     assert not [line for line in lines if "uvicorn" in line], lines
+
+
+def test_check_config_whose_reader_has_gone_ends_without_a_traceback() -> None:
+    # `gateway check-config -c F | head -1`: the reader may be gone before the summary is written
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "check-config", "-c", "config/gateway.yaml"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command has loaded anything: its first write meets EPIPE
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(30) == 1
+    assert b"Traceback" not in stderr and stderr == b"", stderr
