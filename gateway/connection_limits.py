@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.admission.bans import group_of
-from gateway.config.model import Config, Network
+from gateway.config.model import Config, Network, largest_concurrency
 from gateway.responses import error_body
 
 log = logging.getLogger("gateway.client")
@@ -72,6 +72,16 @@ REFUSALS = {
 }
 
 
+DEFAULT_PER_CLIENT = 512
+
+
+def default_per_client(config: Config) -> int:
+    """`max_connections_per_client` when unset: room for the largest concurrency limit twice
+    over (the slots in flight, and as many kept-alive connections), 512 at least. A client
+    using every slot its headers offer is never refused a connection."""
+    return max(DEFAULT_PER_CLIENT, 2 * largest_concurrency(config)[0])
+
+
 def default_total(open_file_limit: int, upstream_pool: int) -> int:
     """`max_client_connections` when unset. Each client connection may need an upstream
     connection while it is served, up to the pool's size: the client connections and the pool
@@ -92,7 +102,7 @@ class ConnectionLimits:
         """The public port's limits; `default` stands for an unset `max_client_connections`."""
         return cls(
             total=config.max_client_connections or default,
-            per_client=config.max_connections_per_client,
+            per_client=config.max_connections_per_client or default_per_client(config),
             uncounted=config.identity.trusted_proxies,
             ipv6_prefix=config.bans.ipv6_prefix if config.bans is not None else 64,
         )

@@ -39,6 +39,7 @@ from gateway.connection_limits import (
     ADMIN_LIMITS,
     ConnectionGuard,
     ConnectionLimits,
+    default_per_client,
     default_total,
     limits_following,
     open_file_limit,
@@ -226,7 +227,7 @@ def _log_connection_limits(config: Config, open_files: int) -> None:
     total = config.max_client_connections or allowed
     log.info("client connections per worker: at most %d in all%s, %d per client address (open-file limit %d)",
              total, "" if config.max_client_connections else " (max_client_connections unset: what the "
-             "open-file limit leaves)", config.max_connections_per_client, open_files)
+             "open-file limit leaves)", config.max_connections_per_client or default_per_client(config), open_files)
     if total > allowed:
         log.warning("max_client_connections %d is more than the open-file limit %d leaves for clients (%d): "
                     "past that, connections fail at the accept instead of getting a 503, and the gateway's "

@@ -41,7 +41,7 @@ import yaml
 from gateway.config.admin_access import admin_exposure_problem
 from gateway.config.expansion import ExpansionError, check_expansion
 from gateway.config.keys import read_keys
-from gateway.config.model import Config, Route, Upstream
+from gateway.config.model import Config, Route, Upstream, largest_concurrency
 from gateway.config.nodes import (
     MAP,
     NULL,
@@ -301,7 +301,7 @@ def _config(r: NodeReader, root: Node) -> Config:
         if exposed is not None:
             r.problem(get(top, "admin_listen") or root, "admin_listen", exposed)
 
-    return Config(
+    config = Config(
         upstream=upstream,
         keys=keys,
         plans=index.plans,
@@ -364,6 +364,21 @@ def _config(r: NodeReader, root: Node) -> Config:
         usage_path=_usage_path(r, get(top, "usage_path"), routes),
         source=r.source,
     )
+    _check_connections_per_client(r, get(top, "max_connections_per_client"), config)
+    return config
+
+
+def _check_connections_per_client(r: NodeReader, node: Node | None, config: Config) -> None:
+    """A per-client connection bound below a key's concurrency limit would refuse a client the
+    connections for slots its headers offer it."""
+    bound = config.max_connections_per_client
+    if node is None or bound is None:
+        return
+    largest, where = largest_concurrency(config)
+    if bound < largest:
+        r.problem(node, "max_connections_per_client",
+                  f"{bound} is below {where} ({largest}): a client using the slots its headers offer "
+                  "would be refused connections; leave it unset, or make it at least that")
 
 
 MAX_USAGE_PATH = 1024

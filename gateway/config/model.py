@@ -201,8 +201,9 @@ class Config:
     # the short windows clients sleep through, so a client that sleeps it finds its connection.
     client_keep_alive: float = 75.0
     # Open client connections per worker (gateway/connection_limits.py): from one client address
-    # (an IPv6 client by its bans.ipv6_prefix), and in all (None: what the open-file limit allows).
-    max_connections_per_client: int = 512
+    # (an IPv6 client by its bans.ipv6_prefix; None: 512, or twice the largest concurrency limit
+    # a key can hold if more), and in all (None: what the open-file limit allows).
+    max_connections_per_client: int | None = None
     max_client_connections: int | None = None
     bans: Bans | None = None
     headers: frozenset[str] = frozenset(HEADER_FAMILIES)
@@ -211,3 +212,20 @@ class Config:
     # A GET path the gateway answers itself with the caller's plan, limits and usage (None: off).
     usage_path: str | None = None
     source: str = "<memory>"  # the file it was loaded from, for messages
+
+
+def largest_concurrency(config: Config) -> tuple[int, str]:
+    """The most slots one key can hold at once under any enforced concurrency limit (a key's
+    override, or a workspace's whole budget), with where it is set; (0, "") when none."""
+    largest, where = 0, ""
+    for name, plan in config.plans.items():
+        for limit in plan.limits.values():
+            if isinstance(limit, ConcurrencyLimit) and not limit.shadow and limit.limit > largest:
+                largest, where = limit.limit, f"plans.{name}.limits.{limit.name}"
+    for key in config.keys:
+        limits = config.plans[key.plan].limits if key.plan in config.plans else {}
+        for name, number in key.overrides.items():
+            limit = limits.get(name)
+            if isinstance(limit, ConcurrencyLimit) and not limit.shadow and number > largest:
+                largest, where = number, f"keys[{key.id}].limits.{name}"
+    return largest, where

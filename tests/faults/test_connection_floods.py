@@ -114,6 +114,8 @@ def test_a_client_over_its_connection_bound_gets_503_and_every_other_client_is_s
     tmp_path: Path, upstream: str, redis_url: str, sockets: Sockets
 ) -> None:
     config = fault_config(upstream, redis_url, max_connections_per_client=20)
+    config["plans"]["big"]["limits"]["requests"]["concurrency"] = 10  # at most the bound (checked at load)
+    config["plans"]["small"]["limits"]["requests"]["concurrency"] = 2
     with gateway_for(tmp_path, config) as proc, ThreadPoolExecutor(8) as pool:
         idle = [sockets.connect(proc) for _ in range(20)]  # 127.0.0.1 holds its 20
         time.sleep(0.3)

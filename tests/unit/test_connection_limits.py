@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.config.loader import load_config_text
 from gateway.config.model import Bans, Config, Identity
 from gateway.connection_limits import (
     LOG_EVERY,
@@ -29,6 +30,7 @@ from gateway.connection_limits import (
     ConnectionLimits,
     OverLimit,
     client_group,
+    default_per_client,
     default_total,
     limits_following,
 )
@@ -190,3 +192,31 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() -> None:
                              preexec_fn=lower).stdout.split()
     expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
     assert printed == [str(soft), str(expected), str(expected)]
+
+
+def _config(plans: str, keys: str = "") -> Config:
+    return load_config_text(f"""
+upstream: {{url: "http://127.0.0.1:9000"}}
+keys:
+  - {{id: a, key: a-key-for-tests, plan: p}}
+{keys}
+plans:
+  p: {{limits: {plans}}}
+routes:
+  - {{path: /**, limits: []}}
+""")
+
+
+@pytest.mark.parametrize(("plans", "keys", "per_client"), [
+    ("{rpm: {rate: 10/1m}}", "", 512),  # no concurrency limit: the floor
+    ("{requests: {concurrency: 200}}", "", 512),
+    ("{requests: {concurrency: 400}}", "", 800),  # the slots in flight and as many kept alive
+    ("{requests: {concurrency: 10}}", "  - {id: b, key: b-key-for-tests, plan: p, limits: {requests: 900}}", 1800),
+    ("{requests: {concurrency: 10}, preview: {concurrency: 5000, shadow: true}}", "", 512),  # never refuses
+])
+def test_the_default_per_client_bound_leaves_room_for_every_slot_a_key_can_hold(
+    plans: str, keys: str, per_client: int
+) -> None:
+    config = _config(plans, keys)
+    assert default_per_client(config) == per_client
+    assert ConnectionLimits.from_config(config, 10_000).per_client == per_client
