@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import IO
 
 MAX_BACKLOG = 8 * 1024 * 1024  # characters queued and not yet written, per stream
-_DRAIN_POLL = 0.01
 
 
 class BackgroundStream:
@@ -35,7 +34,7 @@ class BackgroundStream:
         self.on_dropped = on_dropped  # (stream name, lines): called where the drop happens
         self._stream = stream
         self._max_backlog = max_backlog
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()  # text, or a drain's marker
         # Each counter has one writer: `_queued` and `dropped` the callers (the event loop, or a
         # logging call under the GIL), `_written` and `_noted` the thread.
         self._queued = 0
@@ -61,31 +60,44 @@ class BackgroundStream:
         """Nothing to do here: the thread flushes after each write (see `drain`)."""
 
     def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for everything queued to be written; True if it was."""
-        deadline = time.monotonic() + timeout
-        while self._written < self._queued:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(_DRAIN_POLL)
-        return True
+        """Wait up to `timeout` seconds for everything queued so far to be written; True if it
+        was. The wait is on a marker the thread sets once it has written what came before it,
+        never on a clock of ours (under libfaketime `time.sleep` itself can fail)."""
+        marker = threading.Event()
+        self._queue.put(marker)
+        try:
+            return marker.wait(timeout)
+        except OSError:  # a clock that misbehaves must not fail the exit
+            return False
 
     def _run(self) -> None:
         get, empty = self._queue.get, self._queue.empty
         while True:
-            chunk = get()
-            if not empty():  # what queued up meanwhile goes in the same write (no exception to end it)
-                parts = [chunk]
-                while not empty() and len(parts) < 1024:
-                    parts.append(get())
-                chunk = "".join(parts)
-            try:
-                self._stream.write(chunk)
-                self._stream.flush()
-            except (OSError, ValueError):  # a closed or broken stream: the text is gone, the gateway goes on
-                pass
-            self._written += len(chunk)
-            if self.dropped != self._noted:
-                self._note(self.dropped)
+            parts: list[str] = []
+            markers: list[threading.Event] = []
+            item = get()
+            while True:  # what queued up meanwhile goes in the same write
+                if isinstance(item, str):
+                    parts.append(item)
+                else:
+                    markers.append(item)
+                if empty() or len(parts) >= 1024:
+                    break
+                item = get()
+            if parts:
+                self._write("".join(parts))
+            for marker in markers:
+                marker.set()
+
+    def _write(self, chunk: str) -> None:
+        try:
+            self._stream.write(chunk)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: the text is gone, the gateway goes on
+            pass
+        self._written += len(chunk)
+        if self.dropped != self._noted:
+            self._note(self.dropped)
 
     def _note(self, dropped: int) -> None:
         lines, self._noted = dropped - self._noted, dropped
