@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.admission.bans import group_of
-from gateway.config.model import Config, Network, largest_concurrency
+from gateway.config.model import Config, Network, default_per_client
 from gateway.responses import error_body
 
 log = logging.getLogger("gateway.client")
@@ -70,16 +70,6 @@ REFUSALS = {
                          "reuse them, or close some."),
     TOTAL: _refusal("connection_limit", "The gateway holds as many client connections as it can; retry."),
 }
-
-
-DEFAULT_PER_CLIENT = 512
-
-
-def default_per_client(config: Config) -> int:
-    """`max_connections_per_client` when unset: room for the largest concurrency limit twice
-    over (the slots in flight, and as many kept-alive connections), 512 at least. A client
-    using every slot its headers offer is never refused a connection."""
-    return max(DEFAULT_PER_CLIENT, 2 * largest_concurrency(config)[0])
 
 
 def default_total(open_file_limit: int, upstream_pool: int) -> int:

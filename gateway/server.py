@@ -33,13 +33,12 @@ from gateway.accesslog import AccessLog
 from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
-from gateway.config.model import Config
+from gateway.config.model import Config, default_per_client
 from gateway.config.units import parse_host_port
 from gateway.connection_limits import (
     ADMIN_LIMITS,
     ConnectionGuard,
     ConnectionLimits,
-    default_per_client,
     default_total,
     limits_following,
     open_file_limit,

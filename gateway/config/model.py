@@ -229,3 +229,14 @@ def largest_concurrency(config: Config) -> tuple[int, str]:
             if isinstance(limit, ConcurrencyLimit) and not limit.shadow and number > largest:
                 largest, where = number, f"keys[{key.id}].limits.{name}"
     return largest, where
+
+
+DEFAULT_PER_CLIENT = 512
+
+
+def default_per_client(config: Config) -> int:
+    """`max_connections_per_client` when unset (gateway/connection_limits.py): room for the
+    largest concurrency limit twice over (the slots in flight, and as many kept-alive
+    connections), 512 at least. A client using every slot its headers offer is never refused a
+    connection."""
+    return max(DEFAULT_PER_CLIENT, 2 * largest_concurrency(config)[0])

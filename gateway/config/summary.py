@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gateway.config.model import HEADER_FAMILIES, ConcurrencyLimit, Config, CostRule, Limit, Plan, QuotaLimit, Route
+from gateway.config.model import (
+    DEFAULT_PER_CLIENT,
+    HEADER_FAMILIES,
+    ConcurrencyLimit,
+    Config,
+    CostRule,
+    Limit,
+    Plan,
+    QuotaLimit,
+    Route,
+    default_per_client,
+)
 from gateway.config.settings import redact
 from gateway.config.units import format_duration, format_rate, format_size
 
@@ -29,11 +40,25 @@ def summarize(config: Config) -> str:
         *(f"  {_route(route)}" for route in config.routes),
         _keys(config),
         f"max request body {format_size(config.max_request_body)}",
+        _connections(config),
         _bans(config),
         "headers: " + (", ".join(f for f in HEADER_FAMILIES if f in config.headers) or "none"),
         _charging(config),
     ]
     return "\n".join(lines)
+
+
+def _connections(config: Config) -> str:
+    """The connection bounds per worker (gateway/connection_limits.py), defaults explained."""
+    if config.max_connections_per_client is not None:
+        per_client = str(config.max_connections_per_client)
+    elif default_per_client(config) > DEFAULT_PER_CLIENT:
+        per_client = f"{default_per_client(config)} (twice the largest concurrency limit)"
+    else:
+        per_client = str(DEFAULT_PER_CLIENT)
+    total = (str(config.max_client_connections) if config.max_client_connections is not None
+             else "what the open-file limit leaves (logged at start)")
+    return f"client connections per worker: {per_client} per client address, {total} in all"
 
 
 def _limit(limit: Limit) -> str:

@@ -733,3 +733,23 @@ def test_fuzz_overrides_only_raise_config_error(overrides: dict[str, str]) -> No
         load_config_text(MINIMAL, "t.yaml", overrides=overrides, env={})
     except ConfigError as error:
         assert all(_LOCATED.match(problem) for problem in error.problems), error.problems
+
+
+def test_summary_says_the_connection_bounds_and_where_a_default_comes_from() -> None:
+    def line(text: str) -> str:
+        summary = summarize(load_config_text(text, "t.yaml")).splitlines()
+        return next(found for found in summary if found.startswith("client connections per worker: "))
+
+    assert line(MINIMAL) == ("client connections per worker: 512 per client address, what the open-file "
+                             "limit leaves (logged at start) in all")
+    big = MINIMAL.replace("plans:", "plans:\n  big: {limits: {slots: {concurrency: 700}}}")
+    assert "1400 (twice the largest concurrency limit) per client address" in line(big)
+    assert line(MINIMAL + "max_connections_per_client: 40\nmax_client_connections: 9000\n") == (
+        "client connections per worker: 40 per client address, 9000 in all")
+
+
+def test_the_summary_shown_in_the_configuration_reference_is_the_commands_own() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    shown = text.split("$ gateway check-config -c config/gateway.yaml\n", 1)[1].split("```", 1)[0]
+    summary = summarize(load_config(EXAMPLES / "gateway.yaml", env={}))
+    assert shown == summary.replace(str(EXAMPLES / "gateway.yaml"), "config/gateway.yaml") + "\n"

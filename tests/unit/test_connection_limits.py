@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config.loader import load_config_text
-from gateway.config.model import Bans, Config, Identity
+from gateway.config.model import Bans, Config, Identity, default_per_client
 from gateway.connection_limits import (
     LOG_EVERY,
     MAX_LINGERING,
@@ -30,7 +30,6 @@ from gateway.connection_limits import (
     ConnectionLimits,
     OverLimit,
     client_group,
-    default_per_client,
     default_total,
     limits_following,
 )
