@@ -9,6 +9,9 @@ gateway's own connections (a new upstream connection, a Redis reconnect) could n
 - `max_connections_per_client`: the connections one client address may hold. An IPv6 client
   counts by its `bans.ipv6_prefix` (/64 by default), as bans count it: one host holds the whole
   prefix. Peers in `identity.trusted_proxies` are counted only in all: they carry many clients.
+  By default 512, or twice the largest concurrency limit a key can hold (`default_per_client`
+  in the config model, which also refuses a lower configured value): a client using every slot
+  its headers offer is never refused a connection.
 - `max_client_connections`: every client together. By default the open-file limit less what
   the gateway keeps for its own descriptors (`default_total`), so that the limit is reached
   here, with an answer, and never at the accept, where the kernel's and the gateway's own
