@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from gateway.admission.bans import group_of
 from gateway.config.model import Config, Network, default_per_client
-from gateway.responses import error_body
+from gateway.responses import closing_error
 
 log = logging.getLogger("gateway.client")
 
@@ -59,19 +59,12 @@ LOG_EVERY = 10.0
 MAX_OPEN_FILES = 1 << 20  # Linux's default fs.nr_open: what an unlimited hard limit means here
 
 
-def _refusal(error: str, message: str) -> bytes:
-    body = error_body(error, message, retry_after=1)
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"retry-after: 1\r\nconnection: close\r\n\r\n" % len(body)
-    ) + body
-
-
 REFUSALS = {
-    PER_CLIENT: _refusal("too_many_connections",
-                         "This client address holds too many open connections to the gateway; "
-                         "reuse them, or close some."),
-    TOTAL: _refusal("connection_limit", "The gateway holds as many client connections as it can; retry."),
+    PER_CLIENT: closing_error(503, "Service Unavailable", "too_many_connections",
+                              "This client address holds too many open connections to the gateway; "
+                              "reuse them, or close some.", retry_after=1),
+    TOTAL: closing_error(503, "Service Unavailable", "connection_limit",
+                         "The gateway holds as many client connections as it can; retry.", retry_after=1),
 }
 
 

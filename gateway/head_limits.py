@@ -40,7 +40,7 @@ import httptools
 
 from gateway.declined_upgrades import body_framing, body_parser
 from gateway.disconnects import DisconnectNotifyingProtocol
-from gateway.responses import error_body
+from gateway.responses import closing_error
 
 log = logging.getLogger("gateway.client")
 
@@ -66,26 +66,18 @@ class HeadLimits:
     max_request_header_count: int = 100
 
 
-def _refusal(status: int, reason: str, error: str, message: str) -> bytes:
-    body = error_body(error, message)
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        % (status, reason.encode(), len(body))
-    ) + body
-
-
-HEADERS_TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "headers_too_large",
+HEADERS_TOO_LARGE = closing_error(431, "Request Header Fields Too Large", "headers_too_large",
                              "The request headers are too large or too many.")
-URI_TOO_LONG = _refusal(414, "URI Too Long", "uri_too_long", "The request target is too long.")
+URI_TOO_LONG = closing_error(414, "URI Too Long", "uri_too_long", "The request target is too long.")
 # What the parser cannot read (a bad request line, header or chunk, conflicting framing): the
 # same JSON body as every other gateway error, where uvicorn would answer in plain text, log a
 # warning per request (a hostile client's flood would flood the log) and write at once, even in
 # the middle of a response to an earlier pipelined request.
-NOT_HTTP = _refusal(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
+NOT_HTTP = closing_error(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
 # Requests queued on one connection behind the one being served. Clients that pipeline send a
 # few at a time; a deeper queue only holds memory, since they are answered one after another.
 MAX_PIPELINED = 32
-PIPELINE_FULL = _refusal(503, "Service Unavailable", "too_many_pipelined",
+PIPELINE_FULL = closing_error(503, "Service Unavailable", "too_many_pipelined",
                          f"More than {MAX_PIPELINED} requests were sent ahead of their answers on one "
                          "connection; the rest were not read. Wait for answers, or use more connections.")
 

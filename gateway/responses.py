@@ -24,6 +24,17 @@ def error_body(error: str, message: str, retry_after: int | None = None) -> byte
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def closing_error(status: int, reason: str, error: str, message: str, retry_after: int | None = None) -> bytes:
+    """A whole error answer as raw HTTP/1.1 bytes that close the connection, for the server
+    protocol's own refusals, written before (or without) any ASGI request."""
+    body = error_body(error, message, retry_after)
+    wait = b"" if retry_after is None else b"retry-after: %d\r\n" % retry_after
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+        % (status, reason.encode(), len(body), wait)
+    ) + body
+
+
 def error_headers(body: bytes, retry_after: int | None, extra: Sequence[tuple[bytes, bytes]] = ()) -> Headers:
     headers: Headers = [_JSON, (b"content-length", str(len(body)).encode())]
     if retry_after is not None:

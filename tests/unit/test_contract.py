@@ -61,7 +61,7 @@ def test_every_error_answer_of_the_code_is_in_the_contract_and_back() -> None:
     assert status and error
     sent.add((int(status.group(1)), error.group(1)))
     # the head limits' raw answers, made while parsing (gateway/head_limits.py)
-    limits = re.findall(r"_refusal\(\s*(\d{3}),\s*\"[^\"]*\",\s*\"(\w+)\"", (GATEWAY / "head_limits.py").read_text())
+    limits = re.findall(r"closing_error\(\s*(\d{3}),\s*\"[^\"]*\",\s*\"(\w+)\"", (GATEWAY / "head_limits.py").read_text())
     assert len(limits) == 4, limits
     sent.update((int(status), error) for status, error in limits)
     # a connection over its bounds, answered at the accept (gateway/connection_limits.py)
