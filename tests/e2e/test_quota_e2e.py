@@ -54,7 +54,10 @@ def _config(upstream: str, redis_url: str) -> dict[str, Any]:
 
 
 def _get(url: str, key_id: str, cost: int = 1, **kwargs: Any) -> httpx.Response:
-    return httpx.get(url + path_for(cost), headers={"X-API-Key": secret(key_id)}, timeout=10, **kwargs)
+    sent = time.time()
+    answer = httpx.get(url + path_for(cost), headers={"X-API-Key": secret(key_id)}, timeout=10, **kwargs)
+    answer.extensions["sent_wall"] = sent  # the clock before the gateway could decide anything
+    return answer
 
 
 def _daily_used(admin_url: str, key_id: str = "trial") -> int:
@@ -65,7 +68,10 @@ def _assert_quota_refusal(answer: httpx.Response) -> None:
     assert answer.status_code == 402, answer.text
     body = answer.json()
     assert body["error"] == "quota_exceeded" and body["success"] is False, body
-    to_midnight = seconds_to_utc_midnight()
+    # Read at the request's sending, which precedes its decision: a clock read after the answer
+    # ran late by the exchange, enough to push a rounded-up Retry-After past `+ 1` (CI: 21,677
+    # against 21,675.9988 read after the answer).
+    to_midnight = seconds_to_utc_midnight(answer.extensions["sent_wall"])
     # Retry-After is the period's end, rounded up to whole seconds
     assert to_midnight - 1 <= int(answer.headers["retry-after"]) <= to_midnight + 1, answer.headers
     assert answer.headers["x-ratelimit-remaining"] == "0"
