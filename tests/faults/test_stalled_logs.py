@@ -39,6 +39,8 @@ def test_a_gateway_whose_log_pipes_nobody_reads_goes_on_serving_and_writes_them_
     tmp_path: Path, upstream: str, redis_url: str
 ) -> None:
     port, admin_port = free_port(), free_port()
+    while admin_port == port:  # the kernel may hand the port just released out again
+        admin_port = free_port()
     config = write_config(tmp_path / "gw.yaml", fault_config(upstream, redis_url))
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "-c", str(config),

@@ -100,6 +100,8 @@ def gateway(
 
     for attempt in range(3):  # a free port can be taken by someone else before we bind it
         port, admin_port = free_port(), free_port()
+        while admin_port == port:  # the kernel may hand the port just released out again
+            admin_port = free_port()
         log_path = config_path.with_suffix(f".{port}.log")
         GATEWAY_LOGS.append(log_path)
         with open(log_path, "wb") as log:
