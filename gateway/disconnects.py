@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from asyncio import Transport
 from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway import trusted_headers
 from gateway.asgi import Scope
@@ -63,6 +66,7 @@ class DisconnectNotifyingProtocol(trusted_headers.TrustedHeadersProtocol):
     """uvicorn's httptools protocol, offering each request a `DisconnectWatch` of its connection."""
 
     _disconnects: DisconnectWatch
+    _running: RequestResponseCycle | None = None  # the cycle whose task was started last
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         self._disconnects = DisconnectWatch()
@@ -79,6 +83,17 @@ class DisconnectNotifyingProtocol(trusted_headers.TrustedHeadersProtocol):
             extensions[trusted_headers.EXTENSION] = True
         super().on_headers_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # uvicorn marks the cycle disconnected first, as receive() would
+        # uvicorn marks only its newest cycle, which is a queued one when requests were pipelined
+        # behind the running one: that one would end unanswered but not "disconnected", and
+        # uvicorn would write it a 500 on the closed transport (a traceback per client).
+        running = self._running
+        if running is not None and not running.response_complete and not running.disconnected:
+            running.disconnected = True
+            running.message_event.set()
         self._disconnects.connection_lost()

@@ -231,6 +231,28 @@ def test_slowloris_headers_are_cut_without_a_store_call(clean: Setup) -> None:
           f"(client_timeout {CLIENT_TIMEOUT}s); {served} normal requests served meanwhile")
 
 
+@pytest.mark.parametrize("how", ["half_close", "close", "pipelined_half_close"])
+def test_a_request_sent_with_its_fin_is_not_forwarded_and_holds_nothing(how: str, clean: Setup) -> None:
+    """A FIN right behind the request (`nc -N`, socat, a client timing out as it sends) is read
+    as the client leaving, as nginx does: no answer, nothing reaches the upstream, the slot is
+    free at once. (It may be admitted first, one store call, and that counts against its rate,
+    as any admission does: the decision was made while the client was there.)"""
+    calls = clean.evalsha()
+    count = 2 if how == "pipelined_half_close" else 1
+    for _ in range(20):  # every time, not once by luck of scheduling
+        with socket.create_connection(("127.0.0.1", clean.small.port)) as sock:
+            sock.sendall(head("GET", "/") * count)
+            if how == "close":
+                sock.close()
+                continue
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(3)
+            assert _drain(sock) == b""  # closed without an answer
+    time.sleep(0.3)  # a forwarded request would have reached the upstream by now
+    assert clean.upstream_total() == 0 and clean.evalsha() <= calls + 20
+    assert get(clean.small, KEY).status_code == 200  # the one slot is free
+
+
 def test_a_slow_head_on_a_reused_connection_is_cut_too(clean: Setup) -> None:
     """uvicorn's keep-alive timer stops at the next request's first byte; the deadline takes over."""
     with socket.create_connection(("127.0.0.1", clean.small.port)) as sock:
@@ -448,3 +470,23 @@ def test_pipelined_requests_reach_the_upstream_exactly_as_sent(clean: Setup) -> 
     assert closed
     stats = upstream_stats(clean.upstream, "roomy")
     assert stats["total"] == stats["completed"] == 3 and stats["last"]["path"] == "/c"
+
+
+def test_a_client_leaving_with_requests_pipelined_behind_the_running_one_frees_it_quietly(clean: Setup) -> None:
+    """uvicorn tells only its newest request cycle of a lost connection: with requests pipelined
+    behind the one running, that one ended unanswered but not "disconnected", and uvicorn wrote
+    it a 500 on the closed socket: a traceback in the log for every such client (the module's
+    gateways fail on any traceback at exit). Now the running exchange is cut as any disconnect
+    is: the upstream sees its client leave, the slot is free at once, the queued ones never run."""
+    for attempt in range(5):
+        with socket.create_connection(("127.0.0.1", clean.small.port)) as sock:
+            sock.sendall(head("GET", "/hold?ms=10000") + head("GET", "/a") + head("GET", "/b"))
+            deadline = time.monotonic() + 5
+            while upstream_stats(clean.upstream, "hostile").get("in_flight") != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        stats = upstream_settled(clean)
+        # the held one was cut (the upstream saw its client leave); only the normal ones completed
+        assert (stats["in_flight"], stats["disconnects"], stats["completed"]) == (0, attempt + 1, attempt), stats
+        assert get(clean.small, KEY).status_code == 200  # the one slot is free
+    assert upstream_stats(clean.upstream, "hostile")["total"] == 10  # 5 held, 5 normal: none queued ran
