@@ -366,7 +366,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
     status = response.status
     try:
         try:
-            out = client_response_headers(response.headers)
+            out = client_response_headers(status, response.headers)
         except InvalidUpstreamHeaders:
             return await _unavailable(send, _answering(extra, state.bill))
         if state.bill is not None:

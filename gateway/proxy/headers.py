@@ -141,13 +141,24 @@ def upstream_request_headers(
     return kept
 
 
-def client_response_headers(upstream_headers: Headers) -> Headers:
+# Statuses whose responses never have content (RFC 9110 §6.4.1). A `Content-Length` on a 304
+# is the length a 200 would have had (allowed), on a 204 an upstream's mistake; the server
+# would wait for that many body bytes either way, and the body never comes.
+_NO_CONTENT = frozenset({204, 304})
+
+
+def client_response_headers(status: int, upstream_headers: Headers) -> Headers:
     """The upstream's response headers minus hop-by-hop ones, everything else byte for byte.
 
-    Raises `InvalidUpstreamHeaders` for a name or value the server would refuse to send.
-    A `Content-Length` next to a `Transfer-Encoding` is dropped too (RFC 9112 §6.3: the
-    encoding wins, and the server re-frames the body).
+    Raises `InvalidUpstreamHeaders` for a name or value the server would refuse to send, or for
+    a status that is no final answer a client can be sent: a 1xx (the informational ones a
+    client skips, 100 and 103, never get here; a 101 is a protocol switch the gateway never
+    asks for) or 600 and up. A `Content-Length` next to a `Transfer-Encoding` is dropped too
+    (RFC 9112 §6.3: the encoding wins, and the server re-frames the body), as is the framing
+    of a response that has no content (204, 304).
     """
+    if not 200 <= status <= 599:
+        raise InvalidUpstreamHeaders(f"the upstream answered with status {status}")
     kept: Headers = []
     named: set[bytes] | None = None
     framed_by_encoding = False
@@ -160,12 +171,13 @@ def client_response_headers(upstream_headers: Headers) -> Headers:
                 framed_by_encoding = True
             continue
         kept.append(header)
-    if named or framed_by_encoding:
+    drop_length = framed_by_encoding or status in _NO_CONTENT
+    if named or drop_length:
         kept = [
             header
             for header in kept
             if not (named and header[0].lower() in named)
-            and not (framed_by_encoding and header[0].lower() == b"content-length")
+            and not (drop_length and header[0].lower() == b"content-length")
         ]
     # One search per list instead of two per header: `-` is a valid name character and a tab a
     # valid value character, so the joins add nothing either pattern matches.

@@ -145,7 +145,7 @@ def test_client_sees_valid_upstream_headers_or_the_upstream_is_refused(
     if huge:
         headers = [*headers, (b"x-huge", b"a" * 70_000)]
     try:
-        out = client_response_headers(headers)
+        out = client_response_headers(200, headers)
     except InvalidUpstreamHeaders:
         return  # the forwarder answers 502
     named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"

@@ -74,6 +74,11 @@ UPSTREAM_FAULTS = {  # fault: (path, status, error)
     "invalid_header_nul": ("/invalid_headers?kind=nul", 502, "upstream_unavailable"),
     "invalid_header_no_colon": ("/invalid_headers?kind=nocolon", 502, "upstream_unavailable"),
     "invalid_status_line": ("/invalid_headers?kind=status", 502, "upstream_unavailable"),
+    # well-formed status lines the client cannot be sent: before, a KeyError in the server, a
+    # traceback and an empty reply (600, 099), or a 101 with a chunked body after it
+    "status_600": ("/invalid_headers?kind=status600", 502, "upstream_unavailable"),
+    "status_099": ("/invalid_headers?kind=status099", 502, "upstream_unavailable"),
+    "switching_protocols_unasked": ("/invalid_headers?kind=switching", 502, "upstream_unavailable"),
 }
 
 
@@ -101,6 +106,30 @@ def test_upstream_fault_answer_and_slot_freed(
         assert time.monotonic() < deadline, "the slot was not released"
         time.sleep(0.02)
     assert get(gw, ONE_SLOT).status_code == 200
+
+
+def test_a_304_with_the_length_a_200_would_have_had_is_relayed_and_the_connection_goes_on(
+    setup: tuple[Proc, str, FaultProxy], shared_db: redis.Redis
+) -> None:
+    """RFC 9110 §8.6 lets a 304 carry the Content-Length a 200 would have had. Relayed as it came,
+    the server waited for those body bytes: a traceback, and a 500 in the access log for a 304
+    the client had seen. It goes without its framing now, and the connection serves the next."""
+    gw, _, _ = setup
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        request = f"GET {{}} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ONE_SLOT}\r\n\r\n"
+        sock.sendall(request.format("/not_modified").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 304 ") and b'etag: "v1"' in head.lower(), head
+        assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+        assert head.endswith(b"\r\n\r\n")  # nothing after the head
+        sock.sendall(request.format("/").encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    deadline = time.monotonic() + 1
+    while not slot_sets_empty(shared_db):
+        assert time.monotonic() < deadline, "the slot was not released"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("mode", ["length", "chunked"])

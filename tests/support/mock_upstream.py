@@ -26,7 +26,9 @@ Behaviour by path (query parameters in brackets):
 - `/abort_mid_body` [mode=length|chunked, how=close|reset]: half a body, then drop the connection
 - `/gzip`: `GZIP_BODY` with `Content-Encoding: gzip` and its `Content-Length`
 - `/status/N`: that status, a small JSON body (none for 1xx, 204, 304)
-- `/invalid_headers` [kind=ctl|nul|nocolon|space|huge|status]: a response no client should accept
+- `/invalid_headers` [kind=ctl|nul|nocolon|space|huge|status|status600|status099|switching]: a
+  response no client should accept (the last three: a status that is no final answer)
+- `/not_modified`: a 304 with `ETag` and the `Content-Length: 100` a 200 would have had
 - `/close_immediately`: read the request, close without answering
 - `/early_response` [status=413]: answer before reading the request body, then close
 - `/response_headers`: hop-by-hop headers, a `Connection`-named header, two Set-Cookie lines
@@ -590,6 +592,8 @@ class MockUpstream:
             status = int(path.rsplit("/", 1)[1])
             body = b"" if status < 200 or status in (204, 304) else json.dumps({"status": status}).encode()
             await exchange.respond(status, body, [("Content-Type", "application/json")] if body else [])
+        elif path == "/not_modified":  # a 304 saying the length a 200 would have had (RFC 9110 §8.6)
+            await exchange.respond(304, b"", [("ETag", '"v1"'), ("Content-Length", "100")])
         elif path == "/invalid_headers":
             await exchange.write(_INVALID[request.arg("kind", "nocolon")])
             return False
@@ -721,6 +725,10 @@ _INVALID: dict[str, bytes] = {
     "space": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX Bad: value\r\n\r\nok",
     "huge": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Huge: " + b"a" * 100_000 + b"\r\n\r\nok",
     "status": b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
+    # well-formed status lines, but no final answer a client can be sent
+    "status600": b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
+    "status099": b"HTTP/1.1 099 Below\r\nContent-Length: 2\r\n\r\nok",
+    "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw",
 }
 
 _HOP_RESPONSE_HEADERS = [

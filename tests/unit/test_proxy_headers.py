@@ -186,7 +186,7 @@ class TestClientResponseHeaders:
             (b"Content-Length", b"95"),
             (b"X-Mixed", b"Case  kept\t"),
         ]
-        assert client_response_headers(upstream) == [
+        assert client_response_headers(200, upstream) == [
             (b"Set-Cookie", b"a=1; Path=/"),
             (b"Content-Encoding", b"gzip"),
             (b"Set-Cookie", b"b=2; Path=/"),
@@ -196,10 +196,27 @@ class TestClientResponseHeaders:
 
     def test_transfer_encoding_drops_a_conflicting_content_length(self) -> None:
         upstream = [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"10"), (b"X-A", b"1")]
-        assert client_response_headers(upstream) == [(b"X-A", b"1")]
+        assert client_response_headers(200, upstream) == [(b"X-A", b"1")]
+
+    @pytest.mark.parametrize("status", [204, 304])
+    def test_a_response_without_content_loses_its_framing(self, status: int) -> None:
+        """A 304's Content-Length (the length a 200 would have had: allowed) would make the server
+        wait for body bytes that never come."""
+        upstream = [(b"ETag", b'"v1"'), (b"Content-Length", b"100"), (b"Transfer-Encoding", b"chunked")]
+        assert client_response_headers(status, upstream) == [(b"ETag", b'"v1"')]
+        assert client_response_headers(200, upstream[:2]) == upstream[:2]
+
+    @pytest.mark.parametrize("status", [0, 99, 100, 101, 102, 103, 199, 600, 999])
+    def test_a_status_that_is_no_final_answer_raises(self, status: int) -> None:
+        with pytest.raises(InvalidUpstreamHeaders, match=str(status)):
+            client_response_headers(status, [(b"content-length", b"2")])
+
+    @pytest.mark.parametrize("status", [200, 299, 599])
+    def test_every_final_status_passes(self, status: int) -> None:
+        assert client_response_headers(status, [(b"content-length", b"2")]) == [(b"content-length", b"2")]
 
     def test_obs_text_values_pass(self) -> None:
-        assert client_response_headers([(b"x-name", b"caf\xe9")]) == [(b"x-name", b"caf\xe9")]
+        assert client_response_headers(200, [(b"x-name", b"caf\xe9")]) == [(b"x-name", b"caf\xe9")]
 
     @pytest.mark.parametrize(
         "header",
@@ -216,7 +233,7 @@ class TestClientResponseHeaders:
     )
     def test_values_the_server_would_refuse_raise(self, header: tuple[bytes, bytes]) -> None:
         with pytest.raises(InvalidUpstreamHeaders):
-            client_response_headers([(b"content-type", b"text/plain"), header])
+            client_response_headers(200, [(b"content-type", b"text/plain"), header])
 
 
 class TestStripQueryParam:
