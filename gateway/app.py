@@ -79,6 +79,16 @@ def _upstream_code(outcome: Outcome) -> str:
 _STATUS_CODES = {status: _upstream_code(status) for status in range(100, 1000)}
 
 
+def _cors_preflight(method: str, headers: Headers) -> bool:
+    """A browser's CORS preflight: it never carries the key (the Fetch standard sends no
+    credentials and none of the request's own headers with it), so its 401 is no key guessing
+    and no ban strike. Checked only on the way to a 401."""
+    if method != "OPTIONS":
+        return False
+    names = {name.lower() for name, _ in headers}
+    return b"origin" in names and b"access-control-request-method" in names
+
+
 def _from_trusted_proxy(peer: str | None, trusted: Sequence[Network]) -> bool:
     if not trusted or not peer:
         return False
@@ -162,7 +172,8 @@ class GatewayApp:
 
         secret = routing.extractor.extract(headers, scope["query_string"])
         if secret is None:
-            state.bans.strike(client, bans)
+            if not _cors_preflight(scope["method"], headers):
+                state.bans.strike(client, bans)
             await send_error(send, 401, "missing_api_key", routing.missing_key_message)
             done.status, done.outcome = 401, "unauthorized"
             return

@@ -268,6 +268,25 @@ def test_a_flood_of_invalid_keys_is_banned_and_never_reaches_the_upstream(gw: Pr
     assert metric(gw, "gateway_banned_ips") >= 1
 
 
+def test_a_browsers_cors_preflights_are_no_strikes(gw: Proc) -> None:
+    """A browser sends an OPTIONS preflight before a request with `X-API-Key`, and by the Fetch
+    standard without that header: each got a 401 and a strike, so a page making a dozen calls
+    banned its whole address (an office behind one NAT). Preflights now get the 401 alone; the
+    same OPTIONS without its CORS headers is still a strike."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "x-api-key"}
+    before = metric(gw, 'gateway_ban_strikes_total{kind="unauthorized"')
+    with client("127.0.0.30") as http:
+        for _ in range(15):  # three times `strikes`
+            response = http.options(gw.url + "/v1/x", headers=preflight)
+            assert response.status_code == 401 and response.json()["error"] == "missing_api_key"
+        assert http.get(gw.url + "/v1/x", headers=GOOD).status_code == 200
+        assert metric(gw, 'gateway_ban_strikes_total{kind="unauthorized"') == before
+        statuses = [http.options(gw.url + "/v1/x", headers={"Origin": "https://app.example"}).status_code
+                    for _ in range(6)]
+        assert statuses[:5] == [401] * 5 and statuses[5] == 403  # a plain OPTIONS strikes
+
+
 def test_admin_lists_and_lifts_bans(gw: Proc) -> None:
     assert httpx.get(gw.admin_url + "/v1/bans").status_code == 401
     assert httpx.delete(gw.admin_url + "/v1/bans/127.0.0.9").status_code == 401
