@@ -6,6 +6,7 @@ connection while waiting, and leave the queue at once when their client goes awa
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,4 +173,39 @@ def test_a_waiter_whose_client_leaves_leaves_the_queue_at_once(
 
     asyncio.run(run())
     assert arrivals(upstream) == 2  # the holder and the newcomer; the vanished waiter never
+    assert_no_leaks(redis_sync, PREFIX)
+
+
+def test_a_waiter_with_requests_pipelined_behind_it_leaves_the_queue_when_its_client_does(
+    gateways: Callable[[str, str, int], list[Proc]], upstream: str, redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """uvicorn tells a lost connection only to its newest request cycle, a queued one when
+    requests are pipelined behind the running one: the waiter never heard its client leave,
+    kept its place for the whole `wait` and was then admitted for nobody. The server protocol
+    now tells the running cycle too."""
+    (gw,) = gateways(redis_url, "8s", 1)
+
+    def queued() -> int:
+        return sum(int(redis_sync.zcard(key)) for key in redis_sync.scan_iter(match=f"{PREFIX}:*:q"))
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            holder = asyncio.ensure_future(_get(session, gw.url + "/hold?ms=15000"))
+            await asyncio.sleep(0.3)
+            head = f"GET /gone HTTP/1.1\r\nHost: x\r\nX-API-Key: {SECRET}\r\n\r\n".encode()
+            with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+                sock.sendall(head * 2)  # the first waits for the slot, the second behind it
+                deadline = time.monotonic() + 2
+                while not queued():
+                    assert time.monotonic() < deadline, "the first never queued"
+                    await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 0.5  # a disconnect removes the entry within a moment
+            while queued() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert queued() == 0
+            await session.post(upstream + "/_release")
+            assert (await holder)[0] == 200
+
+    asyncio.run(run())
+    assert arrivals(upstream) == 1  # the holder; the vanished waiter was never forwarded
     assert_no_leaks(redis_sync, PREFIX)
