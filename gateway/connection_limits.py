@@ -217,6 +217,13 @@ class ConnectionGuard:
         else:
             self._log_due = loop.call_at(self._logged_at + LOG_EVERY, self._write_log, loop)
 
+    def flush_log(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The summary line that is due, now: at exit, the last period's refusals are written
+        too, not lost with the timer."""
+        if self._log_due is not None:
+            self._log_due.cancel()
+            self._write_log(loop)
+
     def _write_log(self, loop: asyncio.AbstractEventLoop) -> None:
         self._log_due = None
         refused = self._refused

@@ -125,12 +125,16 @@ class Worker:
         self.access_log = AccessLog()
         dropped = self.state.metrics.log_lines_dropped
         log_writer.count_drops(lambda stream, lines: dropped.labels(stream).inc(lines))
+        self.connection_guards = (
+            self._connection_guard("public", limits_following(running, self.default_connections)),
+            self._connection_guard("admin", lambda: ADMIN_LIMITS),
+        )
         self.public = SignalFreeServer(uvicorn_config(
             GatewayApp(self.state, self.access_log), config, public=True, running=running,
-            connections=self._connection_guard("public", limits_following(running, self.default_connections))))
+            connections=self.connection_guards[0]))
         self.admin = SignalFreeServer(uvicorn_config(
             create_admin_app(self.state), config, public=False, running=running,
-            connections=self._connection_guard("admin", lambda: ADMIN_LIMITS)))
+            connections=self.connection_guards[1]))
         self._stopping = False
         self._public_task: asyncio.Future[None] | None = None
         self.reloader = Reloader(self.state, options.config_path, options.overrides)
@@ -158,6 +162,8 @@ class Worker:
             watcher.cancel()
             await self.reloader.aclose()
             self.access_log.flush()  # the last requests' lines, before anything else can fail
+            for guard in self.connection_guards:
+                guard.flush_log(loop)  # refusals of the last period, whose summary was not due yet
             self.state.metrics.flush()  # and their metric updates (multiprocess files outlive the worker)
             await self.state.aclose()
             log_writer.drain()  # what the writer threads hold, boundedly (a stalled reader cannot hold the exit)

@@ -156,6 +156,10 @@ def test_a_client_over_its_connection_bound_gets_503_and_every_other_client_is_s
             sock.close()
         time.sleep(0.3)
         assert metric(proc, "gateway_client_connections") == 0
+    # the log counts both refusals: the second's summary, not due yet when the gateway stopped,
+    # is written at exit
+    counts = [int(re.search(r"refused (\d+) connection", line).group(1)) for line in refusal_lines(proc)]  # type: ignore[union-attr]
+    assert sum(counts) == 2, refusal_lines(proc)
 
 
 def test_a_flood_to_the_open_file_limit_is_refused_with_503_and_open_connections_keep_working(

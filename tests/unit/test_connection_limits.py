@@ -122,6 +122,11 @@ def test_the_default_total_leaves_room_for_the_gateways_own_descriptors(open_fil
     assert default_total(open_files, pool) == total
 
 
+class _Handle:
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self.cancel = cancel
+
+
 class FakeLoop:
     def __init__(self) -> None:
         self.now = 100.0
@@ -130,12 +135,10 @@ class FakeLoop:
     def time(self) -> float:
         return self.now
 
-    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> FakeLoop:
-        self.due.append((when, callback, args))
-        return self
-
-    def cancel(self) -> None:
-        pass
+    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> _Handle:
+        entry = (when, callback, args)
+        self.due.append(entry)
+        return _Handle(lambda: self.due.remove(entry) if entry in self.due else None)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -168,6 +171,24 @@ def test_a_flood_of_refusals_writes_one_line_now_and_one_summary_per_period(capl
     assert len(caplog.records) == 2
     refuse(1)  # a refusal after a quiet period is written at once again
     assert len(caplog.records) == 3
+
+
+def test_the_summary_due_is_written_when_the_worker_stops(caplog: pytest.LogCaptureFixture) -> None:
+    guard = ConnectionGuard(lambda: ConnectionLimits(total=1000, per_client=1))
+    loop = FakeLoop()
+    caplog.set_level(logging.WARNING, logger="gateway.client")
+    guard.enter("192.0.2.1")
+    for _ in range(4):
+        with pytest.raises(OverLimit):
+            guard.enter("192.0.2.1")
+        guard.log_refusals(loop)  # type: ignore[arg-type]
+    assert len(caplog.records) == 1  # the first at once; three wait for the period's summary
+    loop.advance(1)
+    guard.flush_log(loop)  # type: ignore[arg-type]  # the worker stopping before it is due
+    assert len(caplog.records) == 2 and "refused 3 connection(s) in the last 1 s" in caplog.records[1].getMessage()
+    guard.flush_log(loop)  # type: ignore[arg-type]
+    loop.advance(LOG_EVERY)  # the cancelled timer writes nothing more
+    assert len(caplog.records) == 2
 
 
 def test_refused_connections_waiting_for_their_request_are_bounded() -> None:
