@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from asyncio import Transport
 from collections.abc import Callable
-from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
@@ -66,13 +65,16 @@ class DisconnectNotifyingProtocol(trusted_headers.TrustedHeadersProtocol):
     """uvicorn's httptools protocol, offering each request a `DisconnectWatch` of its connection."""
 
     _disconnects: DisconnectWatch
-    _running: RequestResponseCycle | None = None  # the cycle whose task was started last
+    # Cycles that were unanswered when a request was pipelined behind them (the running one
+    # among them): uvicorn tells a lost connection only to its newest cycle, `self.cycle`.
+    _overtaken: list[RequestResponseCycle] | None = None
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         self._disconnects = DisconnectWatch()
         super().connection_made(transport)
 
     def on_headers_complete(self) -> None:
+        previous = self.cycle
         # Before uvicorn creates the request's task, which gets this very scope.
         scope: Scope = self.scope  # type: ignore[assignment]  # (uvicorn types extension values as dicts)
         extensions = scope.get("extensions")
@@ -82,18 +84,19 @@ class DisconnectNotifyingProtocol(trusted_headers.TrustedHeadersProtocol):
             extensions[EXTENSION] = self._disconnects
             extensions[trusted_headers.EXTENSION] = True
         super().on_headers_complete()
-
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        self._running = cycle
-        super()._start_asgi_task(cycle, app)
+        if self.pipeline and previous is not None and not previous.response_complete:  # queued behind it
+            overtaken = [cycle for cycle in self._overtaken or () if not cycle.response_complete]
+            overtaken.append(previous)
+            self._overtaken = overtaken
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # uvicorn marks the cycle disconnected first, as receive() would
         # uvicorn marks only its newest cycle, which is a queued one when requests were pipelined
-        # behind the running one: that one would end unanswered but not "disconnected", and
-        # uvicorn would write it a 500 on the closed transport (a traceback per client).
-        running = self._running
-        if running is not None and not running.response_complete and not running.disconnected:
-            running.disconnected = True
-            running.message_event.set()
+        # behind the running one: that one would end unanswered but not "disconnected" (uvicorn
+        # would write it a 500 on the closed transport, a traceback per client), and a receive()
+        # waiting in it (a waiter for a slot) would never hear the client leave.
+        for cycle in self._overtaken or ():
+            if not cycle.response_complete and not cycle.disconnected:
+                cycle.disconnected = True
+                cycle.message_event.set()
         self._disconnects.connection_lost()
