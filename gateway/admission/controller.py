@@ -63,11 +63,14 @@ from gateway.store.base import (
     Settlement,
     SlotBucket,
     StoreError,
+    StoreRejected,
     WaitingStore,
     weighted_lease,
 )
 
 log = logging.getLogger("gateway.admission")
+
+REJECTED_LOG_EVERY = 10.0  # seconds between warnings about admissions the store rejected
 
 
 class StoreUnavailable(Exception):
@@ -239,6 +242,7 @@ class Admission:
         # switch (gateway/admission/transitions.py).
         self.bridge = OutageBridge(store, local) if on_error == "local" and local is not None else None
         self._failing = False  # the last admission call to the store failed (logged once per streak)
+        self._rejected_logged_at = -REJECTED_LOG_EVERY  # the last StoreRejected warning (time.monotonic)
         # The store's synchronous `admit`, if it has one (memory): the same decision without
         # creating and running a coroutine per request.
         self._admit_now: Callable[..., AdmitResult] | None = getattr(store, "synchronous_admit", None)
@@ -274,6 +278,10 @@ class Admission:
                 else:
                     result = await self.store.admit(plan.rates, plan.slots, lease_id, quotas=plan.quotas,
                                                     charge=charge)
+            except StoreRejected as exc:  # this call's keys, not the store: nothing for the breaker
+                breaker.abandon()
+                self._store_rejected(exc)
+                return await self._fallback(plan, lease_id, charge, outage=False)
             except StoreError as exc:
                 breaker.failure()
                 self._store_failed(exc)
@@ -337,11 +345,16 @@ class Admission:
         try:
             return await self._admit_waiting(store, plan, ticket.lease_id, ticket.charge, ticket.result.arrival)
         except StoreError as exc:
+            outage = not isinstance(exc, StoreRejected)
             if store is self.store:
-                self.breaker.failure()
-                self._store_failed(exc)
+                if outage:
+                    self.breaker.failure()
+                    self._store_failed(exc)
+                else:
+                    self.breaker.abandon()
+                    self._store_rejected(exc)
             self.leave_queue(plan, ticket)
-            return await self._fallback(plan, ticket.lease_id, ticket.charge)
+            return await self._fallback(plan, ticket.lease_id, ticket.charge, outage=outage)
 
     def leave_queue(self, plan: AdmissionPlan, ticket: Ticket) -> None:
         """Stop waiting (synchronous, idempotent)."""
@@ -349,14 +362,18 @@ class Admission:
             store, ticket.waiting_in = ticket.waiting_in, None
             cast(WaitingStore, store).leave_queue(plan.slots, ticket.lease_id)
 
-    async def _fallback(self, plan: AdmissionPlan, lease_id: str, charge: Charge) -> Ticket:
+    async def _fallback(self, plan: AdmissionPlan, lease_id: str, charge: Charge, *, outage: bool = True) -> Ticket:
+        """A decision by `on_error`: during an outage, or for one call the store rejected for
+        what its keys hold (`outage=False`: the store answers everyone else, so nothing is
+        seeded from it or mirrored back, gateway/admission/transitions.py)."""
         self._metrics.fallback_decisions.labels(self._on_error).inc()
         if self._on_error == "deny":
             raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
             local = self._local
-            if self.bridge is not None:
-                await self.bridge.to_local()
+            bridge = self.bridge if outage else None
+            if bridge is not None:
+                await bridge.to_local()
             if plan.wait:
                 return await self._admit_waiting(local, plan, lease_id, charge)
             # Each bucket divided by the divisor, under the plan's bucket key (released and
@@ -365,8 +382,8 @@ class Admission:
             result = await local.admit(rates, slots, lease_id, quotas=quotas, charge=charge)
             if result.shadow_refused:
                 self._count_shadow(plan, result)
-            if result.admitted and plan.slots and self.bridge is not None:
-                self.bridge.admitted(local, plan, lease_id)
+            if result.admitted and plan.slots and bridge is not None:
+                bridge.admitted(local, plan, lease_id)
             return Ticket(lease_id, result, local if result.admitted and plan.slots else None, charge=charge,
                           counted_in=local if result.admitted else None)
         return Ticket(lease_id, None, None, charge=charge)
@@ -407,6 +424,15 @@ class Admission:
             self._failing = True
             log.warning("store admission failed, deciding by on_error: %s until it answers again: %s",
                         self._on_error, exc)
+
+    def _store_rejected(self, exc: StoreError) -> None:
+        """A warning at most every REJECTED_LOG_EVERY seconds: one bad key under steady traffic
+        must not flood the log (every rejection is counted in gateway_store_errors_total)."""
+        now = time.monotonic()
+        if now - self._rejected_logged_at >= REJECTED_LOG_EVERY:
+            self._rejected_logged_at = now
+            log.warning("the store rejected an admission for what its keys hold (another program's key under "
+                        "the prefix?): on_error: %s decides that request, the others go on: %s", self._on_error, exc)
 
     def _store_answers(self) -> None:
         self._failing = False

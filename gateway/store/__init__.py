@@ -24,6 +24,7 @@ from gateway.store.base import (
     SlotBucket,
     StoreError,
     StoreObserver,
+    StoreRejected,
 )
 from gateway.store.jobs import JobStore
 from gateway.store.memory import MemoryStore
@@ -43,6 +44,7 @@ __all__ = [
     "StoreBundle",
     "StoreError",
     "StoreObserver",
+    "StoreRejected",
     "bundle_for",
     "open_store",
 ]

@@ -230,6 +230,28 @@ class StoreError(Exception):
     """The store could not answer (unreachable, timed out, refused the command)."""
 
 
+class StoreRejected(StoreError):
+    """The store answered, but this one call failed on what its keys hold (a key of another
+    type under the prefix, written by another program or by hand; a value no script expects).
+    It says nothing about the store's health: other calls, other keys, go on."""
+
+
+# Error codes that speak for the whole store whatever call drew them (memory, a read-only
+# replica, persistence failing, a running script, loading, the cluster or auth).
+_STORE_WIDE_CODES = frozenset({
+    "OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "NOSCRIPT", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
+    "NOREPLICAS", "NOAUTH", "NOPERM", "WRONGPASS", "MOVED", "ASK", "UNBLOCKED", "EXECABORT",
+})
+
+
+def rejected_for_its_keys(error: BaseException) -> bool:
+    """An error reply raised while a script ran (Redis appends `script: <sha>, on
+    @user_script:N.`), for a reason of the call's own keys (`WRONGTYPE`, `ERR hash value is
+    not an integer`, a Lua error on an unexpected value), not the store's."""
+    text = str(error)
+    return "@user_script:" in text and text.split(" ", 1)[0] not in _STORE_WIDE_CODES
+
+
 class AdmissionStore(Protocol):
     async def start(self) -> None:
         """Connect, load scripts, start background loops (heartbeat, release flusher)."""

@@ -79,9 +79,11 @@ from gateway.store.base import (
     SlotBucket,
     StoreError,
     StoreObserver,
+    StoreRejected,
     bounded,
     check_charge,
     lease_members,
+    rejected_for_its_keys,
 )
 from gateway.store.pipelined import Endpoint, PipelinedRedis, ReplyError
 from gateway.store.redis_client import FAILURES as REDIS_PY_FAILURES
@@ -485,9 +487,8 @@ class RedisStore:
             return
         self._observer.store_error(pending.operation)
         # One exception instance per caller: several tasks must not share a traceback.
-        error = StoreError(
-            str(exc) if isinstance(exc, StoreError) else f"{pending.operation} failed: {exc!r}"
-        )
+        kind = StoreRejected if rejected_for_its_keys(exc) else StoreError
+        error = kind(str(exc) if isinstance(exc, StoreError) else f"{pending.operation} failed: {exc!r}")
         error.__cause__ = exc
         pending.future.set_exception(error)
 
@@ -546,8 +547,11 @@ class RedisStore:
         for (lease_id, _), reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):
                 self._observer.store_error("release")
-            else:
-                self._undos.pop(lease_id, None)
+                if not rejected_for_its_keys(reply):
+                    continue  # sent again with the next flush, until it lands or a lease has passed
+                # Its keys hold what no script can use (another program's key): it would fail
+                # the same way at every flush. What the admission left expires with its TTL.
+            self._undos.pop(lease_id, None)
 
     # -- release -------------------------------------------------------------------------
 

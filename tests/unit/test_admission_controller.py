@@ -9,7 +9,7 @@ from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission, StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError
+from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError, StoreRejected, rejected_for_its_keys
 from gateway.store.memory import MemoryStore
 
 PLAN = AdmissionPlan(
@@ -101,6 +101,64 @@ def test_breaker_stops_calling_a_dead_store() -> None:
     clock[0] = 1.5
     asyncio.run(many(5))
     assert store.calls == 4  # one probe after the cooldown
+
+
+class OneBadKeyStore(BrokenStore):
+    """A store that answers, but rejects every call on one plan's keys (a key of another type
+    under the prefix): `StoreRejected`, as the Redis store raises it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.good = MemoryStore(30.0)
+
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str, **kw: object) -> AdmitResult:
+        self.calls += 1
+        if rates and rates[0].key == PLAN.rates[0].key:
+            raise StoreRejected("WRONGTYPE Operation against a key holding the wrong kind of value script: 1, on @user_script:9.")
+        return await self.good.admit(rates, slots, lease_id, **kw)  # type: ignore[arg-type]
+
+
+OTHER = AdmissionPlan("p", rates=(RateBucket("gw:{k:2}:r:rpm", 100, 60_000),), rate_info=(BucketInfo("rpm", 100, 60.0),),
+                      slots=(), slot_info=(), wait=0.0)
+
+
+@pytest.mark.parametrize("on_error", ["deny", "local", "allow"])
+def test_a_rejected_call_is_decided_by_on_error_alone_and_never_opens_the_breaker(on_error: str) -> None:
+    metrics = Metrics()
+    store = OneBadKeyStore()
+    admission = Admission(store, on_error=on_error, metrics=metrics, local=MemoryStore(30.0))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        for _ in range(10):  # the breaker's threshold is 3 consecutive failures
+            if on_error == "deny":
+                with pytest.raises(StoreUnavailable):
+                    await admission.admit(PLAN)
+            else:
+                await admission.admit(PLAN)
+        ticket = await admission.admit(OTHER)
+        assert ticket.admitted and ticket.counted_in is store  # decided by the store itself
+        assert admission.bridge is None or not admission.bridge.degraded  # no outage switch
+
+    asyncio.run(scenario())
+    assert not admission.breaker.is_open and store.calls == 11
+    assert fallbacks(metrics, on_error) == 10
+
+
+@pytest.mark.parametrize(("reply", "rejected"), [
+    ("WRONGTYPE Operation against a key holding the wrong kind of value script: 9f3f, on @user_script:12.", True),
+    ("ERR hash value is not an integer script: 5f2a, on @user_script:1.", True),
+    ("ERR user_script:1: attempt to perform arithmetic on local 'x' (a nil value) script: 104a, on @user_script:1.", True),
+    ("user_script:1: attempt to compare nil with number script: 104a, on @user_script:1.", True),  # redis-py strips "ERR "
+    ("OOM command not allowed when used memory > 'maxmemory'. script: 9f3f, on @user_script:4.", False),
+    ("READONLY You can't write against a read only replica. script: 9f3f, on @user_script:4.", False),
+    ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.", False),
+    ("NOSCRIPT No matching script. Please use EVAL.", False),
+    ("BUSY Redis is busy running a script.", False),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),  # not from a script
+])
+def test_which_error_replies_are_the_calls_own(reply: str, rejected: bool) -> None:
+    assert rejected_for_its_keys(Exception(reply)) is rejected
+    assert rejected_for_its_keys(ConnectionError("Connection reset by peer")) is False
 
 
 def test_release_goes_once_to_the_store_that_admitted() -> None:
