@@ -75,6 +75,11 @@ def arrivals(upstream: str) -> int:
     return int(httpx.get(upstream + "/_stats").json()["keys"].get("w", {}).get("total", 0))
 
 
+def queued_in(client: redis.Redis) -> int:
+    """Waiters queued in Redis, over every queue of the test's prefix."""
+    return sum(int(client.zcard(key)) for key in client.scan_iter(match=f"{PREFIX}:*:q"))
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float, dict[str, str]]:
     async with session.get(url, headers=HEADERS) as response:
         await response.read()
@@ -148,7 +153,7 @@ def test_a_waiter_whose_client_leaves_leaves_the_queue_at_once(
     gw, other = gateways(redis_url, "8s", 2)
 
     def queued() -> int:
-        return sum(int(redis_sync.zcard(key)) for key in redis_sync.scan_iter(match=f"{PREFIX}:*:q"))
+        return queued_in(redis_sync)
 
     async def run() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
@@ -186,7 +191,7 @@ def test_a_waiter_with_requests_pipelined_behind_it_leaves_the_queue_when_its_cl
     (gw,) = gateways(redis_url, "8s", 1)
 
     def queued() -> int:
-        return sum(int(redis_sync.zcard(key)) for key in redis_sync.scan_iter(match=f"{PREFIX}:*:q"))
+        return queued_in(redis_sync)
 
     async def run() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:

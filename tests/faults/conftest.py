@@ -22,7 +22,7 @@ import redis
 
 from gateway.admission.identity import hash_key
 from tests.support.fault_proxy import FaultProxy
-from tests.support.invariants import assert_no_leaks
+from tests.support.invariants import assert_no_leaks_within
 from tests.support.processes import Proc, gateway, mock_upstream, write_config
 from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
@@ -129,16 +129,8 @@ class FaultyRedis:
 
     def assert_no_leaks(self, within: float = 2.0) -> None:
         """Every slot set empty and every key with a TTL (releases are batched: allow a moment)."""
-        deadline = time.monotonic() + within
         with self.client() as direct:
-            while True:
-                try:
-                    assert_no_leaks(direct, PREFIX)
-                    return
-                except AssertionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            assert_no_leaks_within(direct, PREFIX, within)
 
 
 @pytest.fixture

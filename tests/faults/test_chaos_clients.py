@@ -28,7 +28,7 @@ import pytest
 
 from gateway.admission.identity import hash_key
 from tests.faults.conftest import PREFIX, gateway_for, get, upstream_stats
-from tests.support.invariants import assert_no_leaks
+from tests.support.invariants import assert_no_leaks_within
 from tests.support.processes import Proc, mock_upstream
 from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
@@ -140,15 +140,7 @@ def test_chaos_leaves_nothing_held_and_nothing_crashed(setup: tuple[Proc, str, P
     assert stats["in_flight"] == 0 and stats["total"] > 50, stats  # (about 120 with these seeds)
     assert stats["max_in_flight"] <= SLOTS, stats
     with redis_server.client() as client:
-        deadline = time.monotonic() + 3
-        while True:  # the last releases land a moment after their answers
-            try:
-                assert_no_leaks(client, PREFIX)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        assert_no_leaks_within(client, PREFIX, 3)
     view = httpx.get(gw.admin_url + "/v1/keys/chaos", timeout=5).json()
     assert view["active_slots"] == {"requests": 0}, view
     assert get(gw, KEY).status_code == 200

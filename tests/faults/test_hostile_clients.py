@@ -23,7 +23,7 @@ import pytest
 
 from gateway.admission.identity import hash_key
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, get, upstream_stats
-from tests.support.invariants import assert_no_leaks
+from tests.support.invariants import assert_no_leaks_within
 from tests.support.processes import Proc, mock_upstream
 from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
@@ -77,15 +77,7 @@ def clean(setup: Setup) -> Iterator[Setup]:
     httpx.post(setup.upstream + "/_reset")
     yield setup
     with setup.redis.client() as client:
-        deadline = time.monotonic() + 2
-        while True:  # every slot released after each test
-            try:
-                assert_no_leaks(client, PREFIX)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        assert_no_leaks_within(client, PREFIX, 2)  # every slot released after each test
 
 
 def upstream_settled(setup: Setup) -> dict[str, Any]:

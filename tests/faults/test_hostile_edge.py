@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from gateway.admission.identity import hash_key
 from gateway.head_limits import MAX_PIPELINED
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, upstream_stats
-from tests.support.invariants import assert_no_leaks
+from tests.support.invariants import assert_no_leaks_within
 from tests.support.processes import Proc, mock_upstream
 from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
@@ -75,15 +75,7 @@ def clean(setup: Setup) -> Iterator[Setup]:
     httpx.post(setup.upstream + "/_reset")
     yield setup
     with setup.redis.client() as client:
-        deadline = time.monotonic() + 3
-        while True:
-            try:
-                assert_no_leaks(client, PREFIX)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        assert_no_leaks_within(client, PREFIX, 3)
 
 
 def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import redis
@@ -27,6 +28,20 @@ def assert_no_leaks(client: redis.Redis, prefix: str) -> None:
         assert ttl > 0, f"{text} has no TTL ({ttl})"
         if ":c:" in text:
             assert client.zcard(name) == 0, f"slot set {text} still holds {client.zrange(name, 0, -1)}"
+
+
+def assert_no_leaks_within(client: redis.Redis, prefix: str, within: float) -> None:
+    """`assert_no_leaks` once it holds, or its failure after `within` seconds (releases are
+    sent just after each answer, batched: the last ones land a moment later)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert_no_leaks(client, prefix)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def keys_per_primary(primaries: Sequence[redis.Redis], prefix: str) -> list[list[str]]:
