@@ -80,6 +80,14 @@ def queued_in(client: redis.Redis) -> int:
     return sum(int(client.zcard(key)) for key in client.scan_iter(match=f"{PREFIX}:*:q"))
 
 
+async def queued_after(client: redis.Redis, within: float) -> int:
+    """`queued_in` once it is 0, or after `within` seconds."""
+    deadline = time.monotonic() + within
+    while queued_in(client) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return queued_in(client)
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float, dict[str, str]]:
     async with session.get(url, headers=HEADERS) as response:
         await response.read()
@@ -152,9 +160,6 @@ def test_a_waiter_whose_client_leaves_leaves_the_queue_at_once(
 ) -> None:
     gw, other = gateways(redis_url, "8s", 2)
 
-    def queued() -> int:
-        return queued_in(redis_sync)
-
     async def run() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
             holder = asyncio.ensure_future(_get(session, gw.url + "/hold?ms=15000"))
@@ -164,10 +169,7 @@ def test_a_waiter_whose_client_leaves_leaves_the_queue_at_once(
                                        timeout=aiohttp.ClientTimeout(total=0.5)):
                     pass
             # Entries live 2 s unless refreshed; a disconnect removes them within a moment.
-            deadline = time.monotonic() + 0.5
-            while queued() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert queued() == 0
+            assert await queued_after(redis_sync, 0.5) == 0
             await session.post(upstream + "/_release")
             await holder
             # Nobody is ahead of a newcomer on the other gateway: admitted at once.
@@ -190,9 +192,6 @@ def test_a_waiter_with_requests_pipelined_behind_it_leaves_the_queue_when_its_cl
     now tells the running cycle too."""
     (gw,) = gateways(redis_url, "8s", 1)
 
-    def queued() -> int:
-        return queued_in(redis_sync)
-
     async def run() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
             holder = asyncio.ensure_future(_get(session, gw.url + "/hold?ms=15000"))
@@ -201,13 +200,10 @@ def test_a_waiter_with_requests_pipelined_behind_it_leaves_the_queue_when_its_cl
             with socket.create_connection(("127.0.0.1", gw.port)) as sock:
                 sock.sendall(head * 2)  # the first waits for the slot, the second behind it
                 deadline = time.monotonic() + 2
-                while not queued():
+                while not queued_in(redis_sync):
                     assert time.monotonic() < deadline, "the first never queued"
                     await asyncio.sleep(0.02)
-            deadline = time.monotonic() + 0.5  # a disconnect removes the entry within a moment
-            while queued() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert queued() == 0
+            assert await queued_after(redis_sync, 0.5) == 0  # a disconnect removes the entry within a moment
             await session.post(upstream + "/_release")
             assert (await holder)[0] == 200
 
