@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway.admission.buckets import AdmissionPlan
-from gateway.store.base import AdmissionStore, SlotBucket, StoreError
+from gateway.store.base import AdmissionStore, SlotBucket, StoreError, StoreRejected
 
 log = logging.getLogger("gateway.admission")
 
@@ -99,6 +99,8 @@ class OutageBridge:
                 continue  # ended meanwhile
             try:
                 result = await self._shared_store.admit([], unbounded(plan.slots), lease_id)
+            except StoreRejected:  # this lease's keys hold what no script can use: the others go on
+                continue
             except StoreError as exc:  # the store failed again: its next switch seeds afresh
                 log.info("mirroring local slots into the store stopped: %s", exc)
                 return

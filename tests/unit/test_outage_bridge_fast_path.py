@@ -11,7 +11,7 @@ from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission
 from gateway.admission.transitions import OutageBridge
 from gateway.metrics import Metrics
-from gateway.store.base import SlotBucket
+from gateway.store.base import SlotBucket, StoreRejected
 from gateway.store.memory import MemoryStore
 
 
@@ -58,5 +58,29 @@ def test_admission_goes_through_the_bridge_around_an_outage() -> None:
         probe = await local.admit([], [SlotBucket("gw:{k:1}:c:requests", 1)], "probe")
         assert probe.admitted  # nothing left held locally
         await bridge.settled()
+
+    asyncio.run(run())
+
+
+def test_mirroring_after_an_outage_skips_a_lease_the_store_rejects_and_goes_on() -> None:
+    """A rejected lease (its key holds another program's value) is no store failure: the other
+    local slots are still mirrored into the store."""
+
+    class Rejecting(MemoryStore):
+        async def admit(self, rates, slots, lease_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if lease_id == "bad":
+                raise StoreRejected("WRONGTYPE ... script: 1, on @user_script:3.")
+            return await super().admit(rates, slots, lease_id, *args, **kwargs)
+
+    async def run() -> None:
+        shared, local = Rejecting(30.0), MemoryStore(30.0)
+        bridge = OutageBridge(shared, local)
+        plan = _plan()
+        await bridge.to_local()
+        for lease_id in ("first", "bad", "last"):
+            bridge.admitted(local, plan, lease_id)
+        bridge.to_shared()
+        await bridge.settled()
+        assert bridge._local.mirrored == {"first", "last"}
 
     asyncio.run(run())
