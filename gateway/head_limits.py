@@ -67,7 +67,7 @@ class HeadLimits:
 
 
 HEADERS_TOO_LARGE = closing_error(431, "Request Header Fields Too Large", "headers_too_large",
-                             "The request headers are too large or too many.")
+                                  "The request headers are too large or too many.")
 URI_TOO_LONG = closing_error(414, "URI Too Long", "uri_too_long", "The request target is too long.")
 # What the parser cannot read (a bad request line, header or chunk, conflicting framing): the
 # same JSON body as every other gateway error, where uvicorn would answer in plain text, log a
@@ -78,8 +78,8 @@ NOT_HTTP = closing_error(400, "Bad Request", "bad_request", "The request is not 
 # few at a time; a deeper queue only holds memory, since they are answered one after another.
 MAX_PIPELINED = 32
 PIPELINE_FULL = closing_error(503, "Service Unavailable", "too_many_pipelined",
-                         f"More than {MAX_PIPELINED} requests were sent ahead of their answers on one "
-                         "connection; the rest were not read. Wait for answers, or use more connections.")
+                              f"More than {MAX_PIPELINED} requests were sent ahead of their answers on one "
+                              "connection; the rest were not read. Wait for answers, or use more connections.")
 
 
 class _HeadRefused(Exception):
