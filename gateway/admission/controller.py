@@ -431,8 +431,9 @@ class Admission:
         now = time.monotonic()
         if now - self._rejected_logged_at >= REJECTED_LOG_EVERY:
             self._rejected_logged_at = now
-            log.warning("the store rejected an admission for what its keys hold (another program's key under "
-                        "the prefix?): on_error: %s decides that request, the others go on: %s", self._on_error, exc)
+            log.warning("the store could not decide an admission for a reason of its own keys (another program's "
+                        "key under the prefix, or a Cluster slot being migrated): on_error: %s decides that "
+                        "request, the others go on: %s", self._on_error, exc)
 
     def _store_answers(self) -> None:
         self._failing = False

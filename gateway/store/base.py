@@ -231,9 +231,17 @@ class StoreError(Exception):
 
 
 class StoreRejected(StoreError):
-    """The store answered, but this one call failed on what its keys hold (a key of another
-    type under the prefix, written by another program or by hand; a value no script expects).
-    It says nothing about the store's health: other calls, other keys, go on."""
+    """The store answered, but this one call failed for a reason of its own keys: what they
+    hold (a key of another type under the prefix, written by another program or by hand; a
+    value no script expects), or where they are (`SlotMigrating`). It says nothing about the
+    store's health: other calls, other keys, go on."""
+
+
+class SlotMigrating(StoreRejected):
+    """Cluster: this call's hash slot is being moved between primaries, and Redis ran nothing.
+    While a slot migrates, Redis refuses a script over several keys of it unless all of them
+    sit on one node (TRYAGAIN), and an admission's keys rarely all exist; the slot's other
+    calls meet the same until the move ends, the other slots go on."""
 
 
 # Error codes that speak for the whole store whatever call drew them (memory, a read-only

@@ -77,6 +77,7 @@ from gateway.store.base import (
     RateBucket,
     Settlement,
     SlotBucket,
+    SlotMigrating,
     StoreError,
     StoreObserver,
     StoreRejected,
@@ -482,12 +483,18 @@ class RedisStore:
     def _fail(self, pending: _PendingAdmit, exc: BaseException) -> None:
         # The script may have run (reply lost, timeout after sending), or may still run (its
         # bytes wait in a stalled Redis): the caller is told "error", so take it all back.
-        self._undo(pending, now=isinstance(exc, ConnectionLost))
+        # Unless every send is known not to have run (one send, refused for its migrating slot).
+        if not (isinstance(exc, SlotMigrating) and not pending.resent):
+            self._undo(pending, now=isinstance(exc, ConnectionLost))
         if pending.future.done():
             return
         self._observer.store_error(pending.operation)
         # One exception instance per caller: several tasks must not share a traceback.
-        kind = StoreRejected if rejected_for_its_keys(exc) else StoreError
+        kind: type[StoreError] = StoreError
+        if isinstance(exc, StoreRejected):
+            kind = type(exc)
+        elif rejected_for_its_keys(exc):
+            kind = StoreRejected
         error = kind(str(exc) if isinstance(exc, StoreError) else f"{pending.operation} failed: {exc!r}")
         error.__cause__ = exc
         pending.future.set_exception(error)
@@ -574,24 +581,35 @@ class RedisStore:
             self._transport.release(list(map(_KEY, slots)), lease_members(lease_id),
                                     self._channels(slots) if wake else ())
 
-    def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int) -> None:
+    def _send_settle(self, keys: list[str], args: list[str | int], *, resent: bool, reloads: int,
+                     waited: float = 0.0) -> None:
         generation = self._transport.scripts.generation
         self._transport.send_release_eval(
             self._settle_script, keys, args,
-            functools.partial(self._settle_reply, keys, args, resent, reloads, generation))
+            functools.partial(self._settle_reply, keys, args, resent, reloads, generation, waited))
 
     def _settle_reply(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
-                      generation: int, reply: object) -> None:
-        """settle.lua is idempotent by lease id: a lost connection sends it once more."""
+                      generation: int, waited: float, reply: object) -> None:
+        """settle.lua is idempotent by lease id: a lost connection sends it once more; one its
+        migrating Cluster slot refused (not run) goes again after a pause, within a lease."""
         if not isinstance(reply, BaseException):
             return
         if reloads < 2 and self._transport.needs_reload(reply):
             self._spawn(self._reload_and_settle(keys, args, resent, reloads + 1, generation))
         elif isinstance(reply, ConnectionLost) and not resent and not self._connection_closed:
             self._send_settle(keys, args, resent=True, reloads=reloads)
+        elif isinstance(reply, SlotMigrating) and waited < self._lease and not self._connection_closed:
+            pause = min(max(2 * waited, 0.05), 1.0)
+            self._spawn(self._settle_later(keys, args, resent, reloads, waited + pause, pause))
         else:
             self._observer.store_error("release")
             log.warning("store settlement failed: %r", reply)
+
+    async def _settle_later(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
+                            waited: float, pause: float) -> None:
+        await asyncio.sleep(pause)
+        if not self._connection_closed:
+            self._send_settle(keys, args, resent=resent, reloads=reloads, waited=waited)
 
     async def _reload_and_settle(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
                                  generation: int) -> None:

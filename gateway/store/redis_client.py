@@ -6,6 +6,8 @@ its size) would let one store call hang for tens of seconds; here every wait der
 pipeline after a connection error even when Redis already ran it, which would run a
 state-changing script twice. The store re-sends only what is safe to run twice
 (gateway/store/redis.py); the Sentinels, asked only where the master is, keep one retry.
+On Cluster, redis-py follows MOVED, but a slot in migration (TRYAGAIN, ASK) is handled here:
+the call is sent again after short pauses within its budget, then answered `SlotMigrating`.
 
 URL forms:
 - `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), `unix:///path.sock?db=N`
@@ -34,10 +36,19 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisClusterException, RedisError
 
-from gateway.store.base import StoreError
+from gateway.store.base import SlotMigrating, StoreError
 from gateway.store.scripts import Script
 from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore, shared
 
@@ -112,6 +123,27 @@ FAILURES: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+# Cluster: how many times redis-py sends one command that met a redirect or TRYAGAIN before it
+# gives up ("TTL exhausted"). Its default, 16, ends in eight 50 ms pauses on TRYAGAIN, far past
+# any store budget. Two follow one MOVED or ASK (a pipeline's first pass is not counted).
+CLUSTER_REDIRECTS = 2
+# Scripts on a migrating slot are sent again after these pauses (doubling), while the budget
+# leaves a round trip's margin after the pause.
+SLOT_PAUSE = 0.005
+SLOT_PAUSE_MAX = 0.1
+SLOT_ROUND = 0.01
+# A release refused by a slot in migration is sent again for at most this long (a move left
+# half-done); the lease it frees expires anyway.
+RELEASE_RETRY_FOR = 60.0
+
+
+def slot_migrating(reply: object) -> bool:
+    """Cluster: the reply says the call did not run because its slot is moving between primaries
+    (TRYAGAIN; a MOVED or ASK left over; redis-py's redirect budget spent on those)."""
+    return isinstance(reply, (TryAgainError, AskError)) or (
+        isinstance(reply, ClusterError) and "TTL exhausted" in str(reply))
+
+
 # Hot-path batches are capped so a burst becomes several pipelines in parallel, not one huge one.
 BATCH = 256
 
@@ -145,6 +177,9 @@ class RedisPyTransport(Transport):
         self._releases_landing: set[asyncio.Future[None]] = set()
         self._release_task: asyncio.Task[None] | None = None
         self._release_shas: set[str] = set()  # scripts sent by send_release_eval
+        # Cluster: releases refused by a slot in migration, since when; and the pause before the next try.
+        self._refused_since: dict[tuple[str, str], float] = {}
+        self._retry_pause = SLOT_PAUSE
         self._closed = False
 
     # -- the hot path ------------------------------------------------------------------
@@ -269,11 +304,39 @@ class RedisPyTransport(Transport):
                 continue
             finally:
                 self._landed(landed)
-            if any(isinstance(reply, BaseException) for reply in replies):
+            failed = (self._retry_migrating(members, replies) if self.is_cluster
+                      else [reply for reply in replies if isinstance(reply, BaseException)])
+            if failed:
                 self.on_release_error()
-                log.warning(
-                    "store release partly failed: %r", [r for r in replies if isinstance(r, BaseException)]
-                )
+                log.warning("store release partly failed: %r", failed)
+
+    def _retry_migrating(self, zrems: dict[str, list[str]], replies: Sequence[object]) -> list[object]:
+        """Cluster: ZREMs refused for a slot in migration (redis-py's ASK follow-up can go out on
+        another connection than its ASKING and meet MOVED) go again after a pause, until the
+        move ends (then MOVED, which redis-py follows), each for at most RELEASE_RETRY_FOR.
+        Returns the replies that are failures still."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        retry: dict[str, list[str]] = {}
+        failed: list[object] = []
+        for (key, members), reply in zip(zrems.items(), replies, strict=False):
+            for member in members:
+                if not slot_migrating(reply):
+                    self._refused_since.pop((key, member), None)
+                elif now - self._refused_since.setdefault((key, member), now) <= RELEASE_RETRY_FOR:
+                    retry.setdefault(key, []).append(member)
+                else:  # a migration left half-done: reported as failed, the lease expires
+                    del self._refused_since[(key, member)]
+                    failed.append(reply)
+        failed += [reply for reply in replies[len(zrems):] if isinstance(reply, BaseException)]
+        failed += [reply for reply in replies[:len(zrems)]
+                   if isinstance(reply, BaseException) and not slot_migrating(reply)]
+        if retry:
+            loop.call_later(self._retry_pause, self._requeue, retry)
+            self._retry_pause = min(2 * self._retry_pause, SLOT_PAUSE_MAX)
+        else:
+            self._retry_pause = SLOT_PAUSE
+        return failed
 
     def _take_releases_for_piggyback(self) -> dict[str, list[str]]:
         """Pending releases, grouped by key, taken over by a hot-path pipeline. Left to the
@@ -315,6 +378,7 @@ class RedisPyTransport(Transport):
         """As Transport.eval_batch, after `zrems` (key -> members) in the same pipeline. Each
         round trip gets `budget`: a Redis that answered "not run" is alive, and the resend
         deserves its own."""
+        started = asyncio.get_running_loop().time()
         async with asyncio.timeout(budget):
             await self._in_flight.acquire()
         try:
@@ -338,7 +402,38 @@ class RedisPyTransport(Transport):
                     replies[index] = reply
         finally:
             self._in_flight.release()
+        if self.is_cluster:  # (its pauses hold no connection)
+            await self._through_migrations(script.sha, calls, replies, started + budget)
         return replies
+
+    async def _through_migrations(self, sha: str, calls: Sequence[Call], replies: list[object],
+                                  deadline: float) -> None:
+        """Cluster: calls that met a redirect or TRYAGAIN ran nothing. MOVED (the slot has moved:
+        redis-py follows it and learns the new owner) goes again at once; a slot still moving
+        (ASK, TRYAGAIN) after a pause, while the budget allows; then `SlotMigrating` (the
+        caller decides that request alone, with nothing to undo)."""
+        loop = asyncio.get_running_loop()
+        pause = SLOT_PAUSE
+        while True:
+            moving = [index for index, reply in enumerate(replies) if slot_migrating(reply)]
+            if not moving:
+                return
+            moved = [index for index in moving if isinstance(replies[index], MovedError)]
+            group, wait = (moved, 0.0) if moved else (moving, pause)
+            if deadline - loop.time() < wait + SLOT_ROUND:
+                for index in moving:
+                    replies[index] = SlotMigrating(f"its cluster slot is being migrated: {replies[index]!r}")
+                return
+            if wait:
+                await asyncio.sleep(wait)
+                pause = min(2 * pause, SLOT_PAUSE_MAX)
+            try:
+                async with asyncio.timeout(deadline - loop.time()), self._in_flight:
+                    retried = await self._pipeline(sha, [calls[index] for index in group], follow=bool(moved))
+            except FAILURES as exc:  # (a lost connection, a timeout: perhaps run now, the callers decide)
+                retried = [exc] * len(group)
+            for index, reply in zip(group, retried, strict=True):
+                replies[index] = reply
 
     async def _pipeline(
         self,
@@ -346,6 +441,8 @@ class RedisPyTransport(Transport):
         calls: Sequence[Call],
         zrems: dict[str, list[str]] | None = None,
         on_zrem_error: Callable[[], None] | None = None,
+        *,
+        follow: bool = False,
     ) -> list[object]:
         pipe = self.client.pipeline(transaction=False)
         for key, members in (zrems or {}).items():
@@ -353,15 +450,30 @@ class RedisPyTransport(Transport):
         for keys, args in calls:
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            if self.is_cluster:
+                # Redirects come back as replies unless `follow` (see _through_migrations):
+                # redis-py would resend each call on its own, one after another, and pause
+                # 50 ms at every TRYAGAIN, which a migrating slot answers to every script.
+                replies = await pipe.execute(raise_on_error=False, allow_redirections=follow)
+            else:
+                replies = await pipe.execute(raise_on_error=False)
         except RedisConnectionError as exc:
             raise ConnectionLost(f"Redis connection lost: {exc!r}") from exc
         released = len(zrems or ())
         if len(replies) != released + len(calls):
             raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
-        if on_zrem_error is not None and any(isinstance(reply, BaseException) for reply in replies[:released]):
-            on_zrem_error()
+        if released:
+            self._zrem_replies(zrems or {}, replies[:released], on_zrem_error)
         return list(replies[released:])
+
+    def _zrem_replies(self, zrems: dict[str, list[str]], replies: Sequence[object],
+                      on_zrem_error: Callable[[], None] | None) -> None:
+        """Cluster: a piggybacked ZREM redirected (its slot moved or is moving: not run) is sent
+        again as the release flusher's are; any other error is a failed release."""
+        failed = (self._retry_migrating(zrems, replies) if self.is_cluster
+                  else [reply for reply in replies if isinstance(reply, BaseException)])
+        if failed and on_zrem_error is not None:
+            on_zrem_error()
 
     async def _release_pipeline(self, zrems: dict[str, list[str]], channels: Sequence[str]) -> list[object]:
         """ZREM `zrems` (key -> members), then PUBLISH "1" on `channels` once they have landed
@@ -557,4 +669,5 @@ def _cluster(url: str, scheme: str, common: dict[str, Any], max_connections: int
         ssl=scheme.startswith("rediss"),
         **common,
     )
+    client.RedisClusterRequestTTL = CLUSTER_REDIRECTS
     return RedisConnection(client, is_cluster=True)

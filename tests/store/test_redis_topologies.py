@@ -116,3 +116,68 @@ async def test_sentinel_url_finds_the_master() -> None:
         finally:
             await store.aclose()
             db3.close()
+
+
+async def test_cluster_slot_migration_is_this_calls_own_failure_and_nothing_is_lost() -> None:
+    """A slot MIGRATING with an admission's keys split between nodes: Redis answers TRYAGAIN or
+    ASK to every script over them until the move ends. The store tries again within its budget,
+    then raises SlotMigrating (a StoreRejected: the caller decides that request alone), with
+    nothing to undo, since nothing ran. A release redirected meanwhile still lands; once the
+    slot has its new owner, admission goes on there with the state it had."""
+    from redis.crc import key_slot
+
+    from gateway.store.base import Charge, RateBucket, Settlement, SlotMigrating, StoreRejected
+    from tests.support.topologies import node_for_slot
+
+    with redis_cluster() as nodes:
+        observer = RecordingObserver()
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+        store = RedisStore(url, prefix="t", timeout=0.2, lease=10.0, observer=observer)
+        await store.start()
+        try:
+            rpm, requests = rate("rpm", 5, 60_000, "mv"), slot("requests", 3, "mv")
+            unused = rate("hourly", 100, 3_600_000, "mv")  # never written: a key the slot lacks
+            base = rate("credits", 50, 60_000, "mv")
+            credits = RateBucket(base.key, 50, 60_000, counts_cost=True)
+            assert (await store.admit([rpm], [requests], "held")).admitted
+            costly = await store.admit([credits], [requests], "costly", charge=Charge(5))
+            assert costly.admitted
+            number = key_slot(b"mv")
+            source, target = nodes[node_for_slot(number)], nodes[(node_for_slot(number) + 1) % 3]
+            src, dst = source.client(), target.client()
+            source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+            dst.execute_command("CLUSTER SETSLOT", number, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", number, "MIGRATING", target_id)
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, requests.key, 0, 5000)  # split
+
+            started = time.monotonic()
+            with pytest.raises(StoreRejected) as refused:
+                await store.admit([rpm, unused], [requests], "during")
+            took = time.monotonic() - started
+            assert isinstance(refused.value, SlotMigrating), repr(refused.value)
+            assert took < 0.2 + 0.1  # within the budget, no redis-py pauses on top
+            assert store._undos == {}  # nothing ran: nothing to take back
+            # The held lease's release: its slot set is on the target now (ASK from the source).
+            store.release([requests], "held")
+            # A settlement (settle.lua, over several keys: TRYAGAIN) is sent again after the move.
+            store.release([requests], "costly", settlement=Settlement((credits,), (), 5, 2, costly.now_ms))
+            await store.flush()
+
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", number, 10):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for node in (target, source, *(n for n in nodes if n not in (source, target))):
+                node.client().execute_command("CLUSTER SETSLOT", number, "NODE", target_id)
+            deadline = time.monotonic() + 2
+            while dst.zcard(requests.key):  # both releases landed, late or not
+                assert time.monotonic() < deadline, "the release never landed"
+                await asyncio.sleep(0.02)
+            after = await store.admit([rpm, unused], [requests], "after")  # MOVED, followed
+            assert after.admitted and after.rate_counts == [1, 0], after  # "held" still counted
+            refunded = await store.admit([credits], [], "refunded")
+            assert refunded.rate_counts == [2], refunded  # 5 charged, settled at 2 (this one not counted)
+            store.release([requests], "after")
+            await store.flush()
+            assert observer.errors == {"admit": 1}
+        finally:
+            await store.aclose()
+        assert dst.zcard(requests.key) == 0
