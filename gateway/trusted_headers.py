@@ -105,12 +105,20 @@ def add(message: dict[str, Any], trusted: Sequence[tuple[bytes, bytes]], scope: 
         message[MESSAGE_KEY] = block
 
 
+# `expected_content_length` of a body that ends when the connection closes (HTTP/1.0).
+_UNTIL_CLOSE = -1
+
+
 class TrustedHeadersCycle(RequestResponseCycle):
     """uvicorn's request-response cycle (as of uvicorn 0.55), whose `send` also writes the
     `MESSAGE_KEY` block of `http.response.start` after the headers it checks.
 
-    The method is uvicorn's own, unchanged but for the block; tests/unit/test_trusted_headers.py
-    compares its output and state with uvicorn's for the same messages."""
+    The method is uvicorn's own, unchanged but for the block and one fix: a response of unknown
+    length to an HTTP/1.0 request is delimited by closing the connection, as HTTP/1.0 has no
+    chunked coding (RFC 9112 §6.1: a server must not send Transfer-Encoding to it); uvicorn
+    chunks it, and the client takes the chunk framing for body bytes.
+    tests/unit/test_trusted_headers.py compares its output and state with uvicorn's for the
+    same messages, and the HTTP/1.0 case with what it must be."""
 
     async def send(self, message: Any) -> None:  # noqa: C901 (uvicorn's method, kept as it is)
         if self.flow.write_paused and not self.disconnected:
@@ -168,6 +176,13 @@ class TrustedHeadersCycle(RequestResponseCycle):
             if trusted:
                 content.append(trusted)
 
+            if (self.chunked_encoding is None and self.scope["http_version"] == "1.0"
+                    and self.scope["method"] != "HEAD" and status_code not in (204, 304)):
+                # The fix: no length for an HTTP/1.0 client, so the close ends the body.
+                self.chunked_encoding = False
+                self.expected_content_length = _UNTIL_CLOSE
+                self.keep_alive = False
+
             if not self.keep_alive and not has_connection_close:
                 content.append(b"connection: close\r\n")
 
@@ -200,7 +215,9 @@ class TrustedHeadersCycle(RequestResponseCycle):
                 self.transport.write(b"".join(content))
             else:
                 num_bytes = len(body)
-                if num_bytes > self.expected_content_length:
+                if self.expected_content_length == _UNTIL_CLOSE:
+                    pass
+                elif num_bytes > self.expected_content_length:
                     raise RuntimeError("Response content longer than Content-Length")
                 else:
                     self.expected_content_length -= num_bytes
@@ -208,7 +225,7 @@ class TrustedHeadersCycle(RequestResponseCycle):
 
             # Handle response completion
             if not more_body:
-                if self.expected_content_length != 0:
+                if self.expected_content_length > 0:
                     raise RuntimeError("Response content shorter than Content-Length")
                 self.response_complete = True
                 self.message_event.set()

@@ -26,6 +26,7 @@ from gateway.admission.identity import hash_key
 from gateway.head_limits import MAX_PIPELINED
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, upstream_stats
 from tests.support.invariants import assert_no_leaks_within
+from tests.support.mock_upstream import download_blocks
 from tests.support.processes import Proc, mock_upstream
 from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
@@ -484,6 +485,32 @@ def test_a_body_trickled_after_the_first_64KiB_is_cut_and_frees_its_slot(clean: 
     assert elapsed < CLIENT_TIMEOUT + SLACK
     _wait_slots(clean, 0, within=2)
     assert _log_shows(clean.gateway, '"status":408,"outcome":"client_timeout"')
+
+
+# --- HTTP/1.0 clients ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+def test_an_http_1_0_client_gets_a_streamed_body_as_it_was_sent_ending_with_the_close(
+        connection: bytes, clean: Setup) -> None:
+    """HTTP/1.0 has no chunked coding (ab, old proxies and health checkers speak it): a response
+    the upstream streams without a length reaches such a client as the bare body, ended by the
+    close. uvicorn alone chunks it, and the client reads the chunk framing as body bytes."""
+    total = 200_000
+    head = (b"GET /download?bytes=%d&mode=chunked HTTP/1.0\r\nX-API-Key: " % total + KEY.encode() + b"\r\n"
+            + connection + b"\r\n")
+    received, closed = exchange(clean.gateway.port, head)
+    response_head, _, body = received.partition(b"\r\n\r\n")
+    lines = response_head.lower().split(b"\r\n")
+    assert closed and status_of(received) == 200
+    assert not any(line.startswith(b"transfer-encoding") for line in lines), response_head
+    assert b"connection: close" in lines
+    assert body == b"".join(download_blocks(total))
+    # The same over HTTP/1.1 is chunked, and a length from the upstream goes to 1.0 as it is.
+    chunked, _ = exchange(clean.gateway.port, request(f"/download?bytes={total}&mode=chunked", "Connection: close"))
+    assert b"transfer-encoding: chunked" in chunked.lower().partition(b"\r\n\r\n")[0]
+    sized, _ = exchange(clean.gateway.port, head.replace(b"mode=chunked", b"mode=length"))
+    assert b"content-length: %d" % total in sized.lower() and sized.endswith(b"".join(download_blocks(total))[-100:])
 
 
 # --- strict request paths ------------------------------------------------------------------------
