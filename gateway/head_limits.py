@@ -8,7 +8,8 @@ before anything else sees them:
 - the request target past `max_request_line` → 414 `uri_too_long`;
 - the head (request line and header fields) past `max_request_headers`, or more than
   `max_request_header_count` fields → 431 `headers_too_large`;
-- and what the parser cannot read at all → 400 `bad_request` (`NOT_HTTP`);
+- and what the parser cannot read at all, a version other than HTTP/1.1 and 1.0, or an HTTP/1.0
+  request with a Transfer-Encoding → 400 `bad_request` (`NOT_HTTP`);
 - a request pipelined behind `MAX_PIPELINED` others still waiting for their answers → 503
   `too_many_pipelined`, after those answers. uvicorn queued every pipelined request with no
   bound and read on after each answer: one connection sending 13 MB of `GET / HTTP/1.1` in
@@ -160,11 +161,27 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             self._refusal = HEADERS_TOO_LARGE
         elif len(self.pipeline) >= MAX_PIPELINED:
             self._refusal = PIPELINE_FULL  # answered after the queued ones; nothing more is read
+        elif self.parser.get_http_version() != "1.1" and not self._readable_http_1_0():
+            self._refusal = NOT_HTTP
         if self._refusal is not None:
             raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False
         self._head_received = 0  # (`_head_carried` matters only while a head is open: set when one opens)
         super().on_headers_complete()
+
+    def _readable_http_1_0(self) -> bool:
+        """Whether a request that is not HTTP/1.1 is an HTTP/1.0 one the gateway serves. HTTP/1.0
+        has no chunked coding: a Transfer-Encoding in it is faulty framing (RFC 9112 §6.1), a
+        request-smuggling shape (a front proxy may take the chunks for the next request), refused
+        as nginx refuses it. Nor has it 100-continue: the expectation is ignored (RFC 9110
+        §10.1.1), since a `100 Continue` would read as its final answer. Any other version the
+        parser lets through (`HTTP/2.0` written as text) is no HTTP/1 request at all."""
+        if self.parser.get_http_version() != "1.0":
+            return False
+        if any(name == b"transfer-encoding" for name, _ in self.headers):
+            return False
+        self.expect_100_continue = False
+        return True
 
     def on_message_complete(self) -> None:
         self._head_open = True

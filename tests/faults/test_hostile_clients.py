@@ -439,6 +439,13 @@ SMUGGLING = {
     "lf_in_header_value": raw(b"GET /a", b"X-Foo: a\nb"),
     "nul_in_header_value": raw(b"GET /a", b"X-Foo: a\x00b"),
     "control_char_in_name": raw(b"GET /a", b"X\x01Foo: a"),
+    # HTTP/1.0 has no chunked coding: a front proxy reading the message as 1.0 sees no body, and
+    # the chunk holding a request is that request to it (nginx refuses these too).
+    "te_in_http_1_0": raw(b"POST /a", TE, body=b"5c\r\n" + SMUGGLED[:92] + b"\r\n0\r\n\r\n").replace(
+        b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1),
+    "te_and_cl_in_http_1_0": raw(b"POST /a", TE, b"Content-Length: 5", body=b"0\r\n\r\n").replace(
+        b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1),
+    "http_2_0_as_text": raw(b"GET /a").replace(b" HTTP/1.1\r\n", b" HTTP/2.0\r\n", 1),
 }
 
 
@@ -451,6 +458,23 @@ def test_smuggling_shapes_get_400_and_reach_nothing(shape: str, clean: Setup) ->
     assert response.count(b"HTTP/1.1 ") == 1  # one answer: nothing parsed out of a body
     assert clean.upstream_total() == 0  # the upstream saw nothing, not even a truncated request
     assert clean.evalsha() == calls
+
+
+def test_an_http_1_0_request_expecting_100_continue_gets_no_interim_answer(clean: Setup) -> None:
+    """RFC 9110 §10.1.1: a server ignores 100-continue in an HTTP/1.0 request; an HTTP/1.0
+    client would read `100 Continue` as its final answer. It sends its body at once and gets one
+    answer; over HTTP/1.1 the interim answer still comes."""
+    body = b"x" * 500  # (the module's gateway caps bodies at 1 KiB)
+    request = (b"POST /a HTTP/1.0\r\n" + K.replace(KEY.encode(), ROOMY.encode())
+               + b"\r\nExpect: 100-continue\r\nContent-Length: 500\r\n\r\n" + body)
+    response, closed = exchange(clean.small.port, request)
+    assert closed and status_of(response) == 200 and b"100 Continue" not in response
+    assert response.count(b"HTTP/1.1 ") == 1
+    assert upstream_stats(clean.upstream, "roomy")["last"]["body_length"] == len(body)
+    with socket.create_connection(("127.0.0.1", clean.small.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(request.replace(b"HTTP/1.0", b"HTTP/1.1\r\nHost: x", 1)[:-len(body)])
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def test_pipelined_requests_reach_the_upstream_exactly_as_sent(clean: Setup) -> None:
