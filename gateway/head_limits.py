@@ -7,7 +7,9 @@ before anything else sees them:
 
 - the request target past `max_request_line` → 414 `uri_too_long`;
 - the head (request line and header fields) past `max_request_headers`, or more than
-  `max_request_header_count` fields → 431 `headers_too_large`;
+  `max_request_header_count` fields → 431 `headers_too_large`; so does a chunked body's trailer
+  section (or chunk framing: the bytes between two body bytes) past `max_request_headers`.
+  Trailer fields are read and dropped, never merged into the request's headers;
 - and what the parser cannot read at all, a version other than HTTP/1.1 and 1.0, or an HTTP/1.0
   request with a Transfer-Encoding → 400 `bad_request` (`NOT_HTTP`);
 - a request pipelined behind `MAX_PIPELINED` others still waiting for their answers → 503
@@ -106,6 +108,9 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
     # head too large (they may be the previous message's body).
     _head_carried = 0
     _read_size = 0  # the read being parsed
+    # Bytes read in a body since its last body byte: chunk framing, and at its end the trailer
+    # section, which no other bound sees (the body cap counts body bytes only).
+    _loose = 0
     _refusal: bytes | None = None
     _declined_with_body: bytes | None = None  # an upgrade request's body framing (`_should_upgrade`)
     # A refused connection's answer, written when its first bytes arrive (gateway/connection_limits.py)
@@ -119,6 +124,8 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         self._read_size = size = len(data)
         if self._head_open:
             self._head_received += size
+        else:
+            self._loose += size
         self._unset_keepalive_if_required()
         parser = self.parser
         while True:
@@ -150,6 +157,8 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
                 self._refuse(URI_TOO_LONG)
             elif self._head_received - self._head_carried > limits.max_request_headers:
                 self._refuse(HEADERS_TOO_LARGE)
+        elif self._loose > 4096 and not self._head_open and self._loose > self.head_limits().max_request_headers:
+            self._refuse(HEADERS_TOO_LARGE)  # a trailer section (or chunk framing) past the head's bound
 
     def on_headers_complete(self) -> None:
         limits = self.head_limits()
@@ -167,7 +176,17 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False
         self._head_received = 0  # (`_head_carried` matters only while a head is open: set when one opens)
+        self._loose = 0
         super().on_headers_complete()
+        # A chunked body's trailer fields reach uvicorn's `on_header` too, which appends them to
+        # the list the request's scope holds: they would become request headers (forwarded, read
+        # for the key) after every check of the head. Never merged (RFC 9110 §6.5.1): from here
+        # on they go to a copy, which nothing reads as the request's headers.
+        self.headers = self.headers.copy()
+
+    def on_body(self, body: bytes) -> None:
+        self._loose = 0  # body bytes: what came before them was framing
+        super().on_body(body)
 
     def _readable_http_1_0(self) -> bool:
         """Whether a request that is not HTTP/1.1 is an HTTP/1.0 one the gateway serves. HTTP/1.0
