@@ -280,7 +280,7 @@ class GatewayApp:
             upstream_headers = upstream_request_headers(
                 routing.header_policy, headers, key_id=key.id, plan=key.plan,
                 forwarded_for=_forwarded_for(peer, headers, trusted) if trusted else (peer or ""),
-                forwarded_proto=scope.get("scheme", "http"),
+                forwarded_proto=scope.get("scheme", "http"), reflected=scope["method"] == "TRACE",
             )
             in_flight = state.metrics.in_flight_for[(key.plan,)]
             in_flight.inc()

@@ -111,6 +111,7 @@ def upstream_request_headers(
     plan: str,
     forwarded_for: str,
     forwarded_proto: str,
+    reflected: bool = False,
 ) -> Headers:
     """The client's headers minus everything hop-level or gateway-owned, plus the gateway's own.
 
@@ -118,6 +119,10 @@ def upstream_request_headers(
     headers before anything is added, so `Connection: X-Forwarded-For` can't remove the gateway's.
     Client-IP headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `True-Client-IP`, ...) are
     dropped whoever sent them: the gateway's `forwarded_for` replaces them all.
+
+    `reflected`: the upstream answers with the request itself (TRACE, RFC 9110 §9.3.8, which
+    forbids sending sensitive fields in one): `set_headers`, the operator's upstream credentials,
+    are not added, or the client would read them in the answer.
     """
     strip = policy.strip
     kept: Headers = []
@@ -137,7 +142,8 @@ def upstream_request_headers(
     kept.append((b"x-forwarded-proto", forwarded_proto.encode("latin-1")))
     kept.append((policy.key_id_header, key_id.encode("latin-1")))
     kept.append((policy.plan_header, plan.encode("latin-1")))
-    kept.extend(policy.set_headers)
+    if not reflected:
+        kept.extend(policy.set_headers)
     return kept
 
 

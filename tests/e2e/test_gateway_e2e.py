@@ -196,6 +196,21 @@ def test_what_reaches_the_upstream(gw: Proc, upstream: str) -> None:
     assert SECRET not in json.dumps(seen)
 
 
+def test_a_trace_carries_no_set_headers_the_upstream_could_reflect(gw: Proc, upstream: str) -> None:
+    """TRACE asks the upstream to answer with the request it received (RFC 9110 §9.3.8, which
+    forbids sensitive fields in one): with `set_headers` in it, the client would have read the
+    operator's upstream token in the answer and could call the upstream without the gateway.
+    (The mock upstream reflects every request it does not know, as a TRACE-honouring one does.)"""
+    response = httpx.request("TRACE", gw.url + "/echo", headers={"X-API-Key": OTHER, "X-Upstream-Token": "spoofed"})
+    assert response.status_code == 200
+    assert "up-token" not in response.text and "spoofed" not in response.text
+    headers = {name.lower() for name, _ in last_request(upstream, "k2")["headers"]}
+    assert "x-upstream-token" not in headers and "x-gateway-key-id" in headers
+    # Every other method still carries them.
+    assert httpx.get(gw.url + "/echo", headers={"X-API-Key": OTHER}).status_code == 200
+    assert ["x-upstream-token", "up-token"] in [[n.lower(), v] for n, v in last_request(upstream, "k2")["headers"]]
+
+
 def test_streaming_both_ways_with_bounded_memory(gw: Proc) -> None:
     size = 64 * 1024 * 1024
     with httpx.Client(timeout=60, headers={"X-API-Key": OTHER}) as client:

@@ -52,6 +52,14 @@ GATEWAY_ADDED = [
 ]
 
 
+def test_a_reflected_request_carries_everything_but_set_headers() -> None:
+    client = [(b"x-custom", b"kept"), (b"x-upstream-token", b"spoofed")]
+    reflected = upstream_request_headers(POLICY, client, key_id="acme-live", plan="pro", forwarded_for="203.0.113.7",
+                                         forwarded_proto="https", reflected=True)
+    assert reflected == [(b"x-custom", b"kept"), *GATEWAY_ADDED[:4]]
+    assert forwarded(client) == [(b"x-custom", b"kept"), *GATEWAY_ADDED]
+
+
 class TestPolicy:
     def test_strip_set_covers_hop_by_hop_identity_and_gateway_names(self) -> None:
         expected = {
