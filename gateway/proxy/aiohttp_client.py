@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import time
 import weakref
 from typing import Any
 
@@ -37,6 +39,9 @@ from gateway.proxy.upstream import (
     UpstreamUnavailable,
 )
 
+log = logging.getLogger(__name__)
+UNSOLICITED_LOG_EVERY = 60.0  # seconds between warnings about answers on idle connections
+
 # aiohttp adds these unless told not to; the upstream gets exactly what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 # h11 (httpx) accepts 16 KiB of response headers; keep the two clients alike.
@@ -52,16 +57,34 @@ _reused: contextvars.ContextVar[bool] = contextvars.ContextVar("upstream_connect
 
 
 class _ReuseTrackingConnector(aiohttp.TCPConnector):
-    """Tells `send` whether a request got a pooled connection (one it has handed out before)."""
+    """Tells `send` whether a request got a pooled connection (one it has handed out before),
+    and never hands out one on which the upstream spoke while it was idle.
+
+    Bytes arriving on an idle connection are an answer nobody asked for: a late or extra
+    response, an idle timeout's `408`. aiohttp parses and queues them, and the next request sent
+    on that connection, another client's perhaps, would read them as its own response. Such a
+    connection is closed and another one taken (Go's net/http does the same)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()
+        self.unsolicited = 0  # pooled connections dropped for what the upstream sent on them idle
+        self._warned_at = -UNSOLICITED_LOG_EVERY
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        reused = protocol in self._handed_out
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            reused = protocol in self._handed_out
+            if not reused or protocol is None or not protocol.should_close:
+                break
+            self.unsolicited += 1
+            now = time.monotonic()
+            if now - self._warned_at >= UNSOLICITED_LOG_EVERY:
+                self._warned_at = now
+                log.warning("the upstream sent a response on an idle connection (%d times so far): such "
+                            "a connection is dropped, never given to the next request", self.unsolicited)
+            connection.close()  # (each one closed: the pool runs out of them, then a new one comes)
         if not reused and protocol is not None:
             self._handed_out.add(protocol)
         _reused.set(reused)

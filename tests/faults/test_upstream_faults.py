@@ -199,6 +199,39 @@ def test_a_thousand_cancelled_requests_leave_the_pool_usable(
     assert_no_leaks(shared_db, PREFIX)
 
 
+@pytest.mark.parametrize("kind", ["poison", "timeout"])
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_an_answer_sent_on_an_idle_upstream_connection_never_reaches_the_next_client(
+    client: str, kind: str, tmp_path: Path
+) -> None:
+    """The upstream answers one client, then on the now idle pooled connection sends another
+    response nobody asked for (a late or extra answer; or an idle timeout's 408 before it
+    closes). aiohttp queued it, and the next request on that connection, another client's,
+    got it as its own answer. With one pooled connection, the next client must get its own."""
+    one, other = secret("idle-one"), secret("idle-other")
+    with mock_upstream() as upstream:
+        config: dict[str, Any] = fault_config(upstream, "memory://", on_error="deny")
+        config["upstream"].update({"client": client, "max_connections": 1})
+        config["keys"] = [{"id": "one", "sha256": hash_key(one), "plan": "p"},
+                          {"id": "other", "sha256": hash_key(other), "plan": "p"}]
+        config["plans"] = {"p": {"limits": {"requests": {"concurrency": 10}}}}
+        config["routes"] = [{"path": "/**", "limits": ["requests"]}]
+        with gateway_for(tmp_path, config) as gw:
+            answers = []
+            for _ in range(3):
+                first = get(gw, one, f"/extra_response?kind={kind}&ms=20")
+                assert first.status_code == 200 and first.json() == {"first": True}
+                time.sleep(0.3)  # the extra answer has arrived on the idle connection
+                answers.append(get(gw, other, "/echo"))
+            log = gw.log()
+        stats = upstream_stats(upstream, "other")
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert all(answer.json().get("path") == "/echo" for answer in answers), [a.text for a in answers]
+    assert stats["total"] == 3  # each one reached the upstream
+    if client == "aiohttp" and kind == "poison":
+        assert log.count("sent a response on an idle connection") == 1  # one warning a minute
+
+
 def _wait(condition: Any, what: str, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
     while not condition():

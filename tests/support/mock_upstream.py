@@ -32,6 +32,8 @@ Behaviour by path (query parameters in brackets):
 - `/close_immediately`: read the request, close without answering
 - `/early_response` [status=413]: answer before reading the request body, then close
 - `/response_headers`: hop-by-hop headers, a `Connection`-named header, two Set-Cookie lines
+- `/extra_response` [ms=50, kind=poison|timeout]: answer, then ms later, on the idle connection,
+  a second whole response nobody asked for (`{"poisoned": true}`), or a 408 and the close
 - `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0]: start an
   async job for the key (after delay_ms, unless the client left) that finishes after ms; answers
   `{"id": ..., "status": "queued"}` (no id with noid=1; with status >= 300 no job is started).
@@ -601,6 +603,14 @@ class MockUpstream:
             return False
         elif path == "/response_headers":
             await exchange.respond(200, b"ok", _HOP_RESPONSE_HEADERS)
+        elif path == "/extra_response":  # then, on the idle connection, an answer nobody asked for
+            await exchange.respond(200, b'{"first": true}', [("Content-Type", "application/json")])
+            await asyncio.sleep(request.int_arg("ms", 50) / 1000)
+            if request.arg("kind", "poison") == "timeout":  # an idle timeout's 408, then the close
+                await exchange.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return False
+            await exchange.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 18'
+                                 b'\r\n\r\n{"poisoned": true}')
         elif path == "/jobs" or path.startswith("/jobs/"):
             await self._jobs(exchange)
         else:
