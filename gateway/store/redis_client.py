@@ -409,16 +409,29 @@ class RedisPyTransport(Transport):
     async def _through_migrations(self, sha: str, calls: Sequence[Call], replies: list[object],
                                   deadline: float) -> None:
         """Cluster: calls that met a redirect or TRYAGAIN ran nothing. MOVED (the slot has moved:
-        redis-py follows it and learns the new owner) goes again at once; a slot still moving
-        (ASK, TRYAGAIN) after a pause, while the budget allows; then `SlotMigrating` (the
-        caller decides that request alone, with nothing to undo)."""
+        redis-py follows it and learns the new owner) goes again at once, and so, once the
+        scripts are loaded again, does NOSCRIPT from that owner (a primary added since they were
+        loaded); a slot still moving (ASK, TRYAGAIN) after a pause, while the budget allows;
+        then `SlotMigrating` (the caller decides that request alone, with nothing to undo)."""
         loop = asyncio.get_running_loop()
         pause = SLOT_PAUSE
+        reloads, generation = 0, self.scripts.generation
         while True:
             moving = [index for index, reply in enumerate(replies) if slot_migrating(reply)]
-            if not moving:
+            unloaded = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if unloaded and reloads < 2:
+                reloads += 1
+                try:
+                    async with asyncio.timeout(deadline - loop.time()):
+                        await self.scripts.reload(generation)
+                except FAILURES:
+                    unloaded = []  # their replies stay NOSCRIPT: failed calls
+                generation = self.scripts.generation
+            else:
+                unloaded = []
+            if not moving and not unloaded:
                 return
-            moved = [index for index in moving if isinstance(replies[index], MovedError)]
+            moved = [index for index in moving if isinstance(replies[index], MovedError)] + unloaded
             group, wait = (moved, 0.0) if moved else (moving, pause)
             if deadline - loop.time() < wait + SLOT_ROUND:
                 for index in moving:

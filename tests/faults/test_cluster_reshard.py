@@ -13,6 +13,7 @@ slot left held.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ from gateway.config.model import Key
 from tests.faults.conftest import PREFIX, fault_config, gateway_for, get, upstream_stats
 from tests.support.invariants import assert_no_leaks, max_in_window
 from tests.support.load import Load, metric, run_load
-from tests.support.redis_server import PrivateRedis
+from tests.support.redis_server import PrivateRedis, private_redis
 from tests.support.secrets import secret
-from tests.support.topologies import node_for_slot, redis_cluster
+from tests.support.topologies import cluster_port, node_for_slot, redis_cluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
@@ -153,3 +154,64 @@ def test_a_slot_moved_under_load(on_error: str, filler: int, tmp_path: Path, fre
         assert refused == 0
     assert "Traceback" not in log
     assert log.count("Cluster slot being migrated") <= 2 * 2  # at most one warning per 10 s per gateway
+
+
+def test_slots_moved_to_a_primary_added_under_load(tmp_path: Path, fresh_upstream: str) -> None:
+    """Scaling out: a fourth primary joins after the gateways loaded their scripts, and two
+    loaded keys' slots move to it. Its first calls meet MOVED, then NOSCRIPT there (the scripts
+    were loaded on the primaries of the time): loaded again and sent again within the budget, so
+    under `deny` no client sees anything, and the new primary decides from then on."""
+    hold, rate, bystander = _keys_sharing_a_node()
+    with redis_cluster() as nodes, private_redis(
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+        port=cluster_port(),
+    ) as added:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes[:2])
+        config: dict[str, Any] = fault_config(fresh_upstream, url, on_error="deny")
+        config["keys"] = [{"id": k.id, "sha256": k.sha256, "plan": "cluster"} for k in (hold, rate, bystander)]
+        config["plans"] = {"cluster": {"limits": {"burst": {"rate": "10/2s"}, "requests": {"concurrency": 3}}}}
+        config["routes"] = [{"path": "/hold", "limits": ["requests"]}, {"path": "/**", "limits": ["burst"]}]
+        with gateway_for(tmp_path, config, "a") as a, gateway_for(tmp_path, config, "b") as b:
+            for gw in (a, b):  # the scripts are loaded on the three primaries
+                assert get(gw, secret(bystander.id), "/hold?ms=1").status_code == 200
+            with nodes[0].client() as first:
+                first.execute_command("CLUSTER MEET", "127.0.0.1", added.port)
+            deadline = time.monotonic() + 15
+            while True:
+                with added.client() as client:
+                    if client.execute_command("CLUSTER INFO")["cluster_known_nodes"] == "4":
+                        break
+                assert time.monotonic() < deadline, "the fourth primary never joined"
+                time.sleep(0.05)
+            everyone = [*nodes, added]
+
+            async def scenario() -> list[Load]:
+                urls = [a.url, b.url]
+                running = asyncio.gather(
+                    run_load(urls, secret(hold.id), clients=8, duration=2.5, path="/hold?ms=100"),
+                    run_load(urls, secret(rate.id), clients=4, duration=2.5),
+                    run_load(urls, secret(bystander.id), clients=2, duration=2.5, path="/hold?ms=20"),
+                )
+                await asyncio.sleep(0.8)
+                for key in (hold, rate):
+                    await asyncio.to_thread(move_slot, everyone, _slot(key), 3)
+                return await running
+
+            loads = asyncio.run(scenario())
+            fallbacks = sum(metric(gw.admin_url, FALLBACKS) for gw in (a, b))
+            errors = sum(metric(gw.admin_url, STORE_ERRORS) for gw in (a, b))
+        with added.client() as client:
+            decided_there = int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        for node in everyone:
+            with node.client() as client:
+                assert_no_leaks(client, PREFIX)
+    stats = {k.id: upstream_stats(fresh_upstream, k.id) for k in (hold, rate, bystander)}
+    print(f"\n[new primary] statuses {[dict(load.statuses()) for load in loads]}, {fallbacks:.0f} fallbacks, "
+          f"{errors:.0f} store errors, {decided_there} EVALSHA on the new primary")
+    assert decided_there > 0
+    assert fallbacks == 0 and errors == 0
+    for key, load in zip((hold, rate, bystander), loads, strict=True):
+        assert set(load.statuses()) <= {200, 429}, (key.id, load.statuses())
+        assert stats[key.id]["total"] == load.statuses()[200] + (key is bystander) * 2
+    assert stats[hold.id]["max_in_flight"] <= 3
+    assert max_in_window(stats[rate.id]["arrivals"], 2.0 - 0.1) <= 10
