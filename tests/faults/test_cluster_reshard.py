@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,20 @@ def _keys_sharing_a_node() -> tuple[Key, Key, Key]:
     return found[0], found[1], found[2]
 
 
+async def _load_while_moving(urls: list[str], keys: tuple[Key, Key, Key], move: Callable[[], object]) -> list[Load]:
+    """3 s of load on the three keys (slots held 100 ms; a rate; a bystander holding 20 ms), with
+    `move` run in a thread 0.8 s in."""
+    hold, rate, bystander = keys
+    running = asyncio.gather(
+        run_load(urls, secret(hold.id), clients=8, duration=3.0, path="/hold?ms=100"),
+        run_load(urls, secret(rate.id), clients=4, duration=3.0),
+        run_load(urls, secret(bystander.id), clients=2, duration=3.0, path="/hold?ms=20"),
+    )
+    await asyncio.sleep(0.8)
+    await asyncio.to_thread(move)
+    return list(await running)
+
+
 @pytest.mark.parametrize(("on_error", "filler"), [("deny", 0), ("deny", 4000), ("local", 4000)])
 def test_a_slot_moved_under_load(on_error: str, filler: int, tmp_path: Path, fresh_upstream: str) -> None:
     """`filler`: keys of another program in each moving slot, so that moving it takes a while
@@ -95,20 +110,9 @@ def test_a_slot_moved_under_load(on_error: str, filler: int, tmp_path: Path, fre
                 for start in range(0, filler, 500):
                     source.mset({f"other:{tag}:{i}": "x" for i in range(start, min(start + 500, filler))})
         with gateway_for(tmp_path, config, "a") as a, gateway_for(tmp_path, config, "b") as b:
-
-            async def scenario() -> list[Load]:
-                urls = [a.url, b.url]
-                running = asyncio.gather(
-                    run_load(urls, secret(hold.id), clients=8, duration=3.0, path="/hold?ms=100"),
-                    run_load(urls, secret(rate.id), clients=4, duration=3.0),
-                    run_load(urls, secret(bystander.id), clients=2, duration=3.0, path="/hold?ms=20"),
-                )
-                await asyncio.sleep(0.8)
-                for key, target in ((hold, 1), (rate, 2)):
-                    await asyncio.to_thread(move_slot, nodes, _slot(key), target)
-                return await running
-
-            loads = asyncio.run(scenario())
+            loads = asyncio.run(_load_while_moving(
+                [a.url, b.url], (hold, rate, bystander), lambda: [move_slot(nodes, _slot(key), target)
+                                                                  for key, target in ((hold, 1), (rate, 2))]))
             fallbacks = sum(metric(gw.admin_url, FALLBACKS) for gw in (a, b))
             failed_admissions = sum(metric(gw.admin_url, STORE_ERRORS, operation="admit") for gw in (a, b))
             decided_after, admitted_after = {}, {hold.id: 0, rate.id: 0}
@@ -184,20 +188,9 @@ def test_slots_moved_to_a_primary_added_under_load(tmp_path: Path, fresh_upstrea
                 assert time.monotonic() < deadline, "the fourth primary never joined"
                 time.sleep(0.05)
             everyone = [*nodes, added]
-
-            async def scenario() -> list[Load]:
-                urls = [a.url, b.url]
-                running = asyncio.gather(
-                    run_load(urls, secret(hold.id), clients=8, duration=2.5, path="/hold?ms=100"),
-                    run_load(urls, secret(rate.id), clients=4, duration=2.5),
-                    run_load(urls, secret(bystander.id), clients=2, duration=2.5, path="/hold?ms=20"),
-                )
-                await asyncio.sleep(0.8)
-                for key in (hold, rate):
-                    await asyncio.to_thread(move_slot, everyone, _slot(key), 3)
-                return await running
-
-            loads = asyncio.run(scenario())
+            loads = asyncio.run(_load_while_moving(
+                [a.url, b.url], (hold, rate, bystander),
+                lambda: [move_slot(everyone, _slot(key), 3) for key in (hold, rate)]))
             fallbacks = sum(metric(gw.admin_url, FALLBACKS) for gw in (a, b))
             errors = sum(metric(gw.admin_url, STORE_ERRORS) for gw in (a, b))
         with added.client() as client:
