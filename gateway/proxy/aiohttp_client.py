@@ -210,11 +210,12 @@ async def _request(
 class _AiohttpResponse:
     """Its own async iterator: no generator object to finalise when abandoned mid-body."""
 
-    __slots__ = ("status", "headers", "_response", "_content")
+    __slots__ = ("status", "headers", "length", "_response", "_content")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status: int = response.status
         self.headers: Headers = list(response.raw_headers)
+        self.length: int | None = response.content_length
         self._response = response
         self._content = response.content
 

@@ -145,7 +145,7 @@ class _Exchange:
         self.stop("send_timeout" if disconnects is not None and disconnects.send_stalled else "disconnected")
 
     async def _watch(self) -> None:
-        while True:
+        while not self.finished:  # (a receive() that answers at once must not spin past the end)
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 self.stop("disconnected")
@@ -357,6 +357,19 @@ async def _exchange(
     return await _relay(state, send, response, extra)
 
 
+async def _complete(state: _Exchange, observer: ResponseObserver | None) -> None:
+    """The upstream's whole answer is in hand and about to end for the client: the observer's
+    end, then `on_complete` (the caller frees the slot), then one loop iteration, so that a
+    store's release, queued for this iteration, is on its way before the client has the end. A
+    client sending its next request at once, to another replica, never finds its own slot held."""
+    if observer is not None:
+        await observer.end()
+    state.finished = True  # the end of the response wakes the watcher: not a disconnect
+    if state.on_complete is not None:
+        state.on_complete(*state.on_complete_args)
+        await asyncio.sleep(0)
+
+
 async def _unavailable(send: Send, extra: Headers) -> Literal["error"]:
     await send_error(send, 502, "upstream_unavailable", "The upstream is unavailable.", extra_headers=extra)
     return "error"
@@ -383,16 +396,21 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             if observer is not None and not await observer.head(status, response.headers):
                 observer = None
             await send(start)
+            # A body of declared length is complete for the client with its last bytes, before
+            # the closing message: the exchange completes (its slot freed) before they are sent.
+            left = response.length if state.scope["method"] != "HEAD" else None
             async for chunk in response.chunks():
                 if observer is not None:
                     await observer.chunk(chunk)
+                if left is not None:
+                    left -= len(chunk)
+                    if left <= 0 and state.reason is None:
+                        left = None
+                        await _complete(state, observer)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if state.reason is None:
-                if observer is not None:
-                    await observer.end()
-                state.finished = True  # the end of the response wakes the watcher: not a disconnect
-                if state.on_complete is not None:
-                    state.on_complete(*state.on_complete_args)
+                if not state.finished:
+                    await _complete(state, observer)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
     except TimeoutError:
         if state.reason is None:

@@ -162,11 +162,13 @@ class HttpxUpstreamClient:
 
 
 class _HttpxResponse:
-    __slots__ = ("status", "headers", "_response", "_raw")
+    __slots__ = ("status", "headers", "length", "_response", "_raw")
 
     def __init__(self, response: httpx.Response) -> None:
         self.status: int = response.status_code
         self.headers: Headers = response.headers.raw
+        declared = response.headers.get("content-length")
+        self.length: int | None = int(declared) if declared is not None and declared.isdigit() else None
         self._response = response
         self._raw: AsyncIterator[bytes] | None = None
 

@@ -49,6 +49,11 @@ class UpstreamResponse(Protocol):
         """The raw header list as received (original name case, duplicates kept)."""
         ...
 
+    @property
+    def length(self) -> int | None:
+        """The body's length as its Content-Length declares it (None: not declared)."""
+        ...
+
     def chunks(self) -> AsyncIterator[bytes]:
         """The body bytes as they arrive, transfer framing removed, Content-Encoding untouched.
 

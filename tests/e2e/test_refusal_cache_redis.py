@@ -42,6 +42,7 @@ routes:
 class StubResponse:
     status = 200
     headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    length = 2
 
     async def chunks(self) -> Any:
         yield b"{}"

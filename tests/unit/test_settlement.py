@@ -57,6 +57,7 @@ class Answer:
     def __init__(self, status: int, headers: Headers) -> None:
         self.status = status
         self.headers = headers
+        self.length = None
 
     async def chunks(self) -> Any:
         yield b"{}"
