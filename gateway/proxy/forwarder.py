@@ -108,7 +108,7 @@ class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
     __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
-                 "on_complete", "on_complete_args", "bill")
+                 "on_complete", "on_complete_args", "complete_then_yield", "bill")
 
     def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
                  disconnects: DisconnectWatch | None) -> None:
@@ -123,6 +123,7 @@ class _Exchange:
         self.observer: ResponseObserver | None = None
         self.on_complete: Callable[..., None] | None = None
         self.on_complete_args: tuple[object, ...] = ()
+        self.complete_then_yield = False
         self.bill: RequestBill | None = None
 
     def stop(self, reason: Reason) -> bool:
@@ -240,6 +241,7 @@ async def forward(
     on_complete: Callable[..., None] | None = None,
     bill: RequestBill | None = None,
     on_complete_args: tuple[object, ...] = (),
+    complete_then_yield: bool = False,
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
@@ -247,6 +249,8 @@ async def forward(
     before the last (empty) body message goes to the client: the caller frees the slot there, so
     a client that sends its next request the moment this one ends never races its own release.
     (Its arguments ride apart so that the caller builds no `partial` per request.)
+    `complete_then_yield`: `on_complete` queues a write for the next loop iteration (a shared
+    store's release) that must be on its way before the client has the end: the loop turns once.
 
     `body_start` is what was received before admission, if anything (its caller checked its
     `declared` Content-Length against `max_body` already); `client_timeout` bounds
@@ -286,6 +290,7 @@ async def forward(
     state.observer = observer
     state.on_complete = on_complete
     state.on_complete_args = on_complete_args
+    state.complete_then_yield = complete_then_yield
     state.bill = bill
     body: bytes | AsyncIterator[bytes] | None
     if more_body:
@@ -359,15 +364,17 @@ async def _exchange(
 
 async def _complete(state: _Exchange, observer: ResponseObserver | None) -> None:
     """The upstream's whole answer is in hand and about to end for the client: the observer's
-    end, then `on_complete` (the caller frees the slot), then one loop iteration, so that a
-    store's release, queued for this iteration, is on its way before the client has the end. A
-    client sending its next request at once, to another replica, never finds its own slot held."""
+    end, then `on_complete` (the caller frees the slot), then, for a shared store, one loop
+    iteration, so that its release, queued for this iteration, is on its way before the client
+    has the end. A client sending its next request at once, to another replica, never finds its
+    own slot held."""
     if observer is not None:
         await observer.end()
     state.finished = True  # the end of the response wakes the watcher: not a disconnect
     if state.on_complete is not None:
         state.on_complete(*state.on_complete_args)
-        await asyncio.sleep(0)
+        if state.complete_then_yield:
+            await asyncio.sleep(0)
 
 
 async def _unavailable(send: Send, extra: Headers) -> Literal["error"]:

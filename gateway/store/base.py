@@ -261,6 +261,10 @@ def rejected_for_its_keys(error: BaseException) -> bool:
 
 
 class AdmissionStore(Protocol):
+    # True when `release` only queues the store's write, sent on the next turn of the event loop
+    # (a shared store's batch): a caller that must have it on its way first lets the loop turn.
+    releases_later: bool
+
     async def start(self) -> None:
         """Connect, load scripts, start background loops (heartbeat, release flusher)."""
 

@@ -89,6 +89,8 @@ class _Window:
 
 
 class MemoryStore:
+    releases_later = False  # in process: a release is done when `release` returns
+
     def __init__(
         self,
         lease: float,

@@ -188,6 +188,7 @@ def open_transport(url: str | None, connection: RedisConnection, *, timeout: flo
 
 
 class RedisStore:
+    releases_later = True  # a release is batched: written on the next loop iteration
     # Every script, release and ping goes through one transport (gateway/store/transport.py);
     # the redis-py connection also carries the wake-up channel, whichever the transport is.
     _transport: Transport

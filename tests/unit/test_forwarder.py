@@ -729,7 +729,7 @@ async def test_the_exchange_completes_before_the_client_has_the_end_of_the_answe
     fake.on_body = body_sent
     outcome = await forward(fake.scope, fake.receive, fake.send, client=client, url=f"{upstream.url}{target}",
                             headers=[(b"x-gateway-key-id", b"k1")], extra_response_headers=EXTRA,
-                            max_body=MB, timeout=5.0, on_complete=release)
+                            max_body=MB, timeout=5.0, on_complete=release, complete_then_yield=True)
     assert outcome == 200 and fake.complete
     assert events[:3] == ["on_complete", "release flushed", events[2]], events
     assert events[2] in ("last bytes for the client", "end for the client")
