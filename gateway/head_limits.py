@@ -170,7 +170,7 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             self._refusal = HEADERS_TOO_LARGE
         elif len(self.pipeline) >= MAX_PIPELINED:
             self._refusal = PIPELINE_FULL  # answered after the queued ones; nothing more is read
-        elif self.parser.get_http_version() != "1.1" and not self._readable_http_1_0():
+        elif (version := self.parser.get_http_version()) != "1.1" and not self._readable_http_1_0(version):
             self._refusal = NOT_HTTP
         if self._refusal is not None:
             raise _HeadRefused  # stops the parser: nothing reaches the app
@@ -188,14 +188,14 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
         self._loose = 0  # body bytes: what came before them was framing
         super().on_body(body)
 
-    def _readable_http_1_0(self) -> bool:
+    def _readable_http_1_0(self, version: str) -> bool:
         """Whether a request that is not HTTP/1.1 is an HTTP/1.0 one the gateway serves. HTTP/1.0
         has no chunked coding: a Transfer-Encoding in it is faulty framing (RFC 9112 §6.1), a
         request-smuggling shape (a front proxy may take the chunks for the next request), refused
         as nginx refuses it. Nor has it 100-continue: the expectation is ignored (RFC 9110
         §10.1.1), since a `100 Continue` would read as its final answer. Any other version the
         parser lets through (`HTTP/2.0` written as text) is no HTTP/1 request at all."""
-        if self.parser.get_http_version() != "1.0":
+        if version != "1.0":
             return False
         if any(name == b"transfer-encoding" for name, _ in self.headers):
             return False
