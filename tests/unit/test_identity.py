@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.admission.identity import KeyExtractor, KeyTable, client_ip, hash_key, parse_ip
+from gateway.admission import identity
+from gateway.admission.identity import MAX_PROXY_HOPS, KeyExtractor, KeyTable, client_ip, hash_key, parse_ip
 from gateway.config.model import Identity, Key
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.2/32"))
@@ -116,3 +117,35 @@ def test_client_ip_never_raises_and_is_an_ip(values: list[str], peer: str) -> No
     assert ip is not None
     if peer == "127.0.0.3":  # untrusted: whatever the header says, it is the peer
         assert str(ip) == peer
+
+
+def test_a_chain_of_trusted_hops_is_walked_at_most_max_proxy_hops() -> None:
+    # 19 trusted hops and the client: within the bound, the client is found.
+    chain = ["6.6.6.6"] + ["10.0.0.9"] * (MAX_PROXY_HOPS - 1)
+    assert str(client_ip("127.0.0.2", xff(", ".join(chain)), NETS)) == "6.6.6.6"
+    # One trusted hop more and the client is past the bound: the peer, as for garbage.
+    chain.insert(1, "10.0.0.9")
+    assert str(client_ip("127.0.0.2", xff(", ".join(chain)), NETS)) == "127.0.0.2"
+    # The same across header lines.
+    assert str(client_ip("127.0.0.2", xff(*chain), NETS)) == "127.0.0.2"
+    assert str(client_ip("127.0.0.2", xff(*chain[1:]), NETS)) == "10.0.0.9"
+
+
+@pytest.mark.parametrize("lines", [1, 7000])
+def test_a_trusted_peer_cannot_make_the_walk_cost_more_than_the_bound(
+    lines: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 KiB of trusted hops (the head's bound) once took ~20 ms of the event loop: one address
+    # parse per hop. Counted, not timed: no more than MAX_PROXY_HOPS parses, one line or many.
+    parsed: list[str] = []
+    real_parse = identity.parse_ip
+
+    def counting_parse(text: str) -> object:
+        parsed.append(text)
+        return real_parse(text)
+
+    monkeypatch.setattr(identity, "parse_ip", counting_parse)
+    hops = ["10.0.0.1"] * 7000
+    headers = xff(",".join(hops)) if lines == 1 else xff(*hops)
+    assert str(client_ip("10.0.0.2", headers, NETS)) == "10.0.0.2"
+    assert len(parsed) <= MAX_PROXY_HOPS + 1  # the hops and the peer
