@@ -73,7 +73,7 @@ async def check_readiness(state: GatewayState, *, strict: bool = False) -> Readi
     return decide(
         draining=state.draining,
         store_failure=failure,
-        breaker_open=state.admission.breaker.is_open,
+        breaker_open=state.admission.degraded,
         on_error=state.admission.on_error,
         strict=strict,
     )

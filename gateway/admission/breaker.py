@@ -27,6 +27,10 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._failures >= self._threshold
 
+    def sibling(self) -> CircuitBreaker:
+        """A new, closed breaker with the same settings."""
+        return CircuitBreaker(self._threshold, self._cooldown, self._clock)
+
     def allow(self) -> bool:
         """May this call go to the store?"""
         if self._failures < self._threshold:
@@ -56,3 +60,39 @@ class CircuitBreaker:
         self._probing = False
         if self._failures >= self._threshold:
             self._open_until = self._clock() + self._cooldown
+
+
+# Clean breakers (no failure since their last success) hold nothing worth keeping: past this
+# many domains they are dropped, so addresses that come and go cannot grow the table.
+MAX_DOMAINS = 64
+
+
+class DomainBreakers:
+    """A breaker per failure domain, for a store with several independent servers (Cluster:
+    one per primary). One failing primary opens only its own breaker: the keys of the others
+    keep their store. `default` is the breaker of calls whose domain is not known (no
+    topology yet) and of the store as a whole (a failed start)."""
+
+    def __init__(self, domain_of: Callable[[str], object], default: CircuitBreaker) -> None:
+        self._domain_of = domain_of
+        self._by_domain: dict[object, CircuitBreaker] = {None: default}
+        self._default = default
+
+    def for_tag(self, tag: str) -> CircuitBreaker:
+        """The breaker of the server that decides calls over `tag`'s keys now."""
+        domain = self._domain_of(tag)
+        breaker = self._by_domain.get(domain)
+        if breaker is None:
+            if len(self._by_domain) >= MAX_DOMAINS:
+                self._by_domain = {d: b for d, b in self._by_domain.items() if not b.clean or d is None}
+            breaker = self._by_domain[domain] = self._default.sibling()
+        return breaker
+
+    @property
+    def is_open(self) -> bool:
+        return any(breaker.is_open for breaker in self._by_domain.values())
+
+    @property
+    def clean(self) -> bool:
+        """No domain has failed since its last success."""
+        return all(breaker.clean for breaker in self._by_domain.values())

@@ -57,6 +57,7 @@ class AdmissionPlan:
     quota_info: tuple[BucketInfo, ...] = ()
     quota_status: int = 402  # the status of a quota refusal (the refusing quota's `status`)
     pricing: Pricing = FLAT  # the route's cost rules
+    tag: str = ""  # the hash tag every bucket key shares (Cluster: it names the deciding primary)
     # Derived from the buckets once, here, rather than on every request (see __post_init__).
     empty: bool = field(init=False, repr=False, compare=False)  # no bucket at all: nothing to ask
     settles: bool = field(init=False, repr=False, compare=False)  # a settlement can re-price it
@@ -139,7 +140,7 @@ def build_plan(config: Config, key: Key, route: Route) -> AdmissionPlan:
     return AdmissionPlan(
         plan.name, tuple(rates), tuple(rate_info), tuple(slots), tuple(slot_info), wait,
         quotas=tuple(quotas), quota_info=tuple(quota_info), quota_status=statuses[0] if statuses else 402,
-        pricing=pricing_for(route.cost) if route.cost else FLAT,
+        pricing=pricing_for(route.cost) if route.cost else FLAT, tag=tag,
     )
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
-from gateway.admission.breaker import CircuitBreaker
+from gateway.admission.breaker import CircuitBreaker, DomainBreakers
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.transitions import OutageBridge
 from gateway.config.model import OnError
@@ -236,7 +236,11 @@ class Admission:
         self._metrics = metrics
         self._local = local
         self._local_divisor = max(1, local_divisor)
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = breaker or CircuitBreaker()  # the store's (Cluster: of calls with no known primary)
+        # Cluster: a breaker per primary, so one failing primary sends only its own keys to
+        # on_error. None for a store of one server: `self.breaker` alone.
+        domain_of = getattr(store, "failure_domain", None)
+        self.breakers = DomainBreakers(domain_of, self.breaker) if domain_of is not None else None
         self.refusals = refusals if refusals is not None else RefusalCache()
         # Under `on_error: local`, each store learns of the other's slots still in flight at a
         # switch (gateway/admission/transitions.py).
@@ -253,7 +257,15 @@ class Admission:
 
     @property
     def degraded(self) -> bool:
-        return self.breaker.is_open
+        """A breaker is open: the store, or one of its primaries, is skipped for now."""
+        return self.breaker.is_open if self.breakers is None else self.breakers.is_open
+
+    def _breaker(self, plan: AdmissionPlan) -> CircuitBreaker:
+        return self.breaker if self.breakers is None else self.breakers.for_tag(plan.tag)
+
+    def _all_answer(self) -> bool:
+        """No breaker has a failure since its last success: the outage, if any, is over."""
+        return self.breaker.clean if self.breakers is None else self.breakers.clean
 
     async def admit(self, plan: AdmissionPlan, charge: Charge = ONE) -> Ticket:
         """One admission attempt for a request weighing `charge` (its price: `plan.pricing`)."""
@@ -266,7 +278,7 @@ class Admission:
         if cached is not None:
             self._metrics.cached_refusals.inc()
             return Ticket(lease_id, cached, None, charge=charge)
-        breaker = self.breaker
+        breaker = self.breaker if self.breakers is None else self.breakers.for_tag(plan.tag)
         if breaker.clean or breaker.allow():  # closed with no failure: one flag check
             asked_at = self.refusals.clock()
             try:
@@ -281,7 +293,7 @@ class Admission:
             except StoreRejected as exc:  # this call's keys, not the store: nothing for the breaker
                 breaker.abandon()
                 self._store_rejected(exc)
-                return await self._fallback(plan, lease_id, charge, outage=False)
+                return await self._fallback(plan, lease_id, charge, breaker, outage=False)
             except StoreError as exc:
                 breaker.failure()
                 self._store_failed(exc)
@@ -294,7 +306,7 @@ class Admission:
                 if self._failing:
                     self._store_answers()
                 bridge = self.bridge
-                if bridge is not None and bridge.degraded:  # the first answer after an outage
+                if bridge is not None and bridge.degraded and self._all_answer():  # an outage's end
                     bridge.to_shared()
                 if result.shadow_refused:
                     self._count_shadow(plan, result)
@@ -305,7 +317,7 @@ class Admission:
                     bridge.note_shared(lease_id, plan)  # bridge.admitted(self.store, plan, lease_id)
                 # Positional (fields in order): cheaper than keywords on this path.
                 return Ticket(lease_id, result, self.store if plan.slots else None, None, charge, self.store)
-        return await self._fallback(plan, lease_id, charge)
+        return await self._fallback(plan, lease_id, charge, breaker)
 
     async def _admit_waiting(
         self, store: AdmissionStore, plan: AdmissionPlan, lease_id: str, charge: Charge, arrival: str = ""
@@ -315,10 +327,10 @@ class Admission:
         asked_at = self.refusals.clock()
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot, quotas=quotas, charge=charge)
         if store is self.store:  # only the shared store's refusals hold everywhere
-            self.breaker.success()
+            self._breaker(plan).success()
             if self._failing:
                 self._store_answers()
-            if self.bridge is not None:
+            if self.bridge is not None and self._all_answer():
                 self.bridge.to_shared()
             self.refusals.remember(plan, asked_at, result, charge.cost)
         if result.shadow_refused and not result.queued:  # once per request: its decisive check
@@ -346,15 +358,16 @@ class Admission:
             return await self._admit_waiting(store, plan, ticket.lease_id, ticket.charge, ticket.result.arrival)
         except StoreError as exc:
             outage = not isinstance(exc, StoreRejected)
+            breaker = self._breaker(plan)
             if store is self.store:
                 if outage:
-                    self.breaker.failure()
+                    breaker.failure()
                     self._store_failed(exc)
                 else:
-                    self.breaker.abandon()
+                    breaker.abandon()
                     self._store_rejected(exc)
             self.leave_queue(plan, ticket)
-            return await self._fallback(plan, ticket.lease_id, ticket.charge, outage=outage)
+            return await self._fallback(plan, ticket.lease_id, ticket.charge, breaker, outage=outage)
 
     def leave_queue(self, plan: AdmissionPlan, ticket: Ticket) -> None:
         """Stop waiting (synchronous, idempotent)."""
@@ -362,13 +375,14 @@ class Admission:
             store, ticket.waiting_in = ticket.waiting_in, None
             cast(WaitingStore, store).leave_queue(plan.slots, ticket.lease_id)
 
-    async def _fallback(self, plan: AdmissionPlan, lease_id: str, charge: Charge, *, outage: bool = True) -> Ticket:
+    async def _fallback(self, plan: AdmissionPlan, lease_id: str, charge: Charge, breaker: CircuitBreaker, *,
+                        outage: bool = True) -> Ticket:
         """A decision by `on_error`: during an outage, or for one call the store rejected for
         what its keys hold (`outage=False`: the store answers everyone else, so nothing is
         seeded from it or mirrored back, gateway/admission/transitions.py)."""
         self._metrics.fallback_decisions.labels(self._on_error).inc()
         if self._on_error == "deny":
-            raise StoreUnavailable(retry_after=max(1, round(self.breaker.seconds_until_probe() + 0.5)))
+            raise StoreUnavailable(retry_after=max(1, round(breaker.seconds_until_probe() + 0.5)))
         if self._on_error == "local" and self._local is not None:
             local = self._local
             bridge = self.bridge if outage else None

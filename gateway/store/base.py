@@ -264,6 +264,10 @@ class AdmissionStore(Protocol):
     # True when `release` only queues the store's write, sent on the next turn of the event loop
     # (a shared store's batch): a caller that must have it on its way first lets the loop turn.
     releases_later: bool
+    # A store of several independent servers (Cluster): which one decides the calls over a hash
+    # tag's keys now (None while not known), so that a caller keeps a circuit breaker per
+    # server and one failing primary does not stop the others' keys. None: one server.
+    failure_domain: Callable[[str], object] | None
 
     async def start(self) -> None:
         """Connect, load scripts, start background loops (heartbeat, release flusher)."""

@@ -90,6 +90,7 @@ class _Window:
 
 class MemoryStore:
     releases_later = False  # in process: a release is done when `release` returns
+    failure_domain = None  # one process: one failure domain
 
     def __init__(
         self,

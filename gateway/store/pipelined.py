@@ -16,8 +16,10 @@ one. Replies are dispatched from `data_received` itself, and both asyncio's loop
 read ready sockets before they run the next due timers, so a reply that arrived in time but
 sat unread while the loop was busy (saturation, a long callback) is delivered, not mistaken
 for a Redis stall (with redis-py, the reply also had to wait for its task to be scheduled,
-and the timeout often won). A lost connection or a failed connect answers the same way. Nothing is retried here: only
-the caller knows whether a retry is safe.
+and the timeout often won). A lost connection or a failed connect answers the same way. Nothing is retried here
+(only the caller knows whether a retry is safe) but the releases `release` queued: a ZREM is
+idempotent, and one that did not land is sent again until it does or a lease has passed
+(_zrem_failed).
 
 Used for `redis://` and `unix://` store URLs (TLS, Sentinel and Cluster keep redis-py,
 gateway/store/redis_client.py). Both implement gateway/store/transport.py; here `send_eval`
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -40,7 +43,7 @@ import hiredis
 
 from gateway.store.base import StoreError
 from gateway.store.scripts import Script
-from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore
+from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore, release_can_land
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ def pack_command(args: tuple[Arg, ...]) -> bytes:
 # ZREM formats kept per slot key (PipelinedRedis._zrem_formats), and the member's marker.
 MAX_ZREM_FORMATS = 4096
 _MEMBER = "\x00member\x00"
+
+# A ZREM that did not land is sent again after a pause doubling from the first to the second.
+RETRY_PAUSE = 0.005
+RETRY_PAUSE_MAX = 0.1
 
 # A hole's bulk string in a command format: its length, then its bytes.
 _HOLE = b"$%d\r\n%b\r\n"
@@ -164,6 +171,12 @@ class PipelinedRedis(Transport):
         # each slot key's ZREM packed once (command_format), the member left open.
         self._zrems: collections.deque[bytes] = collections.deque()
         self._zrem_formats: dict[str, bytes] = {}
+        # ZREMs that did not land, since when (loop time), sent again until they do or
+        # `release_retry_for` has passed (_zrem_failed); the next try, and the pause before it.
+        self._lost: dict[bytes, float] = {}
+        self._resending: set[bytes] = set()  # of those, sent again and not answered yet
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_pause = RETRY_PAUSE
 
     # -- sending -----------------------------------------------------------------------
 
@@ -239,11 +252,54 @@ class PipelinedRedis(Transport):
         # answers in order; a failure answers everything waiting in order): this reply's
         # command is the oldest in _zrems.
         command = self._zrems.popleft()
-        if isinstance(reply, ConnectionLost):
-            # ZREM is idempotent: once more on the next connection, rather than a slot held
-            # until its lease runs out.
-            self.send(command, self._release_reply)
+        if isinstance(reply, BaseException):
+            self._zrem_failed(command, reply)
+        else:
+            self._release_reply(reply)
+
+    def _zrem_failed(self, command: bytes, reply: BaseException) -> None:
+        """A ZREM that did not land (Redis down, stalled, restarting, a failover) is sent again,
+        until it lands or `release_retry_for` has passed (the lease: by then its slot, never
+        renewed, has expired). Otherwise the slot would look held until then, and clients within
+        their limit would get 429s. ZREM is idempotent and a lease id is never reused: sending
+        one twice frees nothing else. After a lost connection it goes once more at once (on the
+        next connection); otherwise after a pause, all of them together."""
+        if self._closed or not release_can_land(reply):
+            self._release_reply(reply)
             return
+        now = asyncio.get_running_loop().time()
+        since = self._lost.get(command)
+        if since is None:  # its first failure
+            self._lost[command] = now
+            if isinstance(reply, ConnectionLost):
+                self._resend(command)
+                return
+        elif now - since > self.release_retry_for:
+            del self._lost[command]  # given up: its lease has expired by now
+            self._release_reply(reply)
+            return
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(self._retry_pause, self._resend_lost)
+            self._retry_pause = min(2 * self._retry_pause, RETRY_PAUSE_MAX)
+        self._release_reply(reply)  # counted; logged once per streak
+
+    def _resend_lost(self) -> None:
+        self._retry = None
+        for command in list(self._lost):
+            if command not in self._resending:
+                self._resend(command)
+
+    def _resend(self, command: bytes) -> None:
+        self._resending.add(command)
+        self.send(command, functools.partial(self._resent_reply, command))
+
+    def _resent_reply(self, command: bytes, reply: object) -> None:
+        self._resending.discard(command)
+        if isinstance(reply, BaseException):
+            self._zrem_failed(command, reply)
+            return
+        self._lost.pop(command, None)
+        self._retry_pause = RETRY_PAUSE
         self._release_reply(reply)
 
     def _release_reply(self, reply: object) -> None:
@@ -253,7 +309,8 @@ class PipelinedRedis(Transport):
         self.on_release_error()
         if not self._release_failures_logged:  # once per outage, not once per lease
             self._release_failures_logged = True
-            log.warning("store releases are failing (the leases will expire): %s", reply)
+            log.warning("store releases are failing (each is sent again until it lands or a lease has passed): %s",
+                        reply)
 
     async def flush(self) -> None:
         if self._waiting:
@@ -421,6 +478,11 @@ class PipelinedRedis(Transport):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._lost.clear()
+        self._resending.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

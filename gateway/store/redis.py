@@ -16,11 +16,13 @@ TLS, Sentinel, Cluster, and clients built elsewhere (tests: fakeredis), redis-py
 a pool (gateway/store/redis_client.py), which batches and orders by hand.
 
 Off the critical path:
-- `release` only enqueues (on the transport). Failures are counted, not retried beyond the
-  resend of an idempotent ZREM whose connection was lost: the lease heals what is lost. A
+- `release` only enqueues (on the transport). A ZREM that does not land is counted and sent
+  again until it lands or a lease has passed (idempotent; lease ids are never reused): a slot
+  looks held for an outage, not a lease after it. A
   release with a settlement is one settle.lua EVALSHA instead (frees the lease's members,
   re-prices, publishes the wake-up), queued like an admission (after the releases before it);
-  idempotent by lease id, it is sent once more after a lost connection or a NOSCRIPT. A release that may free a
+  idempotent by lease id, it is sent once more after a lost connection or a NOSCRIPT, and when
+  given up its slots are released as above (the charge kept). A release that may free a
   slot someone waits for (`wake=True`), and a waiter leaving its queue, also PUBLISH on the
   bucket's hash-tag channel after the ZREM (gateway/store/wakeups.py).
 - One heartbeat task renews every lease this process holds every lease/3 (renew.lua,
@@ -250,6 +252,7 @@ class RedisStore:
         self._connection = connection
         self._client = connection.client
         self._transport = open_transport(url, connection, timeout=timeout, max_connections=max_connections)
+        self.failure_domain = self._transport.failure_domain  # Cluster: the primary of a tag
         self._prefix = prefix
         self._timeout = timeout
         self._lease = lease
@@ -265,6 +268,7 @@ class RedisStore:
         for script in (self._admit_script, self._renew_script, self._undo_script, self._settle_script):
             self._transport.scripts.add(script)
         self._transport.on_release_error = functools.partial(self._observer.store_error, "release")
+        self._transport.release_retry_for = lease
         # Undos not yet landed: lease id -> (undo.lua call, give up after), see _undo.
         self._undos: dict[str, tuple[Call, float]] = {}
         self._undo_task: asyncio.Task[None] | None = None
@@ -604,7 +608,17 @@ class RedisStore:
             self._spawn(self._settle_later(keys, args, resent, reloads, waited + pause, pause))
         else:
             self._observer.store_error("release")
-            log.warning("store settlement failed: %r", reply)
+            log.warning("store settlement failed (the charge stays at the route's price; its slots are "
+                        "released on their own): %r", reply)
+            self._release_unsettled(keys, args)
+
+    def _release_unsettled(self, keys: list[str], args: list[str | int]) -> None:
+        """A settlement given up: its slots are freed all the same, as a plain release (sent
+        again until it lands), rather than held until the lease runs out."""
+        slot_keys = keys[int(args[2]) + int(args[3]):-1]  # settle_call: rates, quotas, slots, the settled set
+        channels = [str(channel) for channel in args[9:9 + int(args[8])]]
+        if slot_keys and not self._connection_closed:
+            self._transport.release(slot_keys, lease_members(str(args[0])), channels)
 
     async def _settle_later(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
                             waited: float, pause: float) -> None:

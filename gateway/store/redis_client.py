@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -36,6 +37,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterError,
@@ -44,13 +46,23 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.store.base import SlotMigrating, StoreError
 from gateway.store.scripts import Script
-from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore, shared
+from gateway.store.transport import (
+    Call,
+    ConnectionLost,
+    OnReply,
+    ScriptSet,
+    Transport,
+    ignore,
+    release_can_land,
+    shared,
+)
 
 AnyRedis = Redis | RedisCluster
 log = logging.getLogger(__name__)
@@ -132,9 +144,6 @@ CLUSTER_REDIRECTS = 2
 SLOT_PAUSE = 0.005
 SLOT_PAUSE_MAX = 0.1
 SLOT_ROUND = 0.01
-# A release refused by a slot in migration is sent again for at most this long (a move left
-# half-done); the lease it frees expires anyway.
-RELEASE_RETRY_FOR = 60.0
 
 
 def slot_migrating(reply: object) -> bool:
@@ -143,6 +152,15 @@ def slot_migrating(reply: object) -> bool:
     return isinstance(reply, (TryAgainError, AskError)) or (
         isinstance(reply, ClusterError) and "TTL exhausted" in str(reply))
 
+
+@functools.lru_cache(maxsize=65536)
+def _slot_of(tag: str) -> int:
+    """The hash slot of a key tag (a config's tags: one per key or workspace)."""
+    return key_slot(tag.encode())
+
+
+# Told the replies of a pipeline's ZREMs (each key's, in order; or the pipeline's failure in each place).
+ZremReplies = Callable[[dict[str, list[str]], Sequence[object]], None]
 
 # Hot-path batches are capped so a burst becomes several pipelines in parallel, not one huge one.
 BATCH = 256
@@ -164,6 +182,7 @@ class RedisPyTransport(Transport):
         self.connection = connection
         self.client = connection.client
         self.is_cluster = connection.is_cluster
+        self.failure_domain = self._primary_of if self.is_cluster else None
         self.scripts = ScriptSet(self._load_all)
         self.on_release_error = ignore
         self._timeout = timeout
@@ -173,14 +192,30 @@ class RedisPyTransport(Transport):
         self._batches: set[asyncio.Task[None]] = set()
         self._releases: dict[tuple[str, str], None] = {}
         self._channels: set[str] = set()  # wake-ups the next release flush publishes
-        # Release pipelines on their way to Redis: calls issued meanwhile wait for them.
-        self._releases_landing: set[asyncio.Future[None]] = set()
+        # Release pipelines on their way to Redis, by primary (Cluster; else all under None):
+        # calls issued meanwhile to that primary wait for them.
+        self._releases_landing: dict[object, set[asyncio.Future[None]]] = {}
         self._release_task: asyncio.Task[None] | None = None
         self._release_shas: set[str] = set()  # scripts sent by send_release_eval
-        # Cluster: releases refused by a slot in migration, since when; and the pause before the next try.
+        # Releases that did not land, since when (sent again: _retry_failed); the pause before the next try.
         self._refused_since: dict[tuple[str, str], float] = {}
         self._retry_pause = SLOT_PAUSE
+        self._releases_failing = False  # (logged once per streak)
         self._closed = False
+
+    def _primary_of(self, key: str) -> object:
+        """Cluster: the primary that owns `key`'s slot (its hash tag's) in the client's map
+        (None: no map yet)."""
+        try:
+            return self.client.nodes_manager.get_node_from_slot(_slot_of(key)).name
+        except (SlotNotCoveredError, AttributeError):
+            return None
+
+    def _zrems_by_primary(self, zrems: dict[str, list[str]]) -> dict[object, dict[str, list[str]]]:
+        groups: dict[object, dict[str, list[str]]] = {}
+        for key, members in zrems.items():
+            groups.setdefault(self._primary_of(key), {})[key] = members
+        return groups
 
     # -- the hot path ------------------------------------------------------------------
 
@@ -205,25 +240,41 @@ class RedisPyTransport(Transport):
         if len(queued) > BATCH:  # the rest goes out in parallel
             self._queued[script.sha] = (script, queued[BATCH:])
             self._spawn(self._send_queued(script))
+        if self.is_cluster:
+            # A batch per primary, each answered as soon as its primary has: one primary down
+            # or stalled must not hold the others' replies, or wait for their releases.
+            groups: dict[object, list[tuple[Call, OnReply]]] = {}
+            for item in batch:
+                keys = item[0][0]
+                groups.setdefault(self._primary_of(keys[0]) if keys else None, []).append(item)
+            if len(groups) > 1:
+                await asyncio.gather(*(self._send_batch(script, group, primary) for primary, group in groups.items()))
+                return
+            (primary,) = groups
+        else:
+            primary = None
+        await self._send_batch(script, batch, primary)
+
+    async def _send_batch(self, script: Script, batch: list[tuple[Call, OnReply]], primary: object) -> None:
         # A release script's batch (settle.lua) is a release: later calls wait for it to land.
-        early = self._landing() if script.sha in self._release_shas else None
-        before = [landing for landing in self._releases_landing if landing is not early]
+        early = self._landing(primary) if script.sha in self._release_shas else None
+        before = [landing for landing in self._releases_landing.get(primary, ()) if landing is not early]
         if before:
             # Release pipelines are on their way on other connections: let them land first.
             try:
                 await asyncio.wait(before, timeout=self._timeout)
             except BaseException:
                 if early is not None:
-                    self._landed(early)
+                    self._landed(primary, early)
                 raise
-        releases = self._take_releases_for_piggyback()
+        releases = self._take_releases_for_piggyback(primary)
         landed = early
         if landed is None and releases:
-            landed = self._landing()  # later calls wait for these ZREMs too
+            landed = self._landing(primary)  # later calls wait for these ZREMs too
         replies: list[object]
         try:
             replies = await self.eval_batch(script, [call for call, _ in batch], budget=self._timeout,
-                                            zrems=releases, on_zrem_error=self.on_release_error)
+                                            zrems=releases, on_zrem_replies=self._release_replies)
         except ConnectionLost as exc:
             # The pipeline may have run, in part or whole. Its ZREMs are idempotent: back to the
             # front of the queue, so that the callers' resends (only they know whether their call
@@ -233,7 +284,7 @@ class RedisPyTransport(Transport):
             replies = [exc] * len(batch)
         except FAILURES as exc:
             if releases:
-                self.on_release_error()
+                self._release_replies(releases, [exc] * len(releases))
             replies = [exc] * len(batch)
         except BaseException as exc:
             for _, on_reply in batch:
@@ -241,7 +292,7 @@ class RedisPyTransport(Transport):
             raise
         finally:
             if landed is not None:
-                self._landed(landed)
+                self._landed(primary, landed)
         for (_, on_reply), reply in zip(batch, replies, strict=True):
             on_reply(reply)
 
@@ -277,10 +328,13 @@ class RedisPyTransport(Transport):
             self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
 
     async def flush(self) -> None:
-        while self._batches:  # hot-path batches in flight end within their budget
-            await asyncio.wait(list(self._batches))
-        while self._release_task is not None and not self._release_task.done():
-            await asyncio.shield(self._release_task)
+        while True:  # hot-path batches and release pipelines in flight end within their budget
+            if self._batches:
+                await asyncio.wait(list(self._batches))
+            elif self._release_task is not None and not self._release_task.done():
+                await asyncio.shield(self._release_task)
+            else:
+                return
 
     async def _flush_releases(self) -> None:
         while self._releases:
@@ -289,48 +343,90 @@ class RedisPyTransport(Transport):
             members: dict[str, list[str]] = {}
             for key, member in batch:
                 members.setdefault(key, []).append(member)
+            if self.is_cluster:
+                # A pipeline per primary, each on its own and within its own budget, landing
+                # for that primary's calls alone: a primary down or stalled fails and delays its
+                # own releases only, not the others' (whose slots would look held meanwhile, or
+                # until their leases expire). Wake-ups once the ZREMs have landed.
+                sent = [self._spawn_release(primary, group) for primary, group in self._zrems_by_primary(members).items()]
+                if channels:
+                    self._spawn(self._publish_after(sent, channels))
+                continue
             # Calls issued from now on wait for this batch to land (see _send_queued),
             # including while it waits for a free connection.
-            landed = self._landing()
+            landed = self._landing(None)
             try:
-                async with asyncio.timeout(self._timeout):
-                    try:
-                        replies = await self._release_pipeline(members, channels)
-                    except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
-                        replies = await self._release_pipeline(members, channels)
-            except FAILURES as exc:
-                self.on_release_error()
-                log.warning("store release of %d leases failed: %r", len(batch), exc)
-                continue
+                await self._release_group(members, channels)
             finally:
-                self._landed(landed)
-            failed = (self._retry_migrating(members, replies) if self.is_cluster
-                      else [reply for reply in replies if isinstance(reply, BaseException)])
-            if failed:
-                self.on_release_error()
-                log.warning("store release partly failed: %r", failed)
+                self._landed(None, landed)
 
-    def _retry_migrating(self, zrems: dict[str, list[str]], replies: Sequence[object]) -> list[object]:
-        """Cluster: ZREMs refused for a slot in migration (redis-py's ASK follow-up can go out on
-        another connection than its ASKING and meet MOVED) go again after a pause, until the
-        move ends (then MOVED, which redis-py follows), each for at most RELEASE_RETRY_FOR.
-        Returns the replies that are failures still."""
+    def _spawn_release(self, primary: object, members: dict[str, list[str]]) -> asyncio.Task[None]:
+        landed = self._landing(primary)  # at once: calls issued from now on wait for it
+
+        async def release() -> None:
+            try:
+                await self._release_group(members, ())
+            finally:
+                self._landed(primary, landed)
+
+        return self._spawn(release())
+
+    async def _publish_after(self, sent: list[asyncio.Task[None]], channels: Sequence[str]) -> None:
+        await asyncio.wait(sent)
+        await self._release_group({}, channels)
+
+    async def _release_group(self, members: dict[str, list[str]], channels: Sequence[str]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    replies = await self._release_pipeline(members, channels)
+                except ConnectionLost:  # ZREM and PUBLISH are safe to send again, once
+                    replies = await self._release_pipeline(members, channels)
+        except FAILURES as exc:
+            self._release_replies(members, [exc] * len(members))
+            return
+        self._release_replies(members, replies)
+
+    def _release_replies(self, zrems: dict[str, list[str]], replies: Sequence[object]) -> None:
+        """The replies to `zrems`' ZREMs (then any PUBLISH): what failed is counted, logged once
+        per failing streak, and sent again (_retry_failed)."""
+        failed = self._retry_failed(zrems, replies)
+        if failed:
+            self.on_release_error()
+            if not self._releases_failing:
+                self._releases_failing = True
+                log.warning("store releases are failing (each is sent again until it lands or a lease "
+                            "has passed): %r", failed[0])
+        elif self._releases_failing and zrems:
+            self._releases_failing = False
+            log.info("store releases land again")
+
+    def _retry_failed(self, zrems: dict[str, list[str]], replies: Sequence[object]) -> list[object]:
+        """ZREMs that did not land (an error reply, or their pipeline failed: Redis down or
+        stalled, a failover, a slot in migration) go again after a pause, each until it lands or
+        `release_retry_for` has passed (the lease: by then its slot, never renewed, has expired).
+        Otherwise the slot would look held until then, and clients within their limit get 429s.
+        ZREM is idempotent and a lease id is never reused: sending one twice frees nothing else.
+        Not sent again: a key holding another type (WRONGTYPE: it would fail the same way).
+        Returns the failures (a slot in migration only once given up: it is expected to end)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         retry: dict[str, list[str]] = {}
         failed: list[object] = []
         for (key, members), reply in zip(zrems.items(), replies, strict=False):
+            landed = not isinstance(reply, BaseException)
+            if not landed and not slot_migrating(reply):
+                failed.append(reply)
             for member in members:
-                if not slot_migrating(reply):
+                if landed or not release_can_land(reply):
                     self._refused_since.pop((key, member), None)
-                elif now - self._refused_since.setdefault((key, member), now) <= RELEASE_RETRY_FOR:
+                elif now - self._refused_since.setdefault((key, member), now) <= self.release_retry_for:
                     retry.setdefault(key, []).append(member)
-                else:  # a migration left half-done: reported as failed, the lease expires
+                else:  # given up: the lease has expired by now
                     del self._refused_since[(key, member)]
-                    failed.append(reply)
+                    if slot_migrating(reply):  # a migration left half-done
+                        failed.append(reply)
         failed += [reply for reply in replies[len(zrems):] if isinstance(reply, BaseException)]
-        failed += [reply for reply in replies[:len(zrems)]
-                   if isinstance(reply, BaseException) and not slot_migrating(reply)]
         if retry:
             loop.call_later(self._retry_pause, self._requeue, retry)
             self._retry_pause = min(2 * self._retry_pause, SLOT_PAUSE_MAX)
@@ -338,31 +434,43 @@ class RedisPyTransport(Transport):
             self._retry_pause = SLOT_PAUSE
         return failed
 
-    def _take_releases_for_piggyback(self) -> dict[str, list[str]]:
-        """Pending releases, grouped by key, taken over by a hot-path pipeline. Left to the
-        flusher while wake-ups are pending: those must be published after their ZREMs."""
+    def _take_releases_for_piggyback(self, primary: object) -> dict[str, list[str]]:
+        """Pending releases, grouped by key, taken over by a hot-path pipeline to `primary`
+        (Cluster: only its keys'; else all). Left to the flusher while wake-ups are pending:
+        those must be published after their ZREMs."""
         if not self._releases or self._channels:
             return {}
-        batch, self._releases = self._releases, {}
+        taken: Iterable[tuple[str, str]]
+        if self.is_cluster:
+            taken = [pair for pair in self._releases if self._primary_of(pair[0]) == primary]
+            for pair in taken:
+                del self._releases[pair]
+        else:
+            taken, self._releases = self._releases, {}
         members: dict[str, list[str]] = {}
-        for key, member in batch:
+        for key, member in taken:
             members.setdefault(key, []).append(member)
         return members
 
-    def _landing(self) -> asyncio.Future[None]:
+    def _landing(self, primary: object) -> asyncio.Future[None]:
         landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._releases_landing.add(landed)
+        self._releases_landing.setdefault(primary, set()).add(landed)
         return landed
 
-    def _landed(self, landed: asyncio.Future[None]) -> None:
-        self._releases_landing.discard(landed)
+    def _landed(self, primary: object, landed: asyncio.Future[None]) -> None:
+        landing = self._releases_landing.get(primary)
+        if landing is not None:
+            landing.discard(landed)
+            if not landing:
+                del self._releases_landing[primary]
         if not landed.done():
             landed.set_result(None)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
+        return task
 
     # -- scripts and the rest ----------------------------------------------------------
 
@@ -373,18 +481,59 @@ class RedisPyTransport(Transport):
         *,
         budget: float,
         zrems: dict[str, list[str]] | None = None,
-        on_zrem_error: Callable[[], None] | None = None,
+        on_zrem_replies: ZremReplies | None = None,
     ) -> list[object]:
         """As Transport.eval_batch, after `zrems` (key -> members) in the same pipeline. Each
         round trip gets `budget`: a Redis that answered "not run" is alive, and the resend
-        deserves its own."""
+        deserves its own. Cluster: a pipeline per primary (see _per_primary)."""
+        if self.is_cluster:
+            groups: dict[object, tuple[list[int], dict[str, list[str]]]] = {}
+            for index, (keys, _) in enumerate(calls):
+                groups.setdefault(self._primary_of(keys[0]) if keys else None, ([], {}))[0].append(index)
+            for primary, group_zrems in self._zrems_by_primary(zrems or {}).items():
+                groups.setdefault(primary, ([], {}))[1].update(group_zrems)
+            if len(groups) > 1:
+                return await self._per_primary(script, calls, list(groups.values()), budget, on_zrem_replies)
+        return await self._one_pipeline(script, calls, budget, zrems, on_zrem_replies)
+
+    async def _per_primary(self, script: Script, calls: Sequence[Call],
+                           groups: list[tuple[list[int], dict[str, list[str]]]], budget: float,
+                           on_zrem_replies: ZremReplies | None) -> list[object]:
+        """Cluster: each primary's calls (and ZREMs) in a pipeline of their own, side by side,
+        each within the budget. A primary down or stalled fails its own calls only, as replies:
+        the others' calls are answered (and a caller keeps a breaker per primary,
+        `failure_domain`), where one pipeline over all of them would fail or time out whole."""
+
+        async def one(indexes: list[int], group_zrems: dict[str, list[str]]) -> list[object]:
+            try:
+                return await self._one_pipeline(script, [calls[index] for index in indexes], budget,
+                                                group_zrems or None, on_zrem_replies)
+            except ConnectionLost as exc:  # perhaps run: the callers decide; ZREMs go again
+                if group_zrems:
+                    self._requeue(group_zrems)
+                return [exc] * len(indexes)
+            except FAILURES as exc:
+                if group_zrems and on_zrem_replies is not None:
+                    on_zrem_replies(group_zrems, [exc] * len(group_zrems))
+                return [exc] * len(indexes)
+
+        results = await asyncio.gather(*(one(indexes, group_zrems) for indexes, group_zrems in groups))
+        replies: list[object] = [None] * len(calls)
+        for (indexes, _), group_replies in zip(groups, results, strict=True):
+            for index, reply in zip(indexes, group_replies, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _one_pipeline(self, script: Script, calls: Sequence[Call], budget: float,
+                            zrems: dict[str, list[str]] | None,
+                            on_zrem_replies: ZremReplies | None) -> list[object]:
         started = asyncio.get_running_loop().time()
         async with asyncio.timeout(budget):
             await self._in_flight.acquire()
         try:
             generation = self.scripts.generation
             async with asyncio.timeout(budget):
-                replies = await self._pipeline(script.sha, calls, zrems, on_zrem_error)
+                replies = await self._pipeline(script.sha, calls, zrems, on_zrem_replies)
             # At most two rounds of "not run": a new master may lack the scripts as well.
             for _ in range(2):
                 unrun = [index for index, reply in enumerate(replies) if isinstance(reply, NOT_RUN)]
@@ -453,7 +602,7 @@ class RedisPyTransport(Transport):
         sha: str,
         calls: Sequence[Call],
         zrems: dict[str, list[str]] | None = None,
-        on_zrem_error: Callable[[], None] | None = None,
+        on_zrem_replies: ZremReplies | None = None,
         *,
         follow: bool = False,
     ) -> list[object]:
@@ -476,17 +625,9 @@ class RedisPyTransport(Transport):
         if len(replies) != released + len(calls):
             raise StoreError(f"pipeline answered {len(replies)} replies to {released + len(calls)} commands")
         if released:
-            self._zrem_replies(zrems or {}, replies[:released], on_zrem_error)
+            if on_zrem_replies is not None:
+                on_zrem_replies(zrems or {}, replies[:released])
         return list(replies[released:])
-
-    def _zrem_replies(self, zrems: dict[str, list[str]], replies: Sequence[object],
-                      on_zrem_error: Callable[[], None] | None) -> None:
-        """Cluster: a piggybacked ZREM redirected (its slot moved or is moving: not run) is sent
-        again as the release flusher's are; any other error is a failed release."""
-        failed = (self._retry_migrating(zrems, replies) if self.is_cluster
-                  else [reply for reply in replies if isinstance(reply, BaseException)])
-        if failed and on_zrem_error is not None:
-            on_zrem_error()
 
     async def _release_pipeline(self, zrems: dict[str, list[str]], channels: Sequence[str]) -> list[object]:
         """ZREM `zrems` (key -> members), then PUBLISH "1" on `channels` once they have landed

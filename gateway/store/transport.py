@@ -16,6 +16,10 @@ What both promise, so that the store above them keeps admission semantics only:
   everyone else joins (`ScriptSet.reload`, single flight), then goes again once, with a fresh
   budget: 1,000 calls meeting NOSCRIPT at once cost one SCRIPT LOAD per script.
 - Every script runs with its source as `scripts.load` assembled it (the "now" preamble).
+- A release (ZREM) that did not land is sent again until it lands or `release_retry_for` (the
+  lease) has passed: a slot must not look held long after an outage. ZREM is idempotent.
+- Cluster: each primary's calls and releases in pipelines of their own (`failure_domain` names
+  the primary of a hash tag): one primary down or stalled fails and delays its own only.
 - The hot path costs no task per call: `send_eval` queues one EVALSHA with a callback; every
   call queued during one loop iteration goes out together (one write, or one pipeline), and a
   release queued before a call is applied by Redis before it (a slot freed before an admission
@@ -97,6 +101,12 @@ class Transport:
     scripts: ScriptSet
     # Called once per failed release (the store counts it); set by the store.
     on_release_error: Callable[[], None]
+    # How long a release (ZREM) that did not land is sent again: the lease, set by the store
+    # (after it, the slot has expired unrenewed).
+    release_retry_for: float = 30.0
+    # Several independent servers (Cluster): which one decides a call over a hash tag's keys
+    # now, None while that is not known; None itself for one server. (AdmissionStore)
+    failure_domain: Callable[[str], object] | None = None
 
     def send_eval(self, script: Script, keys: list[str], args: list[str | int], on_reply: OnReply) -> None:
         """The hot path: queue one EVALSHA, sent with every call queued in this loop iteration.
@@ -157,6 +167,12 @@ class Transport:
     async def aclose(self) -> None:
         """Stop everything queued or running (the store closes its redis-py connection)."""
         raise NotImplementedError
+
+
+def release_can_land(reply: BaseException) -> bool:
+    """Can a ZREM that failed with `reply` land if sent again? Not against a key of another
+    type (another program's, under the prefix): it would fail the same way every time."""
+    return not str(reply).startswith("WRONGTYPE")
 
 
 def ignore() -> None:

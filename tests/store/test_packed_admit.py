@@ -137,27 +137,39 @@ def test_releases_pack_like_hiredis_and_a_lost_connection_resends_each_zrem_once
     from gateway.store.pipelined import Endpoint, PipelinedRedis
     from gateway.store.transport import ConnectionLost
 
-    client = PipelinedRedis(Endpoint("127.0.0.1", 1, None, 0, None, None), timeout=1.0)
-    sent: list[tuple[bytes, object]] = []
-    client.send = lambda command, on_reply: sent.append((command, on_reply))  # type: ignore[method-assign]
-    failures: list[None] = []
-    client.on_release_error = lambda: failures.append(None)
-    client.release(["{t}a%", "{t}é"], ["lease"], ["ch"])
-    client.release(["{t}a%"], ["lease*2", "lease*2#2"], [])
-    client.release(["{t}a%"], ["other€"], [])
-    expected = [pack_command(("ZREM", "{t}a%", "lease")), pack_command(("ZREM", "{t}é", "lease")),
-                pack_command(("PUBLISH", "ch", "1")), pack_command(("ZREM", "{t}a%", "lease*2", "lease*2#2")),
-                pack_command(("ZREM", "{t}a%", "other€"))]
-    assert [command for command, _ in sent] == expected
-    first, sent[:] = list(sent), []
-    for _, on_reply in first:  # the connection is lost: everything waiting fails, in order
-        on_reply(ConnectionLost("lost"))  # type: ignore[operator]
-    # Every ZREM once more (idempotent), the PUBLISH not; its failure is counted.
-    assert [command for command, _ in sent] == [expected[0], expected[1], expected[3], expected[4]]
-    assert len(failures) == 1
-    for _, on_reply in sent:  # lost again: not sent a third time, counted
-        on_reply(ConnectionLost("lost"))  # type: ignore[operator]
-    assert len(sent) == 4 and len(failures) == 5 and not client._zrems
+    async def scenario() -> None:
+        client = PipelinedRedis(Endpoint("127.0.0.1", 1, None, 0, None, None), timeout=1.0)
+        sent: list[tuple[bytes, object]] = []
+        client.send = lambda command, on_reply: sent.append((command, on_reply))  # type: ignore[method-assign]
+        failures: list[None] = []
+        client.on_release_error = lambda: failures.append(None)
+        client.release(["{t}a%", "{t}é"], ["lease"], ["ch"])
+        client.release(["{t}a%"], ["lease*2", "lease*2#2"], [])
+        client.release(["{t}a%"], ["other€"], [])
+        expected = [pack_command(("ZREM", "{t}a%", "lease")), pack_command(("ZREM", "{t}é", "lease")),
+                    pack_command(("PUBLISH", "ch", "1")), pack_command(("ZREM", "{t}a%", "lease*2", "lease*2#2")),
+                    pack_command(("ZREM", "{t}a%", "other€"))]
+        assert [command for command, _ in sent] == expected
+        first, sent[:] = list(sent), []
+        for _, on_reply in first:  # the connection is lost: everything waiting fails, in order
+            on_reply(ConnectionLost("lost"))  # type: ignore[operator]
+        # Every ZREM once more at once (idempotent), the PUBLISH not; its failure is counted.
+        zrems = [expected[0], expected[1], expected[3], expected[4]]
+        assert [command for command, _ in sent] == zrems
+        assert len(failures) == 1
+        second, sent[:] = list(sent), []
+        for _, on_reply in second:  # lost again (Redis still down): counted, not sent at once
+            on_reply(ConnectionLost("lost"))  # type: ignore[operator]
+        assert sent == [] and len(failures) == 5 and not client._zrems
+        # After a pause, sent again, all together, until they land.
+        await asyncio.sleep(0.05)
+        assert [command for command, _ in sent] == zrems
+        for _, on_reply in sent:
+            on_reply(1)  # type: ignore[operator]
+        assert not client._lost and not client._resending and len(failures) == 5
+        await client.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_admit_replies_that_are_not_what_the_call_asked_for_are_refused() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -207,3 +208,103 @@ def test_a_cancelled_probe_does_not_wedge_the_breaker() -> None:
 
     asyncio.run(scenario())
     assert store.calls == 2  # the second call was let through as a new probe
+
+
+class TwoPrimariesStore(BrokenStore):
+    """A Cluster-like store of two primaries, "a" and "b", by hash tag: "a" is down (every call
+    fails as a timeout would), "b" answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.good = MemoryStore(30.0)
+        self.calls_to = {"a": 0, "b": 0}
+        self.down = {"a"}
+
+    def failure_domain(self, tag: str) -> object:
+        return "a" if tag == "gw:{k:1}" else "b"
+
+    async def admit(self, rates: Sequence[RateBucket], slots: Sequence[SlotBucket], lease_id: str, **kw: object) -> AdmitResult:
+        primary = "a" if (rates or slots)[0].key.startswith("gw:{k:1}") else "b"
+        self.calls_to[primary] += 1
+        if primary in self.down:
+            raise StoreError("timeout")
+        return await self.good.admit(rates, slots, lease_id, **kw)  # type: ignore[arg-type]
+
+
+ON_A = dataclasses.replace(PLAN, tag="gw:{k:1}")
+ON_B = dataclasses.replace(OTHER, tag="gw:{k:2}")
+
+
+def test_a_primary_down_opens_its_own_breaker_only() -> None:
+    """Cluster: a failing primary sends its own keys to on_error; the other's keep the store
+    (one breaker for the whole store sent every key to on_error)."""
+    clock = [0.0]
+    store = TwoPrimariesStore()
+    admission = Admission(store, on_error="deny", metrics=Metrics(),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    assert admission.breakers is not None
+
+    async def scenario() -> tuple[int, int]:
+        refused = admitted = 0
+        for _ in range(20):  # interleaved, as keys of both primaries come
+            try:
+                await admission.admit(ON_A)
+            except StoreUnavailable:
+                refused += 1
+            ticket = await admission.admit(ON_B)
+            admitted += ticket.admitted and ticket.result is not None
+        return refused, admitted
+
+    refused, admitted = asyncio.run(scenario())
+    assert (refused, admitted) == (20, 20)  # b's keys decided by the store every time
+    assert store.calls_to == {"a": 3, "b": 20}  # a's breaker opened after three; b's never
+    assert admission.degraded  # readiness: a primary is skipped
+    store.down.clear()
+    clock[0] = 1.5  # a's cooldown over: its probe succeeds and closes it
+    assert asyncio.run(admission.admit(ON_A)).result is not None
+    assert not admission.degraded and store.calls_to["a"] == 4
+
+
+def test_a_single_server_store_keeps_one_breaker() -> None:
+    admission = Admission(MemoryStore(30.0), on_error="deny", metrics=Metrics())
+    assert admission.breakers is None  # no lookup on the hot path
+    store = BrokenStore()
+    assert Admission(store, on_error="deny", metrics=Metrics()).breakers is None
+
+
+def test_domain_breakers_forget_clean_domains_past_the_bound() -> None:
+    from gateway.admission.breaker import MAX_DOMAINS, DomainBreakers
+
+    default = CircuitBreaker()
+    breakers = DomainBreakers(lambda tag: tag, default)
+    failing = breakers.for_tag("failing")
+    failing.failure()
+    for n in range(3 * MAX_DOMAINS):  # primaries that come and go (failovers, new addresses)
+        breakers.for_tag(f"node{n}")
+    assert len(breakers._by_domain) <= MAX_DOMAINS + 1
+    assert breakers.for_tag("failing") is failing and not breakers.clean  # a failure is kept
+    assert breakers.for_tag(None) is default  # type: ignore[arg-type]  # domain unknown: the store's
+
+
+def test_under_local_the_outage_ends_only_when_every_primary_answers() -> None:
+    """The bridge mirrors local slots back into the store when the outage is over: with one
+    primary still down, an answer from another must not end it (else every request would flip
+    the bridge, seeding and mirroring in-flight slots each time)."""
+    store = TwoPrimariesStore()
+    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0))
+    bridge = admission.bridge
+    assert bridge is not None
+
+    async def scenario() -> list[bool]:
+        seen = []
+        await admission.admit(ON_A)  # a fails: decided locally, the bridge degrades
+        seen.append(bridge.degraded)
+        await admission.admit(ON_B)  # b answers, a has not yet
+        seen.append(bridge.degraded)
+        store.down.clear()
+        await admission.admit(ON_A)  # a answers: every primary has, the outage is over
+        seen.append(bridge.degraded)
+        await bridge.settled()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False]
