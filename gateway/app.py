@@ -300,7 +300,7 @@ class GatewayApp:
                     observer=state.jobs.observer(routing.jobs, key.id, route, method, scope["path"], plan, ticket)
                     if routing.has_jobs else None,
                     on_complete=admission.release, on_complete_args=(plan, ticket),
-                    complete_then_yield=state.store.releases_later,
+                    complete_then_yield=state.store.release_turns,
                     bill=bill,
                 )
             except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete

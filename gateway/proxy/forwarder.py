@@ -123,7 +123,7 @@ class _Exchange:
         self.observer: ResponseObserver | None = None
         self.on_complete: Callable[..., None] | None = None
         self.on_complete_args: tuple[object, ...] = ()
-        self.complete_then_yield = False
+        self.complete_then_yield = 0
         self.bill: RequestBill | None = None
 
     def stop(self, reason: Reason) -> bool:
@@ -241,7 +241,7 @@ async def forward(
     on_complete: Callable[..., None] | None = None,
     bill: RequestBill | None = None,
     on_complete_args: tuple[object, ...] = (),
-    complete_then_yield: bool = False,
+    complete_then_yield: int = 0,
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
@@ -249,8 +249,9 @@ async def forward(
     before the last (empty) body message goes to the client: the caller frees the slot there, so
     a client that sends its next request the moment this one ends never races its own release.
     (Its arguments ride apart so that the caller builds no `partial` per request.)
-    `complete_then_yield`: `on_complete` queues a write for the next loop iteration (a shared
-    store's release) that must be on its way before the client has the end: the loop turns once.
+    `complete_then_yield`: `on_complete` queues a write (a shared store's release) that must be
+    on its way before the client has the end, written this many loop iterations later: the loop
+    turns that often.
 
     `body_start` is what was received before admission, if anything (its caller checked its
     `declared` Content-Length against `max_body` already); `client_timeout` bounds
@@ -364,17 +365,19 @@ async def _exchange(
 
 async def _complete(state: _Exchange, observer: ResponseObserver | None) -> None:
     """The upstream's whole answer is in hand and about to end for the client: the observer's
-    end, then `on_complete` (the caller frees the slot), then, for a shared store, one loop
-    iteration, so that its release, queued for this iteration, is on its way before the client
-    has the end. A client sending its next request at once, to another replica, never finds its
+    end, then `on_complete` (the caller frees the slot), then, for a shared store, the loop
+    iterations its release takes to be written (one; two on Redis Cluster), so that it is on its
+    way before the client has the end. A client sending its next request at once, to another replica, never finds its
     own slot held."""
     if observer is not None:
         await observer.end()
     state.finished = True  # the end of the response wakes the watcher: not a disconnect
     if state.on_complete is not None:
         state.on_complete(*state.on_complete_args)
-        if state.complete_then_yield:
+        turns = state.complete_then_yield
+        while turns:
             await asyncio.sleep(0)
+            turns -= 1
 
 
 async def _unavailable(send: Send, extra: Headers) -> Literal["error"]:

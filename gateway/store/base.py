@@ -261,9 +261,10 @@ def rejected_for_its_keys(error: BaseException) -> bool:
 
 
 class AdmissionStore(Protocol):
-    # True when `release` only queues the store's write, sent on the next turn of the event loop
-    # (a shared store's batch): a caller that must have it on its way first lets the loop turn.
-    releases_later: bool
+    # How many turns of the event loop after `release` its write is sent (0: done when it
+    # returns; a shared store batches it): a caller that must have it on its way first lets the
+    # loop turn that often.
+    release_turns: int
     # A store of several independent servers (Cluster): which one decides the calls over a hash
     # tag's keys now (None while not known), so that a caller keeps a circuit breaker per
     # server and one failing primary does not stop the others' keys. None: one server.

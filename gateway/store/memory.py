@@ -89,7 +89,7 @@ class _Window:
 
 
 class MemoryStore:
-    releases_later = False  # in process: a release is done when `release` returns
+    release_turns = 0  # in process: a release is done when `release` returns
     failure_domain = None  # one process: one failure domain
 
     def __init__(

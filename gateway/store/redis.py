@@ -190,7 +190,7 @@ def open_transport(url: str | None, connection: RedisConnection, *, timeout: flo
 
 
 class RedisStore:
-    releases_later = True  # a release is batched: written on the next loop iteration
+    release_turns = 1  # a release is batched: written on the next loop iteration (or later: the transport's)
     # Every script, release and ping goes through one transport (gateway/store/transport.py);
     # the redis-py connection also carries the wake-up channel, whichever the transport is.
     _transport: Transport
@@ -253,6 +253,7 @@ class RedisStore:
         self._client = connection.client
         self._transport = open_transport(url, connection, timeout=timeout, max_connections=max_connections)
         self.failure_domain = self._transport.failure_domain  # Cluster: the primary of a tag
+        self.release_turns = self._transport.release_turns
         self._prefix = prefix
         self._timeout = timeout
         self._lease = lease

@@ -183,6 +183,8 @@ class RedisPyTransport(Transport):
         self.client = connection.client
         self.is_cluster = connection.is_cluster
         self.failure_domain = self._primary_of if self.is_cluster else None
+        # redis-py's cluster pipeline writes from tasks of its own (one per node): a turn later.
+        self.release_turns = 2 if self.is_cluster else 1
         self.scripts = ScriptSet(self._load_all)
         self.on_release_error = ignore
         self._timeout = timeout
@@ -195,7 +197,11 @@ class RedisPyTransport(Transport):
         # Release pipelines on their way to Redis, by primary (Cluster; else all under None):
         # calls issued meanwhile to that primary wait for them.
         self._releases_landing: dict[object, set[asyncio.Future[None]]] = {}
-        self._release_task: asyncio.Task[None] | None = None
+        # Release flushes in flight: one starts in every loop iteration that queued a release
+        # (not after the last one's reply), so that it is written in the iteration after its
+        # release (the caller lets the loop turn for it: gateway/proxy/forwarder.py).
+        self._release_tasks: set[asyncio.Task[None]] = set()
+        self._flush_due = False  # a flush task is created and has not taken the pending releases yet
         self._release_shas: set[str] = set()  # scripts sent by send_release_eval
         # Releases that did not land, since when (sent again: _retry_failed); the pause before the next try.
         self._refused_since: dict[tuple[str, str], float] = {}
@@ -309,9 +315,11 @@ class RedisPyTransport(Transport):
         asyncio.get_running_loop().call_soon(self._start_flusher)
 
     def _start_flusher(self) -> None:
-        if self._releases and not self._closed and (self._release_task is None or self._release_task.done()):
-            self._release_task = asyncio.get_running_loop().create_task(
-                self._flush_releases(), name="redis-store-release")
+        if self._releases and not self._closed and not self._flush_due:
+            self._flush_due = True
+            task = asyncio.get_running_loop().create_task(self._flush_releases(), name="redis-store-release")
+            self._release_tasks.add(task)
+            task.add_done_callback(self._release_tasks.discard)
 
     def release(self, keys: Sequence[str], members: Sequence[str], channels: Sequence[str]) -> None:
         if self._closed:
@@ -320,38 +328,32 @@ class RedisPyTransport(Transport):
             for member in members:
                 self._releases[(key, member)] = None
         self._channels.update(channels)
-        if self._release_task is None or self._release_task.done():
+        if not self._flush_due:
             try:
-                loop = asyncio.get_running_loop()
+                asyncio.get_running_loop()
             except RuntimeError:
                 return  # no loop any more: the leases expire on their own
-            self._release_task = loop.create_task(self._flush_releases(), name="redis-store-release")
+            self._start_flusher()
 
     async def flush(self) -> None:
         while True:  # hot-path batches and release pipelines in flight end within their budget
             if self._batches:
                 await asyncio.wait(list(self._batches))
-            elif self._release_task is not None and not self._release_task.done():
-                await asyncio.shield(self._release_task)
+            elif self._release_tasks:
+                await asyncio.wait(list(self._release_tasks))
             else:
                 return
 
     async def _flush_releases(self) -> None:
-        while self._releases:
-            batch, self._releases = self._releases, {}
-            channels, self._channels = list(self._channels), set()
-            members: dict[str, list[str]] = {}
-            for key, member in batch:
-                members.setdefault(key, []).append(member)
-            if self.is_cluster:
-                # A pipeline per primary, each on its own and within its own budget, landing
-                # for that primary's calls alone: a primary down or stalled fails and delays its
-                # own releases only, not the others' (whose slots would look held meanwhile, or
-                # until their leases expire). Wake-ups once the ZREMs have landed.
-                sent = [self._spawn_release(primary, group) for primary, group in self._zrems_by_primary(members).items()]
-                if channels:
-                    self._spawn(self._publish_after(sent, channels))
-                continue
+        self._flush_due = False  # releases queued from now on start the next flush
+        if not self._releases:
+            return
+        batch, self._releases = self._releases, {}
+        channels, self._channels = list(self._channels), set()
+        members: dict[str, list[str]] = {}
+        for key, member in batch:
+            members.setdefault(key, []).append(member)
+        if not self.is_cluster:
             # Calls issued from now on wait for this batch to land (see _send_queued),
             # including while it waits for a free connection.
             landed = self._landing(None)
@@ -359,6 +361,23 @@ class RedisPyTransport(Transport):
                 await self._release_group(members, channels)
             finally:
                 self._landed(None, landed)
+            return
+        # Cluster: a pipeline per primary, each within its own budget, landing for that
+        # primary's calls alone: a primary down or stalled fails and delays its own releases
+        # only, not the others' (whose slots would look held meanwhile, or until their leases
+        # expire). The first in this task (written in this iteration), the others in their own.
+        # Wake-ups once every ZREM has landed.
+        (primary, group), *others = self._zrems_by_primary(members).items()
+        sent = [self._spawn_release(other, other_group) for other, other_group in others]
+        landed = self._landing(primary)
+        try:
+            await self._release_group(group, ())
+        finally:
+            self._landed(primary, landed)
+        if sent:
+            await asyncio.wait(sent)
+        if channels:
+            await self._release_group({}, channels)
 
     def _spawn_release(self, primary: object, members: dict[str, list[str]]) -> asyncio.Task[None]:
         landed = self._landing(primary)  # at once: calls issued from now on wait for it
@@ -370,10 +389,6 @@ class RedisPyTransport(Transport):
                 self._landed(primary, landed)
 
         return self._spawn(release())
-
-    async def _publish_after(self, sent: list[asyncio.Task[None]], channels: Sequence[str]) -> None:
-        await asyncio.wait(sent)
-        await self._release_group({}, channels)
 
     async def _release_group(self, members: dict[str, list[str]], channels: Sequence[str]) -> None:
         try:
@@ -667,7 +682,7 @@ class RedisPyTransport(Transport):
     async def aclose(self) -> None:
         # The connection is the store's (its wake-ups share it): it closes it.
         self._closed = True
-        tasks = [*self._batches, *([self._release_task] if self._release_task is not None else [])]
+        tasks = [*self._batches, *self._release_tasks]
         for task in tasks:
             task.cancel()
         for task in tasks:

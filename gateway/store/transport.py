@@ -101,6 +101,8 @@ class Transport:
     scripts: ScriptSet
     # Called once per failed release (the store counts it); set by the store.
     on_release_error: Callable[[], None]
+    # How many loop iterations after `release` its ZREM is written (the next one: its flush).
+    release_turns: int = 1
     # How long a release (ZREM) that did not land is sent again: the lease, set by the store
     # (after it, the slot has expired unrenewed).
     release_retry_for: float = 30.0
