@@ -19,6 +19,7 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until = 0.0
         self._probing = False
+        self._asked_at = 0.0  # the last call to `allow` or `failure` (a breaker not clean)
         # No failure since the last success: the hot path's one check (`allow` is True, and
         # `success` would change nothing).
         self.clean = True
@@ -33,9 +34,10 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May this call go to the store?"""
+        now = self._asked_at = self._clock()
         if self._failures < self._threshold:
             return True
-        if self._probing or self._clock() < self._open_until:
+        if self._probing or now < self._open_until:
             return False
         self._probing = True  # exactly one probe while half-open
         return True
@@ -54,17 +56,26 @@ class CircuitBreaker:
         half-open with no probe allowed, for ever."""
         self._probing = False
 
+    def idle_for(self) -> float:
+        """Seconds since the breaker was last asked or told of a failure."""
+        return self._clock() - self._asked_at
+
     def failure(self) -> None:
         self.clean = False
         self._failures += 1
         self._probing = False
+        now = self._asked_at = self._clock()
         if self._failures >= self._threshold:
-            self._open_until = self._clock() + self._cooldown
+            self._open_until = now + self._cooldown
 
 
 # Clean breakers (no failure since their last success) hold nothing worth keeping: past this
 # many domains they are dropped, so addresses that come and go cannot grow the table.
 MAX_DOMAINS = 64
+# A failing domain's breaker nobody has asked for this long is dropped: its primary no longer
+# owns any slot a request needs (failed over to its replica, removed). Kept, it would leave the
+# store degraded for ever (readiness, and under `local` the outage would never end).
+STALE_AFTER = 10.0
 
 
 class DomainBreakers:
@@ -90,9 +101,16 @@ class DomainBreakers:
 
     @property
     def is_open(self) -> bool:
-        return any(breaker.is_open for breaker in self._by_domain.values())
+        return any(breaker.is_open for breaker in self._live())
 
     @property
     def clean(self) -> bool:
-        """No domain has failed since its last success."""
-        return all(breaker.clean for breaker in self._by_domain.values())
+        """No domain still asked for has failed since its last success."""
+        return all(breaker.clean for breaker in self._live())
+
+    def _live(self) -> list[CircuitBreaker]:
+        stale = [domain for domain, breaker in self._by_domain.items()
+                 if domain is not None and not breaker.clean and breaker.idle_for() > STALE_AFTER]
+        for domain in stale:
+            del self._by_domain[domain]
+        return list(self._by_domain.values())

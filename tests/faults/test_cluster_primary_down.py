@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,45 @@ def test_a_primary_down_costs_only_its_own_keys(how: str, tmp_path: Path, fresh_
     assert fallbacks == loads[0].statuses()[503]  # every 503 a counted decision of the down primary
     if how == "stalled":  # back after SIGCONT: its key admitted again before the end
         assert any(s.status == 200 for s in loads[0].samples[-20:])
+
+
+def test_after_a_primary_fails_over_the_gateway_is_ready_again(tmp_path: Path, fresh_upstream: str) -> None:
+    """A primary killed under load, its replica promoted: the dead primary's breaker, open and
+    no longer asked for (its slots have a new owner), must not keep the gateway degraded: under
+    `deny` that is `/readyz` 503, and an orchestrator would pull the replica for good."""
+    from gateway.admission.breaker import STALE_AFTER
+    from tests.faults.conftest import get, readyz
+    from tests.support.cluster_replicas import redis_cluster_with_replicas
+
+    keys = _key_per_node("failed-over-")
+    with redis_cluster_with_replicas() as cluster:
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.config_set("cluster-require-full-coverage", "no")
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster.primaries[1:])
+        config: dict[str, Any] = fault_config(fresh_upstream, url, on_error="deny")
+        config["keys"] = [{"id": k.id, "sha256": k.sha256, "plan": "cluster"} for k in keys]
+        config["plans"] = {"cluster": {"limits": {"requests": {"concurrency": 3}}}}
+        config["routes"] = [{"path": "/**", "limits": ["requests"]}]
+        with gateway_for(tmp_path, config) as gw:
+
+            async def scenario() -> list[Load]:
+                running = asyncio.gather(*(
+                    run_load([gw.url], secret(k.id), clients=2, duration=3.0, path="/hold?ms=20") for k in keys))
+                await asyncio.sleep(0.5)
+                cluster.primaries[0].stop()  # SIGKILL: its replica takes over after the node timeout
+                return list(await running)
+
+            loads = asyncio.run(scenario())
+            assert loads[0].statuses()[503] > 0  # the dead primary's key was refused meanwhile
+            deadline = time.monotonic() + STALE_AFTER + 10
+            while True:
+                status, body = readyz(gw)
+                if (status, body["status"]) == (200, "ready"):
+                    break
+                assert time.monotonic() < deadline, f"still {status} {body} long after the failover"
+                time.sleep(0.5)
+            for key in keys:  # every key decided by the store again, the first on the promoted replica
+                assert get(gw, secret(key.id)).status_code == 200, key.id
+        with cluster.replicas[0].client() as promoted:
+            assert promoted.info("replication")["role"] == "master"

@@ -308,3 +308,33 @@ def test_under_local_the_outage_ends_only_when_every_primary_answers() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [True, True, False]
+
+
+def test_a_failed_primary_no_longer_asked_for_stops_counting() -> None:
+    """A primary fails, its replica takes its slots over (a new domain, answering): the dead
+    primary's breaker, open and never asked again, must not keep the store degraded (readiness
+    503 under deny for ever) nor keep the outage going under local."""
+    from gateway.admission.breaker import STALE_AFTER
+
+    clock = [0.0]
+    store = TwoPrimariesStore()
+    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    bridge = admission.bridge
+    assert bridge is not None
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await admission.admit(ON_A)  # a fails: its breaker opens, decided locally
+        assert admission.degraded and bridge.degraded
+        store.down.clear()
+        store.failure_domain = lambda tag: "a's replica" if tag == "gw:{k:1}" else "b"  # type: ignore[method-assign]
+        await admission.admit(ON_A)  # the replica answers: a new domain, a fresh breaker
+        assert admission.degraded  # a's breaker, recently failing, still counts...
+        clock[0] = STALE_AFTER + 1
+        assert not admission.degraded  # ...until nobody has asked it for a while
+        await admission.admit(ON_B)
+        assert not bridge.degraded  # the outage ended: local slots mirrored back
+        await bridge.settled()
+
+    asyncio.run(scenario())
