@@ -303,7 +303,7 @@ class Admission:
             else:
                 if not breaker.clean:
                     breaker.success()
-                if self._failing:
+                if self._failing and self._all_answer():  # (Cluster: every primary)
                     self._store_answers()
                 bridge = self.bridge
                 if bridge is not None and bridge.degraded and self._all_answer():  # an outage's end
@@ -328,7 +328,7 @@ class Admission:
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot, quotas=quotas, charge=charge)
         if store is self.store:  # only the shared store's refusals hold everywhere
             self._breaker(plan).success()
-            if self._failing:
+            if self._failing and self._all_answer():  # (Cluster: every primary)
                 self._store_answers()
             if self.bridge is not None and self._all_answer():
                 self.bridge.to_shared()

@@ -338,3 +338,28 @@ def test_a_failed_primary_no_longer_asked_for_stops_counting() -> None:
         await bridge.settled()
 
     asyncio.run(scenario())
+
+
+def test_one_primary_down_is_one_failing_streak_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The log says "failed" once when a streak starts and "answers again" once when every
+    primary answers: not a pair of lines at each answer of a healthy primary in between."""
+    clock = [0.0]
+    store = TwoPrimariesStore()
+    admission = Admission(store, on_error="allow", metrics=Metrics(),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+
+    async def scenario() -> None:
+        for second in range(5):  # a's probe fails every second, b answers in between
+            clock[0] = second * 1.5
+            for _ in range(4):
+                await admission.admit(ON_A)
+                await admission.admit(ON_B)
+        store.down.clear()
+        clock[0] = 10.0
+        await admission.admit(ON_A)
+
+    with caplog.at_level("INFO", logger="gateway.admission"):
+        asyncio.run(scenario())
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("store admission failed" in line for line in lines) == 1, lines
+    assert sum("answers admissions again" in line for line in lines) == 1, lines
