@@ -361,6 +361,10 @@ ATTACKS = {
     # it (uvicorn kept every trailer field, and as a request header), the body cap neither.
     "trailer": b"POST /upload HTTP/1.1\r\nHost: gw\r\nX-API-Key: " + KEY.encode()
                + b"\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-Big: ",
+    # The same, in a chunk extension (`1;name=value`): framing the parser skips, neither head nor
+    # body (Node.js bounded it after CVE-2024-22019).
+    "chunk extension": b"POST /upload HTTP/1.1\r\nHost: gw\r\nX-API-Key: " + KEY.encode()
+                       + b"\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n1;ext=",
 }
 
 
@@ -654,3 +658,27 @@ def test_fuzzed_request_heads_get_an_answer_never_a_5xx_hang_or_traceback(setup:
     assert closed, f"no close within {CLIENT_TIMEOUT + 5}s: {head[:200]!r}"
     assert status_of(received) < 500, (head[:300], received[:300])
     assert "Traceback" not in setup.gateway.log()
+
+
+def test_a_chunk_extension_past_the_head_bound_gets_431(clean: Setup) -> None:
+    """Chunk extensions are framing bytes between body bytes: past `max_request_headers` (64 KiB
+    here) the request is refused with 431, as a trailer section is, not read for as long as the
+    client keeps sending (each byte restarting no deadline of the body's either)."""
+    with socket.create_connection(("127.0.0.1", clean.gateway.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(ATTACKS["chunk extension"])
+        sent = 0
+        try:
+            while sent < (4 << 20):
+                sock.sendall(b"a" * 8192)
+                sent += 8192
+        except OSError:
+            pass  # refused and closed: the rest is not read
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    assert status_of(received) == 431 and b'"error":"headers_too_large"' in received, received[:200]
+    assert sent < (4 << 20)  # refused and closed before the 4 MiB were sent (the rest sat in socket buffers)
