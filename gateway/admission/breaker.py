@@ -110,7 +110,10 @@ class DomainBreakers:
 
     def _live(self) -> list[CircuitBreaker]:
         stale = [domain for domain, breaker in self._by_domain.items()
-                 if domain is not None and not breaker.clean and breaker.idle_for() > STALE_AFTER]
+                 if not breaker.clean and breaker.idle_for() > STALE_AFTER]
         for domain in stale:
-            del self._by_domain[domain]
+            if domain is None:  # the store's own (a failed start): kept, closed
+                self._default.success()
+            else:
+                del self._by_domain[domain]
         return list(self._by_domain.values())

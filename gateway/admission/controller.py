@@ -278,7 +278,7 @@ class Admission:
         if cached is not None:
             self._metrics.cached_refusals.inc()
             return Ticket(lease_id, cached, None, charge=charge)
-        breaker = self.breaker if self.breakers is None else self.breakers.for_tag(plan.tag)
+        breaker = self.breaker if self.breakers is None else self.breakers.for_tag(plan.tag)  # (_breaker, inline)
         if breaker.clean or breaker.allow():  # closed with no failure: one flag check
             asked_at = self.refusals.clock()
             try:

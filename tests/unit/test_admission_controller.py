@@ -363,3 +363,25 @@ def test_one_primary_down_is_one_failing_streak_in_the_log(caplog: pytest.LogCap
     lines = [record.getMessage() for record in caplog.records]
     assert sum("store admission failed" in line for line in lines) == 1, lines
     assert sum("answers admissions again" in line for line in lines) == 1, lines
+
+
+def test_a_failed_start_on_cluster_does_not_keep_the_outage_going() -> None:
+    """The gateway starts while the store is down (state.open: one failure for the store as a
+    whole); once every primary answers, nothing may keep counting that start: it is asked no
+    more (every call has its primary), so after a while it is closed again."""
+    from gateway.admission.breaker import STALE_AFTER
+
+    clock = [0.0]
+    store = TwoPrimariesStore()
+    store.down.clear()
+    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    admission.breaker.failure()  # what state.open does when the store's start fails
+
+    async def scenario() -> bool:
+        await admission.admit(ON_A)
+        await admission.admit(ON_B)
+        clock[0] = STALE_AFTER + 1
+        return admission._all_answer()
+
+    assert asyncio.run(scenario())
