@@ -43,7 +43,17 @@ import hiredis
 
 from gateway.store.base import StoreError
 from gateway.store.scripts import Script
-from gateway.store.transport import Call, ConnectionLost, OnReply, ScriptSet, Transport, ignore, release_can_land
+from gateway.store.transport import (
+    RELEASE_RETRY_PAUSE,
+    RELEASE_RETRY_PAUSE_MAX,
+    Call,
+    ConnectionLost,
+    OnReply,
+    ScriptSet,
+    Transport,
+    ignore,
+    release_can_land,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +69,6 @@ def pack_command(args: tuple[Arg, ...]) -> bytes:
 # ZREM formats kept per slot key (PipelinedRedis._zrem_formats), and the member's marker.
 MAX_ZREM_FORMATS = 4096
 _MEMBER = "\x00member\x00"
-
-# A ZREM that did not land is sent again after a pause doubling from the first to the second.
-RETRY_PAUSE = 0.005
-RETRY_PAUSE_MAX = 0.1
 
 # A hole's bulk string in a command format: its length, then its bytes.
 _HOLE = b"$%d\r\n%b\r\n"
@@ -176,7 +182,7 @@ class PipelinedRedis(Transport):
         self._lost: dict[bytes, float] = {}
         self._resending: set[bytes] = set()  # of those, sent again and not answered yet
         self._retry: asyncio.TimerHandle | None = None
-        self._retry_pause = RETRY_PAUSE
+        self._retry_pause = RELEASE_RETRY_PAUSE
 
     # -- sending -----------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ class PipelinedRedis(Transport):
             return
         if self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(self._retry_pause, self._resend_lost)
-            self._retry_pause = min(2 * self._retry_pause, RETRY_PAUSE_MAX)
+            self._retry_pause = min(2 * self._retry_pause, RELEASE_RETRY_PAUSE_MAX)
         self._release_reply(reply)  # counted; logged once per streak
 
     def _resend_lost(self) -> None:
@@ -299,7 +305,7 @@ class PipelinedRedis(Transport):
             self._zrem_failed(command, reply)
             return
         self._lost.pop(command, None)
-        self._retry_pause = RETRY_PAUSE
+        self._retry_pause = RELEASE_RETRY_PAUSE
         self._release_reply(reply)
 
     def _release_reply(self, reply: object) -> None:

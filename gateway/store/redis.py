@@ -616,10 +616,9 @@ class RedisStore:
     def _release_unsettled(self, keys: list[str], args: list[str | int]) -> None:
         """A settlement given up: its slots are freed all the same, as a plain release (sent
         again until it lands), rather than held until the lease runs out."""
-        slot_keys = keys[int(args[2]) + int(args[3]):-1]  # settle_call: rates, quotas, slots, the settled set
-        channels = [str(channel) for channel in args[9:9 + int(args[8])]]
+        slot_keys, lease_id, channels = scripts.settle_release(keys, args)
         if slot_keys and not self._connection_closed:
-            self._transport.release(slot_keys, lease_members(str(args[0])), channels)
+            self._transport.release(slot_keys, lease_members(lease_id), channels)
 
     async def _settle_later(self, keys: list[str], args: list[str | int], resent: bool, reloads: int,
                             waited: float, pause: float) -> None:

@@ -54,6 +54,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.store.base import SlotMigrating, StoreError
 from gateway.store.scripts import Script
 from gateway.store.transport import (
+    RELEASE_RETRY_PAUSE,
+    RELEASE_RETRY_PAUSE_MAX,
     Call,
     ConnectionLost,
     OnReply,
@@ -205,7 +207,7 @@ class RedisPyTransport(Transport):
         self._release_shas: set[str] = set()  # scripts sent by send_release_eval
         # Releases that did not land, since when (sent again: _retry_failed); the pause before the next try.
         self._refused_since: dict[tuple[str, str], float] = {}
-        self._retry_pause = SLOT_PAUSE
+        self._retry_pause = RELEASE_RETRY_PAUSE
         self._releases_failing = False  # (logged once per streak)
         self._closed = False
 
@@ -279,8 +281,9 @@ class RedisPyTransport(Transport):
             landed = self._landing(primary)  # later calls wait for these ZREMs too
         replies: list[object]
         try:
-            replies = await self.eval_batch(script, [call for call, _ in batch], budget=self._timeout,
-                                            zrems=releases, on_zrem_replies=self._release_replies)
+            # One primary's batch (see _send_queued): its one pipeline, not grouped again.
+            replies = await self._one_pipeline(script, [call for call, _ in batch], self._timeout,
+                                               releases or None, self._release_replies)
         except ConnectionLost as exc:
             # The pipeline may have run, in part or whole. Its ZREMs are idempotent: back to the
             # front of the queue, so that the callers' resends (only they know whether their call
@@ -444,9 +447,9 @@ class RedisPyTransport(Transport):
         failed += [reply for reply in replies[len(zrems):] if isinstance(reply, BaseException)]
         if retry:
             loop.call_later(self._retry_pause, self._requeue, retry)
-            self._retry_pause = min(2 * self._retry_pause, SLOT_PAUSE_MAX)
+            self._retry_pause = min(2 * self._retry_pause, RELEASE_RETRY_PAUSE_MAX)
         else:
-            self._retry_pause = SLOT_PAUSE
+            self._retry_pause = RELEASE_RETRY_PAUSE
         return failed
 
     def _take_releases_for_piggyback(self, primary: object) -> dict[str, list[str]]:

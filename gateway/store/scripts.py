@@ -175,6 +175,13 @@ def settle_call(
     return keys, args
 
 
+def settle_release(keys: list[str], args: list[str | int]) -> tuple[list[str], str, list[str]]:
+    """What a settle.lua call (`settle_call`) frees: its slot keys, lease id and wake-up channels
+    (a settlement given up is released as a plain release)."""
+    priced = int(args[2]) + int(args[3])  # rate and quota keys come first, the settled set last
+    return keys[priced:-1], str(args[0]), [str(channel) for channel in args[9:9 + int(args[8])]]
+
+
 def settled_key(any_key: str) -> str:
     """The set of settled lease ids for the hash tag of `any_key` (settle.lua's memory)."""
     return undone_key(any_key)[: -len(":undone")] + ":settled"

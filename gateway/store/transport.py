@@ -171,6 +171,11 @@ class Transport:
         raise NotImplementedError
 
 
+# A release that did not land is sent again after a pause doubling from the first to the second.
+RELEASE_RETRY_PAUSE = 0.005
+RELEASE_RETRY_PAUSE_MAX = 0.1
+
+
 def release_can_land(reply: BaseException) -> bool:
     """Can a ZREM that failed with `reply` land if sent again? Not against a key of another
     type (another program's, under the prefix): it would fail the same way every time."""

@@ -197,3 +197,16 @@ def test_admit_replies_that_are_not_what_the_call_asked_for_are_refused() -> Non
             scripts.admit_layout(1, 1, 0, False).decode(reply, "lease", (), b"lease")
     shadow = [b"lease", 0, 0, 0, 5_000, 4, 900, 1, 1, 2]  # position 2: the slot key
     assert scripts.decode_admit(shadow, "lease", 1, 1, keys=["r", "s"]).shadow_refused == ["s"]
+
+
+def test_a_settle_call_says_what_it_releases() -> None:
+    """settle_release reads back settle_call's layout (a settlement given up is released so)."""
+    from gateway.store.base import Settlement
+
+    credits = RateBucket("t:{k}:r:credits", 10, 60_000, counts_cost=True)
+    slots = [SlotBucket("t:{k}:c:req", 2), SlotBucket("t:{k}:c:other", 1)]
+    keys, args = scripts.settle_call(slots, "lease*2", Settlement((credits,), (), 5, 2, 1.0), "", "60000",
+                                     ["ch1", "ch2"])
+    assert scripts.settle_release(keys, args) == (["t:{k}:c:req", "t:{k}:c:other"], "lease*2", ["ch1", "ch2"])
+    keys, args = scripts.settle_call(slots[:1], "lease", None, "", "60000")
+    assert scripts.settle_release(keys, args) == (["t:{k}:c:req"], "lease", [])
