@@ -12,6 +12,9 @@ before anything else sees them:
   Trailer fields are read and dropped, never merged into the request's headers;
 - and what the parser cannot read at all, a version other than HTTP/1.1 and 1.0, or an HTTP/1.0
   request with a Transfer-Encoding → 400 `bad_request` (`NOT_HTTP`);
+- an HTTP/1.1 request without a Host field, or any request with two of them or one that is no
+  host → 400 `bad_request` (`BAD_HOST`), as RFC 9112 §3.2 requires and nginx does: a proxy in
+  front may read another Host than the gateway's admin checks do;
 - a request pipelined behind `MAX_PIPELINED` others still waiting for their answers → 503
   `too_many_pipelined`, after those answers. uvicorn queued every pipelined request with no
   bound and read on after each answer: one connection sending 13 MB of `GET / HTTP/1.1` in
@@ -37,6 +40,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Protocol
 
 import httptools
@@ -77,6 +81,23 @@ URI_TOO_LONG = closing_error(414, "URI Too Long", "uri_too_long", "The request t
 # warning per request (a hostile client's flood would flood the log) and write at once, even in
 # the middle of a response to an earlier pipelined request.
 NOT_HTTP = closing_error(400, "Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
+BAD_HOST = closing_error(400, "Bad Request", "bad_request",
+                         "The request needs one Host header with a host name or address (and port) as its value.")
+# What a Host value may hold (RFC 3986 host and port: reg-name, IPv4, IP-literal in brackets):
+# the value is valid when deleting these leaves nothing. Not '/', '@', '\\', space or controls.
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+_FIELD_NAME = itemgetter(0)
+
+
+def host_field_valid(headers: list[tuple[bytes, bytes]], required: bool) -> bool:
+    """One Host field with a host as its value, or none where none is `required` (HTTP/1.0).
+    An empty value is valid (RFC 9110 §7.2: a target without an authority). All in C: the
+    field names by `map`, counted and found by the list."""
+    names = list(map(_FIELD_NAME, headers))
+    count = names.count(b"host")
+    if count != 1:
+        return count == 0 and not required
+    return not headers[names.index(b"host")][1].translate(None, _HOST_BYTES)
 # Requests queued on one connection behind the one being served. Clients that pipeline send a
 # few at a time; a deeper queue only holds memory, since they are answered one after another.
 MAX_PIPELINED = 32
@@ -172,6 +193,8 @@ class HeadLimitsProtocol(DisconnectNotifyingProtocol):
             self._refusal = PIPELINE_FULL  # answered after the queued ones; nothing more is read
         elif (version := self.parser.get_http_version()) != "1.1" and not self._readable_http_1_0(version):
             self._refusal = NOT_HTTP
+        elif not host_field_valid(self.headers, version == "1.1"):
+            self._refusal = BAD_HOST
         if self._refusal is not None:
             raise _HeadRefused  # stops the parser: nothing reaches the app
         self._head_open = False

@@ -637,6 +637,44 @@ _ODD_METHODS = st.from_regex(rb"\A[A-Za-z!#$%&'*+.^_`|~-]{1,10}\Z") | st.binary(
 _PIECES = st.sampled_from([b"/", b"v1", b"scrape", b"a.b", b".", b"..", b";x", b"%2e", b"%2E%2e", b"%252e",
                            b"%c0%ae", b"%00", b"%5c", b"%2f", b"%25", b"%", b"?url=https%3A%2F%2Fx.io%2F..%2F",
                            b"&a=1", b"\xc3\xa9"])
+def _head(version: bytes, *hosts: bytes) -> bytes:
+    lines = [b"GET / " + version, *(b"Host: " + host for host in hosts), f"X-API-Key: {KEY}".encode(), b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+_BAD_HOSTS = {
+    "http_1_1_without_host": _head(b"HTTP/1.1"),
+    "two_hosts": _head(b"HTTP/1.1", b"gw", b"gw"),
+    "two_different_hosts": _head(b"HTTP/1.1", b"localhost", b"evil.example"),
+    "two_hosts_http_1_0": _head(b"HTTP/1.0", b"gw", b"other"),
+    "a_path_in_the_host": _head(b"HTTP/1.1", b"gw/admin"),
+    "userinfo_in_the_host": _head(b"HTTP/1.1", b"user@gw"),
+    "a_space_in_the_host": _head(b"HTTP/1.1", b"gw evil"),
+    "a_backslash_in_the_host": _head(b"HTTP/1.1", b"gw\\evil"),
+    "non_ascii_host": _head(b"HTTP/1.1", "gw\u00e9".encode()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_HOSTS))
+def test_a_missing_duplicate_or_invalid_host_gets_the_json_400_before_anything_else(name: str, clean: Setup) -> None:
+    # RFC 9112 §3.2: a server MUST answer 400 to these. Before, each was served (200).
+    calls = clean.evalsha()
+    received, closed = exchange(clean.gateway.port, _BAD_HOSTS[name])
+    assert status_of(received) == 400 and closed, received[:300]
+    assert b'"success":false,"error":"bad_request"' in received and b"Host header" in received
+    assert clean.evalsha() == calls and upstream_stats(clean.upstream, "edge").get("total", 0) == 0
+
+
+@pytest.mark.parametrize("head", [
+    _head(b"HTTP/1.1", b"api.example.com"), _head(b"HTTP/1.1", b"127.0.0.1:8080"), _head(b"HTTP/1.1", b"[::1]:8080"),
+    _head(b"HTTP/1.1", b""),  # a target without an authority (RFC 9110 §7.2)
+    _head(b"HTTP/1.0"),  # HTTP/1.0 has no Host requirement (ApacheBench, old health checkers)
+], ids=["name", "ipv4_and_port", "ipv6_and_port", "empty", "http_1_0_without_host"])
+def test_a_valid_host_or_none_on_http_1_0_is_served(head: bytes, clean: Setup) -> None:
+    received, closed = exchange(clean.gateway.port, head)
+    assert status_of(received) == 200 and closed, received[:300]
+
+
 _BAD_PIECES = st.sampled_from([b" ", b"\x00", b"\x7f", b"\xff", b"#", b"\\", b"\t"])
 _NAMES = st.sampled_from([b"X-API-Key", b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect",
                           b"Connection", b"X-Forwarded-For", b"Forwarded", b"True-Client-IP", b"Accept"]) | \

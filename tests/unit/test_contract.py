@@ -62,7 +62,7 @@ def test_every_error_answer_of_the_code_is_in_the_contract_and_back() -> None:
     sent.add((int(status.group(1)), error.group(1)))
     # the head limits' raw answers, made while parsing (gateway/head_limits.py)
     limits = re.findall(r"closing_error\(\s*(\d{3}),\s*\"[^\"]*\",\s*\"(\w+)\"", (GATEWAY / "head_limits.py").read_text())
-    assert len(limits) == 4, limits
+    assert len(limits) == 5, limits
     sent.update((int(status), error) for status, error in limits)
     # a connection over its bounds, answered at the accept (gateway/connection_limits.py)
     for answer in CONNECTION_REFUSALS.values():
