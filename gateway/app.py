@@ -195,6 +195,16 @@ class GatewayApp:
                                  extra_headers=[(b"allow", b"GET")])
                 done.status, done.outcome, done.key_id, done.plan = 405, "no_route", key.id, key.plan
             return
+        # The target before the route: a path refused as traversal (a dot segment, a control
+        # byte, raw or encoded) is no route's, and is answered as what it is, not 404.
+        query = scope["query_string"]
+        if config.identity.api_key_query and query:
+            query = strip_query_param(query, config.identity.api_key_query)
+        url = upstream_url(config.upstream.url, scope.get("raw_path") or scope["path"].encode(), query)
+        if url is None:
+            await send_error(send, 400, "bad_request", "The request target cannot be forwarded.")
+            done.status, done.outcome, done.key_id, done.plan = 400, "bad_request", key.id, key.plan
+            return
         match = routing.routes.match(scope["path"], method)
         if match is None:
             await send_error(send, 404, "no_route", f"No route for {method} {scope['path']}.")
@@ -211,15 +221,6 @@ class GatewayApp:
                              f"The request body is larger than {config.max_request_body} bytes.", extra_headers=_CLOSE)
             done.status, done.outcome = 413, "body_too_large"
             return
-        query = scope["query_string"]
-        if config.identity.api_key_query and query:
-            query = strip_query_param(query, config.identity.api_key_query)
-        url = upstream_url(config.upstream.url, scope.get("raw_path") or scope["path"].encode(), query)
-        if url is None:
-            await send_error(send, 400, "bad_request", "The request target cannot be forwarded.")
-            done.status, done.outcome = 400, "bad_request"
-            return
-
         # The body (or its first 64 KiB) first: a slow client costs no store call and no slot.
         body_start = await receive_body_start(framing, receive, send, max_body=config.max_request_body,
                                               timeout=config.client_timeout)
