@@ -2,9 +2,10 @@
 
 Served only on `admin_listen`, by its own server, never through the public port. Off the hot
 path, so Starlette's routing is fine here. When `admin_token` is set, everything but
-`/healthz` wants `Authorization: Bearer <token>` (compared in constant time). Everything but
-the probes (`/healthz`, `/readyz`) also wants a `Host` that names this port, so a web page
-cannot reach it by DNS rebinding (`gateway.admin.exposure`): another Host gets 421.
+`/healthz` wants `Authorization: Bearer <token>` (compared in constant time). Before that,
+`gateway.admin.guard` refuses what a web page in the operator's browser could send: another
+Host (421, DNS rebinding) and, for a request that may change state, another Origin (403) or a
+body that is not JSON (415).
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from gateway.admin.bans import ban_routes
-from gateway.admin.exposure import host_allowed, listen_host
+from gateway.admin.guard import RequestGuard
 from gateway.admin.keys_and_jobs import job_routes
 from gateway.admin.readiness import check_readiness
 from gateway.state import GatewayState
-
-PROBES = frozenset({"/healthz", "/readyz"})  # kubelet and load balancers: any Host
 
 
 def _authorized(request: Request, token: str | None) -> bool:
@@ -52,37 +51,6 @@ def _unauthorized() -> JSONResponse:
         status_code=401,
         headers={"www-authenticate": "Bearer"},
     )
-
-
-def _misdirected() -> JSONResponse:
-    return JSONResponse(
-        {
-            "success": False,
-            "error": "misdirected_request",
-            "message": "The admin port answers only a Host that names it (an IP address, localhost,"
-            " or an admin_hosts entry).",
-        },
-        status_code=421,
-    )
-
-
-class HostGuard:
-    """ASGI wrapper: refuse (421) a request whose Host does not name the admin port."""
-
-    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PROBES:
-            config = self.state.routing.config
-            host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
-            server = scope.get("server")
-            port = server[1] if server else None
-            if not host_allowed(host, port, listen_host(config.admin_listen), config.admin_hosts):
-                await _misdirected()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_admin_app(state: GatewayState) -> ASGIApp:
@@ -115,4 +83,5 @@ def create_admin_app(state: GatewayState) -> ASGIApp:
         ],
         exception_handlers={404: _unknown_path, 405: _unknown_path},
     )
-    return HostGuard(app, state)
+    app.router.redirect_slashes = False  # `/metrics/` is no admin path: 404, not a redirect
+    return RequestGuard(app, state)

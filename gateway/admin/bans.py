@@ -1,6 +1,7 @@
 """The admin API for IP bans: `GET /v1/bans` lists the active bans (from the store, so every
-replica's bans), `DELETE /v1/bans/{ip}` lifts one (an address, or any address or the prefix
-of a banned IPv6 group). Both sit behind `admin_token` (the admin app's `guarded`)."""
+replica's bans), `DELETE /v1/bans/{ip}` lifts one (an address, or a banned IPv6 group as the
+list names it: its prefix of exactly `ipv6_prefix` bits). Both sit behind `admin_token` (the
+admin app's `guarded`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.guard import path_param
 from gateway.admission.bans import STRIKE_KINDS, retry_after
 from gateway.ban_guard import BanGuard
 from gateway.store.base import StoreError
@@ -48,10 +50,11 @@ def ban_routes(guard: BanGuard, guarded: Callable[[Endpoint], Endpoint]) -> list
         )
 
     async def lift_ban(request: Request) -> Response:
-        text = request.path_params["ip"]
+        text = path_param(request, "ip")
         group = guard.group_for(text)
         if group is None:
-            return _error(400, "bad_ip", f"{text!r} is not an IP address or IPv6 prefix.")
+            return _error(400, "bad_ip", f"{text!r} is not an IP address or an IPv6 prefix as GET /v1/bans"
+                          " lists it.")
         try:
             lifted = await guard.lift(group)
         except StoreError:

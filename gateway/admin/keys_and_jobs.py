@@ -5,7 +5,6 @@ slots and active jobs). Off the hot path; every answer is JSON."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -14,9 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.guard import path_param
+from gateway.admin.json_body import read_json_object
 from gateway.config.model import ConcurrencyLimit, Key, QuotaLimit, RateLimit
 from gateway.state import GatewayState
 from gateway.store.base import QuotaBucket, QuotaUsage, RateBucket, SlotBucket, StoreError
+from gateway.store.jobs import MAX_JOB_ID, valid_job_id
 from gateway.usage import key_buckets, quota_usages, usage_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -42,18 +44,22 @@ def _store_unavailable() -> JSONResponse:
 
 def job_routes(state: GatewayState, guarded: Callable[[Endpoint], Endpoint]) -> list[Route]:
     async def job_done(request: Request) -> Response:
-        job_id = request.path_params["job_id"]
+        job_id = path_param(request, "job_id")
+        # An id that cannot be a job's (over MAX_JOB_ID, control characters) holds no slot: no
+        # store call, and no tombstone kept for it.
+        valid = valid_job_id(job_id)
         try:
-            ended = await state.jobs.end(job_id, None)
+            ended = await state.jobs.end(valid, None) if valid is not None else None
         except StoreError:
             return _store_unavailable()
         if ended is None:
+            job_id = job_id[:MAX_JOB_ID]
             return _error(404, "unknown_job", f"No active job {job_id!r} holds a slot (already ended, or "
                           "not handed over yet: a handover arriving shortly is ended at once).")
         return JSONResponse({"success": True, "job_id": ended.job_id, "key_id": ended.owner, "freed": True})
 
     async def key_view(request: Request) -> Response:
-        key_id = request.path_params["key_id"]
+        key_id = path_param(request, "key_id")
         routing = state.routing
         key = next((k for k in routing.config.keys if k.id == key_id), None)
         if key is None:
@@ -64,12 +70,12 @@ def job_routes(state: GatewayState, guarded: Callable[[Endpoint], Endpoint]) -> 
             return _store_unavailable()
 
     async def quota_change(request: Request) -> Response:
-        key_id = request.path_params["key_id"]
+        key_id = path_param(request, "key_id")
         key = next((k for k in state.routing.config.keys if k.id == key_id), None)
         if key is None:
             return _error(404, "unknown_key", f"No key with id {key_id!r}.")
-        change = await read_quota_change(request)
-        if isinstance(change, JSONResponse):
+        change = await read_quota_change(request, state.routing.config.client_timeout)
+        if isinstance(change, Response):
             return change
         return await change_quota(state, key, change)
 
@@ -167,23 +173,19 @@ def quota_view(quota: QuotaBucket, policy: str, routes: list[str], usage: QuotaU
     return view
 
 
-async def read_quota_change(request: Request) -> QuotaChange | JSONResponse:
+async def read_quota_change(request: Request, timeout: float) -> QuotaChange | Response:
     """The body of `POST /v1/keys/{id}/quota`: `{"grant": N}` or `{"reset": true}`, with an
-    optional `"limit": name`; at most MAX_QUOTA_BODY bytes. A 400 (or 413) says what is wrong."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_QUOTA_BODY:
-            return _error(413, "body_too_large", f"A quota change is at most {MAX_QUOTA_BODY} bytes of JSON.")
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "bad_request", 'The body is not JSON: send {"grant": N} or {"reset": true}.')
-    if not isinstance(document, dict):
-        return _error(400, "bad_request", 'The body is a JSON object: {"grant": N} or {"reset": true}.')
+    optional `"limit": name`; at most MAX_QUOTA_BODY bytes, within `timeout` seconds. A 400
+    says what is wrong (or 408, 413: gateway/admin/json_body.py)."""
+    document = await read_json_object(request, limit=MAX_QUOTA_BODY, timeout=timeout,
+                                      expected='{"grant": N} or {"reset": true}')
+    if isinstance(document, Response):
+        return document
     unknown = set(document) - {"grant", "reset", "limit"}
     if unknown:
         return _error(400, "bad_request", f"Unknown fields {sorted(unknown)}: only grant, reset and limit.")
+    if None in document.values():  # a null is no value: `{"grant": null, "reset": true}` is ambiguous
+        return _error(400, "bad_request", "No field is null: leave it out.")
     grant, reset, limit = document.get("grant"), document.get("reset"), document.get("limit")
     if (grant is None) == (reset is None):
         return _error(400, "bad_request", 'Send exactly one of {"grant": N} and {"reset": true}.')

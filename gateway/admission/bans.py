@@ -59,16 +59,19 @@ def group_of(ip: IPAddress, ipv6_prefix: int) -> str:
 
 
 def parse_group(text: str, ipv6_prefix: int) -> str | None:
-    """The group named by an admin's `{ip}`: an address, or an IPv6 prefix (`2001:db8:a::/64`,
-    any address inside it works too). None when it is neither."""
+    """The group named by an admin's `{ip}`: an address (its group), or an IPv6 prefix of
+    exactly `ipv6_prefix` bits, as `GET /v1/bans` lists it. None for anything else: any other
+    prefix length names no one group (`203.0.113.7/24` is not the ban on 203.0.113.0)."""
     text = text.strip()
     try:
-        if "/" in text:
-            network = ipaddress.ip_network(text, strict=False)
-            return group_of(network.network_address, ipv6_prefix)
-        return group_of(ipaddress.ip_address(text.strip("[]")), ipv6_prefix)
+        if "/" not in text:
+            return group_of(ipaddress.ip_address(text.strip("[]")), ipv6_prefix)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         return None
+    if network.version != 6 or network.prefixlen != ipv6_prefix:
+        return None
+    return group_of(network.network_address, ipv6_prefix)
 
 
 def is_exempt(ip: IPAddress, allow: Sequence[Network]) -> bool:

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from gateway.store.base import lease_members
 
+# Ends reported for jobs nobody holds, remembered at once: each is kept TOMBSTONE_SECONDS, so
+# without a bound a stream of `done` calls for unknown ids would grow the process for that long.
+MAX_TOMBSTONES = 10_000
+
 
 class MemoryQueues:
     """slot key -> waiter id -> [arrival, entry expiry]."""
@@ -126,11 +130,15 @@ class MemoryJobBook:
                 del self._index[job_id]
                 return entry
             return None
-        tomb = self._tombstones.get(job_id)
+        tomb = self._tombstones.pop(job_id, None)
         if tomb is None or tomb.expiry <= now:
-            tomb = self._tombstones[job_id] = _Tombstone()
+            tomb = _Tombstone()
+            if len(self._tombstones) >= MAX_TOMBSTONES:
+                # the oldest: of all, its handover is the least likely to be still on its way
+                del self._tombstones[next(iter(self._tombstones))]
         tomb.owners.add(owner or "*")
         tomb.expiry = now + tombstone_ms
+        self._tombstones[job_id] = tomb  # (re)inserted last: the table stays in expiry order
         return None
 
     def sweep(self, now: float) -> int:

@@ -232,10 +232,11 @@ async def test_the_quota_endpoint_refuses_bad_bodies(rig: Rig, body: Any) -> Non
 
 
 async def test_the_quota_endpoint_bounds_and_unknown_keys(rig: Rig) -> None:
+    as_json = {**ADMIN, "Content-Type": "application/json"}
     big = await rig.admin.post("/v1/keys/k/quota", content=b'{"grant": 1, "pad": "' + b"x" * 4096 + b'"}',
-                               headers=ADMIN)
+                               headers=as_json)
     assert big.status_code == 413
-    assert (await rig.admin.post("/v1/keys/k/quota", content=b"{", headers=ADMIN)).status_code == 400
+    assert (await rig.admin.post("/v1/keys/k/quota", content=b"{", headers=as_json)).status_code == 400
     assert (await rig.admin.post("/v1/keys/nobody/quota", json={"grant": 1}, headers=ADMIN)).status_code == 404
 
 
