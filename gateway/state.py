@@ -7,11 +7,13 @@ releases flushed, loops stopped).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from gateway.admission.controller import Admission
 from gateway.ban_guard import BanGuard
 from gateway.config.model import Config
+from gateway.config.settings import redact
 from gateway.jobs.tracker import JobTracker
 from gateway.metrics import Metrics, MetricsObserver
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client
@@ -19,6 +21,8 @@ from gateway.recent_clients import RecentClients
 from gateway.runtime import Routing
 from gateway.store import bundle_for, open_store
 from gateway.store.base import AdmissionStore, StoreError
+
+log = logging.getLogger("gateway.store")
 
 
 @dataclass(slots=True)
@@ -68,8 +72,12 @@ class GatewayState:
             await self.local_store.start()
         try:
             await self.store.start()
-        except StoreError:
+        except StoreError as exc:
             # Serve anyway: on_error decides until the store answers (it reconnects by itself).
+            # Said now: a store that refuses this gateway (a wrong password, maxclients, an ACL)
+            # would otherwise show nowhere until a client request failed.
+            log.warning("store %s failed at start, deciding by on_error: %s until it answers: %s",
+                        redact(self.routing.config.store.url), self.admission.on_error, exc)
             self.admission.breaker.failure()
         await self.bans.start()
 

@@ -12,6 +12,10 @@ then follows `store.on_error`, because readiness decides whether the replica get
 
 `/readyz?strict` answers 503 whenever degraded, whatever the mode (for probes that want it).
 Draining (SIGTERM) is always 503.
+
+A passing store check closes the breaker (`Admission.store_answered`; Cluster: the breaker of
+the probe keys' primary), as an admission's success would: so a replica the orchestrator pulled
+comes back once the store answers, with no client traffic to probe it.
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ async def check_readiness(state: GatewayState, *, strict: bool = False) -> Readi
             await state.store.check_ready()
     except (StoreError, TimeoutError) as exc:
         failure = type(exc).__name__
+    else:
+        # The store answered the admission script: as good as an admission's success, so it
+        # closes the breaker. A replica pulled from traffic for being degraded gets no request
+        # that would, and would stay degraded after the store came back.
+        state.admission.store_answered(state.store.ready_tag)
     return decide(
         draining=state.draining,
         store_failure=failure,

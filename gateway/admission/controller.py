@@ -267,6 +267,21 @@ class Admission:
         """No breaker has a failure since its last success: the outage, if any, is over."""
         return self.breaker.clean if self.breakers is None else self.breakers.clean
 
+    def store_answered(self, tag: str) -> None:
+        """A store call made outside admission succeeded (the readiness probe, over `tag`'s
+        keys): it counts as an admission's success (the breaker of `tag`'s primary closes; once
+        every breaker is clean the outage ends, and under `local` the slots go back to the
+        store). Without it only a client request closed the breaker, and a replica the
+        orchestrator had pulled for `/readyz` 503 got none: degraded for ever."""
+        breaker = self.breaker if self.breakers is None else self.breakers.for_tag(tag)
+        if not breaker.clean:
+            breaker.success()
+        if self._all_answer():
+            if self._failing:
+                self._store_answers()
+            if self.bridge is not None and self.bridge.degraded:
+                self.bridge.to_shared()
+
     async def admit(self, plan: AdmissionPlan, charge: Charge = ONE) -> Ticket:
         """One admission attempt for a request weighing `charge` (its price: `plan.pricing`)."""
         lease_id = next(_LEASE_IDS)  # new_lease_id(), one call less
@@ -368,6 +383,15 @@ class Admission:
                     self._store_rejected(exc)
             self.leave_queue(plan, ticket)
             return await self._fallback(plan, ticket.lease_id, ticket.charge, breaker, outage=outage)
+
+    async def requeue(self, plan: AdmissionPlan, ticket: Ticket, store: AdmissionStore | None) -> Ticket:
+        """A waiter whose plan a reload changed, out of the old plan's queues (`leave_queue`),
+        checked under the new `plan`: in its place among its waiters (its first arrival, kept
+        in `store`), or once, as a new request would be, when the new plan has no `wait`."""
+        if plan.wait <= 0 or not plan.slots or ticket.result is None or store is None:
+            return await self.admit(plan, ticket.charge)
+        ticket.waiting_in = store
+        return await self.recheck(plan, ticket)
 
     def leave_queue(self, plan: AdmissionPlan, ticket: Ticket) -> None:
         """Stop waiting (synchronous, idempotent)."""

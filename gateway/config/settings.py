@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import yaml
 
@@ -230,10 +230,35 @@ def _store_url(r: NodeReader, node: Node) -> str | None:
     return text
 
 
+# A query parameter being assigned: an `@` after one is in a parameter's value, not the userinfo's.
+_ASSIGNMENT = re.compile(r"[?&][^?&=]*=")
+# A query parameter; its value runs to the next parameter (a raw `&` or `#` in a password stays in it).
+_PARAMETER = re.compile(r"([?&])([^?&=]*)=(.*?)(?=&[^&=]*=|\Z)", re.DOTALL)
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by `***` (for messages and summaries)."""
-    url = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    """The URL with every password replaced by `***` (for messages and summaries): the
+    userinfo's, after its first `:` and up to the last `@` before the query (a raw `@`, `/`, `?`
+    or `#` in it included: a URL printed because it failed to parse must not leak it either),
+    and the value of every query parameter whose name, percent-decoded, holds `password` in any
+    case (`?password=`, `?sentinel_password=`). A userinfo without `:` is a user name, kept."""
+    start = url.find("//")
+    start = start + 2 if start >= 0 else 0
+    head, rest = url[:start], url[start:]
+    if not rest.startswith("/"):  # (unix:///path: no userinfo, the path may hold an `@`)
+        at = rest.rfind("@")
+        while at > 0 and _ASSIGNMENT.search(rest, 0, at):
+            at = rest.rfind("@", 0, at)
+        if at > 0:
+            user, colon, _ = rest[:at].partition(":")
+            if colon:
+                rest = f"{user}:***{rest[at:]}"
+
+    def masked(parameter: re.Match[str]) -> str:
+        secret = "password" in unquote_plus(parameter[2]).lower()
+        return f"{parameter[1]}{parameter[2]}=***" if secret else parameter[0]
+
+    return head + _PARAMETER.sub(masked, rest)
 
 
 def _store_prefix(r: NodeReader, node: Node) -> str | None:

@@ -177,7 +177,9 @@ class JobTracker:
 
     async def end(self, job_id: str, owner: str | None) -> EndedJob | None:
         """End a job wherever it is held (the store, or the local fallback store). Raises
-        StoreError only when no store could answer."""
+        StoreError when the shared store could not be asked and no other store held the job:
+        "not found" would then be a guess (the job may hold its slot in the shared store), and
+        the caller must be told to retry (admin `done`: 503, not a 404 to ignore)."""
         failure: StoreError | None = None
         for _, jobs in self._stores:
             try:
@@ -188,7 +190,7 @@ class JobTracker:
                 continue
             if ended is not None:
                 return ended
-        if failure is not None and len(self._stores) == 1:
+        if failure is not None:
             raise failure
         return None
 

@@ -252,12 +252,22 @@ _STORE_WIDE_CODES = frozenset({
 })
 
 
+# An ACL denial inside a script: Redis 7.0 answers it with a plain `ERR` (`ERR The user
+# executing the script can't run this command or subcommand`, `... can't access at least one of
+# the keys ...`, `... can't publish to the channel ...`; redis-py may strip the `ERR`), later
+# versions with `NOPERM ... no permissions to ...`. It is the store's user that lacks the
+# right, so every call of every key meets it: store-wide, as NOPERM outside a script.
+_STORE_WIDE_MESSAGES = ("The user executing the script can't", "no permissions to")
+
+
 def rejected_for_its_keys(error: BaseException) -> bool:
     """An error reply raised while a script ran (Redis appends `script: <sha>, on
     @user_script:N.`), for a reason of the call's own keys (`WRONGTYPE`, `ERR hash value is
-    not an integer`, a Lua error on an unexpected value), not the store's."""
+    not an integer`, a Lua error on an unexpected value), not the store's (an ACL denial is
+    the store's: `_STORE_WIDE_MESSAGES`)."""
     text = str(error)
-    return "@user_script:" in text and text.split(" ", 1)[0] not in _STORE_WIDE_CODES
+    return ("@user_script:" in text and text.split(" ", 1)[0] not in _STORE_WIDE_CODES
+            and not any(message in text for message in _STORE_WIDE_MESSAGES))
 
 
 class AdmissionStore(Protocol):
@@ -269,6 +279,9 @@ class AdmissionStore(Protocol):
     # tag's keys now (None while not known), so that a caller keeps a circuit breaker per
     # server and one failing primary does not stop the others' keys. None: one server.
     failure_domain: Callable[[str], object] | None
+    # The hash tag of the keys `check_ready` probes (Cluster: its success speaks for the primary
+    # that owns them).
+    ready_tag: str
 
     async def start(self) -> None:
         """Connect, load scripts, start background loops (heartbeat, release flusher)."""

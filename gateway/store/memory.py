@@ -91,6 +91,7 @@ class _Window:
 class MemoryStore:
     release_turns = 0  # in process: a release is done when `release` returns
     failure_domain = None  # one process: one failure domain
+    ready_tag = "memory:{ready}"  # the readiness probe's keys (check_ready)
 
     def __init__(
         self,
@@ -639,7 +640,7 @@ class MemoryStore:
         return lost
 
     async def check_ready(self) -> None:
-        probe = SlotBucket("memory:{ready}:probe", 1 << 30)
+        probe = SlotBucket(f"{self.ready_tag}:probe", 1 << 30)
         lease_id = f"ready:{uuid.uuid4().hex}"
         await self.admit((), (probe,), lease_id)
         self.release((probe,), lease_id)

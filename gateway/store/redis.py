@@ -255,6 +255,7 @@ class RedisStore:
         self.failure_domain = self._transport.failure_domain  # Cluster: the primary of a tag
         self.release_turns = self._transport.release_turns
         self._prefix = prefix
+        self.ready_tag = f"{prefix}:{{ready}}"  # the readiness probe's keys (check_ready)
         self._timeout = timeout
         self._lease = lease
         self._lease_ms = scripts.ms_arg(lease)
@@ -370,7 +371,7 @@ class RedisStore:
     async def check_ready(self) -> None:
         """Run admit.lua for real on a probe rate bucket and slot bucket under the prefix,
         then remove the probe lease (both keys carry a TTL whatever happens)."""
-        tag = f"{self._prefix}:{{ready}}"
+        tag = self.ready_tag
         # A 1 s window: a 1 ms one left a key whose PTTL could read 0 right after the probe.
         rate = RateBucket(f"{tag}:probe:r", 1 << 30, 1000)
         slot = SlotBucket(f"{tag}:probe:s", 1 << 30)

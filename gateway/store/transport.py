@@ -178,7 +178,10 @@ RELEASE_RETRY_PAUSE_MAX = 0.1
 
 def release_can_land(reply: BaseException) -> bool:
     """Can a ZREM that failed with `reply` land if sent again? Not against a key of another
-    type (another program's, under the prefix): it would fail the same way every time."""
+    type (another program's, under the prefix): it would fail the same way every time. A
+    permission error (NOPERM: the store's ACL user may not ZREM, or not that key) is sent
+    again: an operator fixes the ACL (admissions and releases fail for every key meanwhile),
+    and the release then lands at once instead of its slot looking held for the rest of a lease."""
     return not str(reply).startswith("WRONGTYPE")
 
 

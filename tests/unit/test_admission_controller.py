@@ -156,6 +156,16 @@ def test_a_rejected_call_is_decided_by_on_error_alone_and_never_opens_the_breake
     ("NOSCRIPT No matching script. Please use EVAL.", False),
     ("BUSY Redis is busy running a script.", False),
     ("WRONGTYPE Operation against a key holding the wrong kind of value", False),  # not from a script
+    # An ACL denial inside a script (Redis 7.0: ERR, not NOPERM): the store's user, every call.
+    ("ERR The user executing the script can't run this command or subcommand script: 886b, on @user_script:1.",
+     False),
+    ("The user executing the script can't run this command or subcommand script: 886b, on @user_script:1.",
+     False),  # redis-py without "ERR "
+    ("ERR The user executing the script can't access at least one of the keys mentioned in the command "
+     "arguments script: e4a8, on @user_script:1.", False),
+    ("ERR The user executing the script can't publish to the channel mentioned in the command script: 7d25, "
+     "on @user_script:1.", False),
+    ("NOPERM User gw has no permissions to run the 'zrem' command script: 886b, on @user_script:1.", False),
 ])
 def test_which_error_replies_are_the_calls_own(reply: str, rejected: bool) -> None:
     assert rejected_for_its_keys(Exception(reply)) is rejected
@@ -385,3 +395,52 @@ def test_a_failed_start_on_cluster_does_not_keep_the_outage_going() -> None:
         return admission._all_answer()
 
     assert asyncio.run(scenario())
+
+
+def test_a_readiness_probe_that_passes_ends_the_outage_without_traffic(caplog: pytest.LogCaptureFixture) -> None:
+    """The readiness probe's success counts as an admission's: it closes the breaker, and under
+    `local` the slots go back to the store (before, only a client request did, and a replica
+    pulled from traffic for being degraded stayed so for ever)."""
+    clock = [0.0]
+    store = BrokenStore()
+    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    bridge = admission.bridge
+    assert bridge is not None
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await admission.admit(PLAN)
+        assert admission.degraded and bridge.degraded
+        with caplog.at_level("INFO", logger="gateway.admission"):
+            admission.store_answered("gw:{ready}")  # no request, no cooldown waited for
+        assert not admission.degraded and not bridge.degraded
+        await bridge.settled()
+
+    asyncio.run(scenario())
+    assert "store answers admissions again" in caplog.text
+
+
+def test_on_cluster_a_readiness_probe_speaks_for_its_primary_only() -> None:
+    """Cluster: the probe's keys live on one primary; its success closes that primary's breaker,
+    not another's, and the outage (under `local`) ends only once every primary has answered."""
+    clock = [0.0]
+    store = TwoPrimariesStore()
+    store.down = {"a", "b"}
+    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
+                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    bridge = admission.bridge
+    assert bridge is not None
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await admission.admit(ON_A)
+            await admission.admit(ON_B)
+        assert admission.degraded and bridge.degraded
+        admission.store_answered("gw:{k:2}")  # b answers the probe; a's breaker stays open
+        assert admission.degraded and bridge.degraded
+        admission.store_answered("gw:{k:1}")
+        assert not admission.degraded and not bridge.degraded
+        await bridge.settled()
+
+    asyncio.run(scenario())

@@ -1,0 +1,97 @@
+"""`redact` (gateway/config/settings.py): no store password reaches `check-config`, the startup
+summary, config error messages or logs, whatever its characters and wherever the URL carries it."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config.loader import ConfigError, load_config_text
+from gateway.config.settings import redact
+from gateway.config.summary import summarize
+
+# Around every generated password: neither may survive redaction (nor anything between them).
+HEAD, TAIL = "QZX", "XZQ"
+HOSTS = ["127.0.0.1:6379", "redis.internal", "h1:26379,h2:26379", "[::1]:6380"]
+PASSWORD_PARAMETERS = ["password", "sentinel_password", "sentinel%5Fpassword", "PASSWORD", "Sentinel_Password"]
+# Printable ASCII but space: what a password in a YAML string can hold, `@ / ? # & = % :` included.
+RAW = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=16)
+
+
+def _secret(middle: str, encode: bool) -> str:
+    password = HEAD + middle + TAIL
+    return quote(password, safe="") if encode else password
+
+
+@given(
+    scheme=st.sampled_from(["redis", "rediss", "redis+sentinel", "redis+cluster"]),
+    user=st.sampled_from(["", "default", "gw"]),
+    host=st.sampled_from(HOSTS),
+    # Known limit: a raw `?x=` or `&x=` inside a userinfo password reads as the query's start.
+    middle=RAW.filter(lambda text: not re.search(r"[?&][^?&=]*=", text)),
+    encode=st.booleans(),
+    query=st.sampled_from(["", "?db=1", "?sentinel_username=ops@corp&db=2"]),
+)
+def test_the_userinfo_password_is_masked_up_to_its_last_at(
+    scheme: str, user: str, host: str, middle: str, encode: bool, query: str
+) -> None:
+    url = f"{scheme}://{user}:{_secret(middle, encode)}@{host}/0{query}"
+    shown = redact(url)
+    assert HEAD not in shown and TAIL not in shown, shown
+    assert shown == f"{scheme}://{user}:***@{host}/0{query}"
+
+
+@given(
+    name=st.sampled_from(PASSWORD_PARAMETERS),
+    # Known limit: a raw `&x=` inside a query password reads as the next parameter.
+    middle=RAW.filter(lambda text: not re.search(r"&[^&=]*=", text)),
+    encode=st.booleans(),
+    before=st.sampled_from(["", "db=1&"]),
+    after=st.sampled_from(["", "&db=1", "&service_name=mymaster"]),
+    userinfo=st.sampled_from(["", ":QZXuserinfoXZQ@", "gw:QZX@XZQ@"]),
+)
+def test_every_password_parameter_is_masked(
+    name: str, middle: str, encode: bool, before: str, after: str, userinfo: str
+) -> None:
+    url = f"redis+sentinel://{userinfo}h1:26379/mymaster?{before}{name}={_secret(middle, encode)}{after}"
+    shown = redact(url)
+    assert HEAD not in shown and TAIL not in shown, shown
+    assert f"{name}=***{after}" in shown and "h1:26379/mymaster" in shown
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:p@ssw0rdSecret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),  # masked only to the first @
+    ("redis+sentinel://:pw@h:26379/m?sentinel_password=SentSecret", "redis+sentinel://:***@h:26379/m?sentinel_password=***"),
+    ("redis://:pa/ss@host/0", "redis://:***@host/0"),  # unparsable: printed in the error message
+    ("unix://:pw@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+    ("unix:///run/a@b.sock?password=pw", "unix:///run/a@b.sock?password=***"),  # an @ in a path is no userinfo
+    ("redis://gw@host:6379", "redis://gw@host:6379"),  # a user name alone
+    ("redis:pw@host", "redis:***@host"),  # no `//`: still a userinfo
+    ("memory://", "memory://"),
+])  # fmt: skip
+def test_shapes(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+MINIMAL = """\
+upstream: {url: "http://127.0.0.1:9000"}
+keys: [{id: k, sha256: "%s", plan: p}]
+plans: {p: {limits: {rpm: {rate: 10/1m}}}}
+routes: [{path: "/**", limits: [rpm]}]
+""" % ("0" * 64)
+
+
+def test_the_summary_and_error_messages_show_no_password() -> None:
+    config = load_config_text(MINIMAL + "store: {url: 'redis+sentinel://:p@ss1@h:26379/m?sentinel_password=s3nt'}\n",
+                              "t.yaml")
+    line = next(line for line in summarize(config).splitlines() if line.startswith("store "))
+    assert "ss1" not in line and "s3nt" not in line and "h:26379/m" in line, line
+    for url in ("rediss+sentinel://:p@ss1@h:26379/m?sentinel_password=s3nt", "redis://:p@ss1 s3nt@h/0"):
+        with pytest.raises(ConfigError) as refused:
+            load_config_text(MINIMAL + f"store: {{url: '{url}'}}\n", "t.yaml")
+        message = str(refused.value)
+        assert "store.url" in message and "ss1" not in message and "s3nt" not in message, message
