@@ -16,6 +16,7 @@ the path, `_finish` counts the request and writes its one access-log line.
 
 from __future__ import annotations
 
+from asyncio import CancelledError, Task, current_task
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import perf_counter
@@ -30,6 +31,7 @@ from gateway.asgi import Receive, Scope, Send
 from gateway.ban_guard import DECIDING
 from gateway.config.model import Key, Network
 from gateway.metrics import NO_PLAN, NO_ROUTE
+from gateway.plan_in_force import PlanInForce
 from gateway.proxy.forwarder import ClientAborted, Outcome, forward
 from gateway.proxy.headers import strip_query_param, upstream_request_headers, upstream_url
 from gateway.proxy.request_body import BodyRefused, receive_body_start, request_framing
@@ -67,6 +69,7 @@ class _Done:
     upstream_s: float | None = None
     upstream: Outcome | None = None
     client: IPAddress | None = None  # resolved client IP, when bans or trusted_proxies need it
+    cut: bool = False  # unanswered when shutdown_grace ended: the access log says `shutting_down`
 
 
 def _upstream_code(outcome: Outcome) -> str:
@@ -111,14 +114,26 @@ class GatewayApp:
         self.state = state
         self.access_log = access_log
         self.usage = UsageAnswers()
+        # Every request begun and not yet ended, admitted or not (reading its body, waiting for a
+        # slot): the drain waits for all of them, then `cut`s what is left.
+        self.in_progress: dict[Task[object] | None, _Done] = {}
+        self.cutting = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             started = perf_counter()
             done = _Done(500, "error")
+            task = current_task()
+            in_progress = self.in_progress
+            in_progress[task] = done
             try:
                 await self._http(scope, receive, send, done)
+            except CancelledError as exc:
+                if not self.cutting:
+                    raise
+                await self._cut(send, done, task, exc)
             finally:
+                del in_progress[task]
                 self._finish(scope, done, perf_counter() - started)
         elif scope["type"] == "lifespan":  # resources are owned by the server runner
             while (await receive())["type"] != "lifespan.shutdown":
@@ -137,15 +152,49 @@ class GatewayApp:
                 metrics.client_timeouts.labels(_CLIENT_STALLS[code]).inc()
                 outcome = code
             metrics.request_duration_for[(done.route,)].observe(elapsed)
+        if done.cut:
+            outcome = "shutting_down"
+            if done.outcome == "admitted":  # counted as admitted; its exchange ended on the gateway's side
+                metrics.request_duration_for[(done.route,)].observe(elapsed)
         if self.access_log is not None:
             self.access_log.write(scope, done.status, outcome, done.key_id, done.plan, done.route,
                                   done.admission_s, done.upstream_s,
                                   client=None if done.client is None else str(done.client))
 
+    def cut(self) -> int:
+        """End every request still in progress (the drain's `shutdown_grace` is over); returns
+        how many. Each is cancelled: its `finally`s free its slot or queue entry on the way out,
+        and `_cut` answers it. Any later cancellation (uvicorn's, past its own timeout) is a cut too."""
+        self.cutting = True
+        for task in self.in_progress:
+            if task is not None:
+                task.cancel()
+        return len(self.in_progress)
+
+    async def _cut(self, send: Send, done: _Done, task: Task[object] | None, exc: CancelledError) -> None:
+        """A request cut by the drain: a 503 `shutting_down` if its response had not started, else
+        its connection dropped (a body cut short must never look complete). Never a 500 or a
+        traceback: the gateway ended it, not a failure."""
+        if task is not None:
+            task.uncancel()  # handled here: the answer below must not look cancelled
+        cycle = getattr(send, "__self__", None)  # uvicorn's request-response cycle, when it is one
+        if getattr(cycle, "response_complete", False):
+            return  # answered in full already
+        done.cut = True
+        if done.outcome != "admitted":  # an admitted request stays counted as admitted
+            done.outcome = "shutting_down"
+        if getattr(cycle, "response_started", False):
+            # uvicorn closes the connection; the log filter drops its record (gateway/logs.py)
+            done.status = getattr(exc, "response_status", done.status)  # the one the client has (the forwarder's)
+            raise ClientAborted(done.status, "the gateway shut down")
+        done.status = 503
+        await send_error(send, 503, "shutting_down", "The gateway shut down before answering this request; retry.",
+                         retry_after=1, extra_headers=_CLOSE)
+
     async def _http(self, scope: Scope, receive: Receive, send: Send, done: _Done) -> None:
         """Answer one request, recording in `done` how it ended."""
         state = self.state
-        routing = state.routing  # one config for the whole request, even across a reload
+        routing = state.routing  # one config for the whole request, even across a reload (but a wait's end)
         config = routing.config
         if state.draining:
             await send_error(send, 503, "shutting_down", "The gateway is shutting down; retry.",
@@ -232,9 +281,12 @@ class GatewayApp:
         charge = plan.pricing.charge(method, scope["query_string"], headers)
         admission = state.admission
         started = perf_counter()
+        in_force: PlanInForce | None = None
         try:
-            # Up to the plan's `wait` for a free slot (gateway/admission/waiting.py).
-            ticket, receive = await waiting.admit(admission, plan, receive, charge)
+            ticket = await admission.admit(plan, charge)
+            if ticket.waiting_in is not None:  # every slot busy: up to the plan's `wait` for one
+                in_force = PlanInForce(state, routing, secret, scope["path"], method, key, compiled)
+                ticket, receive = await waiting.wait(admission, plan, ticket, receive, in_force)
         except StoreUnavailable as exc:
             await send_error(send, 503, "store_unavailable", "Admission is unavailable right now; retry.",
                              retry_after=exc.retry_after)
@@ -243,11 +295,26 @@ class GatewayApp:
         # From here the slot is released whatever happens (headers, metrics, the exchange):
         # nothing may stand between the admission's return and this `try`.
         try:
+            if in_force is not None and in_force.routing is not routing:
+                # Reloaded while it waited: it was decided under the new config, and goes on under it.
+                routing, key, compiled = in_force.routing, in_force.key, in_force.compiled
+                if compiled is None:  # the reload removed its key or its route: never admitted
+                    await self._gone(send, done, key, scope["path"], method)
+                    return
+                plan, config = compiled.plan, routing.config
+                done.key_id, done.plan, done.route = in_force.key.id, in_force.key.plan, compiled.route_label
+                # (the query keeps the stripping of the config that found its key)
+                url = upstream_url(config.upstream.url, scope.get("raw_path") or scope["path"].encode(), query)
             admitted_at = perf_counter()
             done.admission_s = admitted_at - started
             state.metrics.admission_duration.observe(done.admission_s)
             result = ticket.result
             if result is not None and not result.admitted:
+                if isinstance(receive, waiting.WatchedReceive) and receive.disconnected:
+                    # Its client left while it waited for a slot: nobody to answer, and leaving
+                    # is no ban strike.
+                    done.status, done.outcome = 499, "disconnected"
+                    return
                 # A refusal charges nothing, and says so.
                 extra = [*compiled.limit_headers(result, charge), routing.cost_policy.header(0)]
                 done.status = 429
@@ -318,6 +385,17 @@ class GatewayApp:
             return
         finally:
             admission.release(plan, ticket)
+
+    @staticmethod
+    async def _gone(send: Send, done: _Done, key: Key | None, path: str, method: str) -> None:
+        """A waiter whose key or route a reload removed: what a new request would get (no strike:
+        the client did nothing wrong)."""
+        if key is None:
+            await send_error(send, 401, "invalid_api_key", "The API key is not valid.")
+            done.status, done.outcome, done.key_id, done.plan, done.route = 401, "unauthorized", None, NO_PLAN, NO_ROUTE
+        else:
+            await send_error(send, 404, "no_route", f"No route for {method} {path}.")
+            done.status, done.outcome, done.route = 404, "no_route", NO_ROUTE
 
     async def _usage(self, send: Send, routing: Routing, key: Key, done: _Done) -> None:
         """The usage path: the caller's own plan, limits and usage; never forwarded, never

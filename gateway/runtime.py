@@ -1,7 +1,8 @@
 """Everything derived from one config that requests read: built once, swapped whole on reload.
 
 A request takes one reference to the current `Routing` at its start and uses it to the end,
-so a reload never mixes two configs inside one request.
+so a reload never mixes two configs inside one request; except a request that waits for a slot,
+which is decided, and goes on, under the config in force when it is (gateway/plan_in_force.py).
 """
 
 from __future__ import annotations

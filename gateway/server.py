@@ -4,10 +4,11 @@ One worker process runs two uvicorn servers on one event loop: the public proxy 
 admin port, over sockets bound by the parent (so `--workers N` processes share them). The
 worker owns its resources (`GatewayState`) outside uvicorn's lifespan and owns the signals:
 
-- SIGTERM / SIGINT: drain. `/readyz` turns 503 and new requests get 503 at once; in-flight
-  requests get `shutdown_grace` to finish; then the servers stop and the stragglers are
-  cancelled (their slots are released in their `finally`); the store flushes pending
-  releases last. Exit code 0.
+- SIGTERM / SIGINT: drain. `/readyz` turns 503 and new requests get 503 at once; requests in
+  progress (admitted, or still reading their body or waiting for a slot, which may still be
+  admitted) get `shutdown_grace` to finish; then the app cuts what is left (503
+  `shutting_down`, or a response cut mid-body; their slots and queue entries are released in
+  their `finally`) and the servers stop; the store flushes pending releases last. Exit code 0.
 - SIGHUP, or a change of the config file: reload it (see `gateway.reload`).
 """
 
@@ -107,7 +108,9 @@ def uvicorn_config(
         date_header=False,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=1,  # the drain already waited shutdown_grace; this cuts stragglers
+        # the drain already waited shutdown_grace and the app answered what was left (GatewayApp.cut):
+        # a backstop; the app takes a cancellation then for a cut too, never a 500
+        timeout_graceful_shutdown=1,
         timeout_keep_alive=config.client_keep_alive,  # type: ignore[arg-type]  # typed int; used as a float delay
     )
 
@@ -129,8 +132,9 @@ class Worker:
             self._connection_guard("public", limits_following(running, self.default_connections)),
             self._connection_guard("admin", lambda: ADMIN_LIMITS),
         )
+        self.app = GatewayApp(self.state, self.access_log)
         self.public = SignalFreeServer(uvicorn_config(
-            GatewayApp(self.state, self.access_log), config, public=True, running=running,
+            self.app, config, public=True, running=running,
             connections=self.connection_guards[0]))
         self.admin = SignalFreeServer(uvicorn_config(
             create_admin_app(self.state), config, public=False, running=running,
@@ -176,11 +180,22 @@ class Worker:
     async def _drain(self) -> None:
         self.state.draining = True
         grace = self.state.routing.config.shutdown_grace
-        log.info("draining: %d request(s) in flight, grace %.1fs", self.state.active_requests, grace)
+        # Not only the admitted: a request reading its body or waiting for a slot was accepted
+        # before the signal and is owed an answer as much (it may still be admitted meanwhile).
+        in_progress = self.app.in_progress
+        log.info("draining: %d request(s) in progress (%d admitted), grace %.1fs",
+                 len(in_progress), self.state.active_requests, grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.state.active_requests and loop.time() < deadline:
+        while in_progress and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if in_progress:
+            # Answered by the app (503 shutting_down, or cut mid-body), not by uvicorn's
+            # cancellation, which would answer a plain 500 and log a traceback for each.
+            log.warning("shutdown_grace over: cutting %d request(s)", self.app.cut())
+            cut_by = loop.time() + 1  # a few loop turns each; bounded all the same
+            while in_progress and loop.time() < cut_by:
+                await asyncio.sleep(0.01)
         self.public.should_exit = True
         # the admin port keeps answering (/readyz 503) until the public side has stopped
         if self._public_task is not None:

@@ -10,6 +10,12 @@ served per key across replicas, and then:
 - re-checks (one store call, which also refreshes its queue entry);
 - gives up when `wait` has run out: it leaves the queue and gets the 429 it would have got.
 
+A config reload while it waits changes what it waits for: at its next check it asks `replan`
+for its plan under the config now in force, leaves the old plan's queues and is checked under
+the new plan with its first arrival, so a raised limit admits it at once, ahead of newcomers,
+and a lowered one holds it to the new number. A key or route the reload removed ends the wait
+(`replan` answers None).
+
 A client that disconnects leaves the queue at once. While waiting, `receive()` is watched
 for the disconnect; request body messages read meanwhile are kept (up to `BODY_LIMIT`
 bytes; past that the watch pauses, and a disconnect is seen when the wait ends) and replayed
@@ -21,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any, cast
 
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.controller import Admission, Ticket, recheck_interval
 from gateway.asgi import Message, Receive
-from gateway.store.base import ONE, Charge, WaitingStore
+from gateway.store.base import WaitingStore
 
 BODY_LIMIT = 64 * 1024  # as uvicorn's buffer, past which it stops reading the socket
 
@@ -81,20 +88,26 @@ class WatchedReceive:
             woken.cancel()
 
 
-async def admit(
-    admission: Admission, plan: AdmissionPlan, receive: Receive, charge: Charge = ONE
+Replan = Callable[[], "AdmissionPlan | None"]  # the request's plan under the config in force now
+
+
+def _unwatched() -> None:
+    """No watch to undo (between a plan's queues and the next's)."""
+
+
+async def wait(
+    admission: Admission, plan: AdmissionPlan, ticket: Ticket, receive: Receive, replan: Replan | None = None
 ) -> tuple[Ticket, Receive]:
-    """Admission of a request weighing `charge`, waiting for a slot up to the plan's `wait`.
-    Returns the ticket (admitted, or the last refusal) and the `receive` the rest of the
-    request must use."""
-    ticket = await admission.admit(plan, charge)
-    if ticket.waiting_in is None:
-        return ticket, receive
+    """Wait with a `ticket` the first admission queued (`ticket.waiting_in`), up to the plan's
+    `wait`. Returns the ticket (admitted, or the last refusal; not waiting) and the `receive`
+    the rest of the request must use. With `replan`, the plan follows a reload (the module's doc)."""
     watched = WatchedReceive(receive)
-    return await _wait(admission, plan, ticket, watched), watched
+    return await _wait(admission, plan, ticket, watched, replan), watched
 
 
-async def _wait(admission: Admission, plan: AdmissionPlan, ticket: Ticket, watched: WatchedReceive) -> Ticket:
+async def _wait(
+    admission: Admission, plan: AdmissionPlan, ticket: Ticket, watched: WatchedReceive, replan: Replan | None
+) -> Ticket:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + plan.wait
     interval = recheck_interval(plan.wait)
@@ -111,9 +124,21 @@ async def _wait(admission: Admission, plan: AdmissionPlan, ticket: Ticket, watch
                 if watched.disconnected:
                     break
                 event.clear()
-                ticket = await admission.recheck(plan, ticket)
-                if ticket.waiting_in is not None and ticket.waiting_in is not store:
-                    # The store failed and the local fallback queued it: wait there instead.
+                current = plan if replan is None else replan()
+                if current is plan:
+                    ticket = await admission.recheck(plan, ticket)
+                else:  # a reload: out of the old plan's queues, into the new one's, in its place
+                    admission.leave_queue(plan, ticket)
+                    unwatch()
+                    unwatch = _unwatched
+                    if current is None:
+                        break  # its key or route is gone
+                    plan = current
+                    ticket = await admission.requeue(plan, ticket, store)
+                    interval = recheck_interval(plan.wait)
+                    deadline = min(deadline, loop.time() + plan.wait)
+                if ticket.waiting_in is not None and (ticket.waiting_in is not store or unwatch is _unwatched):
+                    # The local fallback queued it (the store failed), or the plan changed: watch there.
                     unwatch()
                     store = ticket.waiting_in
                     unwatch = cast(WaitingStore, store).watch(plan.slots, event)

@@ -432,6 +432,9 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
         if gone := _CLIENT_GONE.get(state.reason):
             return gone
         raise ClientAborted(status, str(exc)) from exc
+    except asyncio.CancelledError as exc:  # the task itself (the drain's cut): the app logs this status
+        exc.response_status = status  # type: ignore[attr-defined]
+        raise
     finally:
         state.phase = None
         await response.aclose()

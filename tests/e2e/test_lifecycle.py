@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import random
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import redis
 
 from gateway.admission.identity import hash_key
 from tests.support.invariants import assert_no_leaks
-from tests.support.processes import Proc, gateway, mock_upstream, write_config
+from tests.support.processes import Proc, gateway, mock_upstream, wait_until_in_flight, write_config
 from tests.support.secrets import secret
 
 pytestmark = pytest.mark.e2e
@@ -76,25 +78,130 @@ def test_sigterm_drains_in_flight_requests_and_releases_slots(
     assert_no_leaks(redis_sync, PREFIX)
 
 
+def waiting_config(upstream: str, store: str, slots: int, wait: str, **extra: Any) -> dict[str, Any]:
+    cfg = config(upstream, store, slots=slots, **extra)
+    cfg["plans"]["p"]["limits"]["requests"]["wait"] = wait
+    return cfg
+
+
+def queued(client: redis.Redis) -> int:
+    """Waiters queued in Redis under the test's prefix."""
+    return sum(int(client.zcard(key)) for key in client.scan_iter(match=f"{PREFIX}:*:q"))
+
+
+def wait_until_queued(client: redis.Redis, count: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while queued(client) < count:
+        assert time.monotonic() < deadline, f"{count} waiters never queued"
+        time.sleep(0.02)
+
+
+def access_lines(proc: Proc) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.log().splitlines() if line.startswith('{"time"')]
+
+
+def assert_nothing_crashed(proc: Proc) -> None:
+    log = proc.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert all(line["outcome"] != "error" for line in access_lines(proc)), log[-3000:]
+
+
 @pytest.mark.redis
-def test_grace_exceeded_cuts_requests_and_still_releases(
+def test_sigterm_drain_waits_for_requests_still_waiting_for_a_slot(
     tmp_path: Path, redis_url: str, redis_sync: redis.Redis
 ) -> None:
+    """Requests waiting for a slot (held by another replica) are in progress too: the drain
+    waits for them within the grace and they are served. Before, a worker with nothing admitted
+    stopped at once, and its waiters got a plain-text 500 and a traceback each."""
     with mock_upstream() as upstream:
-        path = write_config(tmp_path / "gw.yaml", config(upstream, redis_url, shutdown_grace="500ms"))
+        path = write_config(tmp_path / "gw.yaml", waiting_config(upstream, redis_url, 2, "10s", shutdown_grace="8s"))
+        with gateway(path) as other, gateway(path) as gw, concurrent.futures.ThreadPoolExecutor(6) as pool:
+            holds = [pool.submit(get, other, "/hold?ms=2500") for _ in range(2)]
+            wait_until_in_flight(upstream, "k", 2)
+            waiters = [pool.submit(get, gw, "/hold?ms=200") for _ in range(3)]
+            wait_until_queued(redis_sync, 3)
+            signalled = time.monotonic()
+            gw.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            refused = get(gw, "/")
+            assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
+            assert [w.result().status_code for w in waiters] == [200, 200, 200]
+            assert gw.process.wait(15) == 0
+            assert time.monotonic() - signalled > 1.5  # it waited for the other replica's slots
+            assert [h.result().status_code for h in holds] == [200, 200]
+        assert "draining: 3 request(s) in progress (0 admitted)" in gw.log()
+        assert_nothing_crashed(gw)
+        assert [line["outcome"] for line in access_lines(gw) if line["path"] == "/hold"] == ["admitted"] * 3
+    assert_no_leaks(redis_sync, PREFIX)
+
+
+def test_sigterm_drain_waits_for_an_upload_not_yet_admitted(tmp_path: Path) -> None:
+    """A request whose body is still arriving (not admitted yet: the body comes first) is in
+    progress: before, it was cut after about a second with a 500."""
+    with mock_upstream() as upstream:
+        path = write_config(tmp_path / "gw.yaml", config(upstream, shutdown_grace="8s"))
+        with gateway(path) as gw, socket.create_connection(("127.0.0.1", gw.port), timeout=15) as sock:
+            total = 20_000
+            sock.sendall(f"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: {SECRET}\r\n"
+                         f"Content-Length: {total}\r\n\r\n".encode() + b"a" * 1000)
+            time.sleep(0.3)
+            gw.send_signal(signal.SIGTERM)
+            for _ in range(total // 1000 - 1):  # 2 s more, well past uvicorn's own 1 s timeout
+                time.sleep(0.1)
+                sock.sendall(b"a" * 1000)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), answer
+            assert json.loads(body)["bytes"] == total
+            assert gw.process.wait(10) == 0
+        assert_nothing_crashed(gw)
+
+
+@pytest.mark.redis
+def test_grace_exceeded_answers_503_cuts_streams_and_still_releases(
+    tmp_path: Path, redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """What is unanswered when shutdown_grace ends gets the gateway's JSON 503 shutting_down
+    (admitted and waiting for its upstream, or still waiting for a slot); a response already
+    streaming is cut, never made to look complete. No 500, no traceback, nothing left held.
+    Before, uvicorn's cancellation answered a plain-text 500 and logged a traceback each."""
+    with mock_upstream() as upstream:
+        path = write_config(tmp_path / "gw.yaml", waiting_config(upstream, redis_url, 2, "20s", shutdown_grace="1s"))
         with gateway(path) as gw, concurrent.futures.ThreadPoolExecutor(4) as pool:
-            holds = [pool.submit(get, gw, "/hold?ms=20000") for _ in range(2)]
-            time.sleep(0.5)
+
+            def stream() -> tuple[int, type[Exception] | None]:
+                with httpx.stream("GET", gw.url + "/download?bytes=2000000&ms=200",
+                                  headers={"X-API-Key": SECRET}, timeout=30) as response:
+                    try:
+                        for _ in response.iter_raw():
+                            pass
+                    except httpx.HTTPError as exc:
+                        return response.status_code, type(exc)
+                    return response.status_code, None
+
+            streaming = pool.submit(stream)
+            held = pool.submit(get, gw, "/hold?ms=20000")
+            wait_until_in_flight(upstream, "k", 2)
+            waiter = pool.submit(get, gw, "/hold?ms=10")
+            wait_until_queued(redis_sync, 1)
+            signalled = time.monotonic()
             gw.send_signal(signal.SIGTERM)
             assert gw.process.wait(10) == 0
-            for hold in holds:  # cut: an error or an incomplete answer, never a clean 200
-                try:
-                    response = hold.result()
-                except httpx.HTTPError:
-                    continue
-                assert response.status_code != 200, response
-            # the leases were released at once, not left to expire (lease is 5 s)
-            assert_no_leaks(redis_sync, PREFIX)
+            assert time.monotonic() - signalled < 4
+            for response in (held.result(), waiter.result()):
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == "shutting_down" and response.headers["retry-after"] == "1"
+            status, error = streaming.result()
+            assert status == 200 and error is not None  # cut mid-body: never a clean end
+        assert_nothing_crashed(gw)
+        ends = sorted((line["path"], line["status"], line["outcome"]) for line in access_lines(gw))
+        assert ends == [("/download", 200, "shutting_down"), ("/hold", 503, "shutting_down"),
+                        ("/hold", 503, "shutting_down")]
+        # the leases were released at once, not left to expire (lease is 5 s); the queue is empty
+        assert_no_leaks(redis_sync, PREFIX)
+        assert queued(redis_sync) == 0
 
 
 def test_reload_on_file_change_keeps_counters(tmp_path: Path) -> None:

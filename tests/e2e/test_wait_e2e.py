@@ -6,6 +6,7 @@ connection while waiting, and leave the queue at once when their client goes awa
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -210,3 +211,46 @@ def test_a_waiter_with_requests_pipelined_behind_it_leaves_the_queue_when_its_cl
     asyncio.run(run())
     assert arrivals(upstream) == 1  # the holder; the vanished waiter was never forwarded
     assert_no_leaks(redis_sync, PREFIX)
+
+
+def metric(proc: Proc, name: str, **labels: str) -> float:
+    text = httpx.get(proc.admin_url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_a_waiter_whose_client_leaves_is_disconnected_not_refused_and_never_struck(
+    tmp_path: Path, upstream: str, store_url: str
+) -> None:
+    """Leaving while queued is no refusal: outcome `disconnected` (499 in the access log), no
+    ban strike. Before, it was logged and counted as `429 concurrency_limited` and struck the
+    client's IP. With `tolerance: 0` every 429 is a strike: a waiter whose wait runs out is one."""
+    httpx.post(upstream + "/_reset")
+    cfg = {**wait_config(upstream, store_url, "1s"), "bans": {"strikes": 20, "tolerance": 0}}
+    with gateway(write_config(tmp_path / "gw.yaml", cfg)) as gw:
+
+        async def run() -> int:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+                holder = asyncio.ensure_future(_get(session, gw.url + "/hold?ms=15000"))
+                await asyncio.sleep(0.3)
+                with pytest.raises(asyncio.TimeoutError):
+                    async with session.get(gw.url + "/gone", headers=HEADERS,
+                                           timeout=aiohttp.ClientTimeout(total=0.3)):
+                        pass
+                deadline = time.monotonic() + 3
+                while not metric(gw, "gateway_requests_total", outcome="disconnected"):
+                    assert time.monotonic() < deadline, "the waiter that left was never counted"
+                    await asyncio.sleep(0.05)
+                assert metric(gw, "gateway_ban_strikes_total", kind="concurrency") == 0
+                status, _, _ = await _get(session, gw.url + "/stays")  # waits its 1 s out
+                await session.post(upstream + "/_release")
+                await holder
+                return status
+
+        assert asyncio.run(run()) == 429
+        assert metric(gw, "gateway_ban_strikes_total", kind="concurrency") == 1  # only the 429
+        assert metric(gw, "gateway_requests_total", outcome="concurrency_limited") == 1
+        assert metric(gw, "gateway_requests_total", outcome="disconnected") == 1
+    lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith('{"time"')]
+    assert [(line["status"], line["outcome"]) for line in lines if line["path"] == "/gone"] == [(499, "disconnected")]
+    assert arrivals(upstream) == 1  # the holder alone

@@ -126,7 +126,7 @@ def test_a_waiter_admitted_then_failing_in_the_wait_loop_frees_its_slot() -> Non
             return failing
 
         store.watch = watch_whose_unwatch_fails  # type: ignore[method-assign]
-        waiter = asyncio.create_task(waiting.admit(admission, plan, receive))
+        waiter = asyncio.create_task(waiting.wait(admission, plan, await admission.admit(plan), receive))
         await asyncio.sleep(0.05)
         admission.release(plan, holder)  # wakes the waiter: its recheck admits it
         with pytest.raises(RuntimeError, match="injected"):
