@@ -183,7 +183,9 @@ def test_slots_moved_to_a_primary_added_under_load(tmp_path: Path, fresh_upstrea
             deadline = time.monotonic() + 15
             while True:
                 with added.client() as client:
-                    if client.execute_command("CLUSTER INFO")["cluster_known_nodes"] == "4":
+                    info = client.execute_command("CLUSTER INFO")
+                    # known, and it has learned the slot map (else MIGRATE to it meets CLUSTERDOWN)
+                    if info["cluster_known_nodes"] == "4" and info["cluster_state"] == "ok":
                         break
                 assert time.monotonic() < deadline, "the fourth primary never joined"
                 time.sleep(0.05)
