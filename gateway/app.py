@@ -302,7 +302,7 @@ class GatewayApp:
                     await self._gone(send, done, key, scope["path"], method)
                     return
                 plan, config = compiled.plan, routing.config
-                done.key_id, done.plan, done.route = in_force.key.id, in_force.key.plan, compiled.route_label
+                done.key_id, done.plan, done.route = key.id, key.plan, compiled.route_label
                 # (the query keeps the stripping of the config that found its key)
                 url = upstream_url(config.upstream.url, scope.get("raw_path") or scope["path"].encode(), query)
             admitted_at = perf_counter()
