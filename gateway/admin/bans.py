@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.errors import error as _error
 from gateway.admin.guard import path_param
 from gateway.admission.bans import STRIKE_KINDS, retry_after
 from gateway.ban_guard import BanGuard
@@ -18,9 +19,6 @@ from gateway.store.base import StoreError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-
-def _error(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error, "message": message}, status_code=status)
 
 
 def _store_unavailable() -> JSONResponse:

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin.cross_site import refusal
+from gateway.admin.errors import error as _error
 from gateway.admin.exposure import host_allowed, listen_host
 from gateway.state import GatewayState
 
@@ -27,9 +28,6 @@ _REFUSALS = {
     "not_json": (415, "unsupported_media_type", "An admin request body is JSON: send Content-Type: application/json."),
 }
 
-
-def _error(status: int, error: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error, "message": message}, status_code=status, headers=headers)
 
 
 def _misdirected() -> JSONResponse:

@@ -19,7 +19,9 @@ import logging
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+
+from gateway.admin.errors import error as _error
 
 log = logging.getLogger("gateway.admin")
 
@@ -27,9 +29,6 @@ log = logging.getLogger("gateway.admin")
 class _DuplicateName(ValueError):
     pass
 
-
-def _error(status: int, error: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error, "message": message}, status_code=status, headers=headers)
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.errors import error as _error
 from gateway.admin.guard import path_param
 from gateway.admin.json_body import read_json_object
 from gateway.config.model import ConcurrencyLimit, Key, QuotaLimit, RateLimit
@@ -33,9 +34,6 @@ class QuotaChange:
     reset: bool  # the period starts again: used and granted back to 0
     limit: str | None  # the quota's name; None: every quota of the key's plan
 
-
-def _error(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error, "message": message}, status_code=status)
 
 
 def _store_unavailable() -> JSONResponse:
