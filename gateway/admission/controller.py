@@ -268,11 +268,11 @@ class Admission:
         return self.breaker.clean if self.breakers is None else self.breakers.clean
 
     def store_answered(self, tag: str) -> None:
-        """A store call made outside admission succeeded (the readiness probe, over `tag`'s
-        keys): it counts as an admission's success (the breaker of `tag`'s primary closes; once
-        every breaker is clean the outage ends, and under `local` the slots go back to the
-        store). Without it only a client request closed the breaker, and a replica the
-        orchestrator had pulled for `/readyz` 503 got none: degraded for ever."""
+        """A store call over `tag`'s keys succeeded (a waiting admission, the readiness probe):
+        the breaker of `tag`'s primary closes; once every breaker is clean the outage ends, and
+        under `local` the slots go back to the store. (`admit` does the same inline: the hot
+        path.) The readiness probe's call counts too: else only a client request closed the
+        breaker, and a replica the orchestrator had pulled for `/readyz` 503 got none."""
         breaker = self.breaker if self.breakers is None else self.breakers.for_tag(tag)
         if not breaker.clean:
             breaker.success()
@@ -342,11 +342,7 @@ class Admission:
         asked_at = self.refusals.clock()
         result = await cast(WaitingStore, store).admit(rates, slots, lease_id, spot, quotas=quotas, charge=charge)
         if store is self.store:  # only the shared store's refusals hold everywhere
-            self._breaker(plan).success()
-            if self._failing and self._all_answer():  # (Cluster: every primary)
-                self._store_answers()
-            if self.bridge is not None and self._all_answer():
-                self.bridge.to_shared()
+            self.store_answered(plan.tag)
             self.refusals.remember(plan, asked_at, result, charge.cost)
         if result.shadow_refused and not result.queued:  # once per request: its decisive check
             self._count_shadow(plan, result)
