@@ -310,7 +310,9 @@ class PipelinedRedis(Transport):
 
     def _release_reply(self, reply: object) -> None:
         if not isinstance(reply, BaseException):
-            self._release_failures_logged = False
+            if self._release_failures_logged:  # the streak's end, said as redis_client.py says it
+                self._release_failures_logged = False
+                log.info("store releases land again")
             return
         self.on_release_error()
         if not self._release_failures_logged:  # once per outage, not once per lease
@@ -444,7 +446,10 @@ class PipelinedRedis(Transport):
             # Never the password: only Redis's own words, which do not repeat it.
             protocol = self._protocol
             if protocol is not None:
-                self._connection_failed(protocol, StoreError(f"Redis refused the login or SELECT: {reply}"))
+                # Redis greets a connection over `maxclients` with this error before reading a
+                # command: the first reply we read, though no fault of the login's.
+                what = "the connection" if "max number of clients" in str(reply) else "the login or SELECT"
+                self._connection_failed(protocol, StoreError(f"Redis refused {what}: {reply}"))
 
     def _connection_failed(self, protocol: _Protocol, error: StoreError) -> None:
         if protocol is not self._protocol:

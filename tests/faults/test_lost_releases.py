@@ -9,6 +9,7 @@ until it lands or a lease has passed, on both transports.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -31,8 +32,9 @@ def store_url(port: int, transport: str) -> str:
 @pytest.mark.parametrize("fault", ["blackhole", "refuse", "reset"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_releases_that_meet_an_outage_land_when_it_ends(
-    faulty_redis: FaultyRedis, transport: str, fault: str
+    faulty_redis: FaultyRedis, transport: str, fault: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
     store = RedisStore(store_url(faulty_redis.proxy.port, transport), prefix=PREFIX, timeout=0.2, lease=30.0)
     await store.start()
     key = f"{PREFIX}:{{lost-{transport}-{fault}}}:c:req"
@@ -53,6 +55,11 @@ async def test_releases_that_meet_an_outage_land_when_it_ends(
             await asyncio.sleep(0.05)
         assert direct.zcard(key) == 0, "the releases never landed (their slots held until the lease)"
         assert (await store.admit([], slots, "after")).admitted
+        said = [record.getMessage() for record in caplog.records]
+        # The operator reads both ends of the streak, each once (the pipelined transport never
+        # said the second before).
+        assert sum(m.startswith("store releases are failing") for m in said) == 1, said
+        assert said.count("store releases land again") == 1, said
         print(f"\n[{transport}, {fault}] released {time.monotonic() - started:.2f} s after the outage ended")
     finally:
         await store.aclose()

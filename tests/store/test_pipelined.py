@@ -209,6 +209,29 @@ def test_login_failure_messages_carry_no_password() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
+def test_a_server_full_of_clients_is_not_called_a_refused_login() -> None:
+    """Redis greets a connection over `maxclients` with an error before reading anything: the
+    first reply the transport reads, where the login's is expected. It was reported as "refused
+    the login or SELECT", sending the operator to the password."""
+    password = secret("redis-password")
+    with private_redis("--maxclients", "1") as server:
+        holder = server.client()
+        holder.config_set("requirepass", password)
+        holder.execute_command("AUTH", password)
+
+        async def scenario() -> None:
+            client = PipelinedRedis(endpoint(server.port, db=2, password=password), timeout=1.0)
+            reply = await client.call("PING")
+            await client.aclose()
+            assert isinstance(reply, StoreError), reply
+            assert "Redis refused the connection" in str(reply) and "max number of clients" in str(reply)
+            assert "login" not in str(reply) and password not in str(reply)
+
+        asyncio.run(scenario())
+        holder.close()
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
