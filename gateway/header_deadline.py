@@ -15,7 +15,8 @@ request, and that had no deadline at all: uvicorn's keep-alive timer, armed when
 completes, is cancelled by the next bytes and never armed again, so a client trickling such a
 body (or going silent once it ended) held its connection for ever. Here it keeps the pace a read
 body must keep, each further `BODY_PACE` bytes within `client_timeout`, or the connection is
-closed; once it ends, the keep-alive timer runs as after any answer.
+closed (the first `client_timeout` counted from the answer, so a client that sends no more of
+it is cut then too); once it ends, the keep-alive timer runs as after any answer.
 
 The class builds on
 `HeadLimitsProtocol` (gateway/head_limits.py: bounded request heads) and so on
@@ -102,6 +103,16 @@ class HeaderDeadlineProtocol(HeadLimitsProtocol):
             return
         self._discarding = None
         self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._head_open and self._discarding is None and not self.transport.is_closing():
+            # Answered before its body ended, and the client may send none of the rest: the
+            # body's pace counts from the answer (uvicorn arms only its keep-alive timer here,
+            # `client_keep_alive`, meant for an idle connection; the next read cancels it).
+            self._discarding = self.cycle
+            self._discarded = 0
+            self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -367,6 +367,21 @@ def test_an_answered_body_trickled_on_is_cut_at_a_bodys_pace(case: str, clean: S
 
 
 @pytest.mark.parametrize("case", list(ANSWERED_EARLY))
+def test_an_answered_body_that_never_goes_on_is_cut_after_client_timeout_not_keep_alive(
+    case: str, clean: Setup
+) -> None:
+    """Part of the body came with the head, the answer went out, then nothing more. Before: the
+    connection was held for `client_keep_alive` (75 s by default: uvicorn's timer, armed by the
+    answer), not the body's `client_timeout`."""
+    with _answered_early(clean.large.port, case, 200_000) as sock:
+        started = time.monotonic()
+        sock.settimeout(CLIENT_TIMEOUT + 5)
+        assert _drain(sock) == b""  # closed, with nothing more said: its answer was given
+        elapsed = time.monotonic() - started
+    assert CLIENT_TIMEOUT - 0.1 < elapsed < CLIENT_TIMEOUT + SLACK, elapsed
+
+
+@pytest.mark.parametrize("case", list(ANSWERED_EARLY))
 def test_an_answered_body_sent_at_a_bodys_pace_is_read_and_the_connection_goes_on(case: str, clean: Setup) -> None:
     """64 KiB every 0.5 s, for longer than client_timeout in all: the pace holds, the body ends,
     and the same connection serves the next request."""
