@@ -144,13 +144,28 @@ def _signature(path: str) -> tuple[int, int, int] | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-async def watch_file(reloader: Reloader, interval: float = 1.0) -> None:
-    """Reload whenever the file's mtime, size or inode changes (editors and ConfigMap updates
-    replace files by rename, so the inode counts too). Never ends on a failed reload."""
+SETTLE = 2.0  # seconds a changed file must stay unchanged before the watcher reads it
+
+
+async def watch_file(reloader: Reloader, interval: float = 1.0, settle: float = SETTLE) -> None:
+    """Reload once the file's mtime, size or inode has changed and then stayed unchanged for
+    `settle` seconds (editors and ConfigMap updates replace files by rename, so the inode counts
+    too). Never ends on a failed reload.
+
+    Why settle: a file rewritten in place (`cat new > gw.yaml`, scp, a slow copy) is, between
+    its writes, a shorter file that is often valid YAML; read then, keys and routes vanish and
+    valid clients get 401s (ban strikes) until the next poll. A file that changed while it was
+    being loaded is read again once it settles."""
+    loop = asyncio.get_running_loop()
     seen = _signature(reloader.path)
+    changed_at: float | None = None  # when `seen` last changed, until it is loaded
     while True:
         await asyncio.sleep(interval)
         current = _signature(reloader.path)
-        if current is not None and current != seen:
-            seen = current
+        if current != seen:
+            seen, changed_at = current, loop.time()
+        elif current is not None and changed_at is not None and loop.time() - changed_at >= settle:
+            changed_at = None
             await reloader.reload()
+            if _signature(reloader.path) != seen:  # written to during the load: not what was read
+                seen, changed_at = _signature(reloader.path), loop.time()
