@@ -120,6 +120,11 @@ def upstream_request_headers(
     Client-IP headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `True-Client-IP`, ...) are
     dropped whoever sent them: the gateway's `forwarded_for` replaces them all.
 
+    A name with `_` is dropped, as nginx does by default (`underscores_in_headers off`): CGI-style
+    upstreams (WSGI, PHP) read `X_Gateway_Key_Id` as `X-Gateway-Key-Id` (both become
+    `HTTP_X_GATEWAY_KEY_ID`), so it would pass every check made on the `-` spelling: another key's
+    identity, a client IP, a header a cost rule prices (`X_Render` rendered at the price of none).
+
     `reflected`: the upstream answers with the request itself (TRACE, RFC 9110 §9.3.8, which
     forbids sending sensitive fields in one): `set_headers`, the operator's upstream credentials,
     are not added, or the client would read them in the answer.
@@ -133,7 +138,7 @@ def upstream_request_headers(
             if name == b"connection":
                 named = (named or set()) | _connection_tokens(header[1])
             continue
-        if name.startswith(_FORWARDED_PREFIX):
+        if name.startswith(_FORWARDED_PREFIX) or b"_" in name:
             continue
         kept.append(header)
     if named:

@@ -181,10 +181,16 @@ def test_what_reaches_the_upstream(gw: Proc, upstream: str) -> None:
             "X-Upstream-Token": "spoofed",
             "Keep-Alive": "timeout=5",
             "X-Custom": "kept",
+            # Spellings a CGI-style upstream (WSGI, PHP) reads as the `-` ones: another key's
+            # identity, a client IP, the key itself (nginx drops these by default).
+            "X_Gateway_Key_Id": "spoofed",
+            "X_Forwarded_For": "6.6.6.6",
+            "X_Api_Key": SECRET,
         },
     )
     assert response.status_code == 200
     seen = last_request(upstream, "k1")
+    assert not [name for name, _ in seen["headers"] if "_" in name]
     headers = {name.lower(): value for name, value in seen["headers"]}
     assert seen["query"] == "a=1&b=2"  # the key parameter is stripped, the rest kept
     assert headers["x-gateway-key-id"] == "k1" and headers["x-gateway-plan"] == "small"

@@ -99,6 +99,7 @@ _NAMES = st.one_of(
         b"x-forwarded-host", b"accept", b"x-custom", b"cookie", b"content-type",
         b"x-forwarded-port", b"x-forwarded-prefix", b"true-client-ip", b"cf-connecting-ip"})),
     st.from_regex(rb"\A[a-z0-9!#$%&'*+.^_`|~-]{1,12}\Z"),
+    st.sampled_from(sorted(GATEWAY_OWNED | {b"x-api-key", b"x-real-ip"})).map(lambda n: n.replace(b"-", b"_")),
 )
 _VALUES = st.binary(max_size=40).filter(lambda v: not any(c in v for c in b"\r\n\x00"))
 
@@ -123,7 +124,8 @@ def test_upstream_sees_the_clients_headers_minus_hop_and_owned_plus_the_gateways
              for token in value.split(b",") if token.strip()}
     stripped = POLICY.strip | named
     kept = [(name, value) for name, value in headers
-            if name not in stripped and not name.startswith(b"x-forwarded-")]  # every client-IP header
+            if name not in stripped and not name.startswith(b"x-forwarded-")  # every client-IP header
+            and b"_" not in name]  # what a CGI-style upstream reads as the `-` spelling
     added = [(b"x-forwarded-for", b"192.0.2.1"), (b"x-forwarded-proto", b"http"),
              (b"x-gateway-key-id", b"k1"), (b"x-gateway-plan", b"pro"), (b"x-upstream-token", b"up-secret")]
     assert out == kept + added  # order kept, nothing hop-level or client-claimed survives
@@ -131,6 +133,10 @@ def test_upstream_sees_the_clients_headers_minus_hop_and_owned_plus_the_gateways
     assert not (set(names) & (HOP_BY_HOP | {b"x-api-key", b"authorization", b"host", b"content-length"}))
     for owned in GATEWAY_OWNED:  # exactly once, with the gateway's value
         assert names.count(owned) == 1
+    # Nor once more under a spelling a WSGI/PHP upstream folds onto it (`X_Gateway_Key_Id`).
+    folded = [name.replace(b"_", b"-") for name in names]
+    for owned in GATEWAY_OWNED:
+        assert folded.count(owned) == 1
 
 
 _ANY_NAMES = st.one_of(_NAMES, st.binary(max_size=12))
