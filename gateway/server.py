@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import shutil
 import signal
@@ -35,7 +36,8 @@ from gateway.admin import create_admin_app
 from gateway.app import GatewayApp
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import Config, default_per_client
-from gateway.config.units import parse_host_port
+from gateway.config.store_url import StoreUrlError, redact
+from gateway.config.units import parse_host_port, quote
 from gateway.connection_limits import (
     ADMIN_LIMITS,
     ConnectionGuard,
@@ -151,18 +153,26 @@ class Worker:
             on_open=metrics.client_connections.inc if port == "public" else None,
         )
 
-    async def run(self, public_sock: socket.socket, admin_sock: socket.socket) -> None:
+    async def run(self, public_sock: socket.socket, admin_sock: socket.socket,
+                  on_serving: Callable[[], None] | None = None) -> None:
+        """Serve until stopped; `on_serving` is called once both servers have started."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.state.open()
+        try:
+            await self.state.open()
+        except Exception as exc:  # (a StoreError is not raised: on_error decides while the store is down)
+            raise ServeError(f"could not open the store {redact(self.state.routing.config.store.url)}: "
+                             f"{_one_line(exc)}") from exc
         settle_heap()  # what startup built lives as long as the worker: out of the collector's way
         watcher = asyncio.ensure_future(watch_file(self.reloader))
+        serving = asyncio.ensure_future(self._tell_when_serving(on_serving))
         try:
             self._public_task = asyncio.ensure_future(self.public.serve([public_sock]))
             await asyncio.gather(self._public_task, self.admin.serve([admin_sock]))
         finally:
+            serving.cancel()
             watcher.cancel()
             await self.reloader.aclose()
             self.access_log.flush()  # the last requests' lines, before anything else can fail
@@ -171,6 +181,12 @@ class Worker:
             self.state.metrics.flush()  # and their metric updates (multiprocess files outlive the worker)
             await self.state.aclose()
             log_writer.drain()  # what the writer threads hold, boundedly (a stalled reader cannot hold the exit)
+
+    async def _tell_when_serving(self, on_serving: Callable[[], None] | None) -> None:
+        while not (self.public.started and self.admin.started):
+            await asyncio.sleep(0.01)
+        if on_serving is not None:
+            on_serving()
 
     def stop(self) -> None:
         if not self._stopping:  # repeated signals (Ctrl+C reaches every worker too) change nothing
@@ -206,13 +222,50 @@ class Worker:
         self.reloader.request()  # parsed off the event loop (gateway.reload)
 
 
-def _run_worker(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> None:
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _run_worker(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket,
+                on_serving: Callable[[], None] | None = None) -> None:
+    """Run one worker until it stops. ServeError (or ConfigError, if the file changed since the
+    parent read it): it could not start."""
     configure_logging()
     config = load_config(options.config_path, options.overrides)
-    worker = Worker(config, options)
+    worker = _open_worker(config, options)
     import uvloop
 
-    uvloop.run(worker.run(public_sock, admin_sock))
+    uvloop.run(worker.run(public_sock, admin_sock, on_serving))
+
+
+def _open_worker(config: Config, options: ServeOptions) -> Worker:
+    """The worker and its store, or one line saying why not (never a traceback: the config
+    loader checks the store URL as the store parses it, so this is a backstop)."""
+    try:
+        return Worker(config, options)
+    except StoreUrlError as exc:
+        raise ServeError(f"store.url {quote(redact(config.store.url))} {exc}") from exc
+    except Exception as exc:
+        raise ServeError(f"could not start a worker (store.url {redact(config.store.url)}): {_one_line(exc)}") from exc
+
+
+def _worker_process(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket,
+                    serving: multiprocessing.synchronize.Event) -> None:
+    """A supervised worker's process: a failure to start is one log line and exit 1.
+    `serving` (a multiprocessing Event) is set once it serves."""
+    try:
+        _run_worker(options, public_sock, admin_sock, serving.set)
+    except ConfigError as exc:
+        _exit_unstarted(f"invalid config: {exc.problems[0]}")
+    except ServeError as exc:
+        _exit_unstarted(str(exc))
+
+
+def _exit_unstarted(reason: str) -> None:
+    log.error("%s (worker %d)", reason, os.getpid())
+    log_writer.drain()  # (the line is written by a thread: before the process ends)
+    sys.exit(1)
 
 
 def serve(options: ServeOptions) -> int:
@@ -261,28 +314,38 @@ def _address(sock: socket.socket) -> str:
 
 
 def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: socket.socket) -> int:
-    """N worker processes on the shared sockets; signals are passed on; a crashed worker is
-    replaced. Metrics aggregate through a fresh multiprocess directory."""
+    """N worker processes on the shared sockets; signals are passed on; a worker that crashes
+    after it served is replaced. One that exits before it served (its store cannot be opened,
+    the config changed under it) stops the gateway with exit code 1: its replacement would fail
+    the same way, for ever. Metrics aggregate through a fresh multiprocess directory."""
     configure_logging()
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("spawn")
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_run_worker, args=(options, public_sock, admin_sock), daemon=False)
+    def start() -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        serving = context.Event()  # set by the worker once its servers have started
+        process = context.Process(target=_worker_process, args=(options, public_sock, admin_sock, serving),
+                                  daemon=False)
         process.start()
-        return process
+        return process, serving
 
-    workers = [start() for _ in range(options.workers)]
+    started = [start() for _ in range(options.workers)]
+    workers = [process for process, _ in started]
+    serving = [event for _, event in started]
     stopping = False
+    failed_to_start = False
+
+    def signal_workers(signum: int) -> None:
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
 
     def forward_signal(signum: int, frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        for process in workers:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
+        signal_workers(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward_signal)
@@ -293,10 +356,16 @@ def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: so
             for i, process in enumerate(workers):
                 process.join(timeout=0.2)
                 if process.exitcode is not None and not stopping:
-                    log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
                     # its live gauges (in-flight, banned IPs) must not linger in the sum
                     mark_process_dead(process.pid, metrics_dir)
-                    workers[i] = start()
+                    if not serving[i].is_set():
+                        log.error("worker %d exited with %s before it served; stopping the gateway",
+                                  process.pid, process.exitcode)
+                        stopping = failed_to_start = True
+                        signal_workers(signal.SIGTERM)
+                        continue
+                    log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                    workers[i], serving[i] = start()
             if stopping and all(p.exitcode is not None for p in workers):
                 break
     finally:
@@ -304,7 +373,7 @@ def _supervise(options: ServeOptions, public_sock: socket.socket, admin_sock: so
     # a worker still starting when the stop signal came dies of it before installing its
     # handlers: that is a clean stop too
     clean = (0, -signal.SIGTERM, -signal.SIGINT)
-    return 0 if all(p.exitcode in clean for p in workers) else 1
+    return 0 if not failed_to_start and all(p.exitcode in clean for p in workers) else 1
 
 
 def main_serve(options: ServeOptions) -> int:
@@ -316,5 +385,6 @@ def main_serve(options: ServeOptions) -> int:
         ), file=sys.stderr)
         return 1
     except ServeError as exc:
+        log_writer.drain()  # what was logged before (a worker that could not start: "listening on")
         print(f"gateway: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from gateway.admission.controller import Admission
 from gateway.ban_guard import BanGuard
 from gateway.config.model import Config
-from gateway.config.settings import redact
+from gateway.config.store_url import redact
 from gateway.jobs.tracker import JobTracker
 from gateway.metrics import Metrics, MetricsObserver
 from gateway.proxy.upstream import UpstreamClient, create_upstream_client

@@ -9,12 +9,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 
 from gateway.config.model import HEADER_FAMILIES, Bans, Identity, Network, OnError, Store, Upstream
 from gateway.config.nodes import TOKEN, Node, NodeReader, did_you_mean, field, get
+from gateway.config.store_url import StoreUrlError, parse_redis_url, redact
 from gateway.config.units import quote
 
 Client = Literal["aiohttp", "httpx"]
@@ -107,29 +108,40 @@ def _upstream_url(r: NodeReader, node: Node) -> str | None:
     if text is None:
         return None
     text = text.strip()
-    problem = None
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        problem = f"{quote(text)} is not a URL ({exc})"
-    else:
-        if parts.scheme not in ("http", "https"):
-            problem = f"{quote(text)} must start with http:// or https://"
-        elif not parts.hostname:
-            problem = f"{quote(text)} has no host"
-        elif parts.username is not None or parts.password is not None:
-            problem = f"{quote(text)} must not carry credentials (use upstream.set_headers)"
-        elif parts.query or parts.fragment or text.endswith(("?", "#")):
-            problem = f"{quote(text)} must not have a query or fragment"
-        elif _CONTROL.search(text):
-            problem = f"{quote(text)} must not contain spaces or control characters"
-        elif port == 0:
-            problem = f"{quote(text)} has port 0"
+    problem = _upstream_url_problem(text)
     if problem is not None:
         r.problem(node, path, problem)
         return None
-    return parts.scheme + text[len(parts.scheme) :].rstrip("/")  # scheme lower-cased
+    scheme = urlsplit(text).scheme
+    return scheme + text[len(scheme) :].rstrip("/")  # scheme lower-cased
+
+
+def _upstream_url_problem(text: str) -> str | None:
+    """What is wrong with `text` as upstream.url, the URL shown redacted (None: nothing)."""
+    shown = quote(redact(text))
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:  # (its message may quote the netloc, credentials and all)
+        return f"{shown} is not a URL (a malformed host or port)"
+    if parts.scheme not in ("http", "https"):
+        return f"{shown} must start with http:// or https://"
+    if not parts.hostname:
+        return f"{shown} has no host"
+    if parts.username is not None or parts.password is not None:
+        return f"{shown} must not carry credentials (use upstream.set_headers)"
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        # Shown without them: a query is where a careless URL carries its API key.
+        return f"{quote(redact(_before_query(text)))} must not have a query or fragment (everything from '?' or '#')"
+    if _CONTROL.search(text):
+        return f"{shown} must not contain spaces or control characters"
+    if port == 0:
+        return f"{shown} has port 0"
+    return None
+
+
+def _before_query(url: str) -> str:
+    return re.split(r"[?#]", url, maxsplit=1)[0]
 
 
 def _set_headers(r: NodeReader, node: Node) -> tuple[tuple[str, str], ...] | None:
@@ -182,15 +194,6 @@ def read_store(r: NodeReader, node: Node) -> Store | None:
     )
 
 
-def _unix_url(r: NodeReader, node: Node, text: str) -> str | None:
-    """`unix:///path/to/redis.sock[?db=N]`: an absolute socket path and nothing else."""
-    parts = urlsplit(text)
-    if parts.netloc.rpartition("@")[2] or not parts.path.startswith("/") or parts.fragment or _CONTROL.search(text):
-        r.problem(node, "store.url", f"{quote(redact(text))} must be unix:///absolute/path.sock, optionally ?db=N")
-        return None
-    return text
-
-
 def _store_url(r: NodeReader, node: Node) -> str | None:
     text = r.string(node, "store.url")
     if text is None:
@@ -211,55 +214,22 @@ def _store_url(r: NodeReader, node: Node) -> str | None:
         return None
     if scheme.lower() == "memory":
         if rest:
-            r.problem(node, "store.url", f"{quote(text)}: memory:// takes nothing after it")
+            r.problem(node, "store.url", f"{quote(redact(text))}: memory:// takes nothing after it")
             return None
         return "memory://"
-    if scheme.lower() == "unix":
-        return _unix_url(r, node, text)
     try:
-        host = urlsplit(text).netloc.rpartition("@")[2]
-    except ValueError as exc:
-        r.problem(node, "store.url", f"{quote(redact(text))} is not a URL ({exc})")
-        return None
-    if not host:
-        r.problem(node, "store.url", f"{quote(redact(text))} has no host")
-        return None
-    if _CONTROL.search(text):
-        r.problem(node, "store.url", f"{quote(redact(text))} must not contain spaces or control characters")
+        parse_redis_url(text)  # as the store will parse it when it opens (gateway/store/redis_client.py)
+    except StoreUrlError as exc:
+        r.problem(node, "store.url", f"{quote(redact(text))} {exc}")
         return None
     return text
 
 
-# A query parameter being assigned: an `@` after one is in a parameter's value, not the userinfo's.
-_ASSIGNMENT = re.compile(r"[?&][^?&=]*=")
-# A query parameter; its value runs to the next parameter (a raw `&` or `#` in a password stays in it).
-_PARAMETER = re.compile(r"([?&])([^?&=]*)=(.*?)(?=&[^&=]*=|\Z)", re.DOTALL)
-
-
-def redact(url: str) -> str:
-    """The URL with every password replaced by `***` (for messages and summaries): the
-    userinfo's, after its first `:` and up to the last `@` before the query (a raw `@`, `/`, `?`
-    or `#` in it included: a URL printed because it failed to parse must not leak it either),
-    and the value of every query parameter whose name, percent-decoded, holds `password` in any
-    case (`?password=`, `?sentinel_password=`). A userinfo without `:` is a user name, kept."""
-    start = url.find("//")
-    start = start + 2 if start >= 0 else 0
-    head, rest = url[:start], url[start:]
-    if not rest.startswith("/"):  # (unix:///path: no userinfo, the path may hold an `@`)
-        at = rest.rfind("@")
-        while at > 0 and _ASSIGNMENT.search(rest, 0, at):
-            at = rest.rfind("@", 0, at)
-        if at > 0:
-            user, colon, _ = rest[:at].partition(":")
-            if colon:
-                rest = f"{user}:***{rest[at:]}"
-
-    def masked(parameter: re.Match[str]) -> str:
-        secret = "password" in unquote_plus(parameter[2]).lower()
-        return f"{parameter[1]}{parameter[2]}=***" if secret else parameter[0]
-
-    return head + _PARAMETER.sub(masked, rest)
-
+# -- Redis store URLs ---------------------------------------------------------------------------
+# Parsed here, not in gateway/store/, because the config loader must not import redis-py (a
+# reload parses the file in a fresh process: tests/unit/test_config_import_cost.py). The store
+# builds its client from this same `RedisTarget` (redis_client.connect), so a URL the loader
+# accepts is one the store opens as the loader read it.
 
 def _store_prefix(r: NodeReader, node: Node) -> str | None:
     text = r.string(node, "store.prefix")

@@ -21,7 +21,7 @@ from gateway.config.model import (
     Route,
     default_per_client,
 )
-from gateway.config.settings import redact
+from gateway.config.store_url import redact
 from gateway.config.units import format_duration, format_rate, format_size
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config.model import Store
+from gateway.config.store_url import StoreUrlError, redact
 from gateway.store.bans import BanStore, MemoryBanStore
 from gateway.store.base import (
     AdmissionStore,
@@ -131,4 +132,4 @@ def _admission_store(
             clock=clock,
             observer=observer,
         )
-    raise ValueError(f"unsupported store URL scheme {scheme!r} in {store_config.url!r}")
+    raise StoreUrlError(f"unsupported store URL scheme {scheme!r} in {redact(store_config.url)!r}")

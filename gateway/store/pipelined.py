@@ -37,10 +37,10 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from gateway.config.store_url import StoreUrlError, parse_redis_url
 from gateway.store.base import StoreError
 from gateway.store.scripts import Script
 from gateway.store.transport import (
@@ -110,32 +110,18 @@ class Endpoint:
     @classmethod
     def from_url(cls, url: str) -> Endpoint | None:
         """The endpoint of a plain `redis://` or `unix://` URL; None for anything else (TLS,
-        Sentinel, Cluster, or options this client does not implement)."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("redis", "unix"):
-            return None
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        if set(query) - {"db"}:
-            return None  # e.g. socket options: redis-py honours them, this client would not
+        Sentinel, Cluster, options this client does not implement, a URL the store refuses).
+        Parsed by `parse_redis_url`, as the config loader and redis-py's client see it."""
         try:
-            if scheme == "unix":
-                db = int(query.get("db", "0"))
-                return cls(None, 0, unquote(parts.path), db, _user(parts.username), _secret(parts.password))
-            path_db = parts.path.strip("/")
-            db = int(query.get("db") or path_db or "0")
-            return cls(parts.hostname or "localhost", parts.port or 6379, None, db,
-                       _user(parts.username), _secret(parts.password))
-        except ValueError:
+            target = parse_redis_url(url)
+        except StoreUrlError:
             return None
-
-
-def _user(text: str | None) -> str | None:
-    return unquote(text) if text else None
-
-
-def _secret(text: str | None) -> str | None:
-    return unquote(text) if text else None
+        if target.scheme not in ("redis", "unix") or target.options:
+            return None  # e.g. client_name: redis-py honours it, this client would not
+        if target.socket_path is not None:
+            return cls(None, 0, target.socket_path, target.db, target.username, target.password)
+        ((host, port),) = target.nodes
+        return cls(host, port, None, target.db, target.username, target.password)
 
 
 class _Protocol(asyncio.Protocol):

@@ -19,6 +19,9 @@ URL forms:
   speaks TLS to the master (the config loader refuses it: untested).
 - `redis+cluster://[user:password@]host:port[,host:port...]` (any reachable nodes; the rest
   of the topology is discovered). `rediss+cluster://` speaks TLS (refused by the config loader: untested).
+The URL is taken apart by gateway/config/settings.py::parse_redis_url, the config loader's own
+check, and the client is built from that (not from redis-py's `from_url`, which would pass any
+query option on to the connection class and fail only when the worker opens the store).
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
@@ -51,6 +54,16 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.config.store_url import (
+    CLUSTER_SCHEMES,
+    REDIS_SCHEMES,
+    SENTINEL_SCHEMES,
+    RedisTarget,
+    parse_redis_url,
+)
+from gateway.config.store_url import ParsedMultiHost as ParsedMultiHost  # (re-exported: tests)
+from gateway.config.store_url import StoreUrlError as StoreUrlError  # what connect() raises
+from gateway.config.store_url import parse_multi_host as parse_multi_host
 from gateway.store.base import SlotMigrating, StoreError
 from gateway.store.scripts import Script
 from gateway.store.transport import (
@@ -69,10 +82,7 @@ from gateway.store.transport import (
 AnyRedis = Redis | RedisCluster
 log = logging.getLogger(__name__)
 
-STANDALONE_SCHEMES = frozenset({"redis", "rediss", "unix"})
-SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
-CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
-SCHEMES = STANDALONE_SCHEMES | SENTINEL_SCHEMES | CLUSTER_SCHEMES
+SCHEMES = REDIS_SCHEMES
 
 
 # How often a Sentinel-backed connection asks the Sentinels where the master is.
@@ -699,8 +709,9 @@ def scheme_of(url: str) -> str:
 
 
 def connect(url: str, *, timeout: float, max_connections: int) -> RedisConnection:
-    """A client for `url`; no I/O happens until the first command."""
-    scheme = scheme_of(url)
+    """A client for `url`; no I/O happens until the first command. The URL is taken apart by
+    `parse_redis_url`, the config loader's own check (StoreUrlError: it cannot be opened)."""
+    target = parse_redis_url(url)
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -710,87 +721,49 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisConnectio
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
-    if scheme == "unix":
-        del common["socket_keepalive"]  # a TCP option: UnixDomainSocketConnection refuses it
-    if scheme in STANDALONE_SCHEMES:
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout / 2, **common
-        )
-        return RedisConnection(Redis.from_pool(pool))
-    if scheme in SENTINEL_SCHEMES:
-        return _sentinel(url, scheme, common, max_connections)
-    if scheme in CLUSTER_SCHEMES:
-        return _cluster(url, scheme, common, max_connections)
-    raise ValueError(f"unsupported store URL scheme {scheme!r}")
+    if target.scheme in SENTINEL_SCHEMES:
+        return _sentinel(target, common, max_connections)
+    if target.scheme in CLUSTER_SCHEMES:
+        return _cluster(target, common, max_connections)
+    return _standalone(target, common, max_connections, timeout)
 
 
-@dataclass(frozen=True)
-class ParsedMultiHost:
-    nodes: list[tuple[str, int]]
-    username: str | None
-    password: str | None
-    path: list[str]
-    query: dict[str, str]
+def _standalone(target: RedisTarget, common: dict[str, Any], max_connections: int, timeout: float) -> RedisConnection:
+    where: dict[str, Any]
+    if target.socket_path is not None:
+        # A TCP option: UnixDomainSocketConnection refuses socket_keepalive.
+        common = {key: value for key, value in common.items() if key != "socket_keepalive"}
+        where = {"connection_class": UnixDomainSocketConnection, "path": target.socket_path}
+    else:
+        ((host, port),) = target.nodes
+        where = {"host": host, "port": port}
+        if target.tls:
+            where["connection_class"] = SSLConnection
+    pool = BlockingConnectionPool(
+        max_connections=max_connections, timeout=timeout / 2, db=target.db, username=target.username,
+        password=target.password, **where, **target.options, **common,
+    )
+    return RedisConnection(Redis.from_pool(pool))
 
 
-def parse_multi_host(url: str, default_port: int) -> ParsedMultiHost:
-    """Split `scheme://[user:pass@]h1:p1,h2:p2/path?query` (urllib rejects the host list)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    username = password = None
-    if "@" in netloc:
-        userinfo, netloc = netloc.rsplit("@", 1)
-        user, _, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) or None
-    nodes: list[tuple[str, int]] = []
-    for item in netloc.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):  # [v6]:port
-            host, _, rest = item[1:].partition("]")
-            port_text = rest.lstrip(":")
-        else:
-            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise ValueError(f"bad port in store URL node {item!r}") from None
-        nodes.append((host, port))
-    if not nodes:
-        raise ValueError("store URL names no host")
-    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    path = [unquote(segment) for segment in parts.path.split("/") if segment]
-    return ParsedMultiHost(nodes, username, password, path, query)
-
-
-def _sentinel(url: str, scheme: str, common: dict[str, Any], max_connections: int) -> RedisConnection:
-    parsed = parse_multi_host(url, default_port=26379)
-    service = parsed.query.get("service_name") or (parsed.path[0] if parsed.path else "")
-    if not service:
-        raise ValueError("redis+sentinel:// URL needs a service name: .../service_name")
-    db_text = parsed.query.get("db") or (parsed.path[1] if len(parsed.path) > 1 else "0")
-    try:
-        db = int(db_text)
-    except ValueError:
-        raise ValueError(f"bad db {db_text!r} in store URL") from None
+def _sentinel(target: RedisTarget, common: dict[str, Any], max_connections: int) -> RedisConnection:
+    service = target.service_name
+    assert service is not None  # parse_redis_url refuses a Sentinel URL without one
     sentinel_kwargs = {key: common[key] for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive")}
     # Read-only questions (where is the master?): safe to ask again on a fresh connection.
     sentinel_kwargs["retry"] = Retry(NoBackoff(), 1, (RedisConnectionError,))
-    if parsed.query.get("sentinel_password"):
-        sentinel_kwargs["password"] = parsed.query["sentinel_password"]
-        sentinel_kwargs["username"] = parsed.query.get("sentinel_username")
-    sentinel = Sentinel(parsed.nodes, sentinel_kwargs=sentinel_kwargs, **common)  # type: ignore[no-untyped-call]
-    tls = scheme.startswith("rediss")
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+        sentinel_kwargs["username"] = target.sentinel_username
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs, **common)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
         service,
-        db=db,
-        username=parsed.username,
-        password=parsed.password,
+        db=target.db,
+        username=target.username,
+        password=target.password,
         max_connections=max_connections,
-        ssl=tls,
-        connection_class=_MasterSSLConnection if tls else _MasterConnection,
+        ssl=target.tls,
+        connection_class=_MasterSSLConnection if target.tls else _MasterConnection,
     )
     closers: list[Callable[[], Awaitable[Any]]] = [node.aclose for node in sentinel.sentinels]
     pool = client.connection_pool
@@ -831,14 +804,13 @@ class _MasterSSLConnection(_MasterConnection, SentinelManagedSSLConnection):
     pass
 
 
-def _cluster(url: str, scheme: str, common: dict[str, Any], max_connections: int) -> RedisConnection:
-    parsed = parse_multi_host(url, default_port=6379)
+def _cluster(target: RedisTarget, common: dict[str, Any], max_connections: int) -> RedisConnection:
     client = RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
-        username=parsed.username,
-        password=parsed.password,
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
         max_connections=max_connections,
-        ssl=scheme.startswith("rediss"),
+        ssl=target.tls,
         **common,
     )
     client.RedisClusterRequestTTL = CLUSTER_REDIRECTS
