@@ -370,6 +370,7 @@ class GatewayApp:
                     on_complete=admission.release, on_complete_args=(plan, ticket),
                     complete_then_yield=state.store.release_turns,
                     bill=bill,
+                    response_strip=routing.header_policy.response_strip,
                 )
             except ClientAborted as exc:  # uvicorn drops the connection: a truncated body never looks complete
                 done.status, done.upstream = exc.status, "aborted"

@@ -14,7 +14,7 @@ from gateway.admission.header_block import EncodedLimitHeaders
 from gateway.admission.headers import policy_header
 from gateway.admission.identity import KeyExtractor, KeyTable
 from gateway.admission.routes import RouteTable
-from gateway.config.model import Config, Key, Route
+from gateway.config.model import HEADER_FAMILY_NAMES, Config, Key, Route
 from gateway.jobs.table import JobTable
 from gateway.proxy.headers import HeaderPolicy
 from gateway.proxy.settlement import CostPolicy
@@ -53,7 +53,7 @@ class Routing:
             keys=KeyTable(config.keys),
             extractor=KeyExtractor(config.identity),
             routes=RouteTable(config.routes),
-            header_policy=HeaderPolicy.from_config(config.upstream, config.identity),
+            header_policy=HeaderPolicy.from_config(config.upstream, config.identity, _owned_response_headers(config)),
             families=config.headers,
             missing_key_message=_missing_key_message(config),
             jobs=jobs,
@@ -71,6 +71,17 @@ class Routing:
             compiled = CompiledPlan(plan, route.path, headers)
             self._plans[cache_key] = compiled
         return compiled
+
+
+def _owned_response_headers(config: Config) -> list[str]:
+    """The header names the gateway writes on the answers it forwards: its limit families and
+    its charge header. (When the upstream declares its cost under the charge header's own name,
+    the settlement reads that copy and removes it itself.)"""
+    names = [name for family in sorted(config.headers) for name in HEADER_FAMILY_NAMES[family]]
+    charge = config.cost_response_header.lower()
+    if charge != (config.upstream.cost_header or "").lower():
+        names.append(charge)
+    return names
 
 
 def _missing_key_message(config: Config) -> str:

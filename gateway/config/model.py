@@ -17,6 +17,14 @@ OnError = Literal["local", "allow", "deny"]
 Counts = Literal["requests", "cost"]
 Period = Literal["1d", "7d", "month"]
 HEADER_FAMILIES = ("concurrency", "x-concurrent", "x-ratelimit", "ietf")
+# The header names each family writes (lower case): the gateway's own on every answer it
+# forwards, so an upstream's copies are dropped (gateway/proxy/headers.py, HeaderPolicy).
+HEADER_FAMILY_NAMES: dict[str, tuple[str, ...]] = {
+    "concurrency": ("concurrency-limit", "concurrency-remaining"),
+    "x-concurrent": ("x-concurrent-limit", "x-concurrent-current", "x-concurrent-remaining"),
+    "x-ratelimit": ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"),
+    "ietf": ("ratelimit", "ratelimit-policy"),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 UNSOLICITED_LOG_EVERY = 60.0  # seconds between warnings about answers on idle connections
 
 # aiohttp adds these unless told not to; the upstream gets exactly what the client sent.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
+# Headers aiohttp would add that the client did not send (httpx adds none of them): a body
+# without `Content-Type` would reach the upstream as `application/octet-stream`.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # h11 (httpx) accepts 16 KiB of response headers; keep the two clients alike.
 _MAX_FIELD_SIZE = 16 * 1024
 _BODY_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)

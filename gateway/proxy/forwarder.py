@@ -32,7 +32,7 @@ from typing import Literal, NoReturn, Protocol
 from gateway import trusted_headers
 from gateway.asgi import Receive, Scope, Send
 from gateway.disconnects import DisconnectWatch, disconnect_watch
-from gateway.proxy.headers import InvalidUpstreamHeaders, client_response_headers
+from gateway.proxy.headers import HOP_BY_HOP, NO_CONTENT, InvalidUpstreamHeaders, client_response_headers
 from gateway.proxy.phase import Phase
 from gateway.proxy.request_body import PREFETCH, BodyStart, declared_length, send_request_timeout
 from gateway.proxy.settlement import RequestBill
@@ -64,6 +64,10 @@ _ABORT_DETAIL = {
 class ResponseObserver(Protocol):
     """Sees a response as it is relayed (async jobs read the JSON answer this way). Each call
     is awaited before the client gets what it is about, so the observer can act first."""
+
+    def upstream_headers(self, headers: Headers) -> Headers:
+        """The request's headers as they go upstream (a job asks for an answer it can read)."""
+        ...
 
     async def head(self, status: int, headers: Headers) -> bool:
         """Before the response starts; True to be shown the body."""
@@ -108,7 +112,7 @@ class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
     __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
-                 "on_complete", "on_complete_args", "complete_then_yield", "bill")
+                 "on_complete", "on_complete_args", "complete_then_yield", "bill", "response_strip")
 
     def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
                  disconnects: DisconnectWatch | None) -> None:
@@ -125,6 +129,7 @@ class _Exchange:
         self.on_complete_args: tuple[object, ...] = ()
         self.complete_then_yield = 0
         self.bill: RequestBill | None = None
+        self.response_strip = HOP_BY_HOP
 
     def stop(self, reason: Reason) -> bool:
         """Record why the exchange must end and cancel the running phase, if any."""
@@ -242,6 +247,7 @@ async def forward(
     bill: RequestBill | None = None,
     on_complete_args: tuple[object, ...] = (),
     complete_then_yield: int = 0,
+    response_strip: frozenset[bytes] = HOP_BY_HOP,
 ) -> Outcome:
     """Forward one admitted request and stream the answer back.
 
@@ -259,6 +265,7 @@ async def forward(
     `observer`, if given, sees the response as it is relayed (see `ResponseObserver`).
     `bill`, if given, is settled from the upstream's response headers (before `on_complete`),
     and every answer, the upstream's or the gateway's own, carries the charge header.
+    `response_strip`: the upstream headers the client is not sent (`HeaderPolicy.response_strip`).
     Returns the upstream status, or "timeout" (504 sent), "error" (502 sent), "disconnected"
     (nothing more sent), "body_too_large" (413 sent, or the upstream request abandoned),
     "client_timeout" (408 sent, or the upstream request abandoned), "send_timeout" (the client
@@ -289,9 +296,12 @@ async def forward(
 
     state = _Exchange(task, scope, receive, disconnect_watch(scope))
     state.observer = observer
+    if observer is not None:  # job requests only: the hot path builds nothing more
+        headers = observer.upstream_headers(headers)
     state.on_complete = on_complete
     state.on_complete_args = on_complete_args
     state.complete_then_yield = complete_then_yield
+    state.response_strip = response_strip
     state.bill = bill
     body: bytes | AsyncIterator[bytes] | None
     if more_body:
@@ -389,7 +399,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
     status = response.status
     try:
         try:
-            out = client_response_headers(status, response.headers)
+            out = client_response_headers(status, response.headers, state.response_strip)
         except InvalidUpstreamHeaders:
             return await _unavailable(send, _answering(extra, state.bill))
         if state.bill is not None:
@@ -405,10 +415,16 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             observer = state.observer
             if observer is not None and not await observer.head(status, response.headers):
                 observer = None
+            if state.scope["method"] == "HEAD" or status in NO_CONTENT or response.length == 0:
+                # No body: the head is the whole answer for the client, so the exchange
+                # completes (its slot freed) before it is sent.
+                await _complete(state, observer)
+                left = None
+            else:
+                # A body of declared length is complete for the client with its last bytes, before
+                # the closing message: the exchange completes (its slot freed) before they are sent.
+                left = response.length
             await send(start)
-            # A body of declared length is complete for the client with its last bytes, before
-            # the closing message: the exchange completes (its slot freed) before they are sent.
-            left = response.length if state.scope["method"] != "HEAD" else None
             async for chunk in response.chunks():
                 if observer is not None:
                     await observer.chunk(chunk)

@@ -8,6 +8,7 @@ per-request functions only filter one list and append a few pairs.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -81,9 +82,13 @@ class HeaderPolicy:
     key_id_header: bytes
     plan_header: bytes
     set_headers: tuple[tuple[bytes, bytes], ...]
+    # What to strip from the upstream's answers: hop-by-hop, and the names the gateway writes
+    # itself (its limit header families, its charge header), so a client never reads two
+    # values under one name (`Concurrency-Limit: 25, 50`: the upstream's account and its own).
+    response_strip: frozenset[bytes] = HOP_BY_HOP
 
     @classmethod
-    def from_config(cls, upstream: Upstream, identity: Identity) -> HeaderPolicy:
+    def from_config(cls, upstream: Upstream, identity: Identity, owned_response: Iterable[str] = ()) -> HeaderPolicy:
         key_id = upstream.key_id_header.lower().encode("latin-1")
         plan = upstream.plan_header.lower().encode("latin-1")
         set_headers = tuple(
@@ -96,7 +101,8 @@ class HeaderPolicy:
             | {key_id, plan}
             | {name for name, _ in set_headers}
         )
-        return cls(frozenset(strip), key_id, plan, set_headers)
+        owned = frozenset(name.lower().encode("latin-1") for name in owned_response)
+        return cls(frozenset(strip), key_id, plan, set_headers, HOP_BY_HOP | owned)
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -155,11 +161,12 @@ def upstream_request_headers(
 # Statuses whose responses never have content (RFC 9110 §6.4.1). A `Content-Length` on a 304
 # is the length a 200 would have had (allowed), on a 204 an upstream's mistake; the server
 # would wait for that many body bytes either way, and the body never comes.
-_NO_CONTENT = frozenset({204, 304})
+NO_CONTENT = frozenset({204, 304})
 
 
-def client_response_headers(status: int, upstream_headers: Headers) -> Headers:
-    """The upstream's response headers minus hop-by-hop ones, everything else byte for byte.
+def client_response_headers(status: int, upstream_headers: Headers, strip: frozenset[bytes] = HOP_BY_HOP) -> Headers:
+    """The upstream's response headers minus hop-by-hop ones and the rest of `strip` (a
+    `HeaderPolicy.response_strip`), everything else byte for byte.
 
     Raises `InvalidUpstreamHeaders` for a name or value the server would refuse to send, or for
     a status that is no final answer a client can be sent: a 1xx (the informational ones a
@@ -175,14 +182,14 @@ def client_response_headers(status: int, upstream_headers: Headers) -> Headers:
     framed_by_encoding = False
     for header in upstream_headers:
         lower = header[0].lower()
-        if lower in HOP_BY_HOP:
+        if lower in strip:
             if lower == b"connection":
                 named = (named or set()) | _connection_tokens(header[1])
             elif lower == b"transfer-encoding":
                 framed_by_encoding = True
             continue
         kept.append(header)
-    drop_length = framed_by_encoding or status in _NO_CONTENT
+    drop_length = framed_by_encoding or status in NO_CONTENT
     if named or drop_length:
         kept = [
             header

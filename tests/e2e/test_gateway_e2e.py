@@ -203,6 +203,27 @@ def test_what_reaches_the_upstream(gw: Proc, upstream: str) -> None:
     assert SECRET not in json.dumps(seen)
 
 
+LIMIT_HEADER_NAMES = ("concurrency-limit", "concurrency-remaining", "x-concurrent-limit", "x-concurrent-current",
+                      "x-concurrent-remaining", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+                      "ratelimit", "ratelimit-policy", "x-request-cost")
+
+
+def test_the_upstreams_own_limit_headers_never_double_the_gateways(gw: Proc) -> None:
+    """An upstream that reports its own limits (the operator's account: ZenRows sends
+    `Concurrency-Limit`) answered under the names the gateway writes; the client read both,
+    `Concurrency-Limit: 25, 2` and `X-RateLimit-Remaining: 999, 998`, which no integer parser
+    (the snippets of docs/clients.md among them) takes. Each name is now the gateway's alone."""
+    response = httpx.get(gw.url + "/own_limit_headers", headers={"X-API-Key": OTHER})
+    assert response.status_code == 200
+    for name in LIMIT_HEADER_NAMES:
+        assert len(response.headers.get_list(name)) == 1, (name, response.headers.get_list(name))
+    assert response.headers["concurrency-limit"] == "2" and response.headers["x-ratelimit-limit"] == "1000"
+    assert response.headers["x-request-cost"] == "1"
+    assert '"upstream"' not in response.headers["ratelimit"] + response.headers["ratelimit-policy"]
+    # What is not the gateway's passes as ever.
+    assert response.headers["x-upstream-own"] == "kept" and response.headers["retry-after"] == "3"
+
+
 def test_a_trace_carries_no_set_headers_the_upstream_could_reflect(gw: Proc, upstream: str) -> None:
     """TRACE asks the upstream to answer with the request it received (RFC 9110 §9.3.8, which
     forbids sensitive fields in one): with `set_headers` in it, the client would have read the

@@ -32,6 +32,8 @@ Behaviour by path (query parameters in brackets):
 - `/close_immediately`: read the request, close without answering
 - `/early_response` [status=413]: answer before reading the request body, then close
 - `/response_headers`: hop-by-hop headers, a `Connection`-named header, two Set-Cookie lines
+- `/own_limit_headers`: the upstream's own limit and charge headers (`OWN_LIMIT_HEADERS`), as a
+  provider reporting the gateway operator's account answers (ZenRows sends `Concurrency-*`)
 - `/extra_response` [ms=50, kind=poison|timeout]: answer, then ms later, on the idle connection,
   a second whole response nobody asked for (`{"poisoned": true}`), or a 408 and the close
 - `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0]: start an
@@ -603,6 +605,8 @@ class MockUpstream:
             return False
         elif path == "/response_headers":
             await exchange.respond(200, b"ok", _HOP_RESPONSE_HEADERS)
+        elif path == "/own_limit_headers":
+            await exchange.respond(200, b"ok", OWN_LIMIT_HEADERS)
         elif path == "/extra_response":  # then, on the idle connection, an answer nobody asked for
             await exchange.respond(200, b'{"first": true}', [("Content-Type", "application/json")])
             await asyncio.sleep(request.int_arg("ms", 50) / 1000)
@@ -740,6 +744,14 @@ _INVALID: dict[str, bytes] = {
     "status099": b"HTTP/1.1 099 Below\r\nContent-Length: 2\r\n\r\nok",
     "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw",
 }
+
+OWN_LIMIT_HEADERS = [
+    ("Concurrency-Limit", "25"), ("Concurrency-Remaining", "24"),
+    ("X-Concurrent-Limit", "25"), ("X-Concurrent-Current", "1"), ("X-Concurrent-Remaining", "24"),
+    ("X-RateLimit-Limit", "1000"), ("X-RateLimit-Remaining", "999"), ("X-RateLimit-Reset", "3600"),
+    ("RateLimit", '"upstream";r=999;t=3600'), ("RateLimit-Policy", '"upstream";q=1000;w=3600'),
+    ("X-Request-Cost", "7"), ("Retry-After", "3"), ("X-Upstream-Own", "kept"),
+]
 
 _HOP_RESPONSE_HEADERS = [
     ("Connection", "keep-alive, X-Upstream-Hop"),

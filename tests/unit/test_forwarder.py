@@ -99,6 +99,7 @@ class FakeClient:
         self.complete = False
         self._keep_body = keep_body
         self.on_body: Callable[[FakeClient], None] | None = None
+        self.on_start: Callable[[FakeClient], None] | None = None
 
     def disconnect(self) -> None:
         self.gone.set()
@@ -123,6 +124,8 @@ class FakeClient:
             assert self.status is None, "response started twice"
             self.status = message["status"]
             self.headers = list(message["headers"])
+            if self.on_start is not None:
+                self.on_start(self)
             return
         assert message["type"] == "http.response.body" and self.status is not None
         chunk = message.get("body", b"")
@@ -206,6 +209,18 @@ async def test_echo_round_trip(upstream: MockUpstream, make_client: ClientFactor
     assert sorted(names) == sorted(["x-gateway-key-id", "content-type", "x-trace", "host", "content-length"])
     assert ["content-length", "30"] in [[n.lower(), v] for n, v in echo["headers"]]
     assert fake.headers[-2:] == EXTRA  # the lead's limit headers, after the upstream's
+
+
+async def test_a_body_without_content_type_reaches_the_upstream_without_one(
+    upstream: MockUpstream, make_client: ClientFactory
+) -> None:
+    """aiohttp added `Content-Type: application/octet-stream` to a body sent without one (httpx
+    adds nothing): the upstream read a type the client never claimed."""
+    client = make_client(upstream.url)
+    fake = FakeClient([b"url=https://example.com"], method="POST")
+    assert await run(client, fake, f"{upstream.url}/v1/scrape", headers=[(b"x-gateway-key-id", b"k1")]) == 200
+    names = sorted(name.lower() for name, _ in fake.json()["headers"])
+    assert names == ["content-length", "host", "x-gateway-key-id"]
 
 
 async def test_status_and_bodiless_answers_pass_through(
@@ -744,3 +759,39 @@ async def test_the_exchange_completes_before_the_client_has_the_end_of_the_answe
     assert events[:3] == ["on_complete", "release flushed", events[2]], events
     assert events[2] in ("last bytes for the client", "end for the client")
     assert events.count("on_complete") == 1
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+@pytest.mark.parametrize(("method", "target", "status"), [
+    ("HEAD", "/echo", 200), ("GET", "/status/204", 204), ("GET", "/not_modified", 304),
+    ("GET", "/download?bytes=0", 200),
+])
+async def test_an_answer_without_a_body_completes_before_its_head_is_sent(
+    method: str, target: str, status: int, turns: int, upstream: MockUpstream, make_client: ClientFactory
+) -> None:
+    """With no body, the head is the whole answer for the client: the slot is freed (and its
+    release on its way) before the head is sent. Before, it was freed after, and a client at
+    exactly its concurrency sending the next request at once to another replica was refused
+    2.5 times as often after a HEAD or a 204 (0.19 %) as after an answer with a body (0.08 %)."""
+    client = make_client(upstream.url)
+    events: list[str] = []
+    fake = FakeClient(method=method, keep_body=False)
+    fake.on_start = lambda sent: events.append("head for the client")
+
+    def release() -> None:
+        events.append("on_complete")
+        loop = asyncio.get_running_loop()
+
+        def turn(left: int) -> None:
+            if left:
+                loop.call_soon(turn, left - 1)
+            else:
+                events.append("release flushed")
+
+        loop.call_soon(turn, turns - 1)
+
+    outcome = await forward(fake.scope, fake.receive, fake.send, client=client, url=f"{upstream.url}{target}",
+                            headers=[(b"x-gateway-key-id", b"k1")], extra_response_headers=EXTRA,
+                            max_body=MB, timeout=5.0, on_complete=release, complete_then_yield=turns)
+    assert outcome == status and fake.complete and fake.body_length == 0
+    assert events == ["on_complete", "release flushed", "head for the client"], events
