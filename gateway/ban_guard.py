@@ -147,7 +147,7 @@ class BanGuard:
             return False
         group = group_of(ip, policy.ipv6_prefix)
         wait = policy.concurrency_grace if told is None else told
-        if not self._returns.refused(group, (key_id, route, kind), wait, policy.tolerance):
+        if not self._returns.refused(group, (key_id, route, kind), wait, policy.tolerance, policy.within):
             return False
         self._strike(group, kind)
         return True

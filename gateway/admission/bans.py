@@ -43,6 +43,10 @@ STRIKE_KINDS = ("unauthorized", "rate", "concurrency")
 # A told wait is taken as this much shorter: the clock is read before the answer is sent,
 # and a client's timer may round a little short.
 RETURN_SLACK = 0.02
+# The first refusals of a scope after it was quiet (no refusal for the ban window, `within`)
+# are never early for this long: a burst of first attempts (a client that has not read one
+# answer yet, so cannot size its pool by `Concurrency-Limit`) is not a client coming back.
+FIRST_BURST = 0.5
 
 
 def group_of(ip: IPAddress, ipv6_prefix: int) -> str:
@@ -188,6 +192,18 @@ def one_strike(kind: int) -> StrikeCounts:
     return (1, 0, 0) if kind == UNAUTHORIZED else (0, 1, 0) if kind == RATE else (0, 0, 1)
 
 
+class _Scope:
+    """One (group, scope)'s told waits (their ends, a heap of the `tolerance` latest) and when
+    its current streak of refusals began and last saw one."""
+
+    __slots__ = ("waits", "since", "last")
+
+    def __init__(self, now: float) -> None:
+        self.waits: list[float] = []
+        self.since = now
+        self.last = now
+
+
 class ReturnLedger:
     """When may this client come back: for each (group, scope) the ends of the waits it was
     told, the `tolerance` latest only (that is all the rule needs).
@@ -197,7 +213,9 @@ class ReturnLedger:
     `tolerance` threads that each honour their own wait are never early, whatever order
     their requests interleave in (each running wait belongs to another thread). A client that
     returns at r requests per second against a told wait w holds about r * w running waits,
-    so it is early from r > tolerance / w on.
+    so it is early from r > tolerance / w on. Except in the first `FIRST_BURST` seconds of a
+    streak (refusals of the scope after `quiet` seconds without one): a client's first burst,
+    sent before it could read any answer, may be any size, and is not a return.
 
     Bounded: at most `max_entries` scopes of at most `tolerance` floats; past that, scopes
     with no running wait go first, then the oldest quarter (so the scan is rare). Forgetting
@@ -207,32 +225,36 @@ class ReturnLedger:
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000) -> None:
         self._clock = clock
         self._max_entries = max_entries
-        self._waits: dict[tuple[str, str], list[float]] = {}
+        self._scopes: dict[tuple[str, str], _Scope] = {}
 
     def __len__(self) -> int:
-        return len(self._waits)
+        return len(self._scopes)
 
-    def refused(self, group: str, scope: str, told: float, tolerance: int) -> bool:
+    def refused(self, group: str, scope: str, told: float, tolerance: int, quiet: float = 60.0) -> bool:
         now = self._clock()
         key = (group, scope)
-        waits = self._waits.pop(key, None)  # re-inserted last: the oldest scopes go first
-        if waits is None:
-            if len(self._waits) >= self._max_entries:
+        entry = self._scopes.pop(key, None)  # re-inserted last: the oldest scopes go first
+        if entry is None:
+            if len(self._scopes) >= self._max_entries:
                 self._make_room(now)
-            waits = []
+            entry = _Scope(now)
+        elif now - entry.last >= quiet:
+            entry.since = now  # a new streak
+        entry.last = now
+        waits = entry.waits
         while waits and waits[0] <= now:
             heapq.heappop(waits)
-        early = len(waits) >= tolerance
+        early = len(waits) >= tolerance and (tolerance == 0 or now - entry.since >= FIRST_BURST)
         end = now + max(0.0, told - RETURN_SLACK)
         if len(waits) < tolerance:
             heapq.heappush(waits, end)
         elif waits and end > waits[0]:
             heapq.heapreplace(waits, end)
-        self._waits[key] = waits
+        self._scopes[key] = entry
         return early
 
     def _make_room(self, now: float) -> None:
-        live = {key: waits for key, waits in self._waits.items() if waits and max(waits) > now}
+        live = {key: entry for key, entry in self._scopes.items() if entry.waits and max(entry.waits) > now}
         if len(live) >= self._max_entries:
             live = dict(list(live.items())[len(live) // 4:])
-        self._waits = live
+        self._scopes = live

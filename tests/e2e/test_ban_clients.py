@@ -176,6 +176,45 @@ def test_a_concurrency_limited_client_that_backs_off_is_never_banned(gw: Proc, c
     assert bans(gw) == []
 
 
+async def _burst(url: str, key: str, source: str, size: int) -> Counter[int]:
+    """`size` requests at once from `source`, no retries (an asyncio.gather on a fresh SDK)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    transport = httpx.AsyncHTTPTransport(local_address=source, limits=limits)
+    async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+        responses = await asyncio.gather(*(client.get(url, headers={"X-API-Key": key}) for _ in range(size)))
+    return Counter(response.status_code for response in responses)
+
+
+@pytest.mark.parametrize("limit", ["concurrency", "rate"])
+def test_a_first_burst_of_any_size_is_not_banned(gw: Proc, upstream: str, limit: str) -> None:
+    """One gather of 60 first attempts, no retries, on a 2-slot key (each held 1 s) or a 5/2s
+    key: a client that has not read a single answer yet cannot have ignored one. Before: every
+    429 past `tolerance` (16) was a strike, and the 20th banned the IP for 5 minutes."""
+    key, source = (SLOTS_KEY, "127.0.0.41") if limit == "concurrency" else (RATE_KEY, "127.0.0.42")
+    statuses = asyncio.run(_burst(gw.url + "/hold?ms=1000", key, source, 60))
+    assert statuses[429] >= 40 and 403 not in statuses, statuses
+    assert strikes(gw)[limit] == 0 and bans(gw) == []
+    time.sleep(2.1)  # its Retry-After honoured: admitted
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as client:
+        assert client.get(gw.url + "/anything", headers={"X-API-Key": key}).status_code == 200
+    httpx.post(upstream + "/_release")
+
+
+def test_a_client_that_keeps_bursting_is_banned(gw: Proc, upstream: str) -> None:
+    """Only the first burst is forgiven: the same gather of 60 sent again at once, and again,
+    ignoring every answer, is struck from the second on and banned."""
+    seen: Counter[int] = Counter()
+    for _ in range(4):
+        seen += asyncio.run(_burst(gw.url + "/hold?ms=1000", SLOTS_KEY, "127.0.0.43", 60))
+        time.sleep(0.3)
+        if seen[403]:
+            break
+    assert seen[403] > 0, seen
+    [ban] = bans(gw)
+    assert ban["ip"] == "127.0.0.43" and ban["strikes"]["concurrency"] >= STRIKES
+    httpx.post(upstream + "/_release")
+
+
 # -- a hammering client: banned within 5 s ------------------------------------------------------
 
 

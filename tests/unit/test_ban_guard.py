@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.admission.bans import CONCURRENCY, RATE, StrikeCounts
+from gateway.admission.bans import CONCURRENCY, FIRST_BURST, RATE, StrikeCounts
 from gateway.ban_guard import DECIDING, BanGuard
 from gateway.config.model import Bans
 from gateway.metrics import Metrics, MetricsObserver
@@ -207,17 +207,22 @@ async def test_only_429s_that_came_back_early_are_strikes_and_counted_by_kind() 
     now = [0.0]
     guard = BanGuard(store, metrics, lambda: policy, clock=lambda: now[0])
     client = ip("203.0.113.7")
-    # two threads told to wait 2 s: not early; a third refusal while both still wait is
+    # two threads told to wait 2 s: not early; a third refusal while both still wait is (once
+    # past the first burst: FIRST_BURST)
     assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
     assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
+    now[0] = FIRST_BURST
     assert guard.refused(client, policy, "key", "/v1", RATE, 2)
-    now[0] = 2.0  # the told waits ran out: back in time
+    now[0] = 2.5  # the told waits ran out: back in time
     assert not guard.refused(client, policy, "key", "/v1", RATE, 2)
-    # concurrency refusals tell `concurrency_grace`
+    # concurrency refusals tell `concurrency_grace` (0.5 s)
+    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)  # the streak begins
+    now[0] = 2.9
     assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
-    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
-    assert guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
-    now[0] = 2.5
+    assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)  # 2 waits, but the first burst
+    now[0] = 2.5 + FIRST_BURST
+    assert guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)  # 2 waits still running
+    now[0] = 4.0
     assert not guard.refused(client, policy, "key", "/v1", CONCURRENCY, None)
     guard.strike(client, policy)  # a 401
     await guard.flush()

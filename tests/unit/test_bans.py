@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gateway.admission.bans import (
     BanCache,
     KnownBan,
+    FIRST_BURST,
     ReturnLedger,
     ban_ms,
     group_of,
@@ -215,18 +216,19 @@ def test_clients_that_wait_as_told_are_never_early(
         ready[thread] = clock.now + told + extra[n % len(extra)]
 
 
-@pytest.mark.parametrize(("rate", "told", "early_from"), [(50.0, 0.5, 16), (20.0, 1.0, 16), (10.0, 2.0, 16)])
+@pytest.mark.parametrize(("rate", "told", "early_from"), [(50.0, 0.5, 25), (20.0, 1.0, 16), (10.0, 2.0, 16)])
 def test_a_client_coming_back_faster_than_told_is_early_after_tolerance(
     rate: float, told: float, early_from: int
 ) -> None:
     """r refusals per second against a told wait w hold r*w running waits: past `tolerance`
-    (16) every further refusal is early. 10/s against Retry-After 2 s is 20 > 16."""
+    (16) every further refusal is early. 10/s against Retry-After 2 s is 20 > 16. (At 50/s the
+    first 25 fall in the streak's first half second, FIRST_BURST.)"""
     clock = Clock()
     ledger = ReturnLedger(clock)
     early = []
-    for _ in range(60):
+    for n in range(60):
+        clock.now = n / rate
         early.append(ledger.refused("1.2.3.4", ("key", "/v1", 1), told, tolerance=16))
-        clock.now += 1 / rate
     assert early[:early_from] == [False] * early_from
     assert all(early[early_from:])
 
@@ -249,14 +251,46 @@ def test_early_returns_are_counted_per_ip_key_route_and_kind() -> None:
     ledger = ReturnLedger(clock)
     for _ in range(3):
         assert not ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
+    clock.now += FIRST_BURST  # past the streak's first burst
     assert ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
     assert not ledger.refused("1.2.3.5", ("k1", "/a", 1), 5.0, tolerance=3)
     assert not ledger.refused("1.2.3.4", ("k2", "/a", 1), 5.0, tolerance=3)
     assert not ledger.refused("1.2.3.4", ("k1", "/b", 1), 5.0, tolerance=3)
     assert not ledger.refused("1.2.3.4", ("k1", "/a", 2), 5.0, tolerance=3)
-    clock.now += 5.0  # every told wait has run out: the next comes back in time
+    clock.now += 5.0 - FIRST_BURST  # every told wait has run out: the next comes back in time
     assert not ledger.refused("1.2.3.4", ("k1", "/a", 1), 5.0, tolerance=3)
     assert ReturnLedger(clock).refused("1.2.3.4", ("k", "/", 1), 5.0, tolerance=0)  # 0: every 429 strikes
+
+
+@pytest.mark.parametrize("size", [17, 40, 600])
+def test_a_first_burst_of_any_size_is_not_early(size: int) -> None:
+    """A client's first burst (an asyncio.gather of `size` requests on a 2-slot key) arrives
+    before it could read one answer: no refusal in it came back. Before: every refusal past
+    `tolerance` was early, and one gather of 40 banned the IP (20 strikes)."""
+    clock = Clock()
+    ledger = ReturnLedger(clock)
+    for n in range(size):
+        clock.now = n * (0.3 / size)  # all sent within 0.3 s
+        assert not ledger.refused("1.2.3.4", ("key", "/v1", 2), 0.5, tolerance=16)
+
+
+def test_past_the_first_burst_a_client_that_keeps_coming_is_early() -> None:
+    """The burst's waits still count: the same client sending on, past FIRST_BURST, without
+    waiting, is early from its first refusal there; after a quiet `within` a new streak starts
+    with its own first burst."""
+    clock = Clock()
+    ledger = ReturnLedger(clock)
+    for _ in range(40):
+        assert not ledger.refused("1.2.3.4", ("key", "/v1", 1), 50.0, tolerance=16, quiet=60.0)
+    clock.now += FIRST_BURST
+    assert ledger.refused("1.2.3.4", ("key", "/v1", 1), 50.0, tolerance=16, quiet=60.0)
+    clock.now += 30.0  # not quiet long enough: the same streak, the waits (50 s) still running
+    assert ledger.refused("1.2.3.4", ("key", "/v1", 1), 50.0, tolerance=16, quiet=60.0)
+    clock.now += 60.0  # quiet for the ban window: a new streak (the old waits have ended too)
+    for _ in range(40):
+        assert not ledger.refused("1.2.3.4", ("key", "/v1", 1), 50.0, tolerance=16, quiet=60.0)
+    # tolerance 0 keeps its meaning: every 429 a strike, the first burst too
+    assert ReturnLedger(clock).refused("1.2.3.5", ("key", "/v1", 1), 10.0, tolerance=0)
 
 
 def test_the_ledger_is_bounded_by_scopes_and_tolerance() -> None:
@@ -270,4 +304,4 @@ def test_the_ledger_is_bounded_by_scopes_and_tolerance() -> None:
     assert len(ledger) <= 100
     for _ in range(1000):
         ledger.refused("1.2.3.4", ("key", "/", 1), 60.0, tolerance=16)
-    assert len(ledger._waits[("1.2.3.4", ("key", "/", 1))]) == 16
+    assert len(ledger._scopes[("1.2.3.4", ("key", "/", 1))].waits) == 16
