@@ -25,6 +25,11 @@ DEFAULT_DONE = ("completed", "failed", "cancelled")
 DEFAULT_JOB_MAX_DURATION = 7200.0
 
 
+# Real scraping APIs list tens of routes; the bound keeps the loader and the request-time scan
+# (gateway/admission/routes.py, first match wins) short, as cost rules' 64 does.
+MAX_ROUTES = 1000
+
+
 def read_routes(r: NodeReader, node: Node, index: PlanIndex, keys: Sequence[Key] = ()) -> tuple[Route, ...]:
     """The routes; `keys` (already read) let cost rules be checked against key overrides."""
     items = r.sequence(node, "routes")
@@ -32,20 +37,23 @@ def read_routes(r: NodeReader, node: Node, index: PlanIndex, keys: Sequence[Key]
         return ()
     if not items:
         r.problem(node, "routes", "must list at least one route")
-    routes: list[tuple[int, Route]] = []
+    if len(items) > MAX_ROUTES:
+        r.problem(node, "routes", f"has {len(items)} routes; at most {MAX_ROUTES}")
+        return ()
+    read = _ReadRoutes()
     overrides = lowest_overrides(keys)
     for position, item in enumerate(items):
         path = f"routes[{position}]"
         route = _route(r, item, path, index, overrides)
         if route is None:
             continue
-        for earlier_position, earlier in routes:
-            if shadows(earlier, route):
-                first = f"routes[{earlier_position}] ({_describe(earlier)})"
-                r.problem(item, path, f"unreachable: {first} matches every request it would")
-                break
-        routes.append((position, route))
-    return tuple(route for _, route in routes)
+        shadowing = read.first_shadowing(route)
+        if shadowing is not None:
+            earlier_position, earlier = shadowing
+            first = f"routes[{earlier_position}] ({_describe(earlier)})"
+            r.problem(item, path, f"unreachable: {first} matches every request it would")
+        read.add(position, route)
+    return read.routes()
 
 
 def _route(
@@ -76,11 +84,17 @@ def _route(
     return route
 
 
+# As `usage_path`: real patterns are tens of characters, and this bounds the segments the
+# unreachable-route check walks (1,000 routes of 1,024 characters: about 0.4 s).
+MAX_PATTERN = 1024
+
+
 def _pattern(r: NodeReader, node: Node, path: str) -> str | None:
     text = r.string(node, path)
     if text is None:
         return None
-    reason = pattern_problem(text)
+    too_long = len(text) > MAX_PATTERN
+    reason = f"it is longer than {MAX_PATTERN} characters" if too_long else pattern_problem(text)
     if reason is not None:
         r.problem(node, path, f"{quote(text)} is not a route pattern: {reason}")
         return None
@@ -262,22 +276,94 @@ def _describe(route: Route) -> str:
     return f"{','.join(sorted(route.methods))} {route.path}"
 
 
-def shadows(earlier: Route, later: Route) -> bool:
-    """True when every request `later` matches is matched by `earlier` first (first match wins)."""
-    if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
-        return False
-    return _covers(earlier.path[1:].split("/"), later.path[1:].split("/"))
+def _segments(pattern: str) -> list[str]:
+    return pattern[1:].split("/")
 
 
-def _covers(outer: list[str], inner: list[str]) -> bool:
-    """True when every path the `inner` segments match, the `outer` ones match too."""
-    for position, segment in enumerate(outer):
-        if segment == "**":
-            return True
-        if position >= len(inner) or inner[position] == "**":
-            return False
-        if _PARAM.fullmatch(segment) and inner[position] != "":
-            continue
-        if inner[position] != segment:
-            return False
-    return len(outer) == len(inner)
+def _is_param(segment: str) -> bool:
+    return segment.startswith("{")  # a checked pattern has `{` only in a whole `{name}` segment
+
+
+class _ReadRoutes:
+    """The routes read so far, indexed to find the first one that shadows a new route: one
+    step per segment of the new route, never a comparison with each earlier route (that was
+    quadratic: 20,000 routes took 158 s).
+
+    An earlier route covers a new one when each of its segments before its end or its final
+    `/**` matches the new route's segment at the same depth (the same literal; or a `{name}`,
+    which matches any segment but an empty one or `**`), and it ends where the new route does
+    or with `/**` (which covers any rest, none and a `/**` too).
+
+    Each route read is one bit of an int (bit i: the i-th route read). Per depth, a mask of
+    the routes whose segment there is a given literal, and one of those with a `{name}` there;
+    by segment count, the routes that end there and those whose `/**` comes there. Walking the
+    new route's segments ANDs the masks, and the lowest bit left among the routes that also
+    take all its methods is the first one that shadows it.
+    """
+
+    def __init__(self) -> None:
+        self._read: list[tuple[int, Route]] = []  # (position in the file, route), by bit
+        self._literal: list[dict[str, int]] = []  # by depth: segment -> routes with it there
+        self._param: list[int] = []  # by depth: routes with a {name} there
+        self._ends: dict[int, int] = {}  # segment count -> routes of exactly that many, no /**
+        self._below: dict[int, int] = {}  # segment count before a final /** -> those routes
+        self._any_method = 0
+        self._with_method: dict[str, int] = {}
+
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(route for _, route in self._read)
+
+    def add(self, position: int, route: Route) -> None:
+        bit = 1 << len(self._read)
+        self._read.append((position, route))
+        segments = _segments(route.path)
+        ends = self._ends
+        if segments[-1] == "**":
+            segments.pop()
+            ends = self._below
+        ends[len(segments)] = ends.get(len(segments), 0) | bit
+        literal, param = self._literal, self._param
+        while len(param) < len(segments):
+            literal.append({})
+            param.append(0)
+        for depth, segment in enumerate(segments):
+            if _is_param(segment):
+                param[depth] |= bit
+            else:
+                literal[depth][segment] = literal[depth].get(segment, 0) | bit
+        if route.methods is None:
+            self._any_method |= bit
+        for method in route.methods or ():
+            self._with_method[method] = self._with_method.get(method, 0) | bit
+
+    def first_shadowing(self, route: Route) -> tuple[int, Route] | None:
+        """The first route read that matches every request `route` matches, with its position."""
+        found = self._covering(_segments(route.path)) & self._taking(route.methods)
+        if not found:
+            return None
+        return self._read[(found & -found).bit_length() - 1]
+
+    def _covering(self, segments: list[str]) -> int:
+        """The routes whose pattern matches every path the pattern of `segments` matches."""
+        alive = (1 << len(self._read)) - 1  # routes whose first `depth` segments cover these
+        found = 0
+        literal, param, below = self._literal, self._param, self._below
+        for depth, segment in enumerate(segments):
+            if depth in below:
+                found |= alive & below[depth]
+            if segment == "**" or depth == len(param):
+                return found  # only a /** covers a /**; and no route reaches this deep
+            alive &= literal[depth].get(segment, 0) | (param[depth] if segment else 0)
+            if not alive:
+                return found
+        count = len(segments)
+        return found | alive & (self._below.get(count, 0) | self._ends.get(count, 0))
+
+    def _taking(self, methods: frozenset[str] | None) -> int:
+        """The routes that take every method of `methods` (None: any method)."""
+        if methods is None:
+            return self._any_method
+        taking = (1 << len(self._read)) - 1
+        for method in methods:
+            taking &= self._with_method.get(method, 0) | self._any_method
+        return taking
