@@ -1,10 +1,18 @@
 """Job slots on the request path: the observers the forwarder calls while a response streams.
 
-`JobStart` watches the answer to a job route: on a 2xx JSON body with an id at the job's
-dotted path, the request's slot in the job's limit passes to the job (store `hand_over`)
-before the chunk that completes the document is sent, so the client cannot learn the id
-before the job holds the slot (a status request on another replica then finds it). A non-2xx
-answer, or a 2xx without an id, hands nothing over: the request's `finally` frees the slot.
+Both ask the upstream for an answer they can read (gateway/jobs/body.py: the forwarded
+`Accept-Encoding` keeps gzip, deflate and identity only) and scan its JSON as it streams,
+for one field, however large the body (gateway/jobs/scan.py).
+
+`JobStart` watches the answer to a job route: on a 2xx answer whose id is at the job's dotted
+path, the request's slot in the job's limit passes to the job (store `hand_over`) before the
+chunk that completes the id is sent, so the client cannot learn the id before the job holds the
+slot (a status request on another replica then finds it). A non-2xx answer, or a 2xx that
+reads in full with nothing at the path (missing, null, "", no body), hands nothing over: the
+request's `finally` frees the slot. A 2xx whose id cannot be read (another coding, not JSON,
+cut short, an id that cannot be one) fails closed: the slot is held as a job under a
+synthetic id (`unread-<lease>`, logged) until `max_duration` or the admin `done` call, since
+the upstream may be running a job the client knows the id of.
 
 `JobReport` watches a GET or DELETE of a job's status path: a 2xx DELETE, or a 2xx GET whose
 `status_field` is one of `done`, ends the job for the calling key only (a job id seen for
@@ -29,8 +37,9 @@ from typing import Any, TypeVar
 from gateway.admission.buckets import AdmissionPlan
 from gateway.admission.controller import Ticket
 from gateway.config.model import Job, Route
+from gateway.jobs.body import BodyScan, readable_accept_encoding
+from gateway.jobs.scan import FieldScan, Scan
 from gateway.jobs.table import JobTable, StatusRequest, job_slots
-from gateway.jobs.tee import JsonTee, lookup
 from gateway.proxy.upstream import Headers
 from gateway.store.base import AdmissionStore, SlotBucket, StoreError
 from gateway.store.jobs import EndedJob, JobClaim, JobStore, valid_job_id
@@ -54,7 +63,7 @@ async def _shielded(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 class JobStart:
-    __slots__ = ("_store", "_slots", "_lease_id", "_owner", "_job", "_tee", "_claimed")
+    __slots__ = ("_store", "_slots", "_lease_id", "_owner", "_job", "_scan", "_claimed")
 
     def __init__(
         self, store: JobStore, slots: tuple[SlotBucket, ...], lease_id: str, owner: str, job: Job
@@ -64,29 +73,43 @@ class JobStart:
         self._lease_id = lease_id
         self._owner = owner
         self._job = job
-        self._tee: JsonTee | None = None
+        self._scan: BodyScan | None = None
         self._claimed = False
+
+    def upstream_headers(self, headers: Headers) -> Headers:
+        return readable_accept_encoding(headers)
 
     async def head(self, status: int, headers: Headers) -> bool:
         if not 200 <= status < 300:
             return False  # the request's release frees the slot at once
-        self._tee = JsonTee(_encoding(headers))
+        self._scan = BodyScan(self._job.id_path, _encoding(headers))
+        if self._scan.done:  # a coding it cannot read: held before the client gets anything
+            await self._claim(self._scan.scan)
+            return False
         return True
 
     async def chunk(self, data: bytes) -> None:
-        if self._tee is not None and not self._claimed and self._tee.feed(data):
-            await self._claim(self._tee.document)
+        if self._scan is not None and not self._claimed and self._scan.feed(data):
+            await self._claim(self._scan.scan)
 
     async def end(self) -> None:
-        if self._tee is not None and not self._claimed:
-            await self._claim(self._tee.finish())
+        if self._scan is not None and not self._claimed:
+            self._scan.finish()
+            await self._claim(self._scan.scan)
 
-    async def _claim(self, document: Any) -> None:
+    async def _claim(self, scan: FieldScan) -> None:
         self._claimed = True
-        job_id = valid_job_id(lookup(document, self._job.id_path)) if document is not None else None
+        job_id = _job_id(scan)
         if job_id is None:
             log.info("job route answered 2xx without a job id at %r: slot freed", self._job.id_path)
             return
+        if job_id is _UNREADABLE:
+            job_id = unread_job_id(self._lease_id)
+            log.warning(
+                "job route answered 2xx and its job id at %r cannot be read (%s): the slot is held as "
+                "job %s until max_duration or POST /v1/jobs/%s/done",
+                self._job.id_path, _why(scan), job_id, job_id,
+            )  # fmt: skip
         claim = JobClaim(job_id, self._owner, self._job.max_duration)
         try:
             held = await _shielded(self._store.hand_over(self._slots, self._lease_id, claim))
@@ -97,15 +120,45 @@ class JobStart:
             log.info("job %s ended (or lost its slot) before the handover: slot freed", job_id)
 
 
+_UNREADABLE = "\0unreadable"  # never a job id (valid_job_id refuses control characters)
+
+
+def _job_id(scan: FieldScan) -> str | None:
+    """The job id a start answer gives; None when it says there is none (no value at the path,
+    null, "", or no body); _UNREADABLE when there may be one the gateway cannot see (fail
+    closed: the client chose neither the coding nor the size of what hides it)."""
+    if scan.state in (Scan.ABSENT, Scan.EMPTY):
+        return None
+    if scan.state is Scan.FOUND:
+        if scan.value is None or scan.value == "":
+            return None
+        return valid_job_id(scan.value) or _UNREADABLE
+    return _UNREADABLE
+
+
+def _why(scan: FieldScan) -> str:
+    if scan.state is Scan.FOUND:
+        return "not an id: over 200 characters, control characters, or not a string or integer"
+    return "not JSON, another Content-Encoding than gzip/deflate, cut short, or over 64 MiB"
+
+
+def unread_job_id(lease_id: str) -> str:
+    """The id a job is held under when its own cannot be read: unique per request."""
+    return "unread-" + lease_id.partition("*")[0]
+
+
 class JobReport:
-    __slots__ = ("_tracker", "_status", "_owner", "_tee", "_acted")
+    __slots__ = ("_tracker", "_status", "_owner", "_scan", "_acted")
 
     def __init__(self, tracker: JobTracker, status: StatusRequest, owner: str) -> None:
         self._tracker = tracker
         self._status = status
         self._owner = owner
-        self._tee: JsonTee | None = None
+        self._scan: BodyScan | None = None
         self._acted = False
+
+    def upstream_headers(self, headers: Headers) -> Headers:
+        return readable_accept_encoding(headers)
 
     async def head(self, status: int, headers: Headers) -> bool:
         if not 200 <= status < 300:
@@ -113,22 +166,28 @@ class JobReport:
         if self._status.cancel:
             await self._end()
             return False
-        self._tee = JsonTee(_encoding(headers))
+        self._scan = BodyScan(self._status.job.status_field, _encoding(headers))
+        if self._scan.done:
+            await self._check(self._scan.scan)
+            return False
         return True
 
     async def chunk(self, data: bytes) -> None:
-        if self._tee is not None and not self._acted and self._tee.feed(data):
-            await self._check(self._tee.document)
+        if self._scan is not None and not self._acted and self._scan.feed(data):
+            await self._check(self._scan.scan)
 
     async def end(self) -> None:
-        if self._tee is not None and not self._acted:
-            await self._check(self._tee.finish())
+        if self._scan is not None and not self._acted:
+            self._scan.finish()
+            await self._check(self._scan.scan)
 
-    async def _check(self, document: Any) -> None:
+    async def _check(self, scan: FieldScan) -> None:
         self._acted = True
         job = self._status.job
-        value = lookup(document, job.status_field) if document is not None else None
-        if isinstance(value, str) and value in job.done:
+        if scan.state is Scan.UNREADABLE:
+            log.info("job %s: its status answer cannot be read; it ends by DELETE, the admin call or "
+                     "max_duration", self._status.job_id)
+        elif scan.state is Scan.FOUND and isinstance(scan.value, str) and scan.value in job.done:
             await self._end()
 
     async def _end(self) -> None:

@@ -66,6 +66,7 @@ class _Indexed:
     member: str
     keys: tuple[str, ...]
     expiry: float
+    ended: bool = False  # kept (until `expiry`, the tombstone time) once ended, as job_free.lua does
 
 
 @dataclass(slots=True)
@@ -112,24 +113,29 @@ class MemoryJobBook:
     def index(
         self, job_id: str, owner: str, member: str, keys: tuple[str, ...], expiry: float, now: float
     ) -> bool:
-        """Record the holder; False (nothing recorded) when an end was reported first."""
+        """job_index.lua: record the holder. False (nothing recorded) when an end was reported
+        first, or when the id is already indexed for another key or for a job that ended; True,
+        changing nothing, for the same key's job still running (a replay)."""
         tomb = self._tombstones.get(job_id)
         if tomb is not None and tomb.expiry > now and ({"*", owner} & tomb.owners):
             return False
+        held = self._live_entry(job_id, now)
+        if held is not None:
+            return held.owner == owner and not held.ended
         self._index[job_id] = _Indexed(owner, member, keys, expiry)
         return True
 
     def take(self, job_id: str, owner: str | None, now: float, tombstone_ms: float) -> _Indexed | None:
-        """job_free.lua: the index entry when `owner` (or the admin, None) may end the job."""
-        entry = self._index.get(job_id)
-        if entry is not None and entry.expiry <= now:
-            del self._index[job_id]
-            entry = None
+        """job_free.lua: the index entry when `owner` (or the admin, None) ends the job now. The
+        entry stays, marked ended, for the tombstone time: a handover of the same id landing
+        later (a late replay, or the id given out again) then holds nothing, as on Redis."""
+        entry = self._live_entry(job_id, now)
         if entry is not None:
-            if owner is None or owner == entry.owner:
-                del self._index[job_id]
-                return entry
-            return None
+            if (owner is not None and owner != entry.owner) or entry.ended:
+                return None
+            entry.ended = True
+            entry.expiry = now + tombstone_ms
+            return entry
         tomb = self._tombstones.pop(job_id, None)
         if tomb is None or tomb.expiry <= now:
             tomb = _Tombstone()
@@ -140,6 +146,14 @@ class MemoryJobBook:
         tomb.expiry = now + tombstone_ms
         self._tombstones[job_id] = tomb  # (re)inserted last: the table stays in expiry order
         return None
+
+    def _live_entry(self, job_id: str, now: float) -> _Indexed | None:
+        """The index entry of `job_id` unless it expired (an expired one is dropped)."""
+        entry = self._index.get(job_id)
+        if entry is not None and entry.expiry <= now:
+            del self._index[job_id]
+            return None
+        return entry
 
     def sweep(self, now: float) -> int:
         """Drop what expired; returns the job members purged (reclaimed slots)."""

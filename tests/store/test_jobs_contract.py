@@ -214,3 +214,64 @@ async def test_a_replayed_handover_or_end_changes_nothing(backend: Backend, cloc
     await store.flush()
     assert (await store.admit([], crawls, "next")).slot_counts == [0]
     store.release(crawls, "next")
+
+
+async def held_in(jobs: Any, buckets: list[SlotBucket]) -> list[int]:
+    return (await jobs.usage([], buckets)).slot_counts
+
+
+async def test_a_job_id_already_held_by_another_key_is_not_handed_over(
+    backend: Backend, clock: DrivenClock
+) -> None:
+    """job_index.lua's rule on every store: the id is alice's, so bob's handover of the same id
+    moves nothing (his request's release frees his slot), and alice's own end still finds it."""
+    store = await backend.started(clock=clock)
+    jobs = jobs_of(backend, store)
+    alice, bob = [slot("crawls", 1, tag="alice")], [slot("crawls", 1, tag="bob")]
+    await started_job(store, jobs, alice, "lease-a", "shared", owner="alice")
+    assert (await store.admit([], bob, "lease-b")).admitted
+    assert not await jobs.hand_over(bob, "lease-b", JobClaim("shared", "bob", HOUR))
+    store.release(bob, "lease-b")
+    await store.flush()
+    assert (await held_in(jobs, alice), await held_in(jobs, bob)) == ([1], [0])
+    assert await jobs.end("shared", "bob") is None
+    assert await jobs.end("shared", "alice") == EndedJob("shared", "alice")
+    await store.flush()
+    assert await held_in(jobs, alice) == [0]
+
+
+async def test_the_same_keys_running_job_seen_again_holds_one_slot(
+    backend: Backend, clock: DrivenClock
+) -> None:
+    """An upstream that dedupes gives a second request the id of the key's running job: a
+    replay of that job's handover, which changes nothing; the second request's slot is freed."""
+    store = await backend.started(clock=clock)
+    jobs = jobs_of(backend, store)
+    crawls = [slot("crawls", 2)]
+    await started_job(store, jobs, crawls, "lease-1", "dup")
+    assert (await store.admit([], crawls, "lease-2")).admitted
+    assert await jobs.hand_over(crawls, "lease-2", JobClaim("dup", "k1", HOUR))
+    store.release(crawls, "lease-2")
+    await store.flush()
+    assert await held_in(jobs, crawls) == [1]
+    assert await jobs.end("dup", "k1") == EndedJob("dup", "k1")
+    await store.flush()
+    assert await held_in(jobs, crawls) == [0]
+
+
+async def test_an_id_seen_again_after_its_job_ended_holds_nothing(backend: Backend, clock: DrivenClock) -> None:
+    """Within the tombstone time an ended job's id is remembered as ended, on every store: a
+    handover of it (a late replay, or the id given out again) holds no slot, and the admin
+    call reports nothing to end."""
+    store = await backend.started(clock=clock)
+    jobs = jobs_of(backend, store)
+    crawls = [slot("crawls", 2)]
+    await started_job(store, jobs, crawls, "lease-1", "again")
+    assert await jobs.end("again", "k1") == EndedJob("again", "k1")
+    clock.advance_ms(60_000)
+    assert (await store.admit([], crawls, "lease-2")).admitted
+    assert not await jobs.hand_over(crawls, "lease-2", JobClaim("again", "k1", HOUR))
+    store.release(crawls, "lease-2")
+    await store.flush()
+    assert await held_in(jobs, crawls) == [0]
+    assert await jobs.end("again", None) is None

@@ -1,56 +1,18 @@
-"""The pure parts of async jobs: the bounded JSON tee, dotted lookups, status paths and the
-buckets a job holds."""
+"""The pure parts of async jobs: dotted lookups (the reference reading), status paths and the
+buckets a job holds. (The streaming scan that reads answers: test_jobs_scan.py.)"""
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.config.model import Job, Route
 from gateway.jobs.table import JobTable, job_slots
-from gateway.jobs.tee import JsonTee, lookup
 from gateway.store.base import SlotBucket
+from tests.support.dotted import lookup
 
 DOC = {"data": {"id": "job-7", "items": [{"id": 1}, {"id": 2}]}, "status": "queued"}
 BODY = json.dumps(DOC).encode()
-
-
-def test_the_document_is_known_with_the_chunk_that_completes_it() -> None:
-    tee = JsonTee()
-    chunks = [BODY[:10], BODY[10:-1], BODY[-1:]]
-    assert [tee.feed(chunk) for chunk in chunks] == [False, False, True]
-    assert tee.document == DOC
-    assert tee.finish() == DOC
-
-
-def test_a_closing_bracket_inside_the_body_is_not_mistaken_for_its_end() -> None:
-    tee = JsonTee()
-    assert not tee.feed(b'{"a": {"b": 1}')  # looks closed, is not
-    assert tee.feed(b"}\n")
-    assert tee.document == {"a": {"b": 1}}
-
-
-def test_gzip_and_deflate_bodies_are_decoded_for_the_tee_only() -> None:
-    for encoding, data in (("gzip", gzip.compress(BODY)), ("deflate", zlib.compress(BODY))):
-        tee = JsonTee(encoding)
-        for start in range(0, len(data), 7):
-            tee.feed(data[start : start + 7])
-        assert tee.document == DOC, encoding
-
-
-def test_what_cannot_be_read_gives_no_document() -> None:
-    unknown = JsonTee("br")
-    assert not unknown.feed(BODY) and unknown.finish() is None
-    big = JsonTee(limit=100)
-    assert not big.feed(b'{"pad": "' + b"x" * 200 + b'"}')
-    assert big.finish() is None
-    broken = JsonTee()
-    assert not broken.feed(b'{"id": ') and broken.finish() is None
-    bomb = JsonTee("gzip", limit=1000)
-    bomb.feed(gzip.compress(b'{"a": "' + b"0" * 100_000 + b'"}'))
-    assert bomb.finish() is None
 
 
 def test_dotted_lookup() -> None:
