@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import re
 
-from gateway.config.model import Key, Limit, QuotaLimit, RateLimit
+from gateway.config.model import Key, Limit, RateLimit
 from gateway.config.nodes import Entries, Node, NodeReader, did_you_mean, field
 from gateway.config.plans import MAX_LOG_UNITS, PlanIndex
-from gateway.config.units import MAX_QUOTA, quote
+from gateway.config.units import MAX_COUNT, quote
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]+")
@@ -104,17 +104,14 @@ def _overrides(
             r.problem(key_node, limit_path, f"plan {quote(plan)} has no limit {quote(name)}{hint}")
             continue
         limit = index.plans[plan].limits.get(name) if plan in index.plans else None
-        most = _most(limit)
-        number = r.integer(value_node, limit_path, 1, most) if most else r.integer(value_node, limit_path)
+        number = r.integer(value_node, limit_path, 1, _most(limit))
         if number is not None:
             overrides[name] = number
     return overrides
 
 
-def _most(limit: Limit | None) -> int | None:
-    """The largest override a limit takes, when it is below the integer bound of every number."""
+def _most(limit: Limit | None) -> int:
+    """The largest override a limit takes."""
     if isinstance(limit, RateLimit) and limit.exact and limit.counts == "cost":
         return MAX_LOG_UNITS
-    if isinstance(limit, QuotaLimit):
-        return MAX_QUOTA
-    return None
+    return MAX_COUNT

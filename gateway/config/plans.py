@@ -15,7 +15,7 @@ from dataclasses import field as dataclass_field
 
 from gateway.config.model import ConcurrencyLimit, Counts, Limit, Plan, QuotaLimit, RateLimit, Scope
 from gateway.config.nodes import ID, ID_RULE, Node, NodeReader, field, get
-from gateway.config.units import parse_quota, parse_rate
+from gateway.config.units import MAX_COUNT, parse_quota, parse_rate
 
 SCOPES: tuple[Scope, ...] = ("key", "workspace")
 COUNTS: tuple[Counts, ...] = ("requests", "cost")
@@ -141,7 +141,7 @@ def _limit(r: NodeReader, node: Node, path: str, name: str) -> Limit | None:
         return QuotaLimit(
             name=name, limit=quota[0], period=quota[1], scope=scope, counts=counts, shadow=shadow, status=status
         )
-    slots = r.integer(m["concurrency"][1], f"{path}.concurrency")
+    slots = r.integer(m["concurrency"][1], f"{path}.concurrency", 1, MAX_COUNT)
     wait = field(m, "wait", lambda n: r.duration(n, f"{path}.wait", allow_zero=True), 0.0)
     if slots is None:
         return None

@@ -54,7 +54,10 @@ DURATION_HINT = "e.g. 250ms, 30s, 5m, 1h, 1d, or a number of seconds"
 RATE_HINT = "N/DURATION, e.g. 60/1m"
 QUOTA_PERIODS = ("1d", "7d", "month")
 QUOTA_HINT = "N/PERIOD with PERIOD 1d, 7d or month, e.g. 250000/month"
-MAX_QUOTA = 10**15  # units per period: far past any plan, and exact in Lua's doubles
+# The largest count a limit may have: the largest integer a structured header field carries
+# (RFC 8941 §3.3.1: 15 digits), so `RateLimit-Policy: "rpm";q=N` stays parseable, far past any
+# plan, and exact in Lua's doubles.
+MAX_COUNT = 10**15 - 1
 SIZE_HINT = "e.g. 10MB, 512KB, 1GiB, or a number of bytes"
 
 
@@ -128,8 +131,8 @@ def parse_rate(value: str) -> tuple[int, float]:
     if match is None:
         raise UnitError(f"{quote(value)} is not a rate ({RATE_HINT})")
     count = parse_int(match["count"])
-    if count is None or count > 2**53:
-        raise UnitError(f"{quote(value)}: the number of requests is too large")
+    if count is None or count > MAX_COUNT:
+        raise UnitError(f"{quote(value)}: the number of requests is too large (at most {MAX_COUNT})")
     window_text = match["window"]
     if window_text in _DURATION_UNITS:
         window_text = "1" + window_text
@@ -155,8 +158,8 @@ def parse_quota(value: str) -> tuple[int, str]:
     if period not in QUOTA_PERIODS:
         raise UnitError(f"{quote(value)}: the period must be exactly 1d, 7d or month (fixed UTC periods)")
     count = parse_int(count_text)
-    if count is None or count > MAX_QUOTA:
-        raise UnitError(f"{quote(value)}: the number is too large (at most {MAX_QUOTA})")
+    if count is None or count > MAX_COUNT:
+        raise UnitError(f"{quote(value)}: the number is too large (at most {MAX_COUNT})")
     if count <= 0:
         raise UnitError(f"{quote(value)}: the number must be greater than 0")
     return count, period
