@@ -267,7 +267,24 @@ def _status_path(r: NodeReader, node: Node, path: str) -> str | None:
     if re.search(r"[?#\s\x00-\x1f\x7f]", text):
         r.problem(node, path, f"{quote(text)} must not contain spaces, '?' or '#'")
         return None
+    braces = _status_path_braces_problem(text)
+    if braces is not None:
+        r.problem(node, path, f"{quote(text)} {braces}")
+        return None
     return text
+
+
+def _status_path_braces_problem(text: str) -> str | None:
+    """What is wrong with the braces of a status path: `{id}` exactly once (within a segment
+    too: `/v1/crawl/{id}.json`), any other `{name}` a whole segment. (A path that passed and
+    never matched held every job's slot until `max_duration`; `{id}` twice crashed the start.)"""
+    if text.count("{id}") != 1:
+        return "must contain {id} exactly once"
+    for segment in text[1:].split("/"):
+        rest = segment.replace("{id}", "", 1)
+        if ("{" in rest or "}" in rest) and not (rest == segment and _PARAM.fullmatch(segment)):
+            return f"has {quote(segment)}: a {{name}} is a whole segment, and {{id}} the only one inside one"
+    return None
 
 
 def _describe(route: Route) -> str:

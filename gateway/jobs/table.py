@@ -29,8 +29,9 @@ class StatusRequest:
 def _status_regex(template: str) -> re.Pattern[str]:
     parts = []
     for segment in template.split("/"):
-        if segment == "{id}":
-            parts.append("(?P<id>[^/]+)")
+        if "{id}" in segment:  # the whole segment, or with literal text around (`{id}.json`)
+            before, _, after = segment.partition("{id}")
+            parts.append(re.escape(before) + "(?P<id>[^/]+)" + re.escape(after))
         elif segment.startswith("{") and segment.endswith("}"):
             parts.append("[^/]+")
         else:

@@ -45,6 +45,20 @@ def test_status_paths_name_the_job_for_get_and_delete_only() -> None:
     assert JobTable([Route("/x", None, ())]).empty
 
 
+def test_an_id_inside_a_segment_is_found_with_the_text_around_it() -> None:
+    """`/v1/crawl/{id}.json` passed the loader and never matched: every job held its slot for
+    `max_duration`."""
+    table = JobTable([Route("/v1/crawl", frozenset({"POST"}), (), job=_job("/v1/crawl/{id}.json")),
+                      Route("/v1/batch", frozenset({"POST"}), (), job=_job("/v1/batch/job-{id}/x"))])
+    found = table.status_request("GET", "/v1/crawl/job-1.json")
+    assert found is not None and found.job_id == "job-1"
+    cancel = table.status_request("DELETE", "/v1/batch/job-b.7/x")
+    assert cancel is not None and (cancel.job_id, cancel.cancel) == ("b.7", True)
+    assert table.status_request("GET", "/v1/crawl/job-1") is None
+    assert table.status_request("GET", "/v1/crawl/.json") is None
+    assert table.status_request("GET", "/v1/batch/b-1/x") is None
+
+
 def test_a_job_holds_its_limits_buckets_only() -> None:
     slots = (SlotBucket("gw:{w:1}:c:requests", 5), SlotBucket("gw:{w:1}:w:c:crawls", 10),
              SlotBucket("gw:{w:1}:k:2:c:crawls", 2))
