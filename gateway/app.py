@@ -237,11 +237,11 @@ class GatewayApp:
 
         method: str = scope["method"]
         if scope["path"] == config.usage_path:  # the gateway's own path: never forwarded
-            if method == "GET":
+            if method == "GET" or method == "HEAD":  # (the server sends a HEAD's head only)
                 await self._usage(send, routing, key, done)
             else:
-                await send_error(send, 405, "method_not_allowed", f"{config.usage_path} answers GET only.",
-                                 extra_headers=[(b"allow", b"GET")])
+                await send_error(send, 405, "method_not_allowed", f"{config.usage_path} answers GET and HEAD only.",
+                                 extra_headers=[(b"allow", b"GET, HEAD")])
                 done.status, done.outcome, done.key_id, done.plan = 405, "no_route", key.id, key.plan
             return
         # The target before the route: a path refused as traversal (a dot segment, a control

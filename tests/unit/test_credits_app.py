@@ -258,9 +258,13 @@ async def test_the_usage_path(rig: Rig) -> None:
     assert rig.upstream.calls == [rig.upstream.calls[0]]  # never forwarded
     # never counted: the numbers stay; the path is the gateway's for every method (never billed)
     assert (await rig.get("/v1/usage"))[2] == body
-    for method in ("POST", "HEAD", "DELETE", "PUT"):
+    for method in ("POST", "DELETE", "PUT"):
         status, headers, answer = await rig.get("/v1/usage", method=method)
-        assert (status, headers["allow"]) == (405, "GET") and answer["error"] == "method_not_allowed"
+        assert (status, headers["allow"]) == (405, "GET, HEAD") and answer["error"] == "method_not_allowed"
+    # HEAD wherever GET (RFC 9110 §9.1: a general-purpose server MUST support both); the server
+    # sends its head only
+    status, headers, _ = await rig.get("/v1/usage", method="HEAD")
+    assert status == 200 and headers["cache-control"] == "no-store"
     assert (await rig.get("/v1/usage", None, method="POST"))[0] == 401  # the key is checked first
     assert len(rig.upstream.calls) == 1
     assert (await rig.get("/v1/usage"))[2] == body
