@@ -119,6 +119,9 @@ def pattern_problem(text: str) -> str | None:
             if segment in names:
                 return f"{segment} appears twice"
             names.add(segment)
+        elif segment in (".", "..") or "\\" in segment:
+            # Requests with these are refused (400) before routing: such a route never matches.
+            return f"bad segment {quote(segment)}: a request path with it is refused, so it would match nothing"
         elif _BAD_SEGMENT.search(segment) or not segment.isascii():
             return (
                 f"bad segment {quote(segment)} (use /literal, /{{name}} for one segment, "
