@@ -65,6 +65,10 @@ async def _shielded(coroutine: Coroutine[Any, Any, T]) -> T:
 class JobStart:
     __slots__ = ("_store", "_slots", "_lease_id", "_owner", "_job", "_scan", "_claimed")
 
+    # A client that leaves once the start went upstream does not stop its reading: the upstream
+    # may start the job anyway (and tell the client its id by webhook); its slot follows it.
+    outlives_client = True
+
     def __init__(
         self, store: JobStore, slots: tuple[SlotBucket, ...], lease_id: str, owner: str, job: Job
     ) -> None:
@@ -75,6 +79,10 @@ class JobStart:
         self._job = job
         self._scan: BodyScan | None = None
         self._claimed = False
+
+    @property
+    def settled(self) -> bool:
+        return self._claimed
 
     def upstream_headers(self, headers: Headers) -> Headers:
         return readable_accept_encoding(headers)
@@ -150,12 +158,18 @@ def unread_job_id(lease_id: str) -> str:
 class JobReport:
     __slots__ = ("_tracker", "_status", "_owner", "_scan", "_acted")
 
+    outlives_client = False  # a status the client did not wait for ends nothing (it polls again)
+
     def __init__(self, tracker: JobTracker, status: StatusRequest, owner: str) -> None:
         self._tracker = tracker
         self._status = status
         self._owner = owner
         self._scan: BodyScan | None = None
         self._acted = False
+
+    @property
+    def settled(self) -> bool:
+        return self._acted
 
     def upstream_headers(self, headers: Headers) -> Headers:
         return readable_accept_encoding(headers)

@@ -63,7 +63,19 @@ _ABORT_DETAIL = {
 
 class ResponseObserver(Protocol):
     """Sees a response as it is relayed (async jobs read the JSON answer this way). Each call
-    is awaited before the client gets what it is about, so the observer can act first."""
+    is awaited before the client gets what it is about, so the observer can act first.
+
+    `outlives_client`: once the request has gone upstream, a client that leaves does not stop
+    the exchange until the observer is `settled` (a job start: the upstream may start the job
+    all the same, and a client that learns its id another way, a webhook or a job list, would
+    have a job holding no slot); the rest of the answer goes nowhere."""
+
+    outlives_client: bool
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more of the answer matters to the observer."""
+        ...
 
     def upstream_headers(self, headers: Headers) -> Headers:
         """The request's headers as they go upstream (a job asks for an answer it can read)."""
@@ -112,7 +124,8 @@ class _Exchange:
     """What the forwarding task, the body iterator and the watcher share for one request."""
 
     __slots__ = ("task", "scope", "receive", "phase", "reason", "finished", "disconnects", "watcher", "observer",
-                 "on_complete", "on_complete_args", "complete_then_yield", "bill", "response_strip")
+                 "on_complete", "on_complete_args", "complete_then_yield", "bill", "response_strip",
+                 "upstream_asked", "client_left")
 
     def __init__(self, task: asyncio.Task[object], scope: Scope, receive: Receive,
                  disconnects: DisconnectWatch | None) -> None:
@@ -130,6 +143,8 @@ class _Exchange:
         self.complete_then_yield = 0
         self.bill: RequestBill | None = None
         self.response_strip = HOP_BY_HOP
+        self.upstream_asked = False  # the upstream request is on its way
+        self.client_left: Reason | None = None  # gone while an observer reads on (`outlives_client`)
 
     def stop(self, reason: Reason) -> bool:
         """Record why the exchange must end and cancel the running phase, if any."""
@@ -148,14 +163,23 @@ class _Exchange:
 
     def _disconnected(self) -> None:
         disconnects = self.disconnects
-        self.stop("send_timeout" if disconnects is not None and disconnects.send_stalled else "disconnected")
+        self.client_gone("send_timeout" if disconnects is not None and disconnects.send_stalled else "disconnected")
 
     async def _watch(self) -> None:
         while not self.finished:  # (a receive() that answers at once must not spin past the end)
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                self.stop("disconnected")
+                self.client_gone("disconnected")
                 return
+
+    def client_gone(self, reason: Reason) -> None:
+        """The client left: stop now, unless an observer that outlives the client still reads
+        an answer already asked for (then `_relay` stops once it is settled)."""
+        observer = self.observer
+        if self.upstream_asked and observer is not None and observer.outlives_client and not observer.settled:
+            self.client_left = reason
+            return
+        self.stop(reason)
 
     def finish(self) -> None:
         self.finished = True
@@ -338,6 +362,7 @@ async def _exchange(
     try:
         with Phase(state.task, timeout) as phase:
             state.phase = phase
+            state.upstream_asked = True
             response = await client.send(method, url, headers, body, length)
     except TimeoutError:
         if state.reason is None:
@@ -415,6 +440,8 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             observer = state.observer
             if observer is not None and not await observer.head(status, response.headers):
                 observer = None
+            if state.client_left is not None and (observer is None or observer.settled):
+                return _CLIENT_GONE[state.client_left]  # read as far as it mattered
             if state.scope["method"] == "HEAD" or status in NO_CONTENT or response.length == 0:
                 # No body: the head is the whole answer for the client, so the exchange
                 # completes (its slot freed) before it is sent.
@@ -428,6 +455,8 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
             async for chunk in response.chunks():
                 if observer is not None:
                     await observer.chunk(chunk)
+                    if state.client_left is not None and observer.settled:
+                        return _CLIENT_GONE[state.client_left]
                 if left is not None:
                     left -= len(chunk)
                     if left <= 0 and state.reason is None:
@@ -455,7 +484,7 @@ async def _relay(state: _Exchange, send: Send, response: UpstreamResponse, extra
         state.phase = None
         await response.aclose()
     # A stop that landed after the last chunk, too late to cancel anything.
-    if gone := _CLIENT_GONE.get(state.reason):
+    if gone := _CLIENT_GONE.get(state.reason or state.client_left):
         return gone
     if state.reason is not None:
         raise ClientAborted(status, _ABORT_DETAIL[state.reason])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -196,14 +197,41 @@ def test_refused_or_idless_answers_free_the_slot_at_once(start: Callable[..., Pr
     assert post_job(gw).status_code == 429
 
 
-def test_a_client_that_leaves_before_the_answer_leaves_no_slot(
+@pytest.mark.parametrize("when", ["before_the_upstream_started_it", "after_the_upstream_started_it"])
+def test_a_job_started_after_its_client_left_holds_its_slot(
+    start: Callable[..., Proc], upstream: str, when: str
+) -> None:
+    """The client leaves once its start has gone upstream (a timeout, or on purpose: a client
+    that learns the id by webhook need not wait). The upstream starts the job all the same, so
+    the gateway reads the answer on and the job holds its slot. Before: the upstream request
+    was cancelled and the slot freed, and a client leaving every start at once ran any number
+    of jobs on a 1-job plan (the upstream's `jobs_max_active` was 2 here)."""
+    gw = start(crawls=1)
+    params = {"ms": 60_000, "webhook": gw.admin_url + "/v1/jobs/{id}/done"}
+    params |= {"delay_ms": 500} if when == "before_the_upstream_started_it" else {"answer_ms": 500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/jobs", params=params, headers={"X-API-Key": ALICE}, timeout=0.2)
+    assert wait_until(lambda: key_stats(upstream, "alice").get("jobs_created") == 1)
+    assert wait_until(lambda: len(key_view(gw, "alice")["active_jobs"]) == 1)
+    refused = post_job(gw)
+    assert refused.status_code == 429 and refused.json()["error"] == "concurrency_limited"
+    assert key_stats(upstream, "alice")["jobs_max_active"] == 1
+    [job] = key_view(gw, "alice")["active_jobs"]
+    assert httpx.post(f"{gw.admin_url}/v1/jobs/{job['job_id']}/done").status_code == 200
+    assert post_job(gw).status_code == 201
+
+
+def test_a_client_that_leaves_before_its_start_went_upstream_leaves_no_slot(
     start: Callable[..., Proc], upstream: str
 ) -> None:
+    """A client gone before its request went upstream: nothing goes upstream, nothing is held."""
     gw = start(crawls=1)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gw.url + "/jobs", params={"delay_ms": 2000}, headers={"X-API-Key": ALICE}, timeout=0.3)
-    assert wait_until(lambda: post_job(gw).status_code == 201)
-    assert key_stats(upstream, "alice")["disconnects"] >= 1
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(b"POST /jobs?ms=60000 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ALICE.encode()
+                     + b"\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)  # then leaves mid-body
+    time.sleep(0.5)
+    assert key_stats(upstream, "alice").get("jobs_created", 0) == 0
+    assert post_job(gw).status_code == 201
 
 
 # -- two gateways on one Redis under load --------------------------------------------------

@@ -36,9 +36,10 @@ Behaviour by path (query parameters in brackets):
   provider reporting the gateway operator's account answers (ZenRows sends `Concurrency-*`)
 - `/extra_response` [ms=50, kind=poison|timeout]: answer, then ms later, on the idle connection,
   a second whole response nobody asked for (`{"poisoned": true}`), or a 408 and the close
-- `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0]: start an
-  async job for the key (after delay_ms, unless the client left) that finishes after ms; answers
-  `{"id": ..., "status": "queued"}` (no id with noid=1; with status >= 300 no job is started).
+- `POST /jobs` [ms=30000, status=201, noid=0, webhook=URL, webhook_first=0, delay_ms=0,
+  answer_ms=0]: start an async job for the key (after delay_ms, unless the client left) that
+  finishes after ms; answers `{"id": ..., "status": "queued"}` answer_ms after starting it
+  (whether or not the client is still there); no id with noid=1; with status >= 300 no job.
   With `webhook`, the job's end is POSTed there (the admin `done` call; `{id}` in it is
   replaced), before the answer when webhook_first=1.
 - `GET /jobs/{id}`: `{"id", "status": queued|running|completed|cancelled}` (404 if unknown);
@@ -649,6 +650,8 @@ class MockUpstream:
                     _spawn(self._tasks, self._call_when_done(job, hook))
             answer = {"status": job.status(now)} if request.arg("noid", "0") == "1" else {
                 "id": job.id, "status": job.status(now)}
+            # The job exists now, whoever is still there to hear of it (a real API's POST)
+            await asyncio.sleep(request.int_arg("answer_ms", 0) / 1000)
             await exchange.json(answer, status=status)
             return
         job = jobs.get(request.path[len("/jobs/"):])
