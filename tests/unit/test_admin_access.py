@@ -14,22 +14,9 @@ from gateway.admin.exposure import host_allowed
 from gateway.config.loader import ConfigError, load_config_text
 from gateway.config.model import Config
 from gateway.state import GatewayState
+from tests.support.config_texts import minimal_config
 
-MINIMAL = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      rpm: {rate: 10/1m}
-routes:
-  - path: /v1/**
-    limits: [rpm]
-"""
+MINIMAL = minimal_config()
 
 # -- where the admin port may listen -------------------------------------------------------------
 

@@ -18,22 +18,9 @@ from gateway.config.loader import load_config_text
 from gateway.state import GatewayState
 from gateway.store.jobs import MAX_JOB_ID
 from gateway.store.memory_jobs import MAX_TOMBSTONES, MemoryJobBook
+from tests.support.config_texts import minimal_config
 
-CONFIG = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      daily: {quota: 50/1d}
-routes:
-  - path: /v1/**
-    limits: [daily]
-"""
+CONFIG = minimal_config("daily: {quota: 50/1d}", routes="  - path: /v1/**\n    limits: [daily]\n")
 QUOTA = "/v1/keys/alice/quota"
 JSON = {"Content-Type": "application/json"}
 

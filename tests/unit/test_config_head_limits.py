@@ -8,21 +8,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.loader import ConfigError, load_config_text
+from tests.support.config_texts import minimal_config
 
-BASE = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      rpm: {rate: 10/1m}
-routes:
-  - path: /v1/**
-"""
+BASE = minimal_config(routes="  - path: /v1/**\n")
 LINE = BASE.count("\n") + 1  # the line a field appended to BASE is on
 
 

@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config.loader import ConfigError, load_config, load_config_text
 from gateway.admission.buckets import build_plan
+from gateway.config.loader import ConfigError, load_config, load_config_text
 from gateway.config.model import (
     HEADER_FAMILIES,
     Bans,
@@ -30,30 +30,17 @@ from gateway.config.model import (
     RateLimit,
     Store,
 )
-from gateway.store.base import Charge
 from gateway.config.summary import summarize
+from gateway.store.base import Charge
+from tests.support.config_texts import minimal_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "config"
 EXAMPLES = ROOT / "config"
 FAILURE_CASES = sorted(path for path in DATA.glob("*.yaml") if not path.name.startswith("valid_"))
 
-MINIMAL = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      rpm: {rate: 10/1m}
-      requests: {concurrency: 2}
-routes:
-  - path: /v1/**
-    limits: [rpm, requests]
-"""
+MINIMAL = minimal_config("rpm: {rate: 10/1m}", "requests: {concurrency: 2}",
+                         routes="  - path: /v1/**\n    limits: [rpm, requests]\n")
 
 
 def sha256(text: str) -> str:

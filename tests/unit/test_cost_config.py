@@ -14,29 +14,19 @@ from hypothesis import strategies as st
 from gateway.config.loader import ConfigError, load_config, load_config_text
 from gateway.config.model import ConcurrencyLimit, CostRule, QuotaLimit, RateLimit
 from gateway.config.summary import summarize
+from tests.support.config_texts import minimal_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CREDITS = ROOT / "config" / "credits.yaml"
 
-BASE = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      credits: {quota: 1000/month}
-      daily: {quota: 50/1d, counts: requests, status: 429, scope: workspace, shadow: true}
-      burn: {rate: 100/1m, counts: cost, shadow: true}
-      rpm: {rate: 10/1m}
-      slots: {concurrency: 4, shadow: false}
-routes:
-  - path: /v1/**
-    limits: [credits, daily, burn, rpm, slots]
-"""
+BASE = minimal_config(
+    "credits: {quota: 1000/month}",
+    "daily: {quota: 50/1d, counts: requests, status: 429, scope: workspace, shadow: true}",
+    "burn: {rate: 100/1m, counts: cost, shadow: true}",
+    "rpm: {rate: 10/1m}",
+    "slots: {concurrency: 4, shadow: false}",
+    routes="  - path: /v1/**\n    limits: [credits, daily, burn, rpm, slots]\n",
+)
 
 
 def problems_of(text: str) -> list[str]:

@@ -16,20 +16,9 @@ from hypothesis import strategies as st
 
 import gateway.config.routes as routes_module
 from gateway.config.loader import ConfigError, load_config_text
+from tests.support.config_texts import minimal_config
 
-HEAD = """\
-upstream:
-  url: http://127.0.0.1:9000
-keys:
-  - id: alice
-    key: alice-demo-key
-    plan: free
-plans:
-  free:
-    limits:
-      rpm: {rate: 10/1m}
-routes:
-"""
+HEAD = minimal_config(routes="")
 FIRST_ROUTE_LINE = HEAD.count("\n") + 1
 UNREACHABLE = re.compile(r"routes\[(\d+)\]: unreachable: routes\[(\d+)\] ")
 
