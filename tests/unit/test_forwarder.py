@@ -715,6 +715,25 @@ async def test_a_finished_exchange_leaves_no_callback_behind(
     assert upstream.stats.key("k1").disconnects == 0
 
 
+def _release_recorder(events: list[str], turns: int) -> Callable[[], None]:
+    """An `on_complete` that records itself, then "release flushed" `turns` loop iterations
+    later, as a store's queued release is written (Redis Cluster's pipeline: two)."""
+
+    def release() -> None:
+        events.append("on_complete")
+        loop = asyncio.get_running_loop()
+
+        def turn(left: int) -> None:
+            if left:
+                loop.call_soon(turn, left - 1)
+            else:
+                events.append("release flushed")
+
+        loop.call_soon(turn, turns - 1)
+
+    return release
+
+
 @pytest.mark.parametrize("turns", [1, 2])
 @pytest.mark.parametrize("target", ["/echo", "/download?bytes=200000", "/download?bytes=200000&mode=chunked"])
 async def test_the_exchange_completes_before_the_client_has_the_end_of_the_answer(
@@ -739,18 +758,7 @@ async def test_the_exchange_completes_before_the_client_has_the_end_of_the_answe
         if sent.complete or (expected is not None and sent.body_length >= expected):
             events.append("end for the client" if sent.complete else "last bytes for the client")
 
-    def release() -> None:  # written `turns` loop iterations later (Redis Cluster's pipeline: two)
-        events.append("on_complete")
-        loop = asyncio.get_running_loop()
-
-        def turn(left: int) -> None:
-            if left:
-                loop.call_soon(turn, left - 1)
-            else:
-                events.append("release flushed")
-
-        loop.call_soon(turn, turns - 1)
-
+    release = _release_recorder(events, turns)
     fake.on_body = body_sent
     outcome = await forward(fake.scope, fake.receive, fake.send, client=client, url=f"{upstream.url}{target}",
                             headers=[(b"x-gateway-key-id", b"k1")], extra_response_headers=EXTRA,
@@ -777,19 +785,7 @@ async def test_an_answer_without_a_body_completes_before_its_head_is_sent(
     events: list[str] = []
     fake = FakeClient(method=method, keep_body=False)
     fake.on_start = lambda sent: events.append("head for the client")
-
-    def release() -> None:
-        events.append("on_complete")
-        loop = asyncio.get_running_loop()
-
-        def turn(left: int) -> None:
-            if left:
-                loop.call_soon(turn, left - 1)
-            else:
-                events.append("release flushed")
-
-        loop.call_soon(turn, turns - 1)
-
+    release = _release_recorder(events, turns)
     outcome = await forward(fake.scope, fake.receive, fake.send, client=client, url=f"{upstream.url}{target}",
                             headers=[(b"x-gateway-key-id", b"k1")], extra_response_headers=EXTRA,
                             max_body=MB, timeout=5.0, on_complete=release, complete_then_yield=turns)
