@@ -89,7 +89,8 @@ class JobStart:
 
     async def head(self, status: int, headers: Headers) -> bool:
         if not 200 <= status < 300:
-            return False  # the request's release frees the slot at once
+            self._claimed = True  # settled: no job (the request's release frees the slot at once)
+            return False
         self._scan = BodyScan(self._job.id_path, _encoding(headers))
         if self._scan.done:  # a coding it cannot read: held before the client gets anything
             await self._claim(self._scan.scan)

@@ -116,3 +116,29 @@ async def test_a_start_answer_that_says_there_is_no_job_frees_the_slot(body: byt
 async def test_the_id_after_a_large_prefix_is_read() -> None:
     body = json.dumps({"invalidURLs": ["u" * 100] * 2000, "id": "late"}).encode()
     assert await start_job(MemoryStore(30.0), [], body) == ["late"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("status", "headers", "body", "settled_at"), [
+    (500, [], b'{"error": "busy"}', "head"),
+    (201, [(b"content-encoding", b"br")], b"", "head"),
+    (201, [], b'{"id": "j-1", "rest": "' + b"x" * 1000 + b'"}', "chunk"),
+])  # fmt: skip
+async def test_a_start_is_settled_as_soon_as_nothing_more_of_its_answer_matters(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, settled_at: str
+) -> None:
+    """What a start whose client left reads on for (`outlives_client`): once settled, the
+    forwarder stops reading. A non-2xx answer settles at its head; before, it never settled,
+    and a client leaving during a long error body had the gateway read all of it to nowhere."""
+    store = MemoryStore(30.0)
+    tracker = JobTracker(bundle_for(store, Store(prefix="gw", on_error="deny")).job_stores())
+    admission = Admission(store, on_error="deny", metrics=Metrics())
+    ticket = await admission.admit(PLAN)
+    observer = tracker.observer(JobTable([ROUTE]), "alice", ROUTE, "POST", "/crawl", PLAN, ticket)
+    assert isinstance(observer, JobStart) and observer.outlives_client and not observer.settled
+    shown = await observer.head(status, headers)
+    assert observer.settled is (settled_at == "head")
+    if shown:
+        await observer.chunk(body)
+        assert observer.settled
+    admission.release(PLAN, ticket)
