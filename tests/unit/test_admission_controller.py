@@ -10,7 +10,15 @@ from gateway.admission.breaker import CircuitBreaker
 from gateway.admission.buckets import AdmissionPlan, BucketInfo
 from gateway.admission.controller import Admission, StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.store.base import AdmitResult, RateBucket, SlotBucket, StoreError, StoreRejected, rejected_for_its_keys
+from gateway.store.base import (
+    AdmissionStore,
+    AdmitResult,
+    RateBucket,
+    SlotBucket,
+    StoreError,
+    StoreRejected,
+    rejected_for_its_keys,
+)
 from gateway.store.memory import MemoryStore
 
 PLAN = AdmissionPlan(
@@ -320,6 +328,13 @@ def test_under_local_the_outage_ends_only_when_every_primary_answers() -> None:
     assert asyncio.run(scenario()) == [True, True, False]
 
 
+def _local_admission(store: AdmissionStore, clock: list[float]) -> Admission:
+    """An admission on `store` under `on_error: local`, its breaker (3 failures, 1 s cooldown)
+    on the clock `clock[0]`."""
+    return Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
+                     breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+
+
 def test_a_failed_primary_no_longer_asked_for_stops_counting() -> None:
     """A primary fails, its replica takes its slots over (a new domain, answering): the dead
     primary's breaker, open and never asked again, must not keep the store degraded (readiness
@@ -328,8 +343,7 @@ def test_a_failed_primary_no_longer_asked_for_stops_counting() -> None:
 
     clock = [0.0]
     store = TwoPrimariesStore()
-    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
-                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    admission = _local_admission(store, clock)
     bridge = admission.bridge
     assert bridge is not None
 
@@ -384,8 +398,7 @@ def test_a_failed_start_on_cluster_does_not_keep_the_outage_going() -> None:
     clock = [0.0]
     store = TwoPrimariesStore()
     store.down.clear()
-    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
-                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    admission = _local_admission(store, clock)
     admission.breaker.failure()  # what state.open does when the store's start fails
 
     async def scenario() -> bool:
@@ -403,8 +416,7 @@ def test_a_readiness_probe_that_passes_ends_the_outage_without_traffic(caplog: p
     pulled from traffic for being degraded stayed so for ever)."""
     clock = [0.0]
     store = BrokenStore()
-    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
-                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    admission = _local_admission(store, clock)
     bridge = admission.bridge
     assert bridge is not None
 
@@ -427,8 +439,7 @@ def test_on_cluster_a_readiness_probe_speaks_for_its_primary_only() -> None:
     clock = [0.0]
     store = TwoPrimariesStore()
     store.down = {"a", "b"}
-    admission = Admission(store, on_error="local", metrics=Metrics(), local=MemoryStore(30.0),
-                          breaker=CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: clock[0]))
+    admission = _local_admission(store, clock)
     bridge = admission.bridge
     assert bridge is not None
 
